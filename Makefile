@@ -1,0 +1,43 @@
+# Environments live outside the clone, keyed by the lock files, so a warm run starts in seconds.
+PYTHON ?= python3
+CACHE ?= $(HOME)/.cache/moodstream
+MAIN_KEY := $(shell cat requirements/main.txt | sha256sum | cut -c1-16)
+STUB_KEY := $(shell cat requirements/triton-stub.txt | sha256sum | cut -c1-16)
+MAIN_ENV := $(CACHE)/env-main-$(MAIN_KEY)
+STUB_ENV := $(CACHE)/env-triton-stub-$(STUB_KEY)
+PY := .venv/bin/python
+
+.PHONY: env link demo test test-fast lock
+env: link
+
+$(MAIN_ENV)/.ready: requirements/main.txt
+	rm -rf $(MAIN_ENV)
+	$(PYTHON) -m venv $(MAIN_ENV)
+	$(MAIN_ENV)/bin/python -m pip install -q uv
+	$(MAIN_ENV)/bin/uv pip install -q --python $(MAIN_ENV)/bin/python -r requirements/main.txt
+	touch $@
+
+$(STUB_ENV)/.ready: requirements/triton-stub.txt
+	rm -rf $(STUB_ENV)
+	$(PYTHON) -m venv $(STUB_ENV)
+	$(STUB_ENV)/bin/python -m pip install -q -r requirements/triton-stub.txt
+	touch $@
+
+# The links are re-made on every call (cheap) so a fresh clone finds the cached environments.
+# The project is not installed into them: commands run from the clone (`python -m pipeline`).
+link: $(MAIN_ENV)/.ready $(STUB_ENV)/.ready
+	ln -sfn $(MAIN_ENV) .venv
+	ln -sfn $(STUB_ENV) .venv-triton
+
+demo: env
+	$(PY) -m pipeline demo $(AUDIO_DIR)
+
+test: env
+	$(PY) -m pytest
+
+test-fast: env
+	$(PY) -m pytest -m "not integration and not faults"
+
+lock:
+	uv pip compile -q requirements/main.in -o requirements/main.txt --python-version 3.11
+	uv pip compile -q requirements/triton-stub.in -o requirements/triton-stub.txt --python-version 3.11

@@ -1,0 +1,184 @@
+"""Decoding: encoded bytes -> mono float32 chunks at the frontend's sample rate.
+
+PyAV (FFmpeg) reads what catalogs hold (mp3, ogg/vorbis, opus, flac, wav, m4a/aac, …). Real
+catalogs also hold files one decoder refuses and another reads, so when PyAV refuses a file
+before giving any audio, libsndfile (``soundfile``) gets a try before the track is called
+undecodable; the decoder that succeeded is reported with the result.
+
+Channels are averaged to mono, then resampled with soxr at its HQ setting, as
+``librosa.load`` does. Decoding is streaming: the caller receives chunks and decoding stops at
+``max_duration_s``, so a tiny file that claims hours of audio costs no more than the cap.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import av
+import numpy as np
+import soundfile
+import soxr
+
+from pipeline.errors import TooShort, Undecodable
+from pipeline.features import SAMPLE_RATE
+
+#: Frames read per libsndfile block (about 1.5 s at 44.1 kHz).
+_SF_BLOCK = 65_536
+
+
+@dataclass
+class DecodedStream:
+    """Chunks of mono float32 audio at ``SAMPLE_RATE``; ``duration_s`` and ``decoder`` are
+    final once the iterator is exhausted."""
+
+    chunks: Iterator[np.ndarray]
+    decoder: str  # "pyav" or "soundfile"
+    source_rate: int  # Hz, before resampling
+    channels: int
+    stats: dict[str, float] = field(default_factory=dict)  # duration_s, truncated
+
+
+def decode(data: bytes, *, max_duration_s: float, min_duration_s: float = 0.0) -> DecodedStream:
+    """Open ``data`` as audio; raise :class:`Undecodable` if no decoder can.
+
+    The returned chunks stop after ``max_duration_s`` seconds of audio. The iterator raises
+    :class:`TooShort` at its end when less than ``min_duration_s`` seconds were decoded, and
+    :class:`Undecodable` if the stream breaks before any audio came out.
+    """
+    if not data:
+        raise Undecodable("empty object (0 bytes)")
+    try:
+        return _decode_pyav(data, max_duration_s, min_duration_s)
+    except Undecodable as pyav_error:
+        try:
+            return _decode_soundfile(data, max_duration_s, min_duration_s)
+        except Undecodable as sf_error:
+            raise Undecodable(f"PyAV: {pyav_error}; libsndfile: {sf_error}") from None
+
+
+def decode_all(data: bytes, *, max_duration_s: float, min_duration_s: float = 0.0) -> tuple[np.ndarray, DecodedStream]:
+    """The whole decoded signal at once: ([n] float32 at SAMPLE_RATE, the stream's metadata)."""
+    stream = decode(data, max_duration_s=max_duration_s, min_duration_s=min_duration_s)
+    chunks = list(stream.chunks)
+    wave = np.concatenate(chunks) if chunks else np.empty(0, np.float32)
+    return wave, stream
+
+
+def _decode_pyav(data: bytes, max_duration_s: float, min_duration_s: float) -> DecodedStream:
+    try:
+        container = av.open(io.BytesIO(data), mode="r")
+    except (av.FFmpegError, ValueError, UnicodeDecodeError) as exc:
+        raise Undecodable(_short(exc)) from None
+    if not container.streams.audio:
+        container.close()
+        raise Undecodable("no audio stream")
+    stream = container.streams.audio[0]
+    rate = stream.codec_context.sample_rate or stream.rate
+    channels = stream.codec_context.channels
+    if not rate or not channels:
+        container.close()
+        raise Undecodable("audio stream without sample rate or channels")
+
+    # Decode the first frame now so a refusal can still fall back to libsndfile.
+    frames = _pyav_frames(container, stream)
+    try:
+        first = next(frames)
+    except StopIteration:
+        container.close()
+        raise Undecodable("no audio frames") from None
+    except (av.FFmpegError, ValueError) as exc:
+        container.close()
+        raise Undecodable(_short(exc)) from None
+
+    def planar() -> Iterator[np.ndarray]:
+        yield first
+        try:
+            yield from frames
+        except (av.FFmpegError, ValueError):
+            # A stream that breaks after giving audio (a truncated upload) keeps what decoded;
+            # ``truncated`` says so in the result.
+            out.stats["truncated"] = 1.0
+        finally:
+            container.close()
+
+    out = DecodedStream(iter(()), "pyav", int(rate), int(channels))
+    out.chunks = _mono_resampled(planar(), int(rate), max_duration_s, min_duration_s, out.stats)
+    return out
+
+
+def _pyav_frames(container: av.container.InputContainer, stream: av.AudioStream) -> Iterator[np.ndarray]:
+    """[channels, n] float32 arrays, one per decoded frame."""
+    # Converting to planar float keeps every channel; the downmix happens in numpy (mean),
+    # as librosa does, not with FFmpeg's -3 dB centre mix.
+    resampler = av.AudioResampler(format="fltp")
+    for frame in container.decode(stream):
+        for converted in resampler.resample(frame):
+            yield converted.to_ndarray()
+
+
+def _decode_soundfile(data: bytes, max_duration_s: float, min_duration_s: float) -> DecodedStream:
+    try:
+        sf = soundfile.SoundFile(io.BytesIO(data))
+    except (soundfile.LibsndfileError, RuntimeError, TypeError) as exc:
+        raise Undecodable(_short(exc)) from None
+    if sf.samplerate <= 0 or sf.channels <= 0:
+        sf.close()
+        raise Undecodable("no sample rate or channels")
+
+    def planar() -> Iterator[np.ndarray]:
+        try:
+            for block in sf.blocks(blocksize=_SF_BLOCK, dtype="float32", always_2d=True):
+                yield block.T
+        except (soundfile.LibsndfileError, RuntimeError):
+            out.stats["truncated"] = 1.0
+        finally:
+            sf.close()
+
+    out = DecodedStream(iter(()), "soundfile", int(sf.samplerate), int(sf.channels))
+    out.chunks = _mono_resampled(planar(), int(sf.samplerate), max_duration_s, min_duration_s, out.stats)
+    return out
+
+
+def _mono_resampled(
+    planar: Iterator[np.ndarray],
+    rate: int,
+    max_duration_s: float,
+    min_duration_s: float,
+    stats: dict[str, float],
+) -> Iterator[np.ndarray]:
+    """[channels, n] blocks at ``rate`` -> [m] float32 mono blocks at SAMPLE_RATE, capped."""
+    limit = int(max_duration_s * rate)  # source samples
+    taken = 0
+    resampler = soxr.ResampleStream(rate, SAMPLE_RATE, 1, dtype="float32", quality="HQ")
+    stats["truncated"] = 0.0
+    for block in planar:
+        mono = block.mean(axis=0, dtype=np.float32) if block.shape[0] > 1 else block[0]
+        if not np.all(np.isfinite(mono)):
+            # NaN/Inf samples (broken float WAVs) would poison every score of the track.
+            mono = np.nan_to_num(mono, nan=0.0, posinf=1.0, neginf=-1.0)
+        mono = mono[: limit - taken]
+        taken += len(mono)
+        out = resampler.resample_chunk(mono, last=False)
+        if len(out):
+            yield out
+        if taken >= limit:
+            stats["capped"] = 1.0
+            break
+    close = getattr(planar, "close", None)
+    if close is not None:
+        close()
+    tail = resampler.resample_chunk(np.empty(0, np.float32), last=True)
+    if len(tail):
+        yield tail
+    stats["duration_s"] = taken / rate
+    if taken == 0:
+        raise Undecodable("the stream holds no audio samples")
+    if taken / rate < min_duration_s:
+        raise TooShort(f"{taken / rate:.3f} s of audio, less than the minimum {min_duration_s} s")
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text if len(text) <= 200 else text[:197] + "..."

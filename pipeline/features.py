@@ -1,0 +1,200 @@
+"""The audio frontend: log-mel patches, defined once.
+
+The worker, ``moodstream tag``, training, export and the parity tests all import this module;
+nothing else in the project computes a mel spectrogram. The constants reproduce musicnn's
+extractor (``librosa.feature.melspectrogram`` defaults: Slaney mel scale and area
+normalisation, power 2, centred frames with zero padding as librosa >= 0.10 pads) so its
+pretrained weights see the input they were trained on.
+
+Two departures from the original extractor, both deliberate:
+
+* the compression ``log10(1 + 10000 x)`` runs in float32; the original cast the power
+  spectrogram to float16 first, which overflows to ``inf`` above 65504 (loud tracks).
+* a clip shorter than one patch is repeat-padded to one patch (musicnn's training set-up,
+  ``pad_short: repeat-pad``) instead of yielding no patch at all. Clips shorter than the
+  ``min_duration_s`` setting never get here (the audio stage rejects them as ``too_short``).
+
+The spectrogram is computed in a streaming way: samples go in by chunks of any size and
+frames come out as soon as their window is complete, so memory does not grow with the length
+of the track, and the result is identical to computing it on the whole signal at once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+import torch
+import torchaudio
+
+SAMPLE_RATE = 16_000  # Hz; audio is resampled to this rate before anything else
+N_FFT = 512  # samples per STFT window: 32 ms
+HOP_LENGTH = 256  # samples between frames: 16 ms
+N_MELS = 96  # mel bands, 0 Hz .. SAMPLE_RATE / 2
+PATCH_FRAMES = 187  # frames per model input patch
+LOG_SCALE = 10_000.0  # x -> log10(1 + LOG_SCALE * x)
+
+FRAMES_PER_SECOND = SAMPLE_RATE / HOP_LENGTH  # 62.5 frames/s
+PATCH_SECONDS = PATCH_FRAMES / FRAMES_PER_SECOND  # 2.992 s of audio per patch
+PATCH_SHAPE = (PATCH_FRAMES, N_MELS)  # the model input, per patch: [time, mel]
+
+#: Samples per chunk the spectrogram is computed on (about 16 s): large enough to amortise
+#: the STFT call, small enough to keep the working set a few megabytes.
+_CHUNK_FRAMES = 1000
+
+
+def frontend_constants() -> dict[str, float | int | str]:
+    """The constants a model was trained with; stored in every checkpoint and model repository
+    entry so that a mismatch between a model and this frontend is caught at start."""
+    return {
+        "sample_rate": SAMPLE_RATE,
+        "n_fft": N_FFT,
+        "hop_length": HOP_LENGTH,
+        "n_mels": N_MELS,
+        "patch_frames": PATCH_FRAMES,
+        "log_scale": LOG_SCALE,
+        "mel": "slaney",
+    }
+
+
+@lru_cache(maxsize=1)
+def _mel_transform() -> torchaudio.transforms.MelSpectrogram:
+    # center=False: the streaming code below adds librosa's centre padding itself, so a frame
+    # never depends on where the chunk boundaries fall.
+    return torchaudio.transforms.MelSpectrogram(
+        sample_rate=SAMPLE_RATE,
+        n_fft=N_FFT,
+        hop_length=HOP_LENGTH,
+        n_mels=N_MELS,
+        f_min=0.0,
+        f_max=SAMPLE_RATE / 2,
+        power=2.0,
+        center=False,
+        norm="slaney",
+        mel_scale="slaney",
+    )
+
+
+def log_compress(mel: np.ndarray) -> np.ndarray:
+    """``log10(1 + 10000 x)`` in float32. mel: power spectrogram, any shape."""
+    return np.log10(np.float32(1.0) + np.float32(LOG_SCALE) * mel, dtype=np.float32)
+
+
+class LogMelStream:
+    """Turns audio chunks into log-mel frames, exactly as the whole signal would give.
+
+    Frame ``t`` covers samples ``[t * HOP_LENGTH - N_FFT / 2, t * HOP_LENGTH + N_FFT / 2)`` of the
+    signal zero-padded by ``N_FFT / 2`` on both sides (librosa's ``center=True``,
+    ``pad_mode="constant"``); a signal of ``n`` samples yields ``1 + n // HOP_LENGTH`` frames.
+    """
+
+    def __init__(self) -> None:
+        self._pending = np.zeros(N_FFT // 2, dtype=np.float32)  # left centre padding
+        self.samples = 0  # samples pushed so far, at SAMPLE_RATE
+
+    def push(self, samples: np.ndarray) -> np.ndarray:
+        """samples: [n] float32 mono at SAMPLE_RATE. Returns the frames now complete,
+        [k, N_MELS] float32 log-mel (k may be 0)."""
+        self.samples += len(samples)
+        self._pending = np.concatenate([self._pending, samples.astype(np.float32, copy=False)])
+        return self._drain()
+
+    def finish(self) -> np.ndarray:
+        """Adds the right centre padding and returns the last frames, [k, N_MELS]."""
+        self._pending = np.concatenate([self._pending, np.zeros(N_FFT // 2, np.float32)])
+        return self._drain()
+
+    def _drain(self) -> np.ndarray:
+        n_frames = 0 if len(self._pending) < N_FFT else 1 + (len(self._pending) - N_FFT) // HOP_LENGTH
+        out = []
+        done = 0
+        while done < n_frames:
+            k = min(_CHUNK_FRAMES, n_frames - done)
+            start = done * HOP_LENGTH
+            window = self._pending[start : start + (k - 1) * HOP_LENGTH + N_FFT]
+            with torch.inference_mode():
+                mel = _mel_transform()(torch.from_numpy(window)).numpy()  # [N_MELS, k]
+            out.append(log_compress(mel.T))
+            done += k
+        self._pending = self._pending[n_frames * HOP_LENGTH :].copy()
+        if not out:
+            return np.empty((0, N_MELS), np.float32)
+        return np.concatenate(out) if len(out) > 1 else out[0]
+
+
+def log_mel(wave: np.ndarray) -> np.ndarray:
+    """wave: [n] float32 mono at SAMPLE_RATE -> [1 + n // HOP_LENGTH, N_MELS] float32 log-mel."""
+    stream = LogMelStream()
+    frames = [stream.push(wave), stream.finish()]
+    return np.concatenate(frames)
+
+
+class PatchStream:
+    """Cuts log-mel frames into model patches as they arrive.
+
+    Patches start at frame 0 and every ``hop_frames`` frames (default ``PATCH_FRAMES``: no
+    overlap); a trailing partial patch is dropped, as musicnn's extractor does. When the whole
+    clip is shorter than one patch, :meth:`finish` repeat-pads it to one patch.
+    """
+
+    def __init__(self, hop_frames: int = PATCH_FRAMES) -> None:
+        if not 1 <= hop_frames <= PATCH_FRAMES:
+            raise ValueError(f"hop_frames must be in 1..{PATCH_FRAMES}, got {hop_frames}")
+        self.hop_frames = hop_frames
+        self._frames = np.empty((0, N_MELS), np.float32)
+        self._emitted = 0
+
+    def push(self, frames: np.ndarray) -> np.ndarray:
+        """frames: [k, N_MELS] -> the patches now complete, [p, PATCH_FRAMES, N_MELS]."""
+        self._frames = np.concatenate([self._frames, frames])
+        n = 0 if len(self._frames) < PATCH_FRAMES else 1 + (len(self._frames) - PATCH_FRAMES) // self.hop_frames
+        if n == 0:
+            return np.empty((0, *PATCH_SHAPE), np.float32)
+        starts = np.arange(n) * self.hop_frames
+        patches = np.stack([self._frames[s : s + PATCH_FRAMES] for s in starts])
+        self._frames = self._frames[n * self.hop_frames :]
+        self._emitted += n
+        return patches
+
+    def finish(self) -> np.ndarray:
+        """The repeat-padded single patch of a short clip, or nothing: [0 or 1, PATCH_FRAMES, N_MELS]."""
+        if self._emitted or not len(self._frames):
+            return np.empty((0, *PATCH_SHAPE), np.float32)
+        reps = -(-PATCH_FRAMES // len(self._frames))
+        self._emitted = 1
+        return np.tile(self._frames, (reps, 1))[None, :PATCH_FRAMES]
+
+
+@dataclass(frozen=True)
+class TrackPatches:
+    """The model input of one track."""
+
+    patches: np.ndarray  # [n_patches, PATCH_FRAMES, N_MELS] float32 log-mel
+    analysed_s: float  # seconds of audio the spectrogram was computed on
+    hop_frames: int  # frames between patch starts
+
+    @property
+    def patch_starts_s(self) -> np.ndarray:
+        """[n_patches] start time of each patch, in seconds."""
+        return np.arange(len(self.patches)) * self.hop_frames / FRAMES_PER_SECOND
+
+
+def patches_from_chunks(chunks: Iterable[np.ndarray], hop_frames: int = PATCH_FRAMES) -> TrackPatches:
+    """The whole frontend: audio chunks ([n] float32 mono at SAMPLE_RATE) -> model patches.
+
+    Memory stays bounded by the patches themselves (96 x 187 floats = 72 kB per 3 s), not by
+    the decoded audio or the spectrogram's intermediate STFT.
+    """
+    mel = LogMelStream()
+    cut = PatchStream(hop_frames)
+    out = [cut.push(mel.push(chunk)) for chunk in chunks]
+    out += [cut.push(mel.finish()), cut.finish()]
+    return TrackPatches(np.concatenate(out), mel.samples / SAMPLE_RATE, hop_frames)
+
+
+def patches(wave: np.ndarray, hop_frames: int = PATCH_FRAMES) -> np.ndarray:
+    """wave: [n] float32 mono at SAMPLE_RATE -> [n_patches, PATCH_FRAMES, N_MELS] float32."""
+    return patches_from_chunks([wave], hop_frames).patches
+

@@ -1,0 +1,169 @@
+"""Scoring stage: model patches in, per-patch scores out, from Triton or in-process onnxruntime.
+
+Both scorers serve the same model file and read the same metadata (``config.pbtxt``, see
+:mod:`pipeline.model_meta`); which one runs is the ``scorer`` setting. Patches of several
+tracks go in one call; a call larger than the model's batch limit is split into requests that
+run concurrently, so Triton's dynamic batcher sees a full queue.
+
+Errors are translated here: an outage (server unreachable, deadline exceeded, overloaded) is
+retried with exponential backoff and then raised as :class:`ServiceUnavailable`, which makes
+the worker pause rather than dead-letter good tracks; a request the server rejects is
+:class:`InferenceFailed` for the tracks in it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import onnxruntime as ort
+import tritonclient.grpc.aio as triton
+from tritonclient.utils import InferenceServerException
+
+from pipeline.errors import ConfigError, InferenceFailed, ServiceUnavailable
+from pipeline.features import PATCH_SHAPE
+from pipeline.model_meta import ModelMeta, from_config, read_meta
+
+log = logging.getLogger(__name__)
+
+INPUT = "mel"
+OUTPUT = "scores"
+#: gRPC status codes that mean "the server, not this request": retry, then pause the worker.
+_TRANSIENT = {"StatusCode.UNAVAILABLE", "StatusCode.DEADLINE_EXCEEDED", "StatusCode.RESOURCE_EXHAUSTED", "StatusCode.CANCELLED", "StatusCode.NOT_FOUND"}
+
+
+class Scorer(Protocol):
+    meta: ModelMeta
+
+    async def score(self, patches: np.ndarray) -> np.ndarray:
+        """patches: [n, PATCH_FRAMES, N_MELS] float32 -> [n, len(meta.labels)] float32."""
+
+    async def close(self) -> None: ...
+
+
+def _check_patches(patches: np.ndarray) -> np.ndarray:
+    if patches.ndim != 3 or patches.shape[1:] != PATCH_SHAPE:
+        raise ValueError(f"patches must be [n, {PATCH_SHAPE[0]}, {PATCH_SHAPE[1]}], got {patches.shape}")
+    return np.ascontiguousarray(patches, dtype=np.float32)
+
+
+def _chunks(patches: np.ndarray, size: int) -> list[np.ndarray]:
+    return [patches[i : i + size] for i in range(0, len(patches), size)]
+
+
+class OnnxScorer:
+    """In-process onnxruntime on ``<repository>/<model>/<latest version>/model.onnx``."""
+
+    def __init__(self, repository: Path, model: str, *, threads: int = 0, max_batch: int = 64) -> None:
+        self.meta = read_meta(repository, model)
+        self.meta.check_frontend()
+        versions = sorted((int(p.name) for p in (repository / model).iterdir() if p.name.isdigit()), reverse=True)
+        if not versions:
+            raise ConfigError(f"model {model} in {repository} has no version directory")
+        self.path = repository / model / str(versions[0]) / "model.onnx"
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        try:
+            self._session = ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
+        except (ort.capi.onnxruntime_pybind11_state.Fail, OSError) as exc:
+            raise ConfigError(f"cannot load {self.path}: {exc}") from None
+        self.max_batch = max_batch
+
+    def score_sync(self, patches: np.ndarray) -> np.ndarray:
+        """Blocking form of :meth:`score`, for the CLI."""
+        patches = _check_patches(patches)
+        if not len(patches):
+            return np.empty((0, len(self.meta.labels)), np.float32)
+        out = [self._session.run([OUTPUT], {INPUT: chunk})[0] for chunk in _chunks(patches, self.max_batch)]
+        return np.concatenate(out)
+
+    async def score(self, patches: np.ndarray) -> np.ndarray:
+        return await asyncio.to_thread(self.score_sync, patches)
+
+    async def close(self) -> None:
+        pass
+
+
+class TritonScorer:
+    """gRPC client of a Triton server serving ``model``; build it with :meth:`connect`."""
+
+    def __init__(self, client: triton.InferenceServerClient, meta: ModelMeta, *, version: str, max_batch: int, timeout_s: float, max_attempts: int) -> None:
+        self._client = client
+        self.meta = meta
+        self.version = version
+        self.max_batch = max_batch
+        self.timeout_s = timeout_s
+        self.max_attempts = max_attempts
+
+    @classmethod
+    async def connect(cls, url: str, model: str, *, version: str = "", max_patches: int = 64, timeout_s: float = 30.0, max_attempts: int = 4) -> TritonScorer:
+        """Wait (with backoff, ``max_attempts`` tries) until the model is ready; read its metadata."""
+        client = triton.InferenceServerClient(url)
+        try:
+            config = await _retry(lambda: _ready_config(client, model, version, timeout_s), max_attempts, f"Triton at {url}")
+        except BaseException:
+            await client.close()
+            raise
+        meta = from_config(config)
+        meta.check_frontend()
+        max_batch = min(max_patches, config.max_batch_size or max_patches)
+        return cls(client, meta, version=version, max_batch=max_batch, timeout_s=timeout_s, max_attempts=max_attempts)
+
+    async def score(self, patches: np.ndarray) -> np.ndarray:
+        patches = _check_patches(patches)
+        if not len(patches):
+            return np.empty((0, len(self.meta.labels)), np.float32)
+        parts = await asyncio.gather(*(self._infer(chunk) for chunk in _chunks(patches, self.max_batch)))
+        return np.concatenate(parts)
+
+    async def ready(self) -> bool:
+        """Whether the server and the model answer now (one quick call, no retries)."""
+        try:
+            return bool(await self._client.is_model_ready(self.meta.name, self.version, client_timeout=self.timeout_s))
+        except InferenceServerException:
+            return False
+
+    async def _infer(self, chunk: np.ndarray) -> np.ndarray:
+        async def once() -> np.ndarray:
+            request = triton.InferInput(INPUT, list(chunk.shape), "FP32")
+            request.set_data_from_numpy(chunk)
+            result = await self._client.infer(
+                self.meta.name,
+                [request],
+                model_version=self.version,
+                outputs=[triton.InferRequestedOutput(OUTPUT)],
+                client_timeout=self.timeout_s,
+            )
+            return result.as_numpy(OUTPUT)
+
+        return await _retry(once, self.max_attempts, f"Triton model {self.meta.name}")
+
+    async def close(self) -> None:
+        await self._client.close()
+
+
+async def _ready_config(client: triton.InferenceServerClient, model: str, version: str, timeout_s: float):
+    if not await client.is_model_ready(model, version, client_timeout=timeout_s):
+        raise InferenceServerException("model not ready", status="StatusCode.UNAVAILABLE")
+    return (await client.get_model_config(model, version, client_timeout=timeout_s)).config
+
+
+async def _retry(call, attempts: int, what: str, base_delay_s: float = 0.5):
+    """Run ``call`` with exponential backoff and jitter on transient gRPC errors."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return await call()
+        except InferenceServerException as exc:
+            status = str(exc.status())
+            if status not in _TRANSIENT and "failed to connect" not in str(exc).lower():
+                raise InferenceFailed(f"{what} rejected the request: {exc.message()}") from None
+            if attempt == attempts:
+                raise ServiceUnavailable(f"{what} unavailable after {attempts} attempts: {exc.message()}") from None
+            delay = base_delay_s * 2 ** (attempt - 1) * (0.5 + random.random())
+            log.warning("%s: %s (attempt %d/%d), retrying in %.1f s", what, status, attempt, attempts, delay)
+            await asyncio.sleep(delay)
+    raise AssertionError("unreachable")

@@ -1,0 +1,161 @@
+"""Every moodstream setting, declared once: name, type, default, environment variable, doc.
+
+Settings are read from ``MOODSTREAM_*`` environment variables (and a ``.env`` file if present)
+and validated when a command starts; :func:`load_settings` turns a validation failure into one
+:class:`~pipeline.errors.ConfigError` naming the variables at fault. S3 endpoint, region and
+credentials are *not* settings of ours: boto3 reads the standard AWS environment
+(``AWS_ENDPOINT_URL_S3``, ``AWS_REGION``, ``AWS_ACCESS_KEY_ID``, mounted web-identity tokens…),
+so production credentials never pass through moodstream code.
+
+Settings are read by the pipeline's wiring (``app``, ``cli``) and handed to stage functions as
+plain arguments; model code never sees this object.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+
+from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from pipeline.errors import ConfigError
+
+#: The repository this package lives in; the default model repository sits beside it.
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class ScorerKind(str, Enum):
+    triton = "triton"  # gRPC to a Triton server (production, and the embedded demo)
+    onnx = "onnx"  # in-process onnxruntime on the same model file (no server)
+
+
+class KafkaSecurity(str, Enum):
+    plaintext = "PLAINTEXT"
+    ssl = "SSL"
+    sasl_plaintext = "SASL_PLAINTEXT"
+    sasl_ssl = "SASL_SSL"
+
+
+class Settings(BaseSettings):
+    """All settings; environment variable = ``MOODSTREAM_`` + the field name in capitals."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="MOODSTREAM_", env_file=".env", extra="ignore", frozen=True
+    )
+
+    # --- Kafka -------------------------------------------------------------------------------
+    kafka_bootstrap: str = Field(
+        "127.0.0.1:9092", description="Kafka bootstrap servers, comma separated host:port."
+    )
+    kafka_security_protocol: KafkaSecurity = Field(
+        KafkaSecurity.plaintext, description="PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL."
+    )
+    kafka_sasl_mechanism: str = Field(
+        "SCRAM-SHA-512", description="SASL mechanism when the protocol is SASL_*."
+    )
+    kafka_sasl_username: str = Field("", description="SASL user (mount it from a secret).")
+    kafka_sasl_password: SecretStr = Field(
+        SecretStr(""), description="SASL password (mount it from a secret; never logged)."
+    )
+    input_topic: str = Field("tracks.ingested", description="Topic announcing ingested tracks.")
+    output_topic: str = Field("tracks.moods", description="Topic receiving mood tags.")
+    dlq_topic: str = Field("tracks.moods.dlq", description="Topic receiving dead letters.")
+    consumer_group: str = Field(
+        "moodstream-worker", description="Consumer group (the Faust app id)."
+    )
+    batch_size: int = Field(
+        8, ge=1, le=512, description="Most tracks taken from the stream into one batch."
+    )
+    batch_window_s: float = Field(
+        0.5, gt=0, le=60, description="Longest wait for a batch to fill, in seconds."
+    )
+    web_port: int = Field(
+        6066, ge=0, le=65535, description="Faust web port (health and Prometheus /metrics)."
+    )
+
+    # --- Storage -----------------------------------------------------------------------------
+    allowed_buckets: list[str] = Field(
+        ["moodstream-audio"],
+        description="S3 buckets events may reference (JSON list or comma separated).",
+    )
+    max_object_bytes: int = Field(
+        512 * 1024 * 1024, ge=1, description="Largest audio object fetched, in bytes."
+    )
+    allow_file_uris: bool = Field(
+        False, description="Accept file:// URIs in events (local demos only, never production)."
+    )
+    s3_max_attempts: int = Field(
+        5, ge=1, le=20, description="Attempts per S3 call on throttling and 5xx (with backoff)."
+    )
+
+    # --- Audio -------------------------------------------------------------------------------
+    decode_workers: int = Field(
+        2, ge=1, le=64, description="Processes decoding and computing mels inside one batch."
+    )
+    max_duration_s: float = Field(
+        3600.0, gt=0, description="Audio beyond this many seconds is not decoded or analysed."
+    )
+    min_duration_s: float = Field(
+        1.0, gt=0, description="Shorter audio is dead-lettered as too_short."
+    )
+
+    # --- Scoring -----------------------------------------------------------------------------
+    scorer: ScorerKind = Field(ScorerKind.triton, description="triton or onnx (in-process).")
+    model: str = Field("musicnn_msd", description="Model name in the model repository.")
+    model_repository: Path = Field(
+        REPO_ROOT / "triton_models",
+        description="Model repository (read for model metadata, and by the onnx scorer).",
+    )
+    triton_url: str = Field("127.0.0.1:8001", description="Triton gRPC host:port.")
+    triton_timeout_s: float = Field(
+        30.0, gt=0, description="Deadline of one Triton request, in seconds."
+    )
+    triton_max_attempts: int = Field(
+        4, ge=1, le=20, description="Attempts per Triton request before the outage handling."
+    )
+    max_patches_per_request: int = Field(
+        64, ge=1, description="Most patches in one inference request (the model's max batch)."
+    )
+    onnx_threads: int = Field(
+        0, ge=0, description="onnxruntime intra-op threads for the onnx scorer (0 = all cores)."
+    )
+
+    # --- Output ------------------------------------------------------------------------------
+    moods_file: Path = Field(
+        REPO_ROOT / "pipeline" / "moods.toml",
+        description="Mood families and per-tag thresholds (TOML).",
+    )
+    top_moods: int = Field(3, ge=1, le=20, description="Mood families listed in top_moods.")
+    timeline_segment_s: float = Field(
+        30.0, gt=0, description="Length of one timeline segment in the output, in seconds."
+    )
+
+    @field_validator("allowed_buckets", mode="before")
+    @classmethod
+    def _split_buckets(cls, value: object) -> object:
+        if isinstance(value, str) and not value.lstrip().startswith("["):
+            return [b.strip() for b in value.split(",") if b.strip()]
+        return value
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Read and validate the settings; raise :class:`ConfigError` naming each bad variable."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            field = ".".join(str(p) for p in err["loc"])
+            lines.append(f"  MOODSTREAM_{field.upper()}: {err['msg']} (got {err.get('input')!r})")
+        raise ConfigError("invalid settings:\n" + "\n".join(lines)) from None
+
+
+def describe() -> list[tuple[str, str, str, str]]:
+    """(environment variable, type, default, doc) of every setting, for ``moodstream settings``."""
+    rows = []
+    for name, field in Settings.model_fields.items():
+        default = "(secret)" if isinstance(field.default, SecretStr) else field.default
+        kind = getattr(field.annotation, "__name__", str(field.annotation))
+        rows.append((f"MOODSTREAM_{name.upper()}", kind, str(default), field.description or ""))
+    return rows

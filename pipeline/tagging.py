@@ -1,0 +1,62 @@
+"""One track through the CPU stages, with no Kafka and no server: bytes -> patches -> mood view.
+
+``analyse`` is what the worker runs in its process pool and what ``moodstream tag`` runs
+inline; ``describe`` turns the scores of one track's patches into the fields of an output
+event. Keeping both here means the CLI, the worker and the benchmarks cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline import audio, features
+from pipeline.taxonomy import Taxonomy, summarise
+
+
+@dataclass(frozen=True)
+class Analysis:
+    """The model input of one track, plus what the output event reports about its audio."""
+
+    patches: features.TrackPatches
+    decoder: str  # "pyav" or "soundfile"
+    duration_s: float  # decoded audio, capped at max_duration_s
+    truncated: bool  # the stream broke after some audio (a partial upload)
+    decode_features_s: float  # wall seconds spent here
+
+
+def analyse(data: bytes, *, max_duration_s: float, min_duration_s: float, hop_frames: int = features.PATCH_FRAMES) -> Analysis:
+    """Decode ``data`` and compute its patches; raises the stage's TrackError subclasses."""
+    # One thread per decoding process: parallelism comes from the process pool, and torch's
+    # own thread pool would fight it for the same cores.
+    torch.set_num_threads(1)
+    start = time.perf_counter()
+    stream = audio.decode(data, max_duration_s=max_duration_s, min_duration_s=min_duration_s)
+    patches = features.patches_from_chunks(stream.chunks, hop_frames)
+    return Analysis(
+        patches=patches,
+        decoder=stream.decoder,
+        duration_s=round(stream.stats["duration_s"], 3),
+        truncated=bool(stream.stats.get("truncated")),
+        decode_features_s=time.perf_counter() - start,
+    )
+
+
+def describe(analysis: Analysis, scores: np.ndarray, taxonomy: Taxonomy, *, top_moods: int = 3, segment_s: float = 30.0) -> dict[str, Any]:
+    """scores: [n_patches, n_labels] for ``analysis.patches`` -> the mood fields of an output."""
+    view = summarise(scores, taxonomy, patch_starts_s=analysis.patches.patch_starts_s, top_n=top_moods, segment_s=segment_s)
+    return {
+        "duration_s": analysis.duration_s,
+        "analysed_s": round(analysis.patches.analysed_s, 3),
+        "patches": int(len(analysis.patches.patches)),
+        "decoder": analysis.decoder,
+        "tags": view.tags,
+        "top_tags": view.top_tags,
+        "moods": view.moods,
+        "top_moods": view.top_moods,
+        "timeline": view.timeline,
+    }

@@ -1,0 +1,63 @@
+"""``moodstream-train``: import the pretrained models, and export checkpoints for serving.
+
+    moodstream-train import-musicnn --tf-python PATH [--clips DIR]
+    moodstream-train export CHECKPOINT --name NAME [--repository triton_models] [--version 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from pipeline.settings import REPO_ROOT
+
+DEFAULT_CLIPS = REPO_ROOT.parent / "shared" / "audio" / "musicnn-examples"
+
+
+def _import_musicnn(args: argparse.Namespace) -> int:
+    from training.import_musicnn import convert
+
+    clips = sorted(Path(args.clips).glob("*.mp3"))
+    if not clips:
+        print(f"no .mp3 clips in {args.clips} for the parity fixture", file=sys.stderr)
+        return 2
+    for model, diff in convert(args.tf_python, clips).items():
+        print(f"{model}: max |PyTorch - TensorFlow| = {diff:.2e} on {len(clips)} clips")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from training.export import export
+
+    result = export(Path(args.checkpoint), args.name, Path(args.repository), version=args.version)
+    diffs = ", ".join(f"{k} {v:.1e}" for k, v in result.max_abs_diff.items())
+    print(f"{result.directory}: parity vs eager: {diffs}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="moodstream-train", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    imp = sub.add_parser("import-musicnn", help="convert musicnn's TensorFlow checkpoints (one-off)")
+    imp.add_argument("--tf-python", required=True, help="python of an environment with tensorflow-cpu, tf-keras and musicnn==0.1.0")
+    imp.add_argument("--clips", default=str(DEFAULT_CLIPS), help="folder of real-music .mp3 clips for the parity fixture")
+    imp.set_defaults(func=_import_musicnn)
+
+    exp = sub.add_parser("export", help="export a checkpoint as a Triton model repository entry")
+    exp.add_argument("checkpoint")
+    exp.add_argument("--name", required=True, help="model name in the repository")
+    exp.add_argument("--repository", default=str(REPO_ROOT / "triton_models"))
+    exp.add_argument("--version", type=int, default=1, help="Triton version directory")
+    exp.set_defaults(func=_export)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

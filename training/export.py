@@ -1,0 +1,148 @@
+"""Export a checkpoint to the serving contract: a Triton model repository entry.
+
+    triton_models/<name>/
+      config.pbtxt          GPU servers: onnxruntime platform, dynamic batching, warm-up
+      configs/cpu.pbtxt     CPU servers (``tritonserver --model-config-name=cpu``): the python
+                            backend running the same ONNX file with onnxruntime
+      1/model.onnx          input "mel" [batch, PATCH_FRAMES, N_MELS] -> outputs "scores"
+                            [batch, n_labels] (probabilities for tags/classes, values for V/A)
+                            and "embedding" [batch, embedding_dim]
+      1/model.pt            the same network as TorchScript (for a libtorch server)
+      1/model.py            the python backend (CPU config only)
+
+``config.pbtxt`` is the single source of truth: the ``moodstream`` parameter holds the labels,
+the task, the model version and the frontend constants as JSON, so the worker reads them from
+the repository (onnx scorer) or from Triton itself (Triton scorer) and never hard-codes a tag
+list. Export refuses to write an entry unless eager PyTorch, TorchScript and onnxruntime agree
+to within ``PARITY_TOL``.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+from google.protobuf import text_format
+from torch import nn
+from tritonclient.grpc import model_config_pb2 as pb
+
+from pipeline.features import N_MELS, PATCH_FRAMES
+from pipeline.model_meta import META_PARAMETER, ModelMeta
+from training.models import load_checkpoint
+
+PARITY_TOL = 1e-5
+INPUT = "mel"
+OUTPUTS = ("scores", "embedding")
+_CPU_MODEL = Path(__file__).with_name("export_assets") / "triton_cpu_model.py"
+_OPSET = 17
+
+
+class _Serving(nn.Module):
+    """The trained network plus its task's output activation: mel -> (scores, embedding)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.task = model.task
+
+    def forward(self, mel: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out, embedding = self.model(mel)
+        if self.task == "tags":
+            out = torch.sigmoid(out)
+        elif self.task == "classes":
+            out = torch.softmax(out, dim=-1)
+        return out, embedding
+
+
+@dataclass(frozen=True)
+class Exported:
+    directory: Path
+    max_abs_diff: dict[str, float]  # "torchscript" / "onnxruntime" vs eager
+
+
+def export(checkpoint: Path, name: str, repository: Path, *, version: int = 1, gpu_max_batch: int = 256, cpu_max_batch: int = 64) -> Exported:
+    """Write ``repository/name`` from ``checkpoint``; return the parity figures."""
+    model, ckpt = load_checkpoint(checkpoint)
+    serving = _Serving(model).eval()
+    meta = ModelMeta(name=name, version=str(ckpt["version"]), task=ckpt["task"], labels=tuple(ckpt["labels"]), frontend=ckpt["frontend"], embedding_dim=_embedding_dim(serving))
+    entry = repository / name
+    version_dir = entry / str(version)
+    version_dir.mkdir(parents=True, exist_ok=True)
+
+    example = torch.randn(3, PATCH_FRAMES, N_MELS)
+    with torch.inference_mode():
+        scripted = torch.jit.trace(serving, example)
+    scripted.save(str(version_dir / "model.pt"))
+    torch.onnx.export(
+        serving,
+        (example,),
+        str(version_dir / "model.onnx"),
+        input_names=[INPUT],
+        output_names=list(OUTPUTS),
+        dynamic_axes={INPUT: {0: "batch"}, OUTPUTS[0]: {0: "batch"}, OUTPUTS[1]: {0: "batch"}},
+        opset_version=_OPSET,
+        dynamo=False,
+    )
+    diffs = check_parity(serving, version_dir)
+    shutil.copyfile(_CPU_MODEL, version_dir / "model.py")
+    (entry / "configs").mkdir(exist_ok=True)
+    (entry / "config.pbtxt").write_text(_config_text(meta, gpu=True, max_batch=gpu_max_batch))
+    (entry / "configs" / "cpu.pbtxt").write_text(_config_text(meta, gpu=False, max_batch=cpu_max_batch))
+    return Exported(entry, diffs)
+
+
+def check_parity(serving: nn.Module, version_dir: Path, batch: int = 5) -> dict[str, float]:
+    """Max |Δ| of TorchScript and onnxruntime against eager on random patches of ``batch``
+    (a batch size the exporter never saw, to exercise the dynamic axis)."""
+    x = torch.rand(batch, PATCH_FRAMES, N_MELS, generator=torch.Generator().manual_seed(0)) * 3
+    with torch.inference_mode():
+        eager = [t.numpy() for t in serving(x)]
+        scripted = [t.numpy() for t in torch.jit.load(str(version_dir / "model.pt"))(x)]
+    session = ort.InferenceSession(str(version_dir / "model.onnx"), providers=["CPUExecutionProvider"])
+    onnx = session.run(list(OUTPUTS), {INPUT: x.numpy()})
+    diffs = {
+        "torchscript": max(float(np.abs(a - b).max()) for a, b in zip(eager, scripted)),
+        "onnxruntime": max(float(np.abs(a - b).max()) for a, b in zip(eager, onnx)),
+    }
+    bad = {k: v for k, v in diffs.items() if v > PARITY_TOL}
+    if bad:
+        raise RuntimeError(f"export parity failed (tolerance {PARITY_TOL}): {bad}")
+    return diffs
+
+
+def _embedding_dim(serving: nn.Module) -> int:
+    with torch.inference_mode():
+        return int(serving(torch.zeros(1, PATCH_FRAMES, N_MELS))[1].shape[-1])
+
+
+def _config_text(meta: ModelMeta, *, gpu: bool, max_batch: int) -> str:
+    config = pb.ModelConfig(name=meta.name, max_batch_size=max_batch)
+    if gpu:
+        config.platform = "onnxruntime_onnx"
+        config.default_model_filename = "model.onnx"
+        config.instance_group.add(kind=pb.ModelInstanceGroup.KIND_GPU, count=1)
+        # Preferred sizes from the GPU capacity measurements; the queue delay bounds the
+        # latency a lone request pays waiting for company.
+        config.dynamic_batching.preferred_batch_size.extend([64, 128])
+        config.dynamic_batching.max_queue_delay_microseconds = 2000
+        warmup = config.model_warmup.add(name="random_patches", batch_size=min(64, max_batch))
+        warmup.inputs[INPUT].data_type = pb.TYPE_FP32
+        warmup.inputs[INPUT].dims.extend([PATCH_FRAMES, N_MELS])
+        warmup.inputs[INPUT].random_data = True
+    else:
+        config.backend = "python"
+        config.instance_group.add(kind=pb.ModelInstanceGroup.KIND_CPU, count=1)
+        config.dynamic_batching.max_queue_delay_microseconds = 5000
+        config.parameters["ort_intra_op_threads"].string_value = "0"
+    config.input.add(name=INPUT, data_type=pb.TYPE_FP32, dims=[PATCH_FRAMES, N_MELS])
+    config.output.add(name=OUTPUTS[0], data_type=pb.TYPE_FP32, dims=[len(meta.labels)])
+    config.output.add(name=OUTPUTS[1], data_type=pb.TYPE_FP32, dims=[meta.embedding_dim])
+    config.version_policy.latest.num_versions = 1
+    config.parameters[META_PARAMETER].string_value = json.dumps(meta.to_json(), sort_keys=True)
+    header = "# Generated by `moodstream-train export`; edit the checkpoint or the exporter, not this file.\n"
+    return header + text_format.MessageToString(config)

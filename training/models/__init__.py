@@ -1,0 +1,77 @@
+"""Model architectures and the checkpoint format they share.
+
+A checkpoint is a dict saved with ``torch.save``; it rebuilds its model on its own:
+
+    arch        registry name ("musicnn", ...)
+    dims        the architecture's dims dataclass as a dict
+    state_dict  the weights
+    labels      output names (tags, classes or targets), in output order
+    task        "tags" (multi-label), "classes", "va" (valence/arousal) or "va_steps"
+    frontend    pipeline.features.frontend_constants() at training time
+    version     model version string, carried into Triton and every output event
+    source      where the weights came from (free text, for humans)
+
+Training checkpoints add ``config``, ``epoch`` and ``optimizer``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from pipeline.features import frontend_constants
+from training.models.musicnn import Musicnn, MusicnnDims
+
+ARCHITECTURES: dict[str, tuple[type[nn.Module], type]] = {
+    "musicnn": (Musicnn, MusicnnDims),
+}
+
+
+def build(arch: str, dims: dict[str, Any] | None = None) -> nn.Module:
+    """A fresh model of ``arch``; ``dims`` overrides the architecture's defaults."""
+    try:
+        cls, dims_cls = ARCHITECTURES[arch]
+    except KeyError:
+        raise ValueError(f"unknown architecture {arch!r}; known: {sorted(ARCHITECTURES)}") from None
+    known = {f.name for f in fields(dims_cls)}
+    unknown = set(dims or {}) - known
+    if unknown:
+        raise ValueError(f"unknown dims for {arch}: {sorted(unknown)}")
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in (dims or {}).items()}
+    return cls(dims_cls(**values))
+
+
+def save_checkpoint(path: Path, model: nn.Module, *, arch: str, labels: list[str], version: str, source: str, **extra: Any) -> None:
+    """Write ``model`` with everything needed to rebuild and serve it (see module doc)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(
+        {
+            "arch": arch,
+            "dims": asdict(model.dims),
+            "state_dict": model.state_dict(),
+            "labels": list(labels),
+            "task": model.task,
+            "frontend": frontend_constants(),
+            "version": version,
+            "source": source,
+            **extra,
+        },
+        path,
+    )
+
+
+def load_checkpoint(path: Path) -> tuple[nn.Module, dict[str, Any]]:
+    """(model in eval mode, the checkpoint dict without its weights)."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    if ckpt.get("frontend") != frontend_constants():
+        raise ValueError(
+            f"{path} was trained with frontend {ckpt.get('frontend')}, "
+            f"but this code computes {frontend_constants()}"
+        )
+    model = build(ckpt["arch"], ckpt["dims"])
+    model.load_state_dict(ckpt.pop("state_dict"))
+    return model.eval(), ckpt

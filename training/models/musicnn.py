@@ -1,0 +1,122 @@
+"""musicnn (Pons & Serra, 2019) in PyTorch, layer for layer as the original TensorFlow graph.
+
+    mel patch [B, T, 96]
+      -> batch norm
+      -> front-end: timbral convs 7x38 and 7x67 (204 filters each, "valid" in frequency)
+                    temporal convs 128x1, 64x1, 32x1 (51 filters each, "same" in time)
+                    each: ReLU, batch norm, max over frequency            -> [B, 561, T]
+      -> mid-end:   three 7-wide convs over time with 64 filters, ReLU, batch norm;
+                    the 2nd and 3rd residual; front-end and mid-end concatenated -> [B, 753, T]
+      -> back-end:  max and mean over time (interleaved as the original flattens them),
+                    batch norm, dense 200 + ReLU, batch norm (the embedding),
+                    dense n_classes (logits; sigmoid gives tag probabilities)
+
+Batch norms use TensorFlow's epsilon (1e-3) so converted weights give the original outputs.
+The forward pass works on any number of frames T >= 1; the pretrained weights saw T = 187.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+#: tf.compat.v1.layers.batch_normalization's default epsilon.
+_TF_BN_EPS = 1e-3
+
+
+@dataclass(frozen=True)
+class MusicnnDims:
+    """Everything needed to rebuild the network; saved inside every checkpoint."""
+
+    n_mels: int = 96
+    n_classes: int = 50
+    timbral_filters: int = 204  # int(1.6 * 128)
+    timbral_heights: tuple[float, ...] = (0.4, 0.7)  # kernel height as a fraction of n_mels
+    timbral_width: int = 7  # frames
+    temporal_filters: int = 51  # int(1.6 * 32)
+    temporal_lengths: tuple[int, ...] = (128, 64, 32)  # frames
+    midend_filters: int = 64
+    midend_width: int = 7  # frames
+    embedding_dim: int = 200
+    dropout: float = 0.5  # training only; the original used 0.5 before both dense layers
+
+
+class _Branch(nn.Module):
+    """conv -> ReLU -> batch norm -> max over frequency: [B, 1, T, F] -> [B, C, T]."""
+
+    def __init__(self, filters: int, kernel: tuple[int, int], time_pad: tuple[int, int]) -> None:
+        super().__init__()
+        self.time_pad = time_pad
+        self.conv = nn.Conv2d(1, filters, kernel)
+        self.bn = nn.BatchNorm2d(filters, eps=_TF_BN_EPS)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.pad(x, (0, 0, *self.time_pad))  # pads time only: frequency is pooled away
+        return self.bn(F.relu(self.conv(x))).amax(dim=3)
+
+
+class _MidendLayer(nn.Module):
+    """7-wide conv over time -> ReLU -> batch norm: [B, C_in, T] -> [B, C_out, T]."""
+
+    def __init__(self, c_in: int, c_out: int, width: int) -> None:
+        super().__init__()
+        self.pad = ((width - 1) // 2, width - 1 - (width - 1) // 2)
+        self.conv = nn.Conv1d(c_in, c_out, width)
+        self.bn = nn.BatchNorm1d(c_out, eps=_TF_BN_EPS)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(F.relu(self.conv(F.pad(x, self.pad))))
+
+
+class Musicnn(nn.Module):
+    """mel [B, T, n_mels] -> (logits [B, n_classes], embedding [B, embedding_dim])."""
+
+    task = "tags"  # multi-label: one sigmoid per tag
+
+    def __init__(self, dims: MusicnnDims) -> None:
+        super().__init__()
+        self.dims = dims
+        self.input_bn = nn.BatchNorm2d(1, eps=_TF_BN_EPS)
+        w = dims.timbral_width
+        timbral_pad = ((w - 1) // 2, w - 1 - (w - 1) // 2)
+        branches = [
+            _Branch(dims.timbral_filters, (w, int(h * dims.n_mels)), timbral_pad)
+            for h in dims.timbral_heights
+        ]
+        # TensorFlow's "same" padding puts the odd extra row at the end.
+        branches += [
+            _Branch(dims.temporal_filters, (k, 1), ((k - 1) // 2, k - 1 - (k - 1) // 2))
+            for k in dims.temporal_lengths
+        ]
+        self.frontend = nn.ModuleList(branches)
+        front = dims.timbral_filters * len(dims.timbral_heights) + dims.temporal_filters * len(
+            dims.temporal_lengths
+        )
+        m = dims.midend_filters
+        self.midend = nn.ModuleList(
+            [_MidendLayer(front, m, dims.midend_width)]
+            + [_MidendLayer(m, m, dims.midend_width) for _ in range(2)]
+        )
+        pooled = 2 * (front + 3 * m)  # max and mean of every channel
+        self.pool_bn = nn.BatchNorm1d(pooled, eps=_TF_BN_EPS)
+        self.dense = nn.Linear(pooled, dims.embedding_dim)
+        self.dense_bn = nn.BatchNorm1d(dims.embedding_dim, eps=_TF_BN_EPS)
+        self.classifier = nn.Linear(dims.embedding_dim, dims.n_classes)
+        self.dropout = nn.Dropout(dims.dropout)
+
+    def forward(self, mel: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self.input_bn(mel.unsqueeze(1))  # [B, 1, T, F]
+        front = torch.cat([branch(x) for branch in self.frontend], dim=1)  # [B, 561, T]
+        c1 = self.midend[0](front)
+        c2 = self.midend[1](c1) + c1
+        c3 = self.midend[2](c2) + c2
+        features = torch.cat([front, c1, c2, c3], dim=1)  # [B, 753, T]
+        # The original concatenates [max, mean] on a trailing axis and flattens, which
+        # interleaves them: max_0, mean_0, max_1, mean_1, ...
+        pooled = torch.stack([features.amax(dim=2), features.mean(dim=2)], dim=2).flatten(1)
+        hidden = F.relu(self.dense(self.dropout(self.pool_bn(pooled))))
+        embedding = self.dense_bn(hidden)
+        return self.classifier(self.dropout(embedding)), embedding

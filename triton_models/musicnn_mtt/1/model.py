@@ -1,0 +1,1 @@
+# placeholder until the helper's file lands
