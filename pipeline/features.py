@@ -16,7 +16,7 @@ Two departures from the original extractor, both deliberate:
 
 The spectrogram is computed in a streaming way: samples go in by chunks of any size and
 frames come out as soon as their window is complete, so memory does not grow with the length
-of the track, and the result is identical to computing it on the whole signal at once.
+of the track, and the result equals the whole-signal computation up to float32 rounding.
 """
 
 from __future__ import annotations
@@ -83,7 +83,7 @@ def log_compress(mel: np.ndarray) -> np.ndarray:
 
 
 class LogMelStream:
-    """Turns audio chunks into log-mel frames, exactly as the whole signal would give.
+    """Turns audio chunks into log-mel frames, as the whole signal would give (to float32 rounding).
 
     Frame ``t`` covers samples ``[t * HOP_LENGTH - N_FFT / 2, t * HOP_LENGTH + N_FFT / 2)`` of the
     signal zero-padded by ``N_FFT / 2`` on both sides (librosa's ``center=True``,

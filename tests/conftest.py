@@ -1,0 +1,68 @@
+"""Fixtures shared by the whole suite: real music clips and synthesised audio files."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+import soundfile
+
+REPO = Path(__file__).resolve().parent.parent
+#: Two real music clips published with musicnn (ISC licence), beside the clone, never committed.
+EXAMPLES = REPO.parent / "shared" / "audio" / "musicnn-examples"
+JORAM = EXAMPLES / "joram-moments_of_clarity-08-solipsism-59-88.mp3"
+TRWJAZW = EXAMPLES / "TRWJAZW128F42760DD_test.mp3"
+
+
+@pytest.fixture(scope="session")
+def example_clips() -> list[Path]:
+    clips = [JORAM, TRWJAZW]
+    missing = [c for c in clips if not c.is_file()]
+    if missing:
+        pytest.fail(f"real music clips missing (expected ../shared beside the clone): {missing}")
+    return clips
+
+
+def tone(seconds: float, rate: int = 44_100, channels: int = 2, freq: float = 440.0) -> np.ndarray:
+    """[channels, n] float32: a chord-like signal with some noise, deterministic."""
+    t = np.arange(int(seconds * rate)) / rate
+    rng = np.random.default_rng(0)
+    x = 0.3 * np.sin(2 * np.pi * freq * t) + 0.2 * np.sin(2 * np.pi * freq * 1.5 * t) + 0.02 * rng.standard_normal(len(t))
+    return np.stack([x * (1 - 0.2 * c) for c in range(channels)]).astype(np.float32)
+
+
+#: container format -> (codec, sample format) used by encode()
+CODECS = {
+    "mp3": ("libmp3lame", "fltp"),
+    "ogg": ("libopus", "fltp"),  # PyAV's FFmpeg has no Vorbis encoder; vorbis files come from libsndfile below
+    "flac": ("flac", "s16"),
+    "wav": ("pcm_s16le", "s16"),
+    "m4a": ("aac", "fltp"),
+}
+
+
+def encode(signal: np.ndarray, fmt: str, rate: int = 44_100) -> bytes:
+    """Encode [channels, n] float32 into ``fmt`` (a key of CODECS, or "vorbis") with PyAV."""
+    if fmt == "vorbis":
+        buf = io.BytesIO()
+        soundfile.write(buf, signal.T, rate, format="OGG", subtype="VORBIS")
+        return buf.getvalue()
+    codec, sample_fmt = CODECS[fmt]
+    if codec == "libopus":
+        rate = 48_000
+    buf = io.BytesIO()
+    container_fmt = {"m4a": "ipod"}.get(fmt, fmt)
+    with av.open(buf, mode="w", format=container_fmt) as out:
+        stream = out.add_stream(codec, rate=rate, layout="stereo" if signal.shape[0] == 2 else "mono")
+        planar = signal if sample_fmt.endswith("p") else signal.T.reshape(1, -1)
+        data = planar if sample_fmt == "fltp" else (planar * 32767).astype(np.int16)
+        frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(data), format=sample_fmt, layout=stream.layout.name)
+        frame.sample_rate = rate
+        for packet in stream.encode(frame):
+            out.mux(packet)
+        for packet in stream.encode(None):
+            out.mux(packet)
+    return buf.getvalue()

@@ -1,0 +1,76 @@
+"""The frontend: parity with librosa on real music, streaming = whole, the patch rules."""
+
+from __future__ import annotations
+
+import librosa
+import numpy as np
+import pytest
+
+from pipeline import audio, features as F
+
+
+def _librosa_log_mel(wave: np.ndarray) -> np.ndarray:
+    """What musicnn's extractor computes (but in float32, see pipeline.features)."""
+    mel = librosa.feature.melspectrogram(y=wave, sr=F.SAMPLE_RATE, hop_length=F.HOP_LENGTH, n_fft=F.N_FFT, n_mels=F.N_MELS)
+    return np.log10(1 + 10000 * mel.T.astype(np.float32))
+
+
+def test_torchaudio_features_equal_librosa_on_real_music(example_clips):
+    for clip in example_clips:
+        wave, _ = audio.decode_all(clip.read_bytes(), max_duration_s=3600)
+        ours, ref = F.log_mel(wave), _librosa_log_mel(wave)
+        assert ours.shape == ref.shape == (1 + len(wave) // F.HOP_LENGTH, F.N_MELS)
+        assert np.abs(ours - ref).max() < 1e-3
+        assert ref.max() > 1.0  # real music, not silence: the bound above means something
+
+
+def test_decoding_matches_librosa_load_on_mp3(example_clips):
+    """PyAV + soxr give the waveform librosa.load gives (same decoder family, same resampler)."""
+    wave, stream = audio.decode_all(example_clips[0].read_bytes(), max_duration_s=3600)
+    ref, _ = librosa.load(example_clips[0], sr=F.SAMPLE_RATE)
+    assert stream.decoder == "pyav" and len(wave) == len(ref)
+    assert np.abs(wave - ref).max() < 1e-4
+
+
+@pytest.mark.parametrize("chunk", [1, 255, 256, 1000, 7777, 100_000])
+def test_streaming_spectrogram_equals_whole_signal(chunk):
+    rng = np.random.default_rng(1)
+    wave = rng.standard_normal(F.SAMPLE_RATE * 7 + 123).astype(np.float32) * 0.1
+    whole = F.log_mel(wave)
+    stream = F.LogMelStream()
+    parts = [stream.push(wave[i : i + chunk]) for i in range(0, len(wave), chunk)] + [stream.finish()]
+    # Equal up to float32 rounding: the STFT runs on differently sized blocks.
+    assert np.abs(np.concatenate(parts) - whole).max() < 1e-5
+
+
+def test_patches_start_at_zero_and_drop_the_trailing_partial_patch():
+    frames = np.arange(3 * F.PATCH_FRAMES + 50, dtype=np.float32)[:, None] * np.ones(F.N_MELS, np.float32)
+    cut = F.PatchStream()
+    patches = np.concatenate([cut.push(frames[:100]), cut.push(frames[100:]), cut.finish()])
+    assert patches.shape == (3, F.PATCH_FRAMES, F.N_MELS)
+    assert [p[0, 0] for p in patches] == [0, F.PATCH_FRAMES, 2 * F.PATCH_FRAMES]
+
+
+def test_patch_hop_gives_overlapping_patches():
+    frames = np.zeros((2 * F.PATCH_FRAMES, F.N_MELS), np.float32)
+    assert F.PatchStream(hop_frames=93).push(frames).shape[0] == 1 + (2 * F.PATCH_FRAMES - F.PATCH_FRAMES) // 93
+
+
+def test_short_clip_is_repeat_padded_to_one_patch():
+    wave = np.random.default_rng(2).standard_normal(F.SAMPLE_RATE).astype(np.float32)  # 1 s
+    result = F.patches_from_chunks([wave])
+    assert result.patches.shape == (1, F.PATCH_FRAMES, F.N_MELS)
+    n = 1 + len(wave) // F.HOP_LENGTH
+    assert np.array_equal(result.patches[0, n : 2 * n], result.patches[0, :n])  # tiled, not zero
+
+
+def test_loud_audio_does_not_overflow():
+    """The original float16 cast overflowed on loud input; float32 stays finite."""
+    loud = np.full(F.SAMPLE_RATE * 4, 30.0, np.float32)
+    assert np.isfinite(F.patches(loud)).all()
+
+
+def test_frontend_constants_are_consistent():
+    c = F.frontend_constants()
+    assert c["patch_frames"] * c["hop_length"] / c["sample_rate"] == pytest.approx(F.PATCH_SECONDS)
+    assert F.PATCH_SECONDS == pytest.approx(2.992)

@@ -1,0 +1,54 @@
+"""Export: eager = TorchScript = onnxruntime, a complete Triton entry, served by the onnx scorer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.model_meta import read_config, read_meta
+from pipeline.scoring import OnnxScorer
+from training.export import PARITY_TOL, export
+from training.models import load_checkpoint
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    repo = tmp_path_factory.mktemp("models")
+    return export(REPO / "training" / "weights" / "musicnn_mtt.pt", "mtt_copy", repo), repo
+
+
+def test_export_writes_a_complete_triton_entry(exported):
+    result, repo = exported
+    entry = repo / "mtt_copy"
+    for path in ["config.pbtxt", "configs/cpu.pbtxt", "1/model.onnx", "1/model.pt", "1/model.py"]:
+        assert (entry / path).is_file(), path
+    gpu, cpu = read_config(repo, "mtt_copy"), read_config(repo, "mtt_copy", "cpu")
+    assert gpu.platform == "onnxruntime_onnx" and gpu.dynamic_batching.max_queue_delay_microseconds > 0
+    assert cpu.backend == "python"
+    assert [i.name for i in gpu.input] == [i.name for i in cpu.input] == ["mel"]
+    assert list(gpu.input[0].dims) == [187, 96]
+    assert all(v <= PARITY_TOL for v in result.max_abs_diff.values())
+
+
+def test_metadata_travels_with_the_model(exported):
+    _, repo = exported
+    meta = read_meta(repo, "mtt_copy")
+    _, ckpt = load_checkpoint(REPO / "training" / "weights" / "musicnn_mtt.pt")
+    assert meta.labels == tuple(ckpt["labels"]) and meta.version == ckpt["version"]
+    meta.check_frontend()
+
+
+def test_committed_repository_matches_the_committed_weights():
+    """triton_models/ must be what exporting training/weights/ gives (no stale model files)."""
+    for name in ["musicnn_msd", "musicnn_mtt"]:
+        model, _ = load_checkpoint(REPO / "training" / "weights" / f"{name}.pt")
+        scorer = OnnxScorer(REPO / "triton_models", name)
+        x = torch.rand(4, 187, 96, generator=torch.Generator().manual_seed(3)) * 3
+        with torch.inference_mode():
+            eager = torch.sigmoid(model(x)[0]).numpy()
+        assert np.abs(scorer.score_sync(x.numpy()) - eager).max() <= 1e-5

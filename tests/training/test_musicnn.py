@@ -1,0 +1,52 @@
+"""The PyTorch port of musicnn against the original TensorFlow graph's outputs.
+
+The fixture (tests/fixtures/musicnn_parity.npz) was written by ``moodstream-train
+import-musicnn``: patches of real music and what the original graph, restored from musicnn's
+checkpoints, computed for them. TensorFlow is not needed to run this test.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from training.models import build, load_checkpoint
+
+REPO = Path(__file__).resolve().parents[2]
+FIXTURE = REPO / "tests" / "fixtures" / "musicnn_parity.npz"
+
+
+@pytest.fixture(scope="module")
+def fixture():
+    with np.load(FIXTURE) as f:
+        return dict(f)
+
+
+@pytest.mark.parametrize("name", ["musicnn_msd", "musicnn_mtt"])
+def test_port_matches_the_original_graph_per_tag(fixture, name):
+    model, meta = load_checkpoint(REPO / "training" / "weights" / f"{name}.pt")
+    with torch.inference_mode():
+        logits, embedding = model(torch.from_numpy(fixture["patches"]))
+    probs = torch.sigmoid(logits).numpy()
+    assert probs.shape == fixture[f"{name}/probs"].shape == (len(fixture["patches"]), 50)
+    assert np.abs(probs - fixture[f"{name}/probs"]).max() <= 1e-4
+    assert np.abs(embedding.numpy() - fixture[f"{name}/embedding"]).max() <= 1e-3
+    assert len(meta["labels"]) == 50 and meta["task"] == "tags"
+
+
+def test_checkpoint_rebuilds_itself_from_stored_dims():
+    _, meta = load_checkpoint(REPO / "training" / "weights" / "musicnn_mtt.pt")
+    model = build(meta["arch"], meta["dims"])
+    assert model.dims.timbral_filters == 204 and model.dims.temporal_lengths == (128, 64, 32)
+    n_params = sum(p.numel() for p in model.parameters())
+    assert 700_000 < n_params < 900_000
+
+
+def test_forward_accepts_any_number_of_frames():
+    model = build("musicnn").eval()
+    with torch.inference_mode():
+        logits, embedding = model(torch.randn(2, 50, 96))
+    assert logits.shape == (2, 50) and embedding.shape == (2, 200)
