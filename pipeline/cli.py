@@ -1,6 +1,9 @@
 """``moodstream`` command line: tag files locally, run the worker, run the demo, backfill.
 
     moodstream tag PATH... [--model musicnn_msd|musicnn_mtt] [--json]
+    moodstream worker [--loglevel info]
+    moodstream demo [AUDIO_DIR] [--json] [--scorer triton|onnx]
+    moodstream publish s3://bucket/prefix [--rate N] [--dry-run]
     moodstream settings
 """
 
@@ -55,6 +58,48 @@ def _table(result: dict, top: int) -> str:
     return "\n".join(lines)
 
 
+def _worker(args: argparse.Namespace) -> int:
+    from pipeline.app import app  # loads and validates the settings
+
+    sys.argv = ["moodstream", "worker", "--loglevel", args.loglevel]
+    app.main()
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    import asyncio
+    import time
+
+    from pipeline import demo
+    from pipeline.settings import load_settings
+
+    settings = load_settings()
+    audio_dir = Path(args.audio_dir) if args.audio_dir else demo.DEFAULT_AUDIO_DIR
+    if not audio_dir.is_dir():
+        print(f"moodstream demo: no folder {audio_dir}; pass AUDIO_DIR", file=sys.stderr)
+        return 2
+    opts = demo.DemoOptions(
+        audio_dir=audio_dir,
+        as_json=args.json,
+        scorer=args.scorer,
+        model=args.model or settings.model,
+        timeout_s=args.timeout,
+        log_dir=Path(args.log_dir or f".moodstream/demo-{time.strftime('%Y%m%d-%H%M%S')}").resolve(),
+    )
+    return asyncio.run(demo.run(opts))
+
+
+def _publish(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from pipeline.publish import backfill
+    from pipeline.settings import load_settings
+
+    count = asyncio.run(backfill(load_settings(), args.prefix, rate_per_s=args.rate, dry_run=args.dry_run))
+    print(f"{count} tracks {'listed' if args.dry_run else 'announced'}", file=sys.stderr)
+    return 0
+
+
 def _settings(args: argparse.Namespace) -> int:
     from pipeline.settings import describe
 
@@ -73,6 +118,25 @@ def build_parser() -> argparse.ArgumentParser:
     tag.add_argument("--json", action="store_true", help="one JSON object per file and line")
     tag.add_argument("--top", type=int, default=10, help="tags shown per file in the table")
     tag.set_defaults(func=_tag)
+
+    worker = sub.add_parser("worker", help="run the Faust worker (same as `faust -A pipeline.app worker`)")
+    worker.add_argument("--loglevel", default="info")
+    worker.set_defaults(func=_worker)
+
+    demo = sub.add_parser("demo", help="run everything locally: broker, S3, Triton, a worker; tag a folder")
+    demo.add_argument("audio_dir", nargs="?", help="folder of audio files (default: the example clips)")
+    demo.add_argument("--json", action="store_true", help="stdout: exactly one JSON output record per line")
+    demo.add_argument("--scorer", choices=["triton", "onnx"], default="triton")
+    demo.add_argument("--model", help="model to serve (default: MOODSTREAM_MODEL)")
+    demo.add_argument("--timeout", type=float, default=1800.0, help="seconds to wait for all results")
+    demo.add_argument("--log-dir", help="where service logs go (default: .moodstream/demo-<time>)")
+    demo.set_defaults(func=_demo)
+
+    publish = sub.add_parser("publish", help="announce every audio object under an S3 prefix (backfill)")
+    publish.add_argument("prefix", metavar="s3://bucket/prefix")
+    publish.add_argument("--rate", type=float, default=0.0, help="announcements per second (0: no cap)")
+    publish.add_argument("--dry-run", action="store_true", help="list what would be announced")
+    publish.set_defaults(func=_publish)
 
     settings = sub.add_parser("settings", help="list every setting with its variable, type, default and doc")
     settings.set_defaults(func=_settings)

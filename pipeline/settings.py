@@ -13,11 +13,14 @@ plain arguments; model code never sees this object.
 
 from __future__ import annotations
 
+import json
 from enum import Enum
 from pathlib import Path
+from typing import Annotated
 
 from pydantic import Field, SecretStr, ValidationError, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic_settings.exceptions import SettingsError
 
 from pipeline.errors import ConfigError
 
@@ -70,12 +73,21 @@ class Settings(BaseSettings):
     batch_window_s: float = Field(
         0.5, gt=0, le=60, description="Longest wait for a batch to fill, in seconds."
     )
-    web_port: int = Field(
-        6066, ge=0, le=65535, description="Faust web port (health and Prometheus /metrics)."
+    kafka_session_timeout_s: float = Field(
+        10.0, gt=0, le=300, description="Consumer session timeout: a crashed worker's partitions move after this long."
+    )
+    kafka_heartbeat_interval_s: float = Field(
+        1.0, gt=0, le=60, description="Consumer heartbeat interval (well under the session timeout)."
+    )
+    kafka_rebalance_timeout_s: float = Field(
+        10.0, gt=0, le=300, description="How long a rebalance waits for members to rejoin."
+    )
+    metrics_port: int = Field(
+        9108, ge=0, le=65535, description="Port of the worker's Prometheus /metrics (0: off)."
     )
 
     # --- Storage -----------------------------------------------------------------------------
-    allowed_buckets: list[str] = Field(
+    allowed_buckets: Annotated[list[str], NoDecode] = Field(
         ["moodstream-audio"],
         description="S3 buckets events may reference (JSON list or comma separated).",
     )
@@ -134,7 +146,12 @@ class Settings(BaseSettings):
     @field_validator("allowed_buckets", mode="before")
     @classmethod
     def _split_buckets(cls, value: object) -> object:
-        if isinstance(value, str) and not value.lstrip().startswith("["):
+        if isinstance(value, str):
+            if value.lstrip().startswith("["):
+                try:
+                    return json.loads(value)
+                except json.JSONDecodeError:
+                    return value  # reported by validation as "not a valid list"
             return [b.strip() for b in value.split(",") if b.strip()]
         return value
 
@@ -143,6 +160,8 @@ def load_settings(**overrides: object) -> Settings:
     """Read and validate the settings; raise :class:`ConfigError` naming each bad variable."""
     try:
         return Settings(**overrides)
+    except SettingsError as exc:
+        raise ConfigError(f"invalid settings: {exc}") from None
     except ValidationError as exc:
         lines = []
         for err in exc.errors():

@@ -1,0 +1,136 @@
+"""The Faust worker: thin wiring from ``tracks.ingested`` to :class:`pipeline.worker.Worker`.
+
+Run it with ``moodstream worker`` or ``faust -A pipeline.app worker -l info``.
+
+One agent, concurrency 1 (faust-streaming issue #606: concurrency > 1 can commit past an
+event still in flight); parallelism comes from inside the batch (concurrent S3 fetches, a
+process pool for decoding, one inference call for all patches). ``stream.take`` acknowledges a
+batch's events only after the loop body returns, and the body returns only after every output
+and dead-letter record was acknowledged by the broker: offsets never pass a track whose result
+is not stored (at-least-once).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing
+import ssl
+from concurrent.futures import ProcessPoolExecutor
+
+import faust
+from prometheus_client import start_http_server
+
+from pipeline import storage
+from pipeline.errors import ServiceUnavailable
+from pipeline.scoring import OnnxScorer, Scorer, TritonScorer
+from pipeline.settings import KafkaSecurity, ScorerKind, Settings, load_settings
+from pipeline.taxonomy import load_taxonomy
+from pipeline.worker import Worker, WorkerConfig, warm_process
+
+log = logging.getLogger(__name__)
+
+settings = load_settings()
+
+
+def _credentials(s: Settings) -> faust.types.auth.CredentialsT | None:
+    if s.kafka_security_protocol is KafkaSecurity.plaintext:
+        return None
+    context = ssl.create_default_context() if s.kafka_security_protocol.value.endswith("SSL") else None
+    if s.kafka_security_protocol is KafkaSecurity.ssl:
+        return faust.SSLCredentials(context)
+    return faust.SASLCredentials(
+        username=s.kafka_sasl_username,
+        password=s.kafka_sasl_password.get_secret_value(),
+        mechanism=s.kafka_sasl_mechanism,
+        ssl_context=context,
+    )
+
+
+app = faust.App(
+    settings.consumer_group,
+    broker=[f"kafka://{host.strip()}" for host in settings.kafka_bootstrap.split(",")],
+    broker_credentials=_credentials(settings),
+    value_serializer="raw",
+    key_serializer="raw",
+    web_enabled=False,
+    producer_acks=-1,
+    topic_allow_declare=True,
+    topic_disable_leader=True,
+    # Faust's defaults (60 s) make a crashed worker's partitions wait a minute or more.
+    broker_session_timeout=settings.kafka_session_timeout_s,
+    broker_heartbeat_interval=settings.kafka_heartbeat_interval_s,
+    broker_rebalance_timeout=settings.kafka_rebalance_timeout_s,
+)
+ingested = app.topic(settings.input_topic, key_type=bytes, value_type=bytes)
+_outputs = {name: app.topic(name, key_type=bytes, value_type=bytes) for name in (settings.output_topic, settings.dlq_topic)}
+
+
+async def publish(topic: str, key: bytes | None, value: bytes) -> None:
+    """Send one record and wait for the broker's acknowledgement."""
+    pending = await _outputs[topic].send(key=key, value=value)
+    await pending
+
+
+async def open_scorer(s: Settings) -> Scorer:
+    """The configured scorer; waits for Triton to come up rather than failing the worker."""
+    if s.scorer is ScorerKind.onnx:
+        return OnnxScorer(s.model_repository, s.model, threads=s.onnx_threads, max_batch=s.max_patches_per_request)
+    while True:
+        try:
+            return await TritonScorer.connect(s.triton_url, s.model, max_patches=s.max_patches_per_request, timeout_s=s.triton_timeout_s, max_attempts=s.triton_max_attempts)
+        except ServiceUnavailable as exc:
+            log.warning("waiting for Triton: %s", exc)
+            await asyncio.sleep(5)
+
+
+def worker_config(s: Settings) -> WorkerConfig:
+    return WorkerConfig(
+        output_topic=s.output_topic,
+        dlq_topic=s.dlq_topic,
+        allowed_buckets=tuple(s.allowed_buckets),
+        allow_file_uris=s.allow_file_uris,
+        max_object_bytes=s.max_object_bytes,
+        max_duration_s=s.max_duration_s,
+        min_duration_s=s.min_duration_s,
+        top_moods=s.top_moods,
+        timeline_segment_s=s.timeline_segment_s,
+    )
+
+
+@app.agent(ingested, concurrency=1)
+async def tag_tracks(stream: faust.StreamT) -> None:
+    scorer = await open_scorer(settings)
+    taxonomy = load_taxonomy(settings.model, scorer.meta.labels, settings.moods_file)
+    # spawn, not fork: the parent runs an event loop and gRPC threads that must not be copied.
+    pool = ProcessPoolExecutor(settings.decode_workers, mp_context=multiprocessing.get_context("spawn"))
+    worker = Worker(
+        worker_config(settings),
+        scorer=scorer,
+        taxonomy=taxonomy,
+        s3_client=storage.make_s3_client(settings.s3_max_attempts),
+        pool=pool,
+        publish=publish,
+    )
+    await _warm_up(pool, settings.decode_workers)
+    log.info("tagging %s with %s v%s via %s", settings.input_topic, scorer.meta.name, scorer.meta.version, settings.scorer.value)
+    try:
+        async for batch in stream.take(settings.batch_size, within=settings.batch_window_s):
+            result = await worker.process(batch)
+            log.info("batch of %d: %d outputs, dead letters %s", len(batch), result.outputs, result.dead_letters or "none")
+    finally:
+        pool.shutdown(cancel_futures=True)
+        await scorer.close()
+
+
+async def _warm_up(pool: ProcessPoolExecutor, workers: int) -> None:
+    """Start the pool's processes (and their imports) before the first batch needs them."""
+    loop = asyncio.get_running_loop()
+    await asyncio.gather(*(loop.run_in_executor(pool, warm_process) for _ in range(workers)))
+
+
+@app.task
+async def _serve_metrics() -> None:
+    if settings.metrics_port:
+        start_http_server(settings.metrics_port)
+        log.info("Prometheus metrics on :%d/metrics", settings.metrics_port)

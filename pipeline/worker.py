@@ -1,0 +1,229 @@
+"""One batch of ingestion events through every stage: the worker's logic, without Faust.
+
+    raw events ─ parse ─► fetch (S3, concurrent) ─► decode + patches (process pool)
+               ─► score (all tracks' patches in one call) ─► publish outputs and dead letters
+               ─► return: the caller (the Faust agent) may now commit the batch's offsets
+
+Every per-track failure becomes a dead-letter record (errors are data); nothing raised by one
+track stops the others. An outage of S3 or Triton is not a per-track failure: the batch waits,
+retrying with capped backoff, until the service answers again, so good tracks are never
+dead-lettered because a server was down. While it waits the agent takes no new events, which
+pauses consumption; offsets do not move.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from pipeline import events, features, metrics, storage
+from pipeline.errors import InferenceFailed, ServiceUnavailable, TrackError
+from pipeline.scoring import Scorer
+from pipeline.tagging import Analysis, analyse, describe
+from pipeline.taxonomy import Taxonomy
+
+log = logging.getLogger(__name__)
+
+
+class Publisher(Protocol):
+    """Sends one record and returns once the broker acknowledged it."""
+
+    async def __call__(self, topic: str, key: bytes | None, value: bytes) -> None: ...
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """The settings the batch logic needs, as plain values (see pipeline.settings)."""
+
+    output_topic: str
+    dlq_topic: str
+    allowed_buckets: tuple[str, ...]
+    allow_file_uris: bool
+    max_object_bytes: int
+    max_duration_s: float
+    min_duration_s: float
+    top_moods: int
+    timeline_segment_s: float
+    outage_backoff_max_s: float = 30.0
+
+
+@dataclass
+class _Track:
+    event: events.TrackIngested
+    started: float = field(default_factory=time.perf_counter)
+    analysis: Analysis | None = None
+    error: TrackError | None = None
+    latency_ms: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class BatchResult:
+    outputs: int
+    dead_letters: dict[str, int]  # reason -> count
+
+
+class Worker:
+    """Holds the long-lived clients a batch needs; :meth:`process` is the whole stage chain."""
+
+    def __init__(self, config: WorkerConfig, *, scorer: Scorer, taxonomy: Taxonomy, s3_client: Any, pool: Executor, publish: Publisher) -> None:
+        self.config = config
+        self.scorer = scorer
+        self.taxonomy = taxonomy
+        self.s3 = s3_client
+        self.pool = pool
+        self.publish = publish
+        self.model = events.ModelRef(scorer.meta.name, scorer.meta.version)
+
+    async def process(self, raws: Sequence[bytes]) -> BatchResult:
+        """Tag a batch of raw ``tracks.ingested`` values; return once every record is acked."""
+        metrics.EVENTS_CONSUMED.inc(len(raws))
+        metrics.BATCH_TRACKS.observe(len(raws))
+        metrics.TRACKS_IN_FLIGHT.set(len(raws))
+        dead: list[tuple[bytes, TrackError, str | None]] = []
+        tracks: list[_Track] = []
+        for raw in raws:
+            try:
+                tracks.append(_Track(events.parse_ingested(raw, allow_file_uris=self.config.allow_file_uris, allowed_buckets=self.config.allowed_buckets)))
+            except TrackError as exc:
+                dead.append((raw, exc, None))
+
+        await asyncio.gather(*(self._fetch_and_analyse(t) for t in tracks))
+        good = [t for t in tracks if t.error is None]
+        scores = await self._score(good)
+
+        sends: list[Awaitable[None]] = []
+        for track, track_scores in zip(good, scores):
+            if isinstance(track_scores, TrackError):
+                track.error = track_scores
+                continue
+            sends.append(self._publish_output(track, track_scores))
+        outputs = len(sends)
+        for track in tracks:
+            if track.error is not None:
+                dead.append((track.event.raw, track.error, track.event.track_id))
+        sends += [self._publish_dead(raw, err, track_id) for raw, err, track_id in dead]
+        start = time.perf_counter()
+        await asyncio.gather(*sends)
+        metrics.STAGE_SECONDS.labels("publish").observe(time.perf_counter() - start)
+        metrics.TRACKS_IN_FLIGHT.set(0)
+        reasons: dict[str, int] = {}
+        for _, err, _ in dead:
+            reasons[err.reason] = reasons.get(err.reason, 0) + 1
+        return BatchResult(outputs=outputs, dead_letters=reasons)
+
+    async def _fetch_and_analyse(self, track: _Track) -> None:
+        start = time.perf_counter()
+        try:
+            ref = track.event.ref
+            data = await _until_available("s3", lambda: storage.fetch_async(ref, client=self.s3, max_bytes=self.config.max_object_bytes), self.config.outage_backoff_max_s)
+            fetched = time.perf_counter()
+            track.latency_ms["fetch"] = round((fetched - start) * 1000, 1)
+            metrics.STAGE_SECONDS.labels("fetch").observe(fetched - start)
+            loop = asyncio.get_running_loop()
+            track.analysis = await loop.run_in_executor(
+                self.pool,
+                _analyse_job,
+                data,
+                self.config.max_duration_s,
+                self.config.min_duration_s,
+            )
+            done = time.perf_counter()
+            track.latency_ms["decode_features"] = round((done - fetched) * 1000, 1)
+            metrics.STAGE_SECONDS.labels("decode_features").observe(done - fetched)
+        except TrackError as exc:
+            track.error = exc
+
+    async def _score(self, tracks: list[_Track]) -> list[np.ndarray | TrackError]:
+        """Per-track [n_patches, n_labels] scores, from one call for the whole batch."""
+        if not tracks:
+            return []
+        patches = np.concatenate([t.analysis.patches.patches for t in tracks])
+        metrics.BATCH_PATCHES.observe(len(patches))
+        start = time.perf_counter()
+        try:
+            scores = await _until_available("triton", lambda: self.scorer.score(patches), self.config.outage_backoff_max_s)
+        except InferenceFailed:
+            # Find which track the server rejected: score each alone.
+            return [await self._score_alone(t) for t in tracks]
+        elapsed = time.perf_counter() - start
+        metrics.STAGE_SECONDS.labels("inference").observe(elapsed)
+        bounds = np.cumsum([len(t.analysis.patches.patches) for t in tracks])[:-1]
+        for t in tracks:
+            t.latency_ms["inference"] = round(elapsed * 1000, 1)
+        return list(np.split(scores, bounds))
+
+    async def _score_alone(self, track: _Track) -> np.ndarray | TrackError:
+        try:
+            return await _until_available("triton", lambda: self.scorer.score(track.analysis.patches.patches), self.config.outage_backoff_max_s)
+        except InferenceFailed as exc:
+            return exc
+
+    async def _publish_output(self, track: _Track, scores: np.ndarray) -> None:
+        fields = describe(track.analysis, scores, self.taxonomy, top_moods=self.config.top_moods, segment_s=self.config.timeline_segment_s)
+        event = track.event
+        track.latency_ms["total"] = round((time.perf_counter() - track.started) * 1000, 1)
+        record = events.TrackMoods(
+            track_id=event.track_id,
+            model=self.model,
+            correlation_id=event.correlation_id,
+            ingested_at=event.ingested_at,
+            processed_at=_now(),
+            latency_ms=track.latency_ms,
+            **fields,
+        )
+        await self.publish(self.config.output_topic, event.track_id.encode(), record.to_json())
+        metrics.OUTPUTS.labels(self.model.name, self.model.version).inc()
+        metrics.AUDIO_SECONDS.inc(track.analysis.patches.analysed_s)
+        for mood, score in fields["moods"].items():
+            metrics.MOOD_SCORE.labels(self.model.name, mood).observe(score)
+        if event.ingested_at is not None:
+            metrics.END_TO_END_SECONDS.observe(max(0.0, time.time() - event.ingested_at.timestamp()))
+
+    async def _publish_dead(self, raw: bytes, error: TrackError, track_id: str | None) -> None:
+        record = events.dead_letter(raw, error, attempts=1, model=self.model, track_id=track_id)
+        await self.publish(self.config.dlq_topic, track_id.encode() if track_id else None, record)
+        metrics.DEAD_LETTERS.labels(error.reason).inc()
+        log.info("dead letter %s: %s: %s", track_id, error.reason, error)
+
+
+def warm_process() -> None:
+    """Runs once in each pool process at start. Unpickling this function imports the
+    decoding and frontend stack; one tiny spectrogram builds the mel filterbank."""
+    torch.set_num_threads(1)
+    features.log_mel(np.zeros(features.N_FFT, np.float32))
+
+
+def _analyse_job(data: bytes, max_duration_s: float, min_duration_s: float) -> Analysis:
+    """Runs in a pool process; TrackErrors pickle back to the event loop as they are."""
+    return analyse(data, max_duration_s=max_duration_s, min_duration_s=min_duration_s)
+
+
+async def _until_available(service: str, call: Callable[[], Awaitable[Any]], backoff_max_s: float) -> Any:
+    """Await ``call()``; while it raises ServiceUnavailable, wait (capped exponential backoff)
+    and try again. The batch stays in flight meanwhile, so its offsets are not committed."""
+    delay = 1.0
+    while True:
+        try:
+            result = await call()
+        except ServiceUnavailable as exc:
+            metrics.SERVICE_ERRORS.labels(service).inc()
+            metrics.SERVICE_DOWN.labels(service).set(1)
+            log.warning("%s unavailable, batch paused; retrying in %.0f s: %s", service, delay, exc)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, backoff_max_s)
+            continue
+        metrics.SERVICE_DOWN.labels(service).set(0)
+        return result
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
