@@ -88,6 +88,16 @@ def parse_ingested(raw: bytes, *, allow_file_uris: bool, allowed_buckets: tuple[
     )
 
 
+def track_id_of(raw: bytes | None) -> str | None:
+    """The track id of a (possibly invalid) event if it has a usable one, for its dead letter."""
+    try:
+        doc = json.loads(raw or b"")
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        return None
+    track_id = doc.get("track_id") if isinstance(doc, dict) else None
+    return track_id if isinstance(track_id, str) and 0 < len(track_id) <= 256 else None
+
+
 def _timestamp(value: str | None) -> datetime | None:
     if value is None:
         return None

@@ -94,7 +94,7 @@ class Worker:
             try:
                 tracks.append(_Track(events.parse_ingested(raw, allow_file_uris=self.config.allow_file_uris, allowed_buckets=self.config.allowed_buckets)))
             except TrackError as exc:
-                dead.append((raw, exc, None))
+                dead.append((raw, exc, events.track_id_of(raw)))
 
         await asyncio.gather(*(self._fetch_and_analyse(t) for t in tracks))
         good = [t for t in tracks if t.error is None]

@@ -1,0 +1,144 @@
+"""The worker end to end on the real embedded stack: Tansu broker, moto S3, CPU tritonserver.
+
+Good events, a missing object, a non-audio object and malformed events are announced
+together; every good track must come out on tracks.moods (valid against the shipped schema)
+and every bad one on the DLQ with its reason, while good events keep flowing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jsonschema
+import numpy as np
+import pytest
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+
+from conftest import REPO, encode, tone
+from pipeline import events, storage
+from pipeline.scoring import OnnxScorer, TritonScorer
+from pipeline.settings import load_settings
+from pipeline.stack import EmbeddedStack
+from pipeline.tagging import analyse
+
+pytestmark = pytest.mark.integration
+BUCKET = "moodstream-audio"
+MODEL = "musicnn_msd"
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    settings = load_settings()
+    with EmbeddedStack(log_dir=tmp_path_factory.mktemp("logs"), model_repository=settings.model_repository, models=[MODEL]) as s:
+        s.create_topics(["tracks.ingested", "tracks.moods", "tracks.moods.dlq"])
+        os.environ.update({k: v for k, v in s.env().items() if k.startswith("AWS_")})
+        storage.make_s3_client().create_bucket(Bucket=BUCKET)
+        yield s
+
+
+def start_worker(stack: EmbeddedStack, log_path: Path, **settings: str) -> subprocess.Popen:
+    env = {**os.environ, **stack.env(), "MOODSTREAM_METRICS_PORT": "0", "MOODSTREAM_MODEL": MODEL, **settings}
+    return subprocess.Popen([sys.executable, "-m", "pipeline", "worker"], cwd=REPO, env=env, stdout=open(log_path, "wb"), stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def stop_worker(proc: subprocess.Popen) -> None:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+async def collect(bootstrap: str, expected: int, timeout_s: float, worker: subprocess.Popen) -> dict[str, list[dict]]:
+    """Records on tracks.moods and the DLQ until ``expected`` records came (or timeout)."""
+    consumer = AIOKafkaConsumer("tracks.moods", "tracks.moods.dlq", bootstrap_servers=bootstrap, auto_offset_reset="earliest", enable_auto_commit=False)
+    await consumer.start()
+    seen: dict[str, list[dict]] = {"tracks.moods": [], "tracks.moods.dlq": []}
+    deadline = time.monotonic() + timeout_s
+    try:
+        while sum(map(len, seen.values())) < expected and time.monotonic() < deadline and worker.poll() is None:
+            for tp, records in (await consumer.getmany(timeout_ms=500)).items():
+                seen[tp.topic] += [json.loads(rec.value) for rec in records]
+    finally:
+        await consumer.stop()
+    return seen
+
+
+async def produce(bootstrap: str, values: list[tuple[bytes | None, bytes]]) -> None:
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all")
+    await producer.start()
+    try:
+        for key, value in values:
+            await producer.send_and_wait("tracks.ingested", value, key=key)
+    finally:
+        await producer.stop()
+
+
+def test_tracks_in_moods_out_and_bad_events_dead_lettered(stack, example_clips, tmp_path):
+    s3 = storage.make_s3_client()
+    good = {}
+    for clip in example_clips:
+        s3.upload_file(str(clip), BUCKET, f"it/{clip.name}")
+        good[f"real-{clip.name[:7]}"] = f"s3://{BUCKET}/it/{clip.name}"
+    s3.put_object(Bucket=BUCKET, Key="it/tone.flac", Body=encode(tone(8.0), "flac"))
+    good["tone-flac"] = f"s3://{BUCKET}/it/tone.flac"
+    s3.put_object(Bucket=BUCKET, Key="it/readme.mp3", Body=b"this is not audio" * 50)
+
+    def event(track_id: str, uri: str) -> tuple[bytes, bytes]:
+        return track_id.encode(), events.ingested_record(track_id=track_id, audio_uri=uri)
+
+    bad = [
+        event("missing", f"s3://{BUCKET}/it/nothing-here.mp3"),
+        event("not-audio", f"s3://{BUCKET}/it/readme.mp3"),
+        event("other-bucket", "s3://someone-elses-bucket/a.mp3"),
+        (b"garbage", b"{not json"),
+    ]
+    values = bad[:2] + [event(t, u) for t, u in list(good.items())[:2]] + bad[2:] + [event(t, u) for t, u in list(good.items())[2:]]
+    asyncio.run(produce(stack.kafka_bootstrap, values))
+
+    worker = start_worker(stack, tmp_path / "worker.log", MOODSTREAM_ALLOWED_BUCKETS=BUCKET)
+    try:
+        seen = asyncio.run(collect(stack.kafka_bootstrap, len(values), 180, worker))
+    finally:
+        stop_worker(worker)
+    log = (tmp_path / "worker.log").read_text(errors="replace")[-3000:]
+
+    outputs = {r["track_id"]: r for r in seen["tracks.moods"]}
+    assert set(outputs) == set(good), log
+    schema = events.load_schema("track_moods.v1")
+    for record in outputs.values():
+        jsonschema.validate(record, schema, format_checker=jsonschema.FormatChecker())
+        assert record["model"] == {"name": MODEL, "version": "1"} and len(record["tags"]) == 50
+    assert outputs["real-TRWJAZW"]["top_tags"][0]["tag"] == "blues"
+
+    reasons = {r["track_id"]: r["reason"] for r in seen["tracks.moods.dlq"]}
+    assert reasons == {"missing": "not_found", "not-audio": "undecodable", "other-bucket": "bad_event", None: "bad_event"}, log
+    dlq_schema = events.load_schema("track_dead_letter.v1")
+    for record in seen["tracks.moods.dlq"]:
+        jsonschema.validate(record, dlq_schema)
+    garbage = next(r for r in seen["tracks.moods.dlq"] if r["track_id"] is None)
+    assert events.original_bytes(garbage) == b"{not json"
+
+
+def test_triton_and_onnx_scorers_agree_on_real_audio(stack, example_clips):
+    settings = load_settings()
+    patches = np.concatenate([analyse(c.read_bytes(), max_duration_s=60, min_duration_s=1).patches.patches for c in example_clips])
+
+    async def via_triton() -> np.ndarray:
+        scorer = await TritonScorer.connect(stack.triton_grpc_url, MODEL, max_patches=7)
+        try:
+            return await scorer.score(patches)
+        finally:
+            await scorer.close()
+
+    remote = asyncio.run(via_triton())
+    local = OnnxScorer(settings.model_repository, MODEL).score_sync(patches)
+    assert remote.shape == local.shape == (len(patches), 50)
+    assert np.abs(remote - local).max() <= 1e-4
