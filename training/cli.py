@@ -1,6 +1,7 @@
 """``moodstream-train``: import the pretrained models, and export checkpoints for serving.
 
     moodstream-train import-musicnn --tf-python PATH [--clips DIR]
+    moodstream-train compare-musicnn DIR... --tf-python PATH
     moodstream-train export CHECKPOINT --name NAME [--repository triton_models] [--version 1]
 """
 
@@ -27,6 +28,17 @@ def _import_musicnn(args: argparse.Namespace) -> int:
     return 0
 
 
+def _compare_musicnn(args: argparse.Namespace) -> int:
+    import json
+
+    from training.import_musicnn import compare
+
+    files = sorted(p for d in args.folders for p in Path(d).rglob("*") if p.suffix.lower() in {".mp3", ".ogg", ".opus", ".flac", ".wav"})
+    for name in args.models:
+        print(json.dumps({"model": name, **compare(args.tf_python, files, name, Path(args.repository))}))
+    return 0
+
+
 def _export(args: argparse.Namespace) -> int:
     from training.export import export
 
@@ -44,6 +56,13 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("--tf-python", required=True, help="python of an environment with tensorflow-cpu, tf-keras and musicnn==0.1.0")
     imp.add_argument("--clips", default=str(DEFAULT_CLIPS), help="folder of real-music .mp3 clips for the parity fixture")
     imp.set_defaults(func=_import_musicnn)
+
+    cmp = sub.add_parser("compare-musicnn", help="agreement of moodstream's path with the original musicnn on real music")
+    cmp.add_argument("folders", nargs="+")
+    cmp.add_argument("--tf-python", required=True, help="python with tensorflow-cpu, tf-keras, librosa and musicnn==0.1.0")
+    cmp.add_argument("--models", nargs="+", default=["musicnn_msd", "musicnn_mtt"])
+    cmp.add_argument("--repository", default=str(REPO_ROOT / "triton_models"))
+    cmp.set_defaults(func=_compare_musicnn)
 
     exp = sub.add_parser("export", help="export a checkpoint as a Triton model repository entry")
     exp.add_argument("checkpoint")

@@ -98,6 +98,30 @@ def run_tensorflow(tf_python: str, patches: np.ndarray) -> dict[str, np.ndarray]
             return dict(result)
 
 
+def compare(tf_python: str, files: list[Path], name: str, repository: Path) -> dict[str, float]:
+    """moodstream's whole path (PyAV, torchaudio, onnxruntime) against the original musicnn
+    (librosa, float16 compression, TensorFlow) on the same files: track-score agreement."""
+    from pipeline.scoring import OnnxScorer
+    from pipeline.tagging import analyse
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp, "scores.npz")
+        subprocess.run([tf_python, str(Path(__file__).with_name("_tf_musicnn.py")), "--tag", MODELS[name], str(out), *map(str, files)], check=True, capture_output=True)
+        with np.load(out) as result:
+            original = result["scores"]
+    scorer = OnnxScorer(repository, name)
+    ours = np.stack([scorer.score_sync(analyse(f.read_bytes(), max_duration_s=3600, min_duration_s=0).patches.patches).mean(axis=0) for f in files])
+    top_orig, top_ours = np.argsort(-original, axis=1)[:, :5], np.argsort(-ours, axis=1)[:, :5]
+    return {
+        "files": len(files),
+        "max_abs_diff": float(np.abs(ours - original).max()),
+        "median_max_abs_diff": float(np.median(np.abs(ours - original).max(axis=1))),
+        "top5_overlap": float(np.mean([len(set(a) & set(b)) / 5 for a, b in zip(top_orig, top_ours)])),
+        "top5_same_order": float(np.mean([list(a) == list(b) for a, b in zip(top_orig, top_ours)])),
+        "top1_same": float(np.mean(top_orig[:, 0] == top_ours[:, 0])),
+    }
+
+
 def convert(tf_python: str, clips: list[Path], weights_dir: Path = WEIGHTS_DIR, fixture: Path = FIXTURE) -> dict[str, float]:
     """Writes both checkpoints and the parity fixture; returns max |Δprob| per model."""
     patches = fixture_patches(clips)
