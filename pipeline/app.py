@@ -1,6 +1,6 @@
 """The Faust worker: thin wiring from ``tracks.ingested`` to :class:`pipeline.worker.Worker`.
 
-Run it with ``moodstream worker`` or ``faust -A pipeline.app worker -l info``.
+Run it with ``moodstream worker`` or ``faust -A pipeline.app worker --without-web -l info``.
 
 One agent, concurrency 1 (faust-streaming issue #606: concurrency > 1 can commit past an
 event still in flight); parallelism comes from inside the batch (concurrent S3 fetches, a
@@ -53,7 +53,6 @@ app = faust.App(
     broker_credentials=_credentials(settings),
     value_serializer="raw",
     key_serializer="raw",
-    web_enabled=False,
     producer_acks=-1,
     topic_allow_declare=True,
     topic_disable_leader=True,

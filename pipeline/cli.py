@@ -61,7 +61,9 @@ def _table(result: dict, top: int) -> str:
 def _worker(args: argparse.Namespace) -> int:
     from pipeline.app import app  # loads and validates the settings
 
-    sys.argv = ["moodstream", "worker", "--loglevel", args.loglevel]
+    # No Faust web server: metrics have their own port (MOODSTREAM_METRICS_PORT), and a fixed
+    # web port would stop a second worker on the same host from starting.
+    sys.argv = ["moodstream", "worker", "--loglevel", args.loglevel, "--without-web"]
     app.main()
     return 0
 
@@ -92,10 +94,15 @@ def _demo(args: argparse.Namespace) -> int:
 def _publish(args: argparse.Namespace) -> int:
     import asyncio
 
+    from pipeline.errors import ServiceUnavailable
     from pipeline.publish import backfill
     from pipeline.settings import load_settings
 
-    count = asyncio.run(backfill(load_settings(), args.prefix, rate_per_s=args.rate, dry_run=args.dry_run))
+    try:
+        count = asyncio.run(backfill(load_settings(), args.prefix, rate_per_s=args.rate, dry_run=args.dry_run))
+    except (TrackError, ServiceUnavailable) as exc:
+        print(f"moodstream publish: {args.prefix}: {exc}", file=sys.stderr)
+        return 1
     print(f"{count} tracks {'listed' if args.dry_run else 'announced'}", file=sys.stderr)
     return 0
 
@@ -119,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     tag.add_argument("--top", type=int, default=10, help="tags shown per file in the table")
     tag.set_defaults(func=_tag)
 
-    worker = sub.add_parser("worker", help="run the Faust worker (same as `faust -A pipeline.app worker`)")
+    worker = sub.add_parser("worker", help="run the Faust worker (same as `faust -A pipeline.app worker --without-web`)")
     worker.add_argument("--loglevel", default="info")
     worker.set_defaults(func=_worker)
 

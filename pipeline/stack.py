@@ -32,10 +32,10 @@ Triton needs some preparation, which is why pytriton itself copies the server be
 * Each server gets its own shared-memory prefix for the python backend, so leftovers of a killed
   server can be found and removed.
 
-Free ports are chosen automatically, every service is awaited until it answers, a service that
-does not come up raises :class:`StackError` with the tail of its log, and everything is stopped
-(whole process groups) on exit, also when starting fails. Each service logs to its own file in
-``log_dir``, which is kept for diagnosis.
+Free ports are chosen automatically and every service is awaited until it answers. A service
+that does not come up raises :class:`StackError` with the error lines and the tail of its log
+(latest launch only). Everything is stopped (whole process groups) on exit, also when starting
+fails. Each service logs to its own file in ``log_dir``, which is kept for diagnosis.
 
     python -m pipeline.stack [--log-dir DIR] [--model NAME ...] [--no-triton]
 
@@ -95,9 +95,12 @@ class StackError(RuntimeError):
 class EmbeddedStack:
     """Tansu, moto and (when ``model_repository`` is given) tritonserver as child processes.
 
+    ``models`` are the models Triton loads and must have ready (all of the repository when
+    empty); without a repository they are ignored, so a caller can switch Triton off alone.
+
     Use it as a context manager, or call :meth:`start` and :meth:`stop`. The addresses are fixed
     when the object is made, so they stay valid across :meth:`stop_triton`/:meth:`start_triton`.
-    ``startup_seconds`` holds how long each service took to answer after its launch.
+    ``startup_seconds`` holds how long each service took to answer after its latest launch.
     """
 
     def __init__(
@@ -109,8 +112,6 @@ class EmbeddedStack:
         models: Sequence[str] = (),
         startup_timeout_s: float = 120.0,
     ) -> None:
-        if models and model_repository is None:
-            raise ValueError("models were requested but no model_repository was given")
         self.log_dir = Path(log_dir).resolve()
         self.startup_seconds: dict[str, float] = {}
         self._model_repository = Path(model_repository).resolve() if model_repository is not None else None
@@ -219,6 +220,8 @@ class EmbeddedStack:
 
     def create_topics(self, names: Sequence[str], partitions: int = 1) -> None:
         """Create the topics that do not exist yet (Faust and the worker expect them to exist)."""
+        if not self._kafka.running:
+            raise StackError("the stack is not started")
         from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
         async def create() -> list[tuple[str, int, str]]:

@@ -108,8 +108,6 @@ def parse_uri(uri: str, *, allowed_buckets: Collection[str], allow_file_uris: bo
     ``file://`` URIs (RFC 8089, percent-encoded, e.g. from ``Path.as_uri()``) name an absolute
     local path and are accepted only when ``allow_file_uris`` is set (local demos).
     """
-    if not isinstance(uri, str) or not uri:
-        raise BadEvent("audio_uri must be a non-empty string")
     if match := _UNSAFE_CHARS.search(uri):
         raise BadEvent(f"audio_uri has a control character or backslash ({match.group()!r})")
     scheme, sep, rest = uri.partition("://")

@@ -159,13 +159,14 @@ class Worker:
         bounds = np.cumsum([len(t.analysis.patches.patches) for t in tracks])[:-1]
         for t in tracks:
             t.latency_ms["inference"] = round(elapsed * 1000, 1)
-        return list(np.split(scores, bounds))
+        return [_finite(part) for part in np.split(scores, bounds)]
 
     async def _score_alone(self, track: _Track) -> np.ndarray | TrackError:
         try:
-            return await _until_available("triton", lambda: self.scorer.score(track.analysis.patches.patches), self.config.outage_backoff_max_s)
+            scores = await _until_available("triton", lambda: self.scorer.score(track.analysis.patches.patches), self.config.outage_backoff_max_s)
         except InferenceFailed as exc:
             return exc
+        return _finite(scores)
 
     async def _publish_output(self, track: _Track, scores: np.ndarray) -> None:
         fields = describe(track.analysis, scores, self.taxonomy, top_moods=self.config.top_moods, segment_s=self.config.timeline_segment_s)
@@ -193,6 +194,13 @@ class Worker:
         await self.publish(self.config.dlq_topic, track_id.encode() if track_id else None, record)
         metrics.DEAD_LETTERS.labels(error.reason).inc()
         log.info("dead letter %s: %s: %s", track_id, error.reason, error)
+
+
+def _finite(scores: np.ndarray) -> np.ndarray | TrackError:
+    """A track's scores, or InferenceFailed when the model returned NaN or infinity for it."""
+    if np.isfinite(scores).all():
+        return scores
+    return InferenceFailed("the model returned non-finite scores")
 
 
 def warm_process() -> None:

@@ -2,6 +2,7 @@
 
     moodstream-train import-musicnn --tf-python PATH [--clips DIR]
     moodstream-train compare-musicnn DIR... --tf-python PATH
+    moodstream-train calibrate-moods DIR... [--model NAME] [--percentile 75]
     moodstream-train export CHECKPOINT --name NAME [--repository triton_models] [--version 1]
 """
 
@@ -34,8 +35,15 @@ def _compare_musicnn(args: argparse.Namespace) -> int:
     from training.import_musicnn import compare
 
     files = sorted(p for d in args.folders for p in Path(d).rglob("*") if p.suffix.lower() in {".mp3", ".ogg", ".opus", ".flac", ".wav"})
-    for name in args.models:
-        print(json.dumps({"model": name, **compare(args.tf_python, files, name, Path(args.repository))}))
+    for row in compare(args.tf_python, files, Path(args.repository)):
+        print(json.dumps(row))
+    return 0
+
+
+def _calibrate_moods(args: argparse.Namespace) -> int:
+    from training.calibrate import calibrate
+
+    print(calibrate([Path(f) for f in args.folders], args.model, Path(args.repository), args.percentile))
     return 0
 
 
@@ -60,9 +68,15 @@ def build_parser() -> argparse.ArgumentParser:
     cmp = sub.add_parser("compare-musicnn", help="agreement of moodstream's path with the original musicnn on real music")
     cmp.add_argument("folders", nargs="+")
     cmp.add_argument("--tf-python", required=True, help="python with tensorflow-cpu, tf-keras, librosa and musicnn==0.1.0")
-    cmp.add_argument("--models", nargs="+", default=["musicnn_msd", "musicnn_mtt"])
     cmp.add_argument("--repository", default=str(REPO_ROOT / "triton_models"))
     cmp.set_defaults(func=_compare_musicnn)
+
+    cal = sub.add_parser("calibrate-moods", help="per-tag mood thresholds from a reference collection")
+    cal.add_argument("folders", nargs="+")
+    cal.add_argument("--model", default="musicnn_msd")
+    cal.add_argument("--percentile", type=float, default=75.0)
+    cal.add_argument("--repository", default=str(REPO_ROOT / "triton_models"))
+    cal.set_defaults(func=_calibrate_moods)
 
     exp = sub.add_parser("export", help="export a checkpoint as a Triton model repository entry")
     exp.add_argument("checkpoint")

@@ -98,28 +98,36 @@ def run_tensorflow(tf_python: str, patches: np.ndarray) -> dict[str, np.ndarray]
             return dict(result)
 
 
-def compare(tf_python: str, files: list[Path], name: str, repository: Path) -> dict[str, float]:
+def compare(tf_python: str, files: list[Path], repository: Path) -> list[dict[str, float | str]]:
     """moodstream's whole path (PyAV, torchaudio, onnxruntime) against the original musicnn
-    (librosa, float16 compression, TensorFlow) on the same files: track-score agreement."""
+    (librosa, TensorFlow) on the same files, per model: with the original's float16
+    compression as published, and with the same compression in float32."""
     from pipeline.scoring import OnnxScorer
     from pipeline.tagging import analyse
 
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp, "scores.npz")
-        subprocess.run([tf_python, str(Path(__file__).with_name("_tf_musicnn.py")), "--tag", MODELS[name], str(out), *map(str, files)], check=True, capture_output=True)
+        subprocess.run([tf_python, str(Path(__file__).with_name("_tf_musicnn.py")), "--tag", str(out), *map(str, files)], check=True, capture_output=True)
         with np.load(out) as result:
-            original = result["scores"]
-    scorer = OnnxScorer(repository, name)
-    ours = np.stack([scorer.score_sync(analyse(f.read_bytes(), max_duration_s=3600, min_duration_s=0).patches.patches).mean(axis=0) for f in files])
-    top_orig, top_ours = np.argsort(-original, axis=1)[:, :5], np.argsort(-ours, axis=1)[:, :5]
-    return {
-        "files": len(files),
-        "max_abs_diff": float(np.abs(ours - original).max()),
-        "median_max_abs_diff": float(np.median(np.abs(ours - original).max(axis=1))),
-        "top5_overlap": float(np.mean([len(set(a) & set(b)) / 5 for a, b in zip(top_orig, top_ours)])),
-        "top5_same_order": float(np.mean([list(a) == list(b) for a, b in zip(top_orig, top_ours)])),
-        "top1_same": float(np.mean(top_orig[:, 0] == top_ours[:, 0])),
-    }
+            original = dict(result)
+    report = []
+    for name, folder in MODELS.items():
+        scorer = OnnxScorer(repository, name)
+        ours = np.stack([scorer.score_sync(analyse(f.read_bytes(), max_duration_s=3600, min_duration_s=0).patches.patches).mean(axis=0) for f in files])
+        for variant in ("f32", "f16"):
+            theirs = original[f"{folder}/{variant}"]
+            top_theirs, top_ours = np.argsort(-theirs, axis=1)[:, :5], np.argsort(-ours, axis=1)[:, :5]
+            report.append({
+                "model": name,
+                "original_compression": {"f32": "float32", "f16": "float16 (as published)"}[variant],
+                "files": len(files),
+                "max_abs_diff": float(np.abs(ours - theirs).max()),
+                "median_track_max_abs_diff": float(np.median(np.abs(ours - theirs).max(axis=1))),
+                "top5_overlap": float(np.mean([len(set(a) & set(b)) / 5 for a, b in zip(top_theirs, top_ours)])),
+                "top5_same_order": float(np.mean([list(a) == list(b) for a, b in zip(top_theirs, top_ours)])),
+                "f16_overflow_bins": float(original["overflow"].mean()),
+            })
+    return report
 
 
 def convert(tf_python: str, clips: list[Path], weights_dir: Path = WEIGHTS_DIR, fixture: Path = FIXTURE) -> dict[str, float]:

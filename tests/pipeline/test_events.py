@@ -307,13 +307,30 @@ def test_output_refuses_nan_and_naive_times():
         (b'{"a": NaN}', "text"),
         ("caf\u00e9 \u266b".encode(), "text"),
         (b"", "text"),
-        (b"[" * 995 + b"]" * 995, "text"),  # parses alone, one level too deep inside the record
     ],
 )
 def test_dead_letter_keeps_a_non_json_original_byte_for_byte(raw, encoding):
     record = validate(events.dead_letter(raw, errors.BadEvent("bad"), attempts=1, model=None, track_id=None), "track_dead_letter.v1")
     assert record["original_encoding"] == encoding
     assert events.original_bytes(record) == raw
+
+
+def test_deeply_nested_json_still_makes_a_dead_letter():
+    # Around the parser's nesting limit an event can parse alone yet be one level too deep
+    # inside a record: it is then kept as text. No depth may break the dead letter.
+    validator = jsonschema.Draft202012Validator(events.load_schema("track_dead_letter.v1"))
+    encodings = set()
+    for depth in range(900, 1100):
+        raw = b"[" * depth + b"]" * depth
+        record = json.loads(events.dead_letter(raw, errors.BadEvent("x"), attempts=1, model=None, track_id=None))
+        validator.validate(record)
+        original = events.original_bytes(record)
+        if record["original_encoding"] == "json":
+            assert json.loads(original) == json.loads(raw)
+        else:
+            assert original == raw
+        encodings.add(record["original_encoding"])
+    assert encodings == {"json", "text"}
 
 
 def test_dead_letter_of_garbage_is_base64_of_the_bytes():

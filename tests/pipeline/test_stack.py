@@ -288,13 +288,13 @@ def test_stop_leaves_no_process(stack):
 
 
 def test_triton_addresses_need_a_model_repository(tmp_path):
-    stack = EmbeddedStack(model_repository=None, log_dir=tmp_path)
+    stack = EmbeddedStack(model_repository=None, log_dir=tmp_path, models=["ignored without a repository"])
     assert "MOODSTREAM_TRITON_URL" not in stack.env()
     assert stack.env()["AWS_ENDPOINT_URL_S3"] == stack.s3_endpoint
     with pytest.raises(StackError):
         stack.triton_grpc_url  # noqa: B018 - the property access is the test
-    with pytest.raises(ValueError):
-        EmbeddedStack(model_repository=None, log_dir=tmp_path, models=["tiny"])
+    with pytest.raises(StackError):
+        stack.start_triton()
 
 
 # --- the model file, against a stand-in for triton_python_backend_utils ------------------------

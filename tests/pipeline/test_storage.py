@@ -17,7 +17,6 @@ import threading
 import time
 import urllib.request
 from collections.abc import Iterator
-from pathlib import Path
 
 import boto3
 import botocore.exceptions

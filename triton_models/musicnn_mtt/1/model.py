@@ -1,14 +1,21 @@
-"""Triton python-backend model: runs the ``model.onnx`` beside this file with onnxruntime (CPU).
+"""Triton python-backend model: runs the ``model.onnx`` beside this file with onnxruntime on CPU.
 
-Copied into ``triton_models/<model>/<version>/model.py`` by ``moodstream-train export`` and used
-by ``configs/cpu.pbtxt`` (``tritonserver --model-config-name=cpu``); GPU servers load the same
-ONNX file with the onnxruntime backend instead. Tensor names and types come from the model
-config, the single source of truth. It runs in the backend stub's Python environment, which
-has numpy and onnxruntime only, so it imports nothing from moodstream.
+``moodstream-train export`` copies this file to ``triton_models/<model>/<version>/model.py``;
+``configs/cpu.pbtxt`` (``tritonserver --model-config-name=cpu``) selects it, so a server without
+a GPU serves the same ONNX file that GPU servers load with the onnxruntime backend.
 
-All requests of one ``execute`` call (a dynamic batch) go through one onnxruntime run; each
-request gets exactly one response, and a malformed request gets an error response of its own
-without failing the others.
+The model config is the single source of truth: tensor names, data types, dims and whether the
+first dimension is the batch (``max_batch_size > 0``) are read from it, never hard-coded. The
+config parameter ``ort_intra_op_threads`` sets onnxruntime's intra-op threads (0: onnxruntime
+decides).
+
+Each ``execute`` call gets the requests the dynamic batcher gathered. Requests whose non-batch
+shapes agree go through one onnxruntime run; if that run fails, its requests are retried one by
+one so only the faulty one fails. Every request gets exactly one response, and a bad request
+gets an error response of its own instead of an exception that would fail the whole batch.
+
+It runs in the backend stub's Python environment (numpy and onnxruntime only), so it imports
+nothing from moodstream.
 """
 
 import json
@@ -20,55 +27,84 @@ import triton_python_backend_utils as pb_utils
 
 
 class TritonPythonModel:
+    """onnxruntime session over ``<model dir>/<version>/model.onnx``, shaped by the model config."""
+
     def initialize(self, args):
         config = json.loads(args["model_config"])
-        self.inputs = [(i["name"], [int(d) for d in i["dims"]]) for i in config["input"]]
-        self.outputs = [o["name"] for o in config["output"]]
-        self.out_dtypes = {o["name"]: pb_utils.triton_string_to_numpy(o["data_type"]) for o in config["output"]}
-        threads = int(config.get("parameters", {}).get("ort_intra_op_threads", {}).get("string_value", "0"))
+        self._batching = int(config.get("max_batch_size", 0)) > 0
+        # (name, dims the model sees): reshape, when configured, is what reaches the backend
+        self._inputs = [(t["name"], [int(d) for d in t.get("reshape", {"shape": t["dims"]}).get("shape", [])]) for t in config["input"]]
+        self._outputs = [(t["name"], pb_utils.triton_string_to_numpy(t["data_type"])) for t in config["output"]]
+        threads = config.get("parameters", {}).get("ort_intra_op_threads", {}).get("string_value", "0")
         options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
+        options.intra_op_num_threads = int(threads)
         path = os.path.join(args["model_repository"], args["model_version"], "model.onnx")
-        self.session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
-
-    def _read(self, request):
-        """The request's inputs as arrays, or an error message if they do not fit the config."""
-        arrays = {}
-        for name, dims in self.inputs:
-            tensor = pb_utils.get_input_tensor_by_name(request, name)
-            if tensor is None:
-                return None, f"missing input {name!r}"
-            array = tensor.as_numpy()
-            if array.ndim != len(dims) + 1 or list(array.shape[1:]) != dims:
-                return None, f"input {name!r} has shape {list(array.shape)}, expected [batch, {', '.join(map(str, dims))}]"
-            arrays[name] = np.ascontiguousarray(array, dtype=np.float32)
-        return arrays, None
+        self._session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+        # A config naming tensors the ONNX file lacks should fail the load, not every request.
+        for kind, wanted, present in (
+            ("input", [n for n, _ in self._inputs], [i.name for i in self._session.get_inputs()]),
+            ("output", [n for n, _ in self._outputs], [o.name for o in self._session.get_outputs()]),
+        ):
+            missing = sorted(set(wanted) - set(present))
+            if missing:
+                raise ValueError(f"config {kind}s {missing} are not in {path} (it has {present})")
 
     def execute(self, requests):
         responses = [None] * len(requests)
-        good, arrays = [], []
-        for i, request in enumerate(requests):
-            data, error = self._read(request)
-            if error:
-                responses[i] = pb_utils.InferenceResponse(error=pb_utils.TritonError(error))
-            else:
-                good.append(i)
-                arrays.append(data)
-        if good:
-            sizes = [len(next(iter(a.values()))) for a in arrays]
-            feed = {name: np.concatenate([a[name] for a in arrays]) for name, _ in self.inputs}
+        groups = {}
+        for index, request in enumerate(requests):
             try:
-                results = self.session.run(self.outputs, feed)
-            except Exception as exc:  # noqa: BLE001 - every onnxruntime failure becomes a response
-                for i in good:
-                    responses[i] = pb_utils.InferenceResponse(error=pb_utils.TritonError(f"onnxruntime: {exc}"))
-                return responses
-            bounds = np.cumsum(sizes)[:-1]
-            parts = [np.split(r, bounds) for r in results]
-            for k, i in enumerate(good):
-                tensors = [pb_utils.Tensor(name, part[k].astype(self.out_dtypes[name], copy=False)) for name, part in zip(self.outputs, parts)]
-                responses[i] = pb_utils.InferenceResponse(output_tensors=tensors)
+                feed = self._read(request)
+            except ValueError as exc:
+                responses[index] = _error(str(exc))
+                continue
+            # Without a batch dimension requests cannot be concatenated: each is its own group.
+            key = tuple(a.shape[1:] for a in feed.values()) if self._batching else index
+            groups.setdefault(key, []).append((index, feed))
+        for members in groups.values():
+            for (index, _), response in zip(members, self._run(members)):
+                responses[index] = response
         return responses
 
     def finalize(self):
-        self.session = None
+        self._session = None
+
+    def _read(self, request):
+        """The request's inputs by name; ValueError when they do not fit the config."""
+        feed = {}
+        for name, dims in self._inputs:
+            tensor = pb_utils.get_input_tensor_by_name(request, name)
+            if tensor is None:
+                raise ValueError(f"missing input {name!r}")
+            array = tensor.as_numpy()
+            expected = [-1, *dims] if self._batching else dims
+            if array.ndim != len(expected) or any(d not in (-1, n) for d, n in zip(expected, array.shape)):
+                raise ValueError(f"input {name!r} has shape {list(array.shape)}, the config expects {expected}")
+            feed[name] = array
+        if self._batching and len({a.shape[0] for a in feed.values()}) > 1:
+            raise ValueError(f"inputs disagree on the batch size: { {n: a.shape[0] for n, a in feed.items()} }")
+        return feed
+
+    def _run(self, members):
+        """One response per (index, feed) member, from a single onnxruntime run when possible."""
+        names = [n for n, _ in self._inputs]
+        feed = members[0][1] if len(members) == 1 else {n: np.concatenate([f[n] for _, f in members]) for n in names}
+        sizes = [f[names[0]].shape[0] for _, f in members] if self._batching else [None]
+        try:
+            results = self._session.run([n for n, _ in self._outputs], feed)
+            if self._batching and any(r.ndim == 0 or r.shape[0] != sum(sizes) for r in results):
+                raise ValueError(f"the model returned {[list(r.shape) for r in results]} for a batch of {sum(sizes)}")
+        except Exception as exc:  # noqa: BLE001 - onnxruntime raises several types; each becomes a response
+            if len(members) > 1:
+                return [response for member in members for response in self._run([member])]
+            return [_error(f"onnxruntime: {exc}")]
+        parts = [np.split(r, np.cumsum(sizes)[:-1]) for r in results] if self._batching else [[r] for r in results]
+        responses = []
+        for k in range(len(members)):
+            tensors = [pb_utils.Tensor(name, part[k].astype(dtype, copy=False)) for (name, dtype), part in zip(self._outputs, parts)]
+            responses.append(pb_utils.InferenceResponse(output_tensors=tensors))
+        return responses
+
+
+def _error(message):
+    return pb_utils.InferenceResponse(error=pb_utils.TritonError(message))
