@@ -56,11 +56,12 @@ def stop_worker(proc: subprocess.Popen) -> None:
         proc.kill()
 
 
-async def collect(bootstrap: str, expected: int, timeout_s: float, worker: subprocess.Popen) -> dict[str, list[dict]]:
-    """Records on tracks.moods and the DLQ until ``expected`` records came (or timeout)."""
-    consumer = AIOKafkaConsumer("tracks.moods", "tracks.moods.dlq", bootstrap_servers=bootstrap, auto_offset_reset="earliest", enable_auto_commit=False)
+async def collect(bootstrap: str, expected: int, timeout_s: float, worker: subprocess.Popen, prefix: str = "tracks") -> dict[str, list[dict]]:
+    """Records on <prefix>.moods and <prefix>.moods.dlq until ``expected`` came (or timeout)."""
+    topics = (f"{prefix}.moods", f"{prefix}.moods.dlq")
+    consumer = AIOKafkaConsumer(*topics, bootstrap_servers=bootstrap, auto_offset_reset="earliest", enable_auto_commit=False)
     await consumer.start()
-    seen: dict[str, list[dict]] = {"tracks.moods": [], "tracks.moods.dlq": []}
+    seen: dict[str, list[dict]] = {t: [] for t in topics}
     deadline = time.monotonic() + timeout_s
     try:
         while sum(map(len, seen.values())) < expected and time.monotonic() < deadline and worker.poll() is None:
@@ -71,12 +72,12 @@ async def collect(bootstrap: str, expected: int, timeout_s: float, worker: subpr
     return seen
 
 
-async def produce(bootstrap: str, values: list[tuple[bytes | None, bytes]]) -> None:
+async def produce(bootstrap: str, values: list[tuple[bytes | None, bytes]], topic: str = "tracks.ingested") -> None:
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all")
     await producer.start()
     try:
         for key, value in values:
-            await producer.send_and_wait("tracks.ingested", value, key=key)
+            await producer.send_and_wait(topic, value, key=key)
     finally:
         await producer.stop()
 
@@ -142,3 +143,29 @@ def test_triton_and_onnx_scorers_agree_on_real_audio(stack, example_clips):
     local = OnnxScorer(settings.model_repository, MODEL).score_sync(patches)
     assert remote.shape == local.shape == (len(patches), 50)
     assert np.abs(remote - local).max() <= 1e-4
+
+
+def test_triton_outage_pauses_the_worker_and_loses_nothing(stack, example_clips, tmp_path):
+    """Triton stops while tracks are announced; the worker waits, then tags them all."""
+    topics = {"MOODSTREAM_INPUT_TOPIC": "outage.ingested", "MOODSTREAM_OUTPUT_TOPIC": "outage.moods", "MOODSTREAM_DLQ_TOPIC": "outage.moods.dlq", "MOODSTREAM_CONSUMER_GROUP": "outage-test"}
+    stack.create_topics(list(topics.values())[:3])
+    s3 = storage.make_s3_client()
+    s3.upload_file(str(example_clips[0]), BUCKET, "outage/a.mp3")
+    worker = start_worker(stack, tmp_path / "worker.log", MOODSTREAM_ALLOWED_BUCKETS=BUCKET, MOODSTREAM_TRITON_MAX_ATTEMPTS="2", **topics)
+    try:
+        first = [(b"before", events.ingested_record(track_id="before", audio_uri=f"s3://{BUCKET}/outage/a.mp3"))]
+        asyncio.run(produce(stack.kafka_bootstrap, first, "outage.ingested"))
+        assert len(asyncio.run(collect(stack.kafka_bootstrap, 1, 120, worker, "outage"))["outage.moods"]) == 1
+        stack.stop_triton()
+        during = [(f"during-{i}".encode(), events.ingested_record(track_id=f"during-{i}", audio_uri=f"s3://{BUCKET}/outage/a.mp3")) for i in range(3)]
+        asyncio.run(produce(stack.kafka_bootstrap, during, "outage.ingested"))
+        time.sleep(15)  # the worker meets the outage: it must neither tag nor dead-letter
+        assert sum(map(len, asyncio.run(collect(stack.kafka_bootstrap, 99, 3, worker, "outage")).values())) == 1
+        stack.start_triton()
+        seen = asyncio.run(collect(stack.kafka_bootstrap, 4, 180, worker, "outage"))
+    finally:
+        stop_worker(worker)
+    log = (tmp_path / "worker.log").read_text(errors="replace")
+    assert {r["track_id"] for r in seen["outage.moods"]} == {"before", "during-0", "during-1", "during-2"}, log[-3000:]
+    assert seen["outage.moods.dlq"] == []
+    assert "triton unavailable, batch paused" in log
