@@ -74,7 +74,7 @@ async def publish(topic: str, key: bytes | None, value: bytes) -> None:
 async def open_scorer(s: Settings) -> Scorer:
     """The configured scorer; waits for Triton to come up rather than failing the worker."""
     if s.scorer is ScorerKind.onnx:
-        return OnnxScorer(s.model_repository, s.model, threads=s.onnx_threads, max_batch=s.max_patches_per_request)
+        return OnnxScorer(s.model_repository, s.model, threads=s.onnx_threads, max_batch=s.onnx_batch_patches)
     while True:
         try:
             return await TritonScorer.connect(s.triton_url, s.model, max_patches=s.max_patches_per_request, timeout_s=s.triton_timeout_s, max_attempts=s.triton_max_attempts)

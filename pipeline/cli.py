@@ -25,7 +25,7 @@ def _tag(args: argparse.Namespace) -> int:
 
     settings = load_settings()
     model = args.model or settings.model
-    scorer = OnnxScorer(settings.model_repository, model, threads=settings.onnx_threads, max_batch=settings.max_patches_per_request)
+    scorer = OnnxScorer(settings.model_repository, model, threads=settings.onnx_threads, max_batch=settings.onnx_batch_patches)
     taxonomy = load_taxonomy(model, scorer.meta.labels, settings.moods_file)
     failures = 0
     for path in args.paths:

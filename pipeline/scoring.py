@@ -58,7 +58,7 @@ def _chunks(patches: np.ndarray, size: int) -> list[np.ndarray]:
 class OnnxScorer:
     """In-process onnxruntime on ``<repository>/<model>/<latest version>/model.onnx``."""
 
-    def __init__(self, repository: Path, model: str, *, threads: int = 0, max_batch: int = 64) -> None:
+    def __init__(self, repository: Path, model: str, *, threads: int = 0, max_batch: int = 16) -> None:
         self.meta = read_meta(repository, model)
         self.meta.check_frontend()
         versions = sorted((int(p.name) for p in (repository / model).iterdir() if p.name.isdigit()), reverse=True)
@@ -67,6 +67,8 @@ class OnnxScorer:
         self.path = repository / model / str(versions[0]) / "model.onnx"
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
+        # The arena would keep the largest batch's activations (hundreds of MB) for good.
+        options.enable_cpu_mem_arena = False
         try:
             self._session = ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
         except (ort.capi.onnxruntime_pybind11_state.Fail, OSError) as exc:

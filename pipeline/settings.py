@@ -129,6 +129,10 @@ class Settings(BaseSettings):
     max_patches_per_request: int = Field(
         64, ge=1, description="Most patches in one inference request (the model's max batch)."
     )
+    onnx_batch_patches: int = Field(
+        16, ge=1, le=1024,
+        description="Patches per onnxruntime run; each holds ~40 MB of activations while it runs.",
+    )
     onnx_threads: int = Field(
         0, ge=0, description="onnxruntime intra-op threads for the onnx scorer (0 = all cores)."
     )

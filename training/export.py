@@ -65,7 +65,7 @@ class Exported:
     max_abs_diff: dict[str, float]  # "torchscript" / "onnxruntime" vs eager
 
 
-def export(checkpoint: Path, name: str, repository: Path, *, version: int = 1, gpu_max_batch: int = 256, cpu_max_batch: int = 64) -> Exported:
+def export(checkpoint: Path, name: str, repository: Path, *, version: int = 1, gpu_max_batch: int = 256, cpu_max_batch: int = 16) -> Exported:
     """Write ``repository/name`` from ``checkpoint``; return the parity figures."""
     model, ckpt = load_checkpoint(checkpoint)
     serving = _Serving(model).eval()

@@ -38,6 +38,8 @@ class TritonPythonModel:
         threads = config.get("parameters", {}).get("ort_intra_op_threads", {}).get("string_value", "0")
         options = ort.SessionOptions()
         options.intra_op_num_threads = int(threads)
+        # The arena would keep the largest batch's activations (about 40 MB a patch) for good.
+        options.enable_cpu_mem_arena = False
         path = os.path.join(args["model_repository"], args["model_version"], "model.onnx")
         self._session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
         # A config naming tensors the ONNX file lacks should fail the load, not every request.
