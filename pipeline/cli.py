@@ -53,8 +53,11 @@ def _table(result: dict, top: int) -> str:
     width = max(len(t["tag"]) for t in result["top_tags"][:top])
     for t in result["top_tags"][:top]:
         lines.append(f"  {t['tag']:<{width}}  {t['score']:.3f}  {'#' * round(t['score'] * 40)}")
-    moods = ", ".join(f"{m['mood']} {m['score']:.3f}" for m in result["top_moods"]) or "(none above threshold)"
-    lines.append(f"  moods: {moods}")
+    if result["top_moods"]:
+        lines.append("  moods: " + ", ".join(f"{m['mood']} {m['score']:.3f}" for m in result["top_moods"]))
+    else:
+        strongest = sorted(result["moods"].items(), key=lambda kv: -kv[1])[:2]
+        lines.append("  moods: none above threshold (strongest: " + ", ".join(f"{k} {v:.3f}" for k, v in strongest) + ")")
     return "\n".join(lines)
 
 

@@ -78,7 +78,7 @@ def _line(record: dict, names: dict[str, str]) -> str:
     name = names.get(record.get("track_id") or "", "?")
     if "reason" in record:
         return f"DLQ   {name}: {record['reason']}: {record['message']}"
-    moods = ", ".join(f"{m['mood']} {m['score']:.2f}" for m in record["top_moods"]) or "-"
+    moods = ", ".join(f"{m['mood']} {m['score']:.2f}" for m in record["top_moods"]) or "none above threshold"
     tags = ", ".join(f"{t}" for t, _ in sorted(record["tags"].items(), key=lambda kv: -kv[1])[:5])
     return f"moods {name}: {moods}  | tags: {tags}  ({record['duration_s']:.0f} s, {record['latency_ms'].get('total', 0):.0f} ms)"
 

@@ -2,7 +2,7 @@
 
     moodstream-train import-musicnn --tf-python PATH [--clips DIR]
     moodstream-train compare-musicnn DIR... --tf-python PATH
-    moodstream-train calibrate-moods DIR... [--model NAME] [--percentile 75]
+    moodstream-train calibrate-moods DIR... [--model NAME] [--percentile 90] [--floor 0.05]
     moodstream-train export CHECKPOINT --name NAME [--repository triton_models] [--version 1]
 """
 
@@ -43,7 +43,7 @@ def _compare_musicnn(args: argparse.Namespace) -> int:
 def _calibrate_moods(args: argparse.Namespace) -> int:
     from training.calibrate import calibrate
 
-    print(calibrate([Path(f) for f in args.folders], args.model, Path(args.repository), args.percentile))
+    print(calibrate([Path(f) for f in args.folders], args.model, Path(args.repository), args.percentile, args.floor))
     return 0
 
 
@@ -74,7 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     cal = sub.add_parser("calibrate-moods", help="per-tag mood thresholds from a reference collection")
     cal.add_argument("folders", nargs="+")
     cal.add_argument("--model", default="musicnn_msd")
-    cal.add_argument("--percentile", type=float, default=75.0)
+    cal.add_argument("--percentile", type=float, default=90.0)
+    cal.add_argument("--floor", type=float, default=0.05, help="lowest threshold")
     cal.add_argument("--repository", default=str(REPO_ROOT / "triton_models"))
     cal.set_defaults(func=_calibrate_moods)
 
