@@ -26,7 +26,7 @@ from pipeline.errors import ServiceUnavailable
 from pipeline.scoring import OnnxScorer, Scorer, TritonScorer
 from pipeline.settings import KafkaSecurity, ScorerKind, Settings, load_settings
 from pipeline.taxonomy import load_taxonomy
-from pipeline.worker import Worker, WorkerConfig, warm_process
+from pipeline.worker import BatchResult, Worker, WorkerConfig, warm_process
 
 log = logging.getLogger(__name__)
 
@@ -101,25 +101,39 @@ def worker_config(s: Settings) -> WorkerConfig:
 async def tag_tracks(stream: faust.StreamT) -> None:
     scorer = await open_scorer(settings)
     taxonomy = load_taxonomy(settings.model, scorer.meta.labels, settings.moods_file)
-    # spawn, not fork: the parent runs an event loop and gRPC threads that must not be copied.
-    pool = ProcessPoolExecutor(settings.decode_workers, mp_context=multiprocessing.get_context("spawn"))
     worker = Worker(
         worker_config(settings),
         scorer=scorer,
         taxonomy=taxonomy,
         s3_client=storage.make_s3_client(settings.s3_max_attempts),
-        pool=pool,
+        make_pool=_make_pool,
         publish=publish,
     )
-    await _warm_up(pool, settings.decode_workers)
+    await _warm_up(worker.pool, settings.decode_workers)
     log.info("tagging %s with %s v%s via %s", settings.input_topic, scorer.meta.name, scorer.meta.version, settings.scorer.value)
     try:
         async for batch in stream.take(settings.batch_size, within=settings.batch_window_s):
-            result = await worker.process(batch)
+            result = await _process_until_done(worker, batch)
             log.info("batch of %d: %d outputs, dead letters %s", len(batch), result.outputs, result.dead_letters or "none")
     finally:
-        pool.shutdown(cancel_futures=True)
+        worker.close()
         await scorer.close()
+
+
+async def _process_until_done(worker: Worker, batch: list[bytes]) -> BatchResult:
+    """Faust acknowledges a batch whose agent raised, so an unexpected error (the broker refusing
+    outputs, a bug) must not leave the loop: the batch is retried, its offsets stay put."""
+    while True:
+        try:
+            return await worker.process(batch)
+        except Exception:  # noqa: BLE001 - see docstring; cancellation still propagates
+            log.exception("batch of %d failed; retrying it in 5 s (offsets not committed)", len(batch))
+            await asyncio.sleep(5)
+
+
+def _make_pool() -> ProcessPoolExecutor:
+    # spawn, not fork: the parent runs an event loop and gRPC threads that must not be copied.
+    return ProcessPoolExecutor(settings.decode_workers, mp_context=multiprocessing.get_context("spawn"))
 
 
 async def _warm_up(pool: ProcessPoolExecutor, workers: int) -> None:

@@ -18,6 +18,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import Executor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Protocol
@@ -26,7 +27,7 @@ import numpy as np
 import torch
 
 from pipeline import events, features, metrics, storage
-from pipeline.errors import InferenceFailed, ServiceUnavailable, TrackError
+from pipeline.errors import InferenceFailed, ServiceUnavailable, TrackError, Undecodable
 from pipeline.scoring import Scorer
 from pipeline.tagging import Analysis, analyse, describe
 from pipeline.taxonomy import Taxonomy
@@ -60,6 +61,8 @@ class WorkerConfig:
 class _Track:
     event: events.TrackIngested
     started: float = field(default_factory=time.perf_counter)
+    data: bytes | None = None
+    crashed: bool = False  # its decoding process died (a decoder crash, or killed for memory)
     analysis: Analysis | None = None
     error: TrackError | None = None
     latency_ms: dict[str, float] = field(default_factory=dict)
@@ -74,12 +77,13 @@ class BatchResult:
 class Worker:
     """Holds the long-lived clients a batch needs; :meth:`process` is the whole stage chain."""
 
-    def __init__(self, config: WorkerConfig, *, scorer: Scorer, taxonomy: Taxonomy, s3_client: Any, pool: Executor, publish: Publisher) -> None:
+    def __init__(self, config: WorkerConfig, *, scorer: Scorer, taxonomy: Taxonomy, s3_client: Any, make_pool: Callable[[], Executor], publish: Publisher) -> None:
         self.config = config
         self.scorer = scorer
         self.taxonomy = taxonomy
         self.s3 = s3_client
-        self.pool = pool
+        self._make_pool = make_pool
+        self.pool = make_pool()
         self.publish = publish
         self.model = events.ModelRef(scorer.meta.name, scorer.meta.version)
 
@@ -97,6 +101,7 @@ class Worker:
                 dead.append((raw, exc, events.track_id_of(raw)))
 
         await asyncio.gather(*(self._fetch_and_analyse(t) for t in tracks))
+        await self._retry_crashed([t for t in tracks if t.crashed])
         good = [t for t in tracks if t.error is None]
         scores = await self._score(good)
 
@@ -124,23 +129,56 @@ class Worker:
         start = time.perf_counter()
         try:
             ref = track.event.ref
-            data = await _until_available("s3", lambda: storage.fetch_async(ref, client=self.s3, max_bytes=self.config.max_object_bytes), self.config.outage_backoff_max_s)
+            track.data = await _until_available("s3", lambda: storage.fetch_async(ref, client=self.s3, max_bytes=self.config.max_object_bytes), self.config.outage_backoff_max_s)
             fetched = time.perf_counter()
             track.latency_ms["fetch"] = round((fetched - start) * 1000, 1)
             metrics.STAGE_SECONDS.labels("fetch").observe(fetched - start)
-            loop = asyncio.get_running_loop()
-            track.analysis = await loop.run_in_executor(
-                self.pool,
-                _analyse_job,
-                data,
-                self.config.max_duration_s,
-                self.config.min_duration_s,
-            )
-            done = time.perf_counter()
-            track.latency_ms["decode_features"] = round((done - fetched) * 1000, 1)
-            metrics.STAGE_SECONDS.labels("decode_features").observe(done - fetched)
         except TrackError as exc:
             track.error = exc
+            return
+        await self._analyse(track)
+
+    async def _analyse(self, track: _Track) -> None:
+        start = time.perf_counter()
+        loop = asyncio.get_running_loop()
+        try:
+            track.analysis = await loop.run_in_executor(self.pool, _analyse_job, track.data, self.config.max_duration_s, self.config.min_duration_s)
+        except TrackError as exc:
+            track.error = exc
+            return
+        except BrokenProcessPool:
+            track.crashed = True
+            return
+        except Exception as exc:  # noqa: BLE001 - a bug must cost one track, not the batch
+            log.exception("analysing %s failed", track.event.track_id)
+            track.error = TrackError(f"internal error while decoding: {exc!r}")
+            return
+        track.crashed = False
+        track.data = None  # the patches are all that is needed from here on
+        done = time.perf_counter()
+        track.latency_ms["decode_features"] = round((done - start) * 1000, 1)
+        metrics.STAGE_SECONDS.labels("decode_features").observe(done - start)
+
+    async def _retry_crashed(self, tracks: list[_Track]) -> None:
+        """A dead pool process fails every track that was in the pool; find the culprit by
+        decoding each again alone in a fresh pool, and dead-letter only a track that kills it
+        again."""
+        if not tracks:
+            return
+        self._renew_pool()
+        for track in tracks:
+            await self._analyse(track)
+            if track.crashed:
+                self._renew_pool()
+                track.error = Undecodable("the decoding process died on this file (decoder crash or out of memory)")
+
+    def _renew_pool(self) -> None:
+        log.warning("a decoding process died; starting a new pool")
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        self.pool = self._make_pool()
+
+    def close(self) -> None:
+        self.pool.shutdown(cancel_futures=True)
 
     async def _score(self, tracks: list[_Track]) -> list[np.ndarray | TrackError]:
         """Per-track [n_patches, n_labels] scores, from one call for the whole batch."""

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import json
-from concurrent.futures import ThreadPoolExecutor
+import multiprocessing
+import os
+from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 import pytest
@@ -59,9 +61,13 @@ def scorer():
     return OnnxScorer(REPO_ROOT / "triton_models", "musicnn_mtt")
 
 
-def make_worker(scorer, publish):
+def make_pool():
+    return ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn"))
+
+
+def make_worker(scorer, publish, make_pool=make_pool):
     taxonomy = load_taxonomy("musicnn_mtt", scorer.meta.labels)
-    return Worker(CONFIG, scorer=scorer, taxonomy=taxonomy, s3_client=None, pool=ThreadPoolExecutor(2), publish=publish)
+    return Worker(CONFIG, scorer=scorer, taxonomy=taxonomy, s3_client=None, make_pool=make_pool, publish=publish)
 
 
 def announce(track_id, path):
@@ -89,3 +95,24 @@ def test_an_outage_pauses_the_batch_instead_of_dead_lettering(scorer, example_cl
     publish = Recorder()
     result = asyncio.run(make_worker(flaky, publish).process([announce("a", example_clips[1])]))
     assert flaky.calls == 4 and result.outputs == 1 and not result.dead_letters
+
+
+class CrashingPool(ProcessPoolExecutor):
+    """A real process pool whose process dies on any object starting with b"CRASH"."""
+
+    def submit(self, fn, data, *args):
+        if data.startswith(b"CRASH"):
+            return super().submit(os._exit, 1)
+        return super().submit(fn, data, *args)
+
+
+def test_a_file_that_kills_the_decoding_process_costs_only_that_track(scorer, example_clips, tmp_path):
+    (tmp_path / "poison.mp3").write_bytes(b"CRASH" + b"\0" * 100)
+    raws = [announce("good", example_clips[1]), announce("poison", tmp_path / "poison.mp3")]
+    publish = Recorder()
+    worker = make_worker(scorer, publish, lambda: CrashingPool(2, mp_context=multiprocessing.get_context("spawn")))
+    result = asyncio.run(worker.process(raws))
+    worker.close()
+    assert result.outputs == 1 and result.dead_letters == {"undecodable": 1}
+    dead = next(r for t, _, r in publish.records if t == "dlq")
+    assert dead["track_id"] == "poison" and "process died" in dead["message"]
