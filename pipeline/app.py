@@ -77,7 +77,7 @@ async def open_scorer(s: Settings) -> Scorer:
         return OnnxScorer(s.model_repository, s.model, threads=s.onnx_threads, max_batch=s.onnx_batch_patches)
     while True:
         try:
-            return await TritonScorer.connect(s.triton_url, s.model, max_patches=s.max_patches_per_request, timeout_s=s.triton_timeout_s, max_attempts=s.triton_max_attempts)
+            return await TritonScorer.connect(s.triton_url, s.model, version=s.model_version, max_patches=s.max_patches_per_request, timeout_s=s.triton_timeout_s, max_attempts=s.triton_max_attempts)
         except ServiceUnavailable as exc:
             log.warning("waiting for Triton: %s", exc)
             await asyncio.sleep(5)

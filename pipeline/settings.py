@@ -115,6 +115,9 @@ class Settings(BaseSettings):
     # --- Scoring -----------------------------------------------------------------------------
     scorer: ScorerKind = Field(ScorerKind.triton, description="triton or onnx (in-process).")
     model: str = Field("musicnn_msd", description="Model name in the model repository.")
+    model_version: str = Field(
+        "", description="Triton version of the model to call (empty: the server's latest)."
+    )
     model_repository: Path = Field(
         REPO_ROOT / "triton_models",
         description="Model repository (read for model metadata, and by the onnx scorer).",
