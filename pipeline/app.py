@@ -16,6 +16,7 @@ import asyncio
 import logging
 import multiprocessing
 import ssl
+from collections.abc import Awaitable
 from concurrent.futures import ProcessPoolExecutor
 
 import faust
@@ -113,11 +114,25 @@ async def tag_tracks(stream: faust.StreamT) -> None:
     log.info("tagging %s with %s v%s via %s", settings.input_topic, scorer.meta.name, scorer.meta.version, settings.scorer.value)
     try:
         async for batch in stream.take(settings.batch_size, within=settings.batch_window_s):
-            result = await _process_until_done(worker, batch)
+            result = await _drained(_process_until_done(worker, batch))
             log.info("batch of %d: %d outputs, dead letters %s", len(batch), result.outputs, result.dead_letters or "none")
     finally:
         worker.close()
         await scorer.close()
+
+
+async def _drained(work: Awaitable[BatchResult]) -> BatchResult:
+    """Finish the batch in flight even when the agent is cancelled (SIGTERM): ``stream.take``
+    acknowledges a batch's events when the loop is left, also by cancellation, so leaving
+    before the outputs are stored would commit offsets of untagged tracks. If the batch cannot
+    finish within the pod's grace period the process is killed first and nothing is committed."""
+    task = asyncio.ensure_future(work)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        log.info("stopping: finishing the batch in flight first")
+        await task
+        raise
 
 
 async def _process_until_done(worker: Worker, batch: list[bytes]) -> BatchResult:

@@ -169,3 +169,35 @@ def test_triton_outage_pauses_the_worker_and_loses_nothing(stack, example_clips,
     assert {r["track_id"] for r in seen["outage.moods"]} == {"before", "during-0", "during-1", "during-2"}, log[-3000:]
     assert seen["outage.moods.dlq"] == []
     assert "triton unavailable, batch paused" in log
+
+
+def test_a_worker_stopped_during_a_stuck_batch_commits_nothing(stack, example_clips, tmp_path):
+    """A worker sent SIGTERM and then killed (its grace period over) while its batch waits for
+    Triton must not have committed that batch: the next worker of the group tags the tracks."""
+    topics = {"MOODSTREAM_INPUT_TOPIC": "stop.ingested", "MOODSTREAM_OUTPUT_TOPIC": "stop.moods", "MOODSTREAM_DLQ_TOPIC": "stop.moods.dlq", "MOODSTREAM_CONSUMER_GROUP": "stop-test"}
+    stack.create_topics(list(topics.values())[:3])
+    storage.make_s3_client().upload_file(str(example_clips[1]), BUCKET, "stop/a.mp3")
+    env = dict(MOODSTREAM_ALLOWED_BUCKETS=BUCKET, MOODSTREAM_TRITON_MAX_ATTEMPTS="2", MOODSTREAM_TRITON_TIMEOUT_S="3", **topics)
+    first = start_worker(stack, tmp_path / "first.log", **env)
+    try:
+        warm = [(b"warm", events.ingested_record(track_id="warm", audio_uri=f"s3://{BUCKET}/stop/a.mp3"))]
+        asyncio.run(produce(stack.kafka_bootstrap, warm, "stop.ingested"))
+        assert len(asyncio.run(collect(stack.kafka_bootstrap, 1, 120, first, "stop"))["stop.moods"]) == 1
+        stack.stop_triton()
+        values = [(f"t{i}".encode(), events.ingested_record(track_id=f"t{i}", audio_uri=f"s3://{BUCKET}/stop/a.mp3")) for i in range(2)]
+        asyncio.run(produce(stack.kafka_bootstrap, values, "stop.ingested"))
+        time.sleep(15)  # the worker takes the batch, which is stuck on the outage
+        first.send_signal(signal.SIGTERM)
+        time.sleep(8)  # still draining: the grace period runs out and the pod is killed
+        first.kill()
+        first.wait()
+    finally:
+        stack.start_triton()
+    log = (tmp_path / "first.log").read_text(errors="replace")
+    assert "triton unavailable, batch paused" in log and "Signal received: 15" in log
+    second = start_worker(stack, tmp_path / "second.log", **env)
+    try:
+        seen = asyncio.run(collect(stack.kafka_bootstrap, 3, 120, second, "stop"))
+    finally:
+        stop_worker(second)
+    assert sorted(r["track_id"] for r in seen["stop.moods"]) == ["t0", "t1", "warm"], log[-2000:]
