@@ -118,7 +118,7 @@ class EmbeddedStack:
         self._models = tuple(models)
         self._triton_python_env = Path(triton_python_env or _DEFAULT_TRITON_PYTHON_ENV).absolute()
         self._startup_timeout_s = startup_timeout_s
-        self._kafka_port, self._s3_port, *triton_ports = _free_ports(5)
+        self._kafka_port, self._s3_port, *triton_ports = free_ports(5)
         self._triton_ports = dict(zip(("http", "grpc", "metrics"), triton_ports))
         self._kafka = _Service("kafka (tansu)", self.log_dir / "kafka.log")
         self._s3 = _Service("s3 (moto)", self.log_dir / "s3.log")
@@ -452,7 +452,7 @@ def _wait_unreaped(pid: int, timeout_s: float) -> None:
         time.sleep(0.05)
 
 
-def _free_ports(count: int) -> list[int]:
+def free_ports(count: int) -> list[int]:
     """Ports free right now, all different (each socket stays bound until all are picked)."""
     sockets = [socket.socket() for _ in range(count)]
     try:

@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import jsonschema
@@ -25,7 +26,7 @@ from conftest import REPO, encode, tone
 from pipeline import events, storage
 from pipeline.scoring import OnnxScorer, TritonScorer
 from pipeline.settings import load_settings
-from pipeline.stack import EmbeddedStack
+from pipeline.stack import EmbeddedStack, free_ports
 from pipeline.tagging import analyse
 
 pytestmark = pytest.mark.integration
@@ -104,11 +105,17 @@ def test_tracks_in_moods_out_and_bad_events_dead_lettered(stack, example_clips, 
     values = bad[:2] + [event(t, u) for t, u in list(good.items())[:2]] + bad[2:] + [event(t, u) for t, u in list(good.items())[2:]]
     asyncio.run(produce(stack.kafka_bootstrap, values))
 
-    worker = start_worker(stack, tmp_path / "worker.log", MOODSTREAM_ALLOWED_BUCKETS=BUCKET)
+    metrics_port = free_ports(1)[0]
+    worker = start_worker(stack, tmp_path / "worker.log", MOODSTREAM_ALLOWED_BUCKETS=BUCKET, MOODSTREAM_METRICS_PORT=str(metrics_port))
     try:
         seen = asyncio.run(collect(stack.kafka_bootstrap, len(values), 180, worker))
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as response:
+            exposition = response.read().decode()
     finally:
         stop_worker(worker)
+    assert f'moodstream_outputs_total{{model="{MODEL}",version="1"}} 3.0' in exposition
+    assert 'moodstream_dead_letters_total{reason="bad_event"} 2.0' in exposition
+    assert "moodstream_stage_seconds_count{stage=\"inference\"}" in exposition
     log = (tmp_path / "worker.log").read_text(errors="replace")[-3000:]
 
     outputs = {r["track_id"]: r for r in seen["tracks.moods"]}

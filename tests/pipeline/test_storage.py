@@ -10,7 +10,6 @@ from __future__ import annotations
 import http.server
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -24,18 +23,13 @@ import pytest
 
 from pipeline import storage
 from pipeline.errors import AccessDenied, BadEvent, ConfigError, NotFound, ServiceUnavailable, TooLarge, TrackError
+from pipeline.stack import free_ports
 
 BUCKET = "music"
 
 
 def ref(key: str, bucket: str = BUCKET) -> storage.ObjectRef:
     return storage.parse_uri(f"s3://{bucket}/{key}", allowed_buckets=(bucket,), allow_file_uris=False)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # --- parse_uri (unit) -------------------------------------------------------------------------
@@ -138,7 +132,7 @@ def test_an_unreadable_file_is_access_denied(tmp_path):
 @pytest.fixture(scope="module")
 def moto_url(tmp_path_factory) -> Iterator[str]:
     """A moto S3 server in a subprocess on a free port, for this module."""
-    port = free_port()
+    port = free_ports(1)[0]
     url = f"http://127.0.0.1:{port}"
     log = (tmp_path_factory.mktemp("moto") / "moto.log").open("wb")
     proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=subprocess.STDOUT)
@@ -313,7 +307,7 @@ def test_list_audio_errors(s3):
 
 
 def test_unreachable_s3_is_an_outage_not_a_dead_letter(monkeypatch):
-    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", f"http://127.0.0.1:{free_port()}")  # nothing listens
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", f"http://127.0.0.1:{free_ports(1)[0]}")  # nothing listens
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "x")
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
