@@ -25,7 +25,7 @@ from prometheus_client import start_http_server
 from pipeline import storage
 from pipeline.errors import ServiceUnavailable
 from pipeline.scoring import OnnxScorer, Scorer, TritonScorer
-from pipeline.settings import KafkaSecurity, ScorerKind, Settings, load_settings
+from pipeline.settings import ScorerKind, Settings, load_settings
 from pipeline.taxonomy import load_taxonomy
 from pipeline.worker import BatchResult, Worker, WorkerConfig, warm_process
 
@@ -35,11 +35,10 @@ settings = load_settings()
 
 
 def _credentials(s: Settings) -> faust.types.auth.CredentialsT | None:
-    if s.kafka_security_protocol is KafkaSecurity.plaintext:
-        return None
-    context = ssl.create_default_context() if s.kafka_security_protocol.value.endswith("SSL") else None
-    if s.kafka_security_protocol is KafkaSecurity.ssl:
-        return faust.SSLCredentials(context)
+    protocol = s.kafka_security_protocol
+    context = ssl.create_default_context() if protocol.uses_ssl else None
+    if not protocol.uses_sasl:
+        return faust.SSLCredentials(context) if context else None
     return faust.SASLCredentials(
         username=s.kafka_sasl_username,
         password=s.kafka_sasl_password.get_secret_value(),

@@ -13,7 +13,7 @@ Channels are averaged to mono, then resampled with soxr at its HQ setting, as
 from __future__ import annotations
 
 import io
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass, field
 
 import av
@@ -92,20 +92,21 @@ def _decode_pyav(data: bytes, max_duration_s: float, min_duration_s: float) -> D
         container.close()
         raise Undecodable(_short(exc)) from None
 
-    def planar() -> Iterator[np.ndarray]:
+    stats: dict[str, float] = {}
+
+    def planar() -> Generator[np.ndarray, None, None]:
         yield first
         try:
             yield from frames
         except (av.FFmpegError, ValueError):
             # A stream that breaks after giving audio (a truncated upload) keeps what decoded;
             # ``truncated`` says so in the result.
-            out.stats["truncated"] = 1.0
+            stats["truncated"] = 1.0
         finally:
             container.close()
 
-    out = DecodedStream(iter(()), "pyav", int(rate), int(channels))
-    out.chunks = _mono_resampled(planar(), int(rate), max_duration_s, min_duration_s, out.stats)
-    return out
+    chunks = _mono_resampled(planar(), int(rate), max_duration_s, min_duration_s, stats)
+    return DecodedStream(chunks, "pyav", int(rate), int(channels), stats)
 
 
 def _pyav_frames(container: av.container.InputContainer, stream: av.AudioStream) -> Iterator[np.ndarray]:
@@ -127,22 +128,23 @@ def _decode_soundfile(data: bytes, max_duration_s: float, min_duration_s: float)
         sf.close()
         raise Undecodable("no sample rate or channels")
 
-    def planar() -> Iterator[np.ndarray]:
+    stats: dict[str, float] = {}
+
+    def planar() -> Generator[np.ndarray, None, None]:
         try:
             for block in sf.blocks(blocksize=_SF_BLOCK, dtype="float32", always_2d=True):
                 yield block.T
         except (soundfile.LibsndfileError, RuntimeError):
-            out.stats["truncated"] = 1.0
+            stats["truncated"] = 1.0
         finally:
             sf.close()
 
-    out = DecodedStream(iter(()), "soundfile", int(sf.samplerate), int(sf.channels))
-    out.chunks = _mono_resampled(planar(), int(sf.samplerate), max_duration_s, min_duration_s, out.stats)
-    return out
+    chunks = _mono_resampled(planar(), int(sf.samplerate), max_duration_s, min_duration_s, stats)
+    return DecodedStream(chunks, "soundfile", int(sf.samplerate), int(sf.channels), stats)
 
 
 def _mono_resampled(
-    planar: Iterator[np.ndarray],
+    planar: Generator[np.ndarray, None, None],
     rate: int,
     max_duration_s: float,
     min_duration_s: float,
@@ -166,9 +168,7 @@ def _mono_resampled(
         if taken >= limit:
             stats["capped"] = 1.0
             break
-    close = getattr(planar, "close", None)
-    if close is not None:
-        close()
+    planar.close()  # releases the decoder now when the cap stopped the loop early
     tail = resampler.resample_chunk(np.empty(0, np.float32), last=True)
     if len(tail):
         yield tail

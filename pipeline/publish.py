@@ -21,15 +21,15 @@ from aiokafka import AIOKafkaProducer
 from tqdm import tqdm
 
 from pipeline import events, storage
-from pipeline.settings import KafkaSecurity, Settings
+from pipeline.settings import Settings
 
 
 def kafka_options(s: Settings) -> dict[str, Any]:
     """aiokafka client options for the configured cluster (security from the environment)."""
     options: dict[str, Any] = {"bootstrap_servers": s.kafka_bootstrap, "security_protocol": s.kafka_security_protocol.value}
-    if s.kafka_security_protocol in (KafkaSecurity.ssl, KafkaSecurity.sasl_ssl):
+    if s.kafka_security_protocol.uses_ssl:
         options["ssl_context"] = ssl.create_default_context()
-    if s.kafka_security_protocol in (KafkaSecurity.sasl_plaintext, KafkaSecurity.sasl_ssl):
+    if s.kafka_security_protocol.uses_sasl:
         options.update(
             sasl_mechanism=s.kafka_sasl_mechanism,
             sasl_plain_username=s.kafka_sasl_username,

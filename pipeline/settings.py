@@ -39,6 +39,14 @@ class KafkaSecurity(str, Enum):
     sasl_plaintext = "SASL_PLAINTEXT"
     sasl_ssl = "SASL_SSL"
 
+    @property
+    def uses_ssl(self) -> bool:
+        return self in (KafkaSecurity.ssl, KafkaSecurity.sasl_ssl)
+
+    @property
+    def uses_sasl(self) -> bool:
+        return self in (KafkaSecurity.sasl_plaintext, KafkaSecurity.sasl_ssl)
+
 
 class Settings(BaseSettings):
     """All settings; environment variable = ``MOODSTREAM_`` + the field name in capitals."""

@@ -73,6 +73,19 @@ async def collect(bootstrap: str, expected: int, timeout_s: float, worker: subpr
     return seen
 
 
+def private_topics(stack: EmbeddedStack, prefix: str) -> dict[str, str]:
+    """Worker settings giving a test its own topics (<prefix>.ingested, .moods, .moods.dlq) and
+    consumer group, created on the broker."""
+    topics = {"MOODSTREAM_INPUT_TOPIC": f"{prefix}.ingested", "MOODSTREAM_OUTPUT_TOPIC": f"{prefix}.moods", "MOODSTREAM_DLQ_TOPIC": f"{prefix}.moods.dlq"}
+    stack.create_topics(list(topics.values()))
+    return {**topics, "MOODSTREAM_CONSUMER_GROUP": f"{prefix}-test"}
+
+
+def announcements(track_ids: list[str], uri: str) -> list[tuple[bytes, bytes]]:
+    """(key, tracks.ingested value) for each id, all naming the same audio."""
+    return [(t.encode(), events.ingested_record(track_id=t, audio_uri=uri)) for t in track_ids]
+
+
 async def produce(bootstrap: str, values: list[tuple[bytes | None, bytes]], topic: str = "tracks.ingested") -> None:
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all")
     await producer.start()
@@ -154,18 +167,15 @@ def test_triton_and_onnx_scorers_agree_on_real_audio(stack, example_clips):
 
 def test_triton_outage_pauses_the_worker_and_loses_nothing(stack, example_clips, tmp_path):
     """Triton stops while tracks are announced; the worker waits, then tags them all."""
-    topics = {"MOODSTREAM_INPUT_TOPIC": "outage.ingested", "MOODSTREAM_OUTPUT_TOPIC": "outage.moods", "MOODSTREAM_DLQ_TOPIC": "outage.moods.dlq", "MOODSTREAM_CONSUMER_GROUP": "outage-test"}
-    stack.create_topics(list(topics.values())[:3])
-    s3 = storage.make_s3_client()
-    s3.upload_file(str(example_clips[0]), BUCKET, "outage/a.mp3")
+    topics = private_topics(stack, "outage")
+    storage.make_s3_client().upload_file(str(example_clips[0]), BUCKET, "outage/a.mp3")
+    uri = f"s3://{BUCKET}/outage/a.mp3"
     worker = start_worker(stack, tmp_path / "worker.log", MOODSTREAM_ALLOWED_BUCKETS=BUCKET, MOODSTREAM_TRITON_MAX_ATTEMPTS="2", **topics)
     try:
-        first = [(b"before", events.ingested_record(track_id="before", audio_uri=f"s3://{BUCKET}/outage/a.mp3"))]
-        asyncio.run(produce(stack.kafka_bootstrap, first, "outage.ingested"))
+        asyncio.run(produce(stack.kafka_bootstrap, announcements(["before"], uri), "outage.ingested"))
         assert len(asyncio.run(collect(stack.kafka_bootstrap, 1, 120, worker, "outage"))["outage.moods"]) == 1
         stack.stop_triton()
-        during = [(f"during-{i}".encode(), events.ingested_record(track_id=f"during-{i}", audio_uri=f"s3://{BUCKET}/outage/a.mp3")) for i in range(3)]
-        asyncio.run(produce(stack.kafka_bootstrap, during, "outage.ingested"))
+        asyncio.run(produce(stack.kafka_bootstrap, announcements([f"during-{i}" for i in range(3)], uri), "outage.ingested"))
         time.sleep(15)  # the worker meets the outage: it must neither tag nor dead-letter
         assert sum(map(len, asyncio.run(collect(stack.kafka_bootstrap, 99, 3, worker, "outage")).values())) == 1
         stack.start_triton()
@@ -181,18 +191,16 @@ def test_triton_outage_pauses_the_worker_and_loses_nothing(stack, example_clips,
 def test_a_worker_stopped_during_a_stuck_batch_commits_nothing(stack, example_clips, tmp_path):
     """A worker sent SIGTERM and then killed (its grace period over) while its batch waits for
     Triton must not have committed that batch: the next worker of the group tags the tracks."""
-    topics = {"MOODSTREAM_INPUT_TOPIC": "stop.ingested", "MOODSTREAM_OUTPUT_TOPIC": "stop.moods", "MOODSTREAM_DLQ_TOPIC": "stop.moods.dlq", "MOODSTREAM_CONSUMER_GROUP": "stop-test"}
-    stack.create_topics(list(topics.values())[:3])
+    topics = private_topics(stack, "stop")
     storage.make_s3_client().upload_file(str(example_clips[1]), BUCKET, "stop/a.mp3")
+    uri = f"s3://{BUCKET}/stop/a.mp3"
     env = dict(MOODSTREAM_ALLOWED_BUCKETS=BUCKET, MOODSTREAM_TRITON_MAX_ATTEMPTS="2", MOODSTREAM_TRITON_TIMEOUT_S="3", **topics)
     first = start_worker(stack, tmp_path / "first.log", **env)
     try:
-        warm = [(b"warm", events.ingested_record(track_id="warm", audio_uri=f"s3://{BUCKET}/stop/a.mp3"))]
-        asyncio.run(produce(stack.kafka_bootstrap, warm, "stop.ingested"))
+        asyncio.run(produce(stack.kafka_bootstrap, announcements(["warm"], uri), "stop.ingested"))
         assert len(asyncio.run(collect(stack.kafka_bootstrap, 1, 120, first, "stop"))["stop.moods"]) == 1
         stack.stop_triton()
-        values = [(f"t{i}".encode(), events.ingested_record(track_id=f"t{i}", audio_uri=f"s3://{BUCKET}/stop/a.mp3")) for i in range(2)]
-        asyncio.run(produce(stack.kafka_bootstrap, values, "stop.ingested"))
+        asyncio.run(produce(stack.kafka_bootstrap, announcements(["t0", "t1"], uri), "stop.ingested"))
         time.sleep(15)  # the worker takes the batch, which is stuck on the outage
         first.send_signal(signal.SIGTERM)
         time.sleep(8)  # still draining: the grace period runs out and the pod is killed
