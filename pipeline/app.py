@@ -16,16 +16,18 @@ import asyncio
 import logging
 import multiprocessing
 import ssl
+import sys
 from collections.abc import Awaitable
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 
 import faust
 from prometheus_client import start_http_server
 
 from pipeline import storage
-from pipeline.errors import ServiceUnavailable
+from pipeline.errors import ConfigError, ServiceUnavailable
 from pipeline.scoring import OnnxScorer, Scorer, TritonScorer
-from pipeline.settings import ScorerKind, Settings, load_settings
+from pipeline.settings import REPO_ROOT, ScorerKind, Settings, load_settings
 from pipeline.taxonomy import load_taxonomy
 from pipeline.worker import BatchResult, Worker, WorkerConfig, warm_process
 
@@ -146,6 +148,10 @@ async def _process_until_done(worker: Worker, batch: list[bytes]) -> BatchResult
 
 
 def _make_pool() -> ProcessPoolExecutor:
+    # `faust -A pipeline.app` puts the working directory on sys.path only while it imports the
+    # app, and spawned processes start from a copy of sys.path: they must find this package too.
+    if str(REPO_ROOT) not in sys.path:
+        sys.path.append(str(REPO_ROOT))
     # spawn, not fork: the parent runs an event loop and gRPC threads that must not be copied.
     return ProcessPoolExecutor(settings.decode_workers, mp_context=multiprocessing.get_context("spawn"))
 
@@ -153,7 +159,12 @@ def _make_pool() -> ProcessPoolExecutor:
 async def _warm_up(pool: ProcessPoolExecutor, workers: int) -> None:
     """Start the pool's processes (and their imports) before the first batch needs them."""
     loop = asyncio.get_running_loop()
-    await asyncio.gather(*(loop.run_in_executor(pool, warm_process) for _ in range(workers)))
+    try:
+        await asyncio.gather(*(loop.run_in_executor(pool, warm_process) for _ in range(workers)))
+    except BrokenProcessPool:
+        # Failing here, before any event is taken, keeps an environment problem from turning
+        # every track into a dead letter.
+        raise ConfigError("the decoding processes cannot start; their error is logged above") from None
 
 
 @app.task

@@ -44,9 +44,13 @@ def stack(tmp_path_factory):
         yield s
 
 
-def start_worker(stack: EmbeddedStack, log_path: Path, **settings: str) -> subprocess.Popen:
+MOODSTREAM_WORKER = [sys.executable, "-m", "pipeline", "worker"]
+FAUST_WORKER = [str(Path(sys.executable).with_name("faust")), "-A", "pipeline.app", "worker", "--without-web"]
+
+
+def start_worker(stack: EmbeddedStack, log_path: Path, command: list[str] = MOODSTREAM_WORKER, **settings: str) -> subprocess.Popen:
     env = {**os.environ, **stack.env(), "MOODSTREAM_METRICS_PORT": "0", "MOODSTREAM_MODEL": MODEL, **settings}
-    return subprocess.Popen([sys.executable, "-m", "pipeline", "worker"], cwd=REPO, env=env, stdout=open(log_path, "wb"), stderr=subprocess.STDOUT, start_new_session=True)
+    return subprocess.Popen(command, cwd=REPO, env=env, stdout=open(log_path, "wb"), stderr=subprocess.STDOUT, start_new_session=True)
 
 
 def stop_worker(proc: subprocess.Popen) -> None:
@@ -216,3 +220,17 @@ def test_a_worker_stopped_during_a_stuck_batch_commits_nothing(stack, example_cl
     finally:
         stop_worker(second)
     assert sorted(r["track_id"] for r in seen["stop.moods"]) == ["t0", "t1", "warm"], log[-2000:]
+
+
+def test_faust_command_line_runs_the_same_worker(stack, example_clips, tmp_path):
+    """`faust -A pipeline.app worker` imports the app from the working directory only; its
+    decoding processes must still find the package."""
+    topics = private_topics(stack, "faustcli")
+    storage.make_s3_client().upload_file(str(example_clips[1]), BUCKET, "faustcli/a.mp3")
+    worker = start_worker(stack, tmp_path / "worker.log", FAUST_WORKER, MOODSTREAM_ALLOWED_BUCKETS=BUCKET, **topics)
+    try:
+        asyncio.run(produce(stack.kafka_bootstrap, announcements(["f1"], f"s3://{BUCKET}/faustcli/a.mp3"), "faustcli.ingested"))
+        seen = asyncio.run(collect(stack.kafka_bootstrap, 1, 120, worker, "faustcli"))
+    finally:
+        stop_worker(worker)
+    assert [r["track_id"] for r in seen["faustcli.moods"]] == ["f1"], (tmp_path / "worker.log").read_text(errors="replace")[-3000:]
