@@ -43,6 +43,7 @@ PATCH_SHAPE = (PATCH_FRAMES, N_MELS)  # the model input, per patch: [time, mel]
 #: Samples per chunk the spectrogram is computed on (about 16 s): large enough to amortise
 #: the STFT call, small enough to keep the working set a few megabytes.
 _CHUNK_FRAMES = 1000
+_CHUNK_SAMPLES = (_CHUNK_FRAMES - 1) * HOP_LENGTH + N_FFT  # samples one chunk of frames needs
 
 
 def frontend_constants() -> dict[str, float | int | str]:
@@ -92,21 +93,31 @@ class LogMelStream:
 
     def __init__(self) -> None:
         self._pending = np.zeros(N_FFT // 2, dtype=np.float32)  # left centre padding
+        # Decoders hand out tiny chunks (an Opus frame is 20 ms); they wait here until a whole
+        # spectrogram chunk can be computed, because one transform call per frame costs far more
+        # than the transform itself.
+        self._buffered: list[np.ndarray] = []
+        self._buffered_samples = 0
         self.samples = 0  # samples pushed so far, at SAMPLE_RATE
 
     def push(self, samples: np.ndarray) -> np.ndarray:
         """samples: [n] float32 mono at SAMPLE_RATE. Returns the frames now complete,
-        [k, N_MELS] float32 log-mel (k may be 0)."""
+        [k, N_MELS] float32 log-mel (k may be 0; frames come out in chunks of about 16 s)."""
         self.samples += len(samples)
-        self._pending = np.concatenate([self._pending, samples.astype(np.float32, copy=False)])
+        self._buffered.append(samples.astype(np.float32, copy=False))
+        self._buffered_samples += len(samples)
+        if len(self._pending) + self._buffered_samples < _CHUNK_SAMPLES:
+            return np.empty((0, N_MELS), np.float32)
         return self._drain()
 
     def finish(self) -> np.ndarray:
         """Adds the right centre padding and returns the last frames, [k, N_MELS]."""
-        self._pending = np.concatenate([self._pending, np.zeros(N_FFT // 2, np.float32)])
+        self._buffered.append(np.zeros(N_FFT // 2, np.float32))
         return self._drain()
 
     def _drain(self) -> np.ndarray:
+        self._pending = np.concatenate([self._pending, *self._buffered])
+        self._buffered, self._buffered_samples = [], 0
         n_frames = 0 if len(self._pending) < N_FFT else 1 + (len(self._pending) - N_FFT) // HOP_LENGTH
         out = []
         done = 0
