@@ -94,6 +94,8 @@ def worker_config(s: Settings) -> WorkerConfig:
         max_object_bytes=s.max_object_bytes,
         max_duration_s=s.max_duration_s,
         min_duration_s=s.min_duration_s,
+        excerpts=s.excerpts,
+        excerpt_s=s.excerpt_s,
         top_moods=s.top_moods,
         timeline_segment_s=s.timeline_segment_s,
     )

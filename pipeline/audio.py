@@ -58,6 +58,79 @@ def decode(data: bytes, *, max_duration_s: float, min_duration_s: float = 0.0) -
             raise Undecodable(f"PyAV: {pyav_error}; libsndfile: {sf_error}") from None
 
 
+@dataclass
+class Excerpts:
+    """Evenly spread excerpts of one track, decoded by seeking: ``parts`` yields
+    ``(start_s, chunks)`` pairs in order, each ``chunks`` mono float32 at ``SAMPLE_RATE``; consume
+    each part's chunks before asking for the next part (they share one demuxer)."""
+
+    parts: Iterator[tuple[float, Iterator[np.ndarray]]]
+    decoder: str
+    duration_s: float  # the whole track's, from the container
+    starts_s: list[float]
+
+
+def decode_excerpts(data: bytes, *, count: int, excerpt_s: float, max_duration_s: float) -> Excerpts | None:
+    """``count`` excerpts of ``excerpt_s`` seconds each, evenly spread over the track (capped at
+    ``max_duration_s``), decoded by seeking in the container so the rest is never decoded.
+
+    Returns None when the whole track should be decoded instead: it is not longer than the
+    excerpts together, its container states no duration, or PyAV cannot open it (the caller's
+    :func:`decode` then applies the usual fallback and errors).
+    """
+    try:
+        container = av.open(io.BytesIO(data), mode="r")
+    except (av.FFmpegError, ValueError, UnicodeDecodeError):
+        return None
+    stream = container.streams.audio[0] if container.streams.audio else None
+    duration = _container_duration_s(container, stream)
+    rate = (stream.codec_context.sample_rate or stream.rate) if stream else 0
+    if stream is None or not rate or duration is None or min(duration, max_duration_s) <= count * excerpt_s:
+        container.close()
+        return None
+    span = min(duration, max_duration_s)
+    # Centred in ``count`` equal sections of the track.
+    starts = [min(max(0.0, (i + 0.5) * span / count - excerpt_s / 2), span - excerpt_s) for i in range(count)]
+
+    def parts() -> Generator[tuple[float, Iterator[np.ndarray]], None, None]:
+        try:
+            for start in starts:
+                stats: dict[str, float] = {}
+                planar = _pyav_from(container, stream, start)
+                yield start, _mono_resampled(planar, int(rate), excerpt_s, 0.0, stats)
+        finally:
+            container.close()
+
+    return Excerpts(parts(), "pyav", duration, starts)
+
+
+def _container_duration_s(container: av.container.InputContainer, stream: av.AudioStream | None) -> float | None:
+    if stream is not None and stream.duration and stream.time_base:
+        return float(stream.duration * stream.time_base)
+    if container.duration:
+        return container.duration / av.time_base
+    return None
+
+
+def _pyav_from(container: av.container.InputContainer, stream: av.AudioStream, start_s: float) -> Generator[np.ndarray, None, None]:
+    """[channels, n] float32 blocks from ``start_s`` on: seek to the packet before it, then drop
+    the decoded samples that precede it."""
+    container.seek(int(start_s / stream.time_base), stream=stream, backward=True, any_frame=False)
+    resampler = av.AudioResampler(format="fltp")
+    try:
+        for frame in container.decode(stream):
+            at = float(frame.pts * frame.time_base) if frame.pts is not None else start_s
+            for converted in resampler.resample(frame):
+                block = converted.to_ndarray()
+                skip = int(round((start_s - at) * converted.sample_rate))
+                at += block.shape[1] / converted.sample_rate
+                if skip >= block.shape[1]:
+                    continue
+                yield block[:, max(0, skip) :]
+    except (av.FFmpegError, ValueError):
+        return  # a broken stream ends the excerpt with what decoded
+
+
 def decode_all(data: bytes, *, max_duration_s: float, min_duration_s: float = 0.0) -> tuple[np.ndarray, DecodedStream]:
     """The whole decoded signal at once: ([n] float32 at SAMPLE_RATE, the stream's metadata)."""
     stream = decode(data, max_duration_s=max_duration_s, min_duration_s=min_duration_s)

@@ -31,7 +31,7 @@ def _tag(args: argparse.Namespace) -> int:
     for path in args.paths:
         try:
             data = Path(path).read_bytes()
-            analysis = analyse(data, max_duration_s=settings.max_duration_s, min_duration_s=settings.min_duration_s)
+            analysis = analyse(data, max_duration_s=settings.max_duration_s, min_duration_s=settings.min_duration_s, excerpts=settings.excerpts, excerpt_s=settings.excerpt_s)
         except (TrackError, OSError) as exc:
             reason = exc.reason if isinstance(exc, TrackError) else "unreadable"
             print(f"{path}: {reason}: {exc}", file=sys.stderr)

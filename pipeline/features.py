@@ -185,10 +185,13 @@ class TrackPatches:
     patches: np.ndarray  # [n_patches, PATCH_FRAMES, N_MELS] float32 log-mel
     analysed_s: float  # seconds of audio the spectrogram was computed on
     hop_frames: int  # frames between patch starts
+    starts_s: np.ndarray | None = None  # [n_patches] s, when the patches are not contiguous
 
     @property
     def patch_starts_s(self) -> np.ndarray:
-        """[n_patches] start time of each patch, in seconds."""
+        """[n_patches] start time of each patch in the track, in seconds."""
+        if self.starts_s is not None:
+            return self.starts_s
         return np.arange(len(self.patches)) * self.hop_frames / FRAMES_PER_SECOND
 
 
@@ -203,6 +206,20 @@ def patches_from_chunks(chunks: Iterable[np.ndarray], hop_frames: int = PATCH_FR
     out = [cut.push(mel.push(chunk)) for chunk in chunks]
     out += [cut.push(mel.finish()), cut.finish()]
     return TrackPatches(np.concatenate(out), mel.samples / SAMPLE_RATE, hop_frames)
+
+
+def patches_from_excerpts(excerpts: Iterable[tuple[float, Iterable[np.ndarray]]], hop_frames: int = PATCH_FRAMES) -> TrackPatches:
+    """Excerpts of one track, each (start in s, its audio chunks) -> the patches of every
+    excerpt, each excerpt cut on its own (no patch spans two excerpts)."""
+    parts, starts, analysed = [], [], 0.0
+    for start_s, chunks in excerpts:
+        part = patches_from_chunks(chunks, hop_frames)
+        parts.append(part.patches)
+        starts.append(start_s + part.patch_starts_s)
+        analysed += part.analysed_s
+    if not parts:
+        return TrackPatches(np.empty((0, *PATCH_SHAPE), np.float32), 0.0, hop_frames, np.empty(0))
+    return TrackPatches(np.concatenate(parts), analysed, hop_frames, np.concatenate(starts))
 
 
 def patches(wave: np.ndarray, hop_frames: int = PATCH_FRAMES) -> np.ndarray:

@@ -58,7 +58,7 @@ def _chunks(patches: np.ndarray, size: int) -> list[np.ndarray]:
 class OnnxScorer:
     """In-process onnxruntime on ``<repository>/<model>/<latest version>/model.onnx``."""
 
-    def __init__(self, repository: Path, model: str, *, threads: int = 0, max_batch: int = 16) -> None:
+    def __init__(self, repository: Path, model: str, *, threads: int = 0, max_batch: int = 1) -> None:
         self.meta = read_meta(repository, model)
         self.meta.check_frontend()
         versions = sorted((int(p.name) for p in (repository / model).iterdir() if p.name.isdigit()), reverse=True)
@@ -67,6 +67,8 @@ class OnnxScorer:
         self.path = repository / model / str(versions[0]) / "model.onnx"
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
+        # Spinning idle threads would take CPU from the decoding processes beside them.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         # The arena would keep the largest batch's activations (hundreds of MB) for good.
         options.enable_cpu_mem_arena = False
         try:

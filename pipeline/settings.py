@@ -119,6 +119,14 @@ class Settings(BaseSettings):
     min_duration_s: float = Field(
         1.0, gt=0, description="Shorter audio is dead-lettered as too_short."
     )
+    excerpts: int = Field(
+        0, ge=0, le=100,
+        description="Analyse at most this many evenly spread excerpts of a longer track, seeking "
+        "past the rest (0 = the whole track; see the README's analysis window table).",
+    )
+    excerpt_s: float = Field(
+        15.0, ge=3.0, le=600.0, description="Length of each excerpt, in seconds."
+    )
 
     # --- Scoring -----------------------------------------------------------------------------
     scorer: ScorerKind = Field(ScorerKind.triton, description="triton or onnx (in-process).")
@@ -141,8 +149,8 @@ class Settings(BaseSettings):
         64, ge=1, description="Most patches in one inference request (the model's max batch)."
     )
     onnx_batch_patches: int = Field(
-        16, ge=1, le=1024,
-        description="Patches per onnxruntime run; each holds ~40 MB of activations while it runs.",
+        1, ge=1, le=1024,
+        description="Patches per onnxruntime run (1 is the cheapest on a CPU; each holds ~40 MB of activations).",
     )
     onnx_threads: int = Field(
         0, ge=0, description="onnxruntime intra-op threads for the onnx scorer (0 = all cores)."

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import torch
 
 from pipeline import audio, features
+from pipeline.errors import Undecodable
 from pipeline.taxonomy import Taxonomy, summarise
 
 
@@ -29,12 +31,22 @@ class Analysis:
     decode_features_s: float  # wall seconds spent here
 
 
-def analyse(data: bytes, *, max_duration_s: float, min_duration_s: float, hop_frames: int = features.PATCH_FRAMES) -> Analysis:
-    """Decode ``data`` and compute its patches; raises the stage's TrackError subclasses."""
+def analyse(data: bytes, *, max_duration_s: float, min_duration_s: float, excerpts: int = 0, excerpt_s: float = 15.0, hop_frames: int = features.PATCH_FRAMES) -> Analysis:
+    """Decode ``data`` and compute its patches; raises the stage's TrackError subclasses.
+
+    ``excerpts`` > 0 analyses only that many evenly spread excerpts of ``excerpt_s`` seconds
+    when the track is longer than they are together (see :func:`audio.decode_excerpts`).
+    """
     # One thread per decoding process: parallelism comes from the process pool, and torch's
     # own thread pool would fight it for the same cores.
     torch.set_num_threads(1)
     start = time.perf_counter()
+    plan = audio.decode_excerpts(data, count=excerpts, excerpt_s=excerpt_s, max_duration_s=max_duration_s) if excerpts > 0 else None
+    if plan is not None:
+        patches = features.patches_from_excerpts(_nonempty(plan.parts), hop_frames)
+        if len(patches.patches):
+            return Analysis(patches, plan.decoder, round(min(plan.duration_s, max_duration_s), 3), False, time.perf_counter() - start)
+        # The container overstated its duration: fall through to decoding the whole track.
     stream = audio.decode(data, max_duration_s=max_duration_s, min_duration_s=min_duration_s)
     patches = features.patches_from_chunks(stream.chunks, hop_frames)
     return Analysis(
@@ -44,6 +56,17 @@ def analyse(data: bytes, *, max_duration_s: float, min_duration_s: float, hop_fr
         truncated=bool(stream.stats.get("truncated")),
         decode_features_s=time.perf_counter() - start,
     )
+
+
+def _nonempty(parts: Iterator[tuple[float, Iterator[np.ndarray]]]) -> Iterator[tuple[float, list[np.ndarray]]]:
+    """Excerpts that hold audio: an excerpt past the real end of the stream is skipped."""
+    for start_s, chunks in parts:
+        got = []
+        try:
+            got = list(chunks)
+        except Undecodable:
+            continue
+        yield start_s, got
 
 
 def describe(analysis: Analysis, scores: np.ndarray, taxonomy: Taxonomy, *, top_moods: int = 3, segment_s: float = 30.0) -> dict[str, Any]:

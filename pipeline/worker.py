@@ -54,6 +54,8 @@ class WorkerConfig:
     min_duration_s: float
     top_moods: int
     timeline_segment_s: float
+    excerpts: int = 0  # 0: the whole track
+    excerpt_s: float = 15.0
     outage_backoff_max_s: float = 30.0
 
 
@@ -142,7 +144,7 @@ class Worker:
         start = time.perf_counter()
         loop = asyncio.get_running_loop()
         try:
-            track.analysis = await loop.run_in_executor(self.pool, _analyse_job, track.data, self.config.max_duration_s, self.config.min_duration_s)
+            track.analysis = await loop.run_in_executor(self.pool, _analyse_job, track.data, self.config)
         except TrackError as exc:
             track.error = exc
             return
@@ -248,9 +250,9 @@ def warm_process() -> None:
     features.log_mel(np.zeros(features.N_FFT, np.float32))
 
 
-def _analyse_job(data: bytes, max_duration_s: float, min_duration_s: float) -> Analysis:
+def _analyse_job(data: bytes, config: WorkerConfig) -> Analysis:
     """Runs in a pool process; TrackErrors pickle back to the event loop as they are."""
-    return analyse(data, max_duration_s=max_duration_s, min_duration_s=min_duration_s)
+    return analyse(data, max_duration_s=config.max_duration_s, min_duration_s=config.min_duration_s, excerpts=config.excerpts, excerpt_s=config.excerpt_s)
 
 
 async def _until_available(service: str, call: Callable[[], Awaitable[Any]], backoff_max_s: float) -> Any:

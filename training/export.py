@@ -40,6 +40,8 @@ INPUT = "mel"
 OUTPUTS = ("scores", "embedding")
 _CPU_MODEL = Path(__file__).with_name("export_assets") / "triton_cpu_model.py"
 _OPSET = 17
+#: Model instances in the CPU config (configs/cpu.pbtxt): the embedded stack's laptop default.
+CPU_INSTANCES = 2
 
 
 class _Serving(nn.Module):
@@ -136,9 +138,13 @@ def _config_text(meta: ModelMeta, *, gpu: bool, max_batch: int) -> str:
         warmup.inputs[INPUT].random_data = True
     else:
         config.backend = "python"
-        config.instance_group.add(kind=pb.ModelInstanceGroup.KIND_CPU, count=1)
+        # Two single-threaded instances use two cores with no intra-op synchronisation
+        # (measured: 26 ms of CPU a patch, against 30 ms for one instance on two threads).
+        config.instance_group.add(kind=pb.ModelInstanceGroup.KIND_CPU, count=CPU_INSTANCES)
         config.dynamic_batching.max_queue_delay_microseconds = 5000
-        config.parameters["ort_intra_op_threads"].string_value = "0"
+        config.parameters["ort_intra_op_threads"].string_value = "1"
+        # One patch per onnxruntime run is the cheapest on a CPU (see the backend's docstring).
+        config.parameters["ort_run_batch"].string_value = "1"
     config.input.add(name=INPUT, data_type=pb.TYPE_FP32, dims=[PATCH_FRAMES, N_MELS])
     config.output.add(name=OUTPUTS[0], data_type=pb.TYPE_FP32, dims=[len(meta.labels)])
     config.output.add(name=OUTPUTS[1], data_type=pb.TYPE_FP32, dims=[meta.embedding_dim])

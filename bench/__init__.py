@@ -1,0 +1,1 @@
+"""Benchmarks on real audio (``make bench``); never part of the test suite."""

@@ -1,0 +1,74 @@
+"""The baseline moodstream is measured against: the obvious script, as the research prototypes
+would write it.
+
+For each file in turn: ``librosa.load(sr=16000)``, librosa's mel spectrogram with musicnn's
+parameters, the patches of the whole track in one onnxruntime call (default session options,
+as a prototype leaves them), then a synchronous produce of the result to Kafka. No batching
+across tracks, no overlap of I/O with computation, one process.
+
+    python -m bench.naive --bootstrap HOST:PORT --topic T FILE...
+
+Prints one JSON object: files, audio seconds, wall seconds, CPU seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from pathlib import Path
+
+import librosa
+import numpy as np
+import onnxruntime as ort
+from aiokafka import AIOKafkaProducer
+
+from pipeline.features import HOP_LENGTH, LOG_SCALE, N_FFT, N_MELS, PATCH_FRAMES, SAMPLE_RATE
+from pipeline.settings import REPO_ROOT
+
+MODEL = REPO_ROOT / "triton_models" / "musicnn_msd" / "1" / "model.onnx"
+
+
+def mel_patches(path: Path) -> tuple[np.ndarray, float]:
+    """musicnn's own extractor, in float32: ([n, PATCH_FRAMES, N_MELS], duration in s)."""
+    wave, _ = librosa.load(path, sr=SAMPLE_RATE)
+    mel = librosa.feature.melspectrogram(y=wave, sr=SAMPLE_RATE, hop_length=HOP_LENGTH, n_fft=N_FFT, n_mels=N_MELS).T
+    logmel = np.log10(1 + LOG_SCALE * mel).astype(np.float32)
+    n = max(1, len(logmel) // PATCH_FRAMES)
+    if len(logmel) < PATCH_FRAMES:
+        logmel = np.tile(logmel, (-(-PATCH_FRAMES // len(logmel)), 1))
+    return logmel[: n * PATCH_FRAMES].reshape(n, PATCH_FRAMES, N_MELS), len(wave) / SAMPLE_RATE
+
+
+async def run(files: list[Path], bootstrap: str, topic: str) -> dict:
+    session = ort.InferenceSession(str(MODEL), providers=["CPUExecutionProvider"])
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all")
+    await producer.start()
+    audio_s = 0.0
+    wall, cpu = time.perf_counter(), time.process_time()
+    try:
+        for path in files:
+            patches, duration = mel_patches(path)
+            scores = session.run(["scores"], {"mel": patches})[0].mean(axis=0)
+            record = {"track": path.name, "scores": [round(float(s), 6) for s in scores]}
+            await producer.send_and_wait(topic, json.dumps(record).encode(), key=path.name.encode())
+            audio_s += duration
+    finally:
+        await producer.stop()
+    return {"files": len(files), "audio_s": audio_s, "wall_s": time.perf_counter() - wall, "cpu_s": time.process_time() - cpu}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--bootstrap", required=True)
+    parser.add_argument("--topic", default="bench.naive")
+    parser.add_argument("files", nargs="+", type=Path)
+    args = parser.parse_args()
+    print(json.dumps(asyncio.run(run(args.files, args.bootstrap, args.topic))))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

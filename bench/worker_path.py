@@ -1,0 +1,103 @@
+"""The worker's batch logic without Kafka, timed: S3 fetch + decode + mel + inference.
+
+Runs :class:`pipeline.worker.Worker` exactly as the Faust agent does, on batches of
+``MOODSTREAM_BATCH_SIZE`` announcements read from a file (one JSON record per line), with a
+publisher that keeps the records instead of sending them. Settings come from the environment
+(``MOODSTREAM_SCORER`` picks onnxruntime in this process or the Triton server).
+
+    python -m bench.worker_path ANNOUNCEMENTS.jsonl
+
+Prints one JSON object: tracks, outputs, wall seconds, and the CPU seconds of this process and
+of its decoding processes (the Triton server's CPU is not included: inference is remote).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import multiprocessing
+import os
+import resource
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+from pipeline import storage
+from pipeline.app import open_scorer, worker_config
+from pipeline.settings import load_settings
+from pipeline.taxonomy import load_taxonomy
+from pipeline.worker import Worker, warm_process
+
+
+class _Keep:
+    """Publisher that keeps (topic, key, value) instead of producing to Kafka."""
+
+    def __init__(self) -> None:
+        self.records: list[tuple[str, bytes | None, bytes]] = []
+
+    async def __call__(self, topic: str, key: bytes | None, value: bytes) -> None:
+        self.records.append((topic, key, value))
+
+
+def _cpu_s(who: int) -> float:
+    usage = resource.getrusage(who)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _pool_cpu_s(worker: Worker) -> float:
+    """CPU seconds used so far by the worker's decoding processes (Linux /proc)."""
+    total = 0
+    for pid in worker.pool._processes:  # noqa: SLF001 - the pool has no public list of its processes
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+async def run(raws: list[bytes]) -> dict:
+    s = load_settings()
+    scorer = await open_scorer(s)
+    keep = _Keep()
+    spawn = multiprocessing.get_context("spawn")
+    worker = Worker(
+        worker_config(s),
+        scorer=scorer,
+        taxonomy=load_taxonomy(s.model, scorer.meta.labels, s.moods_file),
+        s3_client=storage.make_s3_client(s.s3_max_attempts),
+        make_pool=lambda: ProcessPoolExecutor(s.decode_workers, mp_context=spawn),
+        publish=keep,
+    )
+    loop = asyncio.get_running_loop()
+    await asyncio.gather(*(loop.run_in_executor(worker.pool, warm_process) for _ in range(s.decode_workers)))
+    # Start-up (imports in this process and in the decoding processes) is excluded: the
+    # figures are per track in steady state.
+    wall, cpu_self, cpu_pool = time.perf_counter(), _cpu_s(resource.RUSAGE_SELF), _pool_cpu_s(worker)
+    outputs = 0
+    for i in range(0, len(raws), s.batch_size):
+        outputs += (await worker.process(raws[i : i + s.batch_size])).outputs
+    wall = time.perf_counter() - wall
+    cpu_self = _cpu_s(resource.RUSAGE_SELF) - cpu_self
+    cpu_pool = _pool_cpu_s(worker) - cpu_pool
+    worker.close()
+    await scorer.close()
+    audio_s = sum(json.loads(v)["analysed_s"] for topic, _, v in keep.records if topic == s.output_topic)
+    return {
+        "scorer": s.scorer.value,
+        "tracks": len(raws),
+        "outputs": outputs,
+        "audio_s": audio_s,
+        "wall_s": wall,
+        "cpu_s": cpu_self + cpu_pool,
+        "cpu_s_main": cpu_self,
+        "cpu_s_decoding": cpu_pool,
+    }
+
+
+def main() -> int:
+    raws = [line.encode() for line in Path(sys.argv[1]).read_text().splitlines() if line.strip()]
+    print(json.dumps(asyncio.run(run(raws))))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
