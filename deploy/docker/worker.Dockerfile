@@ -28,9 +28,13 @@ COPY --from=build /opt/moodstream /opt/moodstream
 WORKDIR /app
 COPY --chown=root:root pipeline/ /app/pipeline/
 COPY --chown=root:root triton_models/ /app/triton_models/
+# The root filesystem is read-only on Kubernetes: Faust's table directory (unused: the worker
+# has no tables, but Faust creates it) and any cache go to /tmp, a writable emptyDir there.
 ENV PATH=/opt/moodstream/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
+    HOME=/tmp \
+    FAUST_DATADIR=/tmp/faust \
     MOODSTREAM_METRICS_PORT=9108
 USER 10001:10001
 EXPOSE 9108

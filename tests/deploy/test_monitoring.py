@@ -236,6 +236,7 @@ def test_every_dashboard_and_alert_query_returns_data_from_a_real_worker(stack, 
         "MOODSTREAM_METRICS_PORT": str(metrics_port),
         "MOODSTREAM_TRITON_MAX_ATTEMPTS": "2",
         "MOODSTREAM_TRITON_TIMEOUT_S": "3",
+        "FAUST_DATADIR": str(tmp_path / "faust-data"),  # not <group>-data in the clone
     }
     worker_log = tmp_path / "worker.log"
     worker = subprocess.Popen([sys.executable, "-m", "pipeline", "worker"], cwd=REPO, env=env, stdout=open(worker_log, "wb"), stderr=subprocess.STDOUT, start_new_session=True)
