@@ -237,6 +237,7 @@ def test_every_dashboard_and_alert_query_returns_data_from_a_real_worker(stack, 
         "MOODSTREAM_TRITON_MAX_ATTEMPTS": "2",
         "MOODSTREAM_TRITON_TIMEOUT_S": "3",
         "FAUST_DATADIR": str(tmp_path / "faust-data"),  # not <group>-data in the clone
+        "MOODSTREAM_KAFKA_GROUP_INSTANCE_ID": "mon-worker-0",  # static membership, as on Kubernetes
     }
     worker_log = tmp_path / "worker.log"
     worker = subprocess.Popen([sys.executable, "-m", "pipeline", "worker"], cwd=REPO, env=env, stdout=open(worker_log, "wb"), stderr=subprocess.STDOUT, start_new_session=True)
@@ -283,6 +284,8 @@ def test_every_dashboard_and_alert_query_returns_data_from_a_real_worker(stack, 
             wait_for(lambda name=name: prometheus.query(rules[name]), 60, f"{name} expression", worker_log)
             wait_for(lambda name=name: prometheus.query(f'ALERTS{{alertname="{name}", alertstate="pending"}}'), 30, f"{name} pending")
         assert count('up{job="triton"}') == 0
+        # The stuck event is not committed: it shows as lag on its partition.
+        wait_for(lambda: count("sum(moodstream_consumer_lag_messages)") == 1, 60, "lag of the stuck event", worker_log)
     finally:
         if prometheus is not None:
             prometheus.stop()
