@@ -14,9 +14,6 @@ from prometheus_client import Counter, Gauge, Histogram
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
-#: Values of the ``stage`` label of STAGE_SECONDS.
-STAGES = ("fetch", "decode", "features", "inference", "publish")
-
 MODEL_INFO = Gauge("moodstream_model_info", "1 for the model (name, Triton version) this worker scores with.", ["model", "version"])
 EVENTS_CONSUMED = Counter("moodstream_events_consumed_total", "Events taken from the input topic.")
 OUTPUTS = Counter("moodstream_outputs_total", "Mood records published.", ["model", "version"])
