@@ -22,9 +22,10 @@ from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 
 import faust
+from faust.types import ConsumerT
 from prometheus_client import start_http_server
 
-from pipeline import storage
+from pipeline import metrics, storage
 from pipeline.errors import ConfigError, ServiceUnavailable
 from pipeline.scoring import OnnxScorer, Scorer, TritonScorer
 from pipeline.settings import REPO_ROOT, ScorerKind, Settings, load_settings
@@ -62,6 +63,7 @@ app = faust.App(
     broker_session_timeout=settings.kafka_session_timeout_s,
     broker_heartbeat_interval=settings.kafka_heartbeat_interval_s,
     broker_rebalance_timeout=settings.kafka_rebalance_timeout_s,
+    consumer_group_instance_id=settings.kafka_group_instance_id or None,
 )
 ingested = app.topic(settings.input_topic, key_type=bytes, value_type=bytes)
 _outputs = {name: app.topic(name, key_type=bytes, value_type=bytes) for name in (settings.output_topic, settings.dlq_topic)}
@@ -174,3 +176,33 @@ async def _serve_metrics() -> None:
     if settings.metrics_port:
         start_http_server(settings.metrics_port)
         log.info("Prometheus metrics on :%d/metrics", settings.metrics_port)
+
+
+#: How often the consumer lag gauge is refreshed (one ListOffsets request to the broker).
+_LAG_INTERVAL_S = 5.0
+
+
+@app.timer(_LAG_INTERVAL_S)
+async def _report_lag() -> None:
+    """Consumer lag of the input topic per partition assigned to this worker."""
+    try:
+        metrics.set_consumer_lag(await _partition_lag(app.consumer, settings.input_topic))
+    except Exception as exc:  # noqa: BLE001 - a metrics refresh must never stop the worker
+        log.warning("consumer lag not refreshed: %r", exc)
+
+
+async def _partition_lag(consumer: ConsumerT, topic: str) -> dict[int, int]:
+    partitions = [tp for tp in consumer.assignment() if tp.topic == topic]
+    if not partitions:
+        return {}
+    ends = await consumer.highwaters(*partitions)
+    # Faust keeps the offsets it committed (and those the group had at assignment) here; there
+    # is no public accessor, and asking the broker every few seconds would cost a request more.
+    committed = {tp.partition: consumer._committed_offset.get(tp) for tp in partitions}
+    missing = [tp for tp in partitions if committed[tp.partition] is None]
+    earliest = await consumer.earliest_offsets(*missing) if missing else {}
+    return metrics.partition_lag(
+        {tp.partition: end for tp, end in ends.items()},
+        committed,
+        {tp.partition: offset for tp, offset in earliest.items()},
+    )

@@ -1,21 +1,26 @@
 """Every Prometheus metric of the worker, defined in this one place.
 
-Labels stay low-cardinality: model name and version, stage, reason. Durations are in seconds,
-following Prometheus conventions (``_seconds``, ``_total``).
+Labels stay low-cardinality: model name and version, stage, reason, service, gRPC status code,
+partition of the input topic. Durations are in seconds, following Prometheus conventions
+(``_seconds``, ``_total``). ``deploy/grafana/`` and ``deploy/prometheus/`` query these names;
+``tests/deploy/test_monitoring.py`` runs every query against a real Prometheus.
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
 
 from prometheus_client import Counter, Gauge, Histogram
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
+MODEL_INFO = Gauge("moodstream_model_info", "1 for the model (name, Triton version) this worker scores with.", ["model", "version"])
 EVENTS_CONSUMED = Counter("moodstream_events_consumed_total", "Events taken from the input topic.")
 OUTPUTS = Counter("moodstream_outputs_total", "Mood records published.", ["model", "version"])
 DEAD_LETTERS = Counter("moodstream_dead_letters_total", "Dead-letter records published.", ["reason"])
 STAGE_SECONDS = Histogram(
     "moodstream_stage_seconds",
-    "Time spent per stage: fetch, decode_features (per track), inference, publish (per batch).",
+    "Time spent per stage: fetch, decode, features (per track, measured in the decoding process), inference, publish (per batch).",
     ["stage"],
     buckets=_LATENCY_BUCKETS,
 )
@@ -30,9 +35,43 @@ TRACKS_IN_FLIGHT = Gauge("moodstream_tracks_in_flight", "Tracks taken but not ye
 AUDIO_SECONDS = Counter("moodstream_audio_analysed_seconds_total", "Seconds of audio analysed.")
 SERVICE_ERRORS = Counter("moodstream_service_errors_total", "Outage errors after retries, by service.", ["service"])
 SERVICE_DOWN = Gauge("moodstream_service_down", "1 while the worker waits for a service to come back.", ["service"])
+TRITON_ERRORS = Counter(
+    "moodstream_triton_request_errors_total",
+    "Failed Triton calls (each attempt), by model and gRPC status code.",
+    ["model", "code"],
+)
+TRITON_RETRIES = Counter("moodstream_triton_request_retries_total", "Triton calls tried again after a transient error.", ["model"])
+CONSUMER_LAG = Gauge(
+    "moodstream_consumer_lag_messages",
+    "Events of the input topic not yet committed by this worker's group, per assigned partition.",
+    ["partition"],
+)
 MOOD_SCORE = Histogram(
     "moodstream_mood_score",
     "Per-track score of each mood family (watch the distribution drift).",
     ["model", "mood"],
     buckets=(0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9, 1.0),
 )
+
+
+def partition_lag(highwaters: Mapping[int, int], committed: Mapping[int, int | None], earliest: Mapping[int, int]) -> dict[int, int]:
+    """Lag per partition: the end offset minus the group's committed offset (the next offset to
+    read), or minus the earliest offset where the group has committed nothing yet."""
+    lags = {}
+    for partition, end in highwaters.items():
+        start = committed.get(partition)
+        if start is None:
+            start = earliest.get(partition, 0)
+        lags[partition] = max(0, end - start)
+    return lags
+
+
+def set_consumer_lag(lags: Mapping[int, int]) -> None:
+    """Publish ``lags`` (partition -> messages); partitions no longer assigned lose their series,
+    so a rebalance does not leave another worker's partitions reported twice."""
+    current = {str(p) for p in lags}
+    for (partition,) in [labels for labels in list(CONSUMER_LAG._metrics)]:
+        if partition not in current:
+            CONSUMER_LAG.remove(partition)
+    for partition, lag in lags.items():
+        CONSUMER_LAG.labels(str(partition)).set(lag)

@@ -24,6 +24,7 @@ import onnxruntime as ort
 import tritonclient.grpc.aio as triton
 from tritonclient.utils import InferenceServerException
 
+from pipeline import metrics
 from pipeline.errors import ConfigError, InferenceFailed, ServiceUnavailable
 from pipeline.features import PATCH_SHAPE
 from pipeline.model_meta import ModelMeta, from_config, read_meta
@@ -108,7 +109,7 @@ class TritonScorer:
         """Wait (with backoff, ``max_attempts`` tries) until the model is ready; read its metadata."""
         client = triton.InferenceServerClient(url)
         try:
-            config = await _retry(lambda: _ready_config(client, model, version, timeout_s), max_attempts, f"Triton at {url}")
+            config = await _retry(lambda: _ready_config(client, model, version, timeout_s), max_attempts, f"Triton at {url}", model)
         except BaseException:
             await client.close()
             raise
@@ -144,7 +145,7 @@ class TritonScorer:
             )
             return result.as_numpy(OUTPUT)
 
-        return await _retry(once, self.max_attempts, f"Triton model {self.meta.name}")
+        return await _retry(once, self.max_attempts, f"Triton model {self.meta.name}", self.meta.name)
 
     async def close(self) -> None:
         await self._client.close()
@@ -156,18 +157,21 @@ async def _ready_config(client: triton.InferenceServerClient, model: str, versio
     return (await client.get_model_config(model, version, client_timeout=timeout_s)).config
 
 
-async def _retry(call, attempts: int, what: str, base_delay_s: float = 0.5):
-    """Run ``call`` with exponential backoff and jitter on transient gRPC errors."""
+async def _retry(call, attempts: int, what: str, model: str, base_delay_s: float = 0.5):
+    """Run ``call`` with exponential backoff and jitter on transient gRPC errors; every failed
+    attempt and every retry is counted for ``model``."""
     for attempt in range(1, attempts + 1):
         try:
             return await call()
         except InferenceServerException as exc:
             status = str(exc.status())
+            metrics.TRITON_ERRORS.labels(model, status.removeprefix("StatusCode.") if status.startswith("StatusCode.") else "unknown").inc()
             if status not in _TRANSIENT and "failed to connect" not in str(exc).lower():
                 raise InferenceFailed(f"{what} rejected the request: {exc.message()}") from None
             if attempt == attempts:
                 raise ServiceUnavailable(f"{what} unavailable after {attempts} attempts: {exc.message()}") from None
             delay = base_delay_s * 2 ** (attempt - 1) * (0.5 + random.random())
             log.warning("%s: %s (attempt %d/%d), retrying in %.1f s", what, status, attempt, attempts, delay)
+            metrics.TRITON_RETRIES.labels(model).inc()
             await asyncio.sleep(delay)
     raise AssertionError("unreachable")

@@ -90,6 +90,9 @@ class Settings(BaseSettings):
     kafka_rebalance_timeout_s: float = Field(
         10.0, gt=0, le=300, description="How long a rebalance waits for members to rejoin."
     )
+    kafka_group_instance_id: str = Field(
+        "", description="Static group membership id, unique per worker (e.g. the pod name): a restarted worker gets its partitions back without a rebalance. Empty: dynamic membership."
+    )
     metrics_port: int = Field(
         9108, ge=0, le=65535, description="Port of the worker's Prometheus /metrics (0: off)."
     )

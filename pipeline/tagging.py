@@ -8,8 +8,8 @@ event. Keeping both here means the CLI, the worker and the benchmarks cannot dri
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -28,7 +28,8 @@ class Analysis:
     decoder: str  # "pyav" or "soundfile"
     duration_s: float  # decoded audio, capped at max_duration_s
     truncated: bool  # the stream broke after some audio (a partial upload)
-    decode_features_s: float  # wall seconds spent here
+    decode_s: float  # seconds spent decoding and resampling (inside the chunk iterator)
+    features_s: float  # seconds spent on log-mel and patching: the rest of analyse()
 
 
 def analyse(data: bytes, *, max_duration_s: float, min_duration_s: float, excerpts: int = 0, excerpt_s: float = 15.0, hop_frames: int = features.PATCH_FRAMES) -> Analysis:
@@ -41,32 +42,52 @@ def analyse(data: bytes, *, max_duration_s: float, min_duration_s: float, excerp
     # own thread pool would fight it for the same cores.
     torch.set_num_threads(1)
     start = time.perf_counter()
+    decoding = [0.0]  # decoding and the frontend interleave chunk by chunk; time each side
     plan = audio.decode_excerpts(data, count=excerpts, excerpt_s=excerpt_s, max_duration_s=max_duration_s) if excerpts > 0 else None
     if plan is not None:
-        patches = features.patches_from_excerpts(_nonempty(plan.parts), hop_frames)
+        decoding[0] = time.perf_counter() - start
+        patches = features.patches_from_excerpts(_nonempty(plan.parts, decoding), hop_frames)
         if len(patches.patches):
-            return Analysis(patches, plan.decoder, round(min(plan.duration_s, max_duration_s), 3), False, time.perf_counter() - start)
+            features_s = time.perf_counter() - start - decoding[0]
+            return Analysis(patches, plan.decoder, round(min(plan.duration_s, max_duration_s), 3), False, decoding[0], features_s)
         # The container overstated its duration: fall through to decoding the whole track.
     stream = audio.decode(data, max_duration_s=max_duration_s, min_duration_s=min_duration_s)
-    patches = features.patches_from_chunks(stream.chunks, hop_frames)
+    decoding[0] = time.perf_counter() - start
+    patches = features.patches_from_chunks(_timed(stream.chunks, decoding), hop_frames)
+    decode_s = decoding[0]
     return Analysis(
         patches=patches,
         decoder=stream.decoder,
         duration_s=round(stream.stats["duration_s"], 3),
         truncated=bool(stream.stats.get("truncated")),
-        decode_features_s=time.perf_counter() - start,
+        decode_s=decode_s,
+        features_s=max(0.0, time.perf_counter() - start - decode_s),
     )
 
 
-def _nonempty(parts: Iterator[tuple[float, Iterator[np.ndarray]]]) -> Iterator[tuple[float, list[np.ndarray]]]:
-    """Excerpts that hold audio: an excerpt past the real end of the stream is skipped."""
+def _nonempty(parts: Iterator[tuple[float, Iterator[np.ndarray]]], total_s: list[float]) -> Iterator[tuple[float, list[np.ndarray]]]:
+    """Excerpts that hold audio (one past the real end of the stream is skipped), decoded;
+    the seconds spent decoding are added to ``total_s[0]``."""
     for start_s, chunks in parts:
-        got = []
+        started = time.perf_counter()
         try:
             got = list(chunks)
         except Undecodable:
             continue
+        finally:
+            total_s[0] += time.perf_counter() - started
         yield start_s, got
+
+
+def _timed(chunks: Iterator[np.ndarray], total_s: list[float]) -> Iterator[np.ndarray]:
+    """Yield ``chunks``, adding the seconds spent producing them to ``total_s[0]``."""
+    while True:
+        start = time.perf_counter()
+        chunk = next(chunks, None)
+        total_s[0] += time.perf_counter() - start
+        if chunk is None:
+            return
+        yield chunk
 
 
 def describe(analysis: Analysis, scores: np.ndarray, taxonomy: Taxonomy, *, top_moods: int = 3, segment_s: float = 30.0) -> dict[str, Any]:

@@ -1,0 +1,186 @@
+"""The Kubernetes manifests: each overlay builds with ``kubectl kustomize`` and every object
+validates against its schema: the Kubernetes API's (kubernetes-validate, strict: unknown fields
+are errors) or, for KEDA and Prometheus-operator resources, the CRD schemas vendored in
+deploy/k8s/schemas. Then the properties operations rely on are checked on the built objects.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+
+from conftest import REPO
+
+K8S = REPO / "deploy" / "k8s"
+OVERLAYS = ["dev", "prod"]
+#: The Kubernetes API version validated against (kubernetes-validate carries the schemas).
+KUBERNETES_VERSION = "1.30.0"
+CRD_SCHEMAS = {
+    ("keda.sh/v1alpha1", "ScaledObject"): "keda.sh_scaledobject_v1alpha1.json",
+    ("keda.sh/v1alpha1", "TriggerAuthentication"): "keda.sh_triggerauthentication_v1alpha1.json",
+    ("monitoring.coreos.com/v1", "ServiceMonitor"): "monitoring.coreos.com_servicemonitor_v1.json",
+    ("monitoring.coreos.com/v1", "PodMonitor"): "monitoring.coreos.com_podmonitor_v1.json",
+    ("monitoring.coreos.com/v1", "PrometheusRule"): "monitoring.coreos.com_prometheusrule_v1.json",
+}
+
+
+def crd_validator(key: tuple[str, str]) -> jsonschema.Draft7Validator:
+    """A validator for a CRD's openAPIV3Schema. The schema is not checked against Draft 7's
+    metaschema: some of its patterns use Go regexp syntax (``(?i)``), which Python's ``re``
+    accepts but the metaschema's ECMA-262 ``regex`` format does not."""
+    return jsonschema.Draft7Validator(strict(json.loads((K8S / "schemas" / CRD_SCHEMAS[key]).read_text())))
+
+
+def strict(schema):
+    """Unknown fields become errors, as with the API server's strict field validation (a CRD
+    schema is structural: fields it does not declare are pruned silently, a typo included)."""
+    if isinstance(schema, dict):
+        schema = {k: strict(v) for k, v in schema.items()}
+        if "properties" in schema and "additionalProperties" not in schema and not schema.get("x-kubernetes-preserve-unknown-fields"):
+            schema["additionalProperties"] = False
+    elif isinstance(schema, list):
+        schema = [strict(v) for v in schema]
+    return schema
+
+
+def build(overlay: str) -> list[dict]:
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.fail("`kubectl` is not installed (.ci/run installs the Debian package kubernetes-client when missing)")
+    out = subprocess.run([kubectl, "kustomize", str(K8S / "overlays" / overlay)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    return [doc for doc in yaml.safe_load_all(out.stdout) if doc]
+
+
+@pytest.fixture(scope="module", params=OVERLAYS)
+def objects(request) -> list[dict]:
+    return build(request.param)
+
+
+def of_kind(objects: list[dict], kind: str) -> list[dict]:
+    return [o for o in objects if o["kind"] == kind]
+
+
+def one(objects: list[dict], kind: str, name: str) -> dict:
+    [obj] = [o for o in objects if o["kind"] == kind and o["metadata"]["name"] == name]
+    return obj
+
+
+def test_every_object_validates_against_its_schema(objects):
+    checked = set()
+    for obj in objects:
+        key = (obj["apiVersion"], obj["kind"])
+        if key in CRD_SCHEMAS:
+            crd_validator(key).validate(obj)
+        else:
+            kubernetes_validate.validate(obj, KUBERNETES_VERSION, strict=True)
+        checked.add(obj["kind"])
+    assert {"Namespace", "ConfigMap", "Deployment", "Service", "PodDisruptionBudget", "NetworkPolicy", "ScaledObject", "ServiceMonitor", "PodMonitor", "PrometheusRule"} <= checked
+
+
+def test_the_validators_do_reject_a_broken_object(objects):
+    """The checks above would catch a mistake (they are not vacuous)."""
+    deployment = json.loads(json.dumps(one(objects, "Deployment", "triton")))
+    deployment["spec"]["template"]["spec"]["containers"][0]["livenessProbe"]["httpGet"]["pathh"] = "/"
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(deployment, KUBERNETES_VERSION, strict=True)
+    scaled = json.loads(json.dumps(one(objects, "ScaledObject", "moodstream-worker")))
+    validator = crd_validator(("keda.sh/v1alpha1", "ScaledObject"))
+    validator.validate(scaled)
+    for field, value in (("maxReplicaCount", "many"), ("maxReplicas", 3)):
+        broken = json.loads(json.dumps(scaled))
+        broken["spec"][field] = value
+        with pytest.raises(jsonschema.ValidationError):
+            validator.validate(broken)
+
+
+def test_everything_lives_in_the_overlay_namespace(objects):
+    [namespace] = of_kind(objects, "Namespace")
+    name = namespace["metadata"]["name"]
+    assert all(o["metadata"].get("namespace") == name for o in objects if o["kind"] != "Namespace")
+
+
+def test_containers_run_non_root_read_only_without_capabilities(objects):
+    for deployment in of_kind(objects, "Deployment"):
+        pod = deployment["spec"]["template"]["spec"]
+        assert pod["securityContext"]["runAsNonRoot"] is True
+        assert pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
+        assert pod["automountServiceAccountToken"] is False
+        for container in pod["containers"]:
+            sc = container["securityContext"]
+            assert sc["readOnlyRootFilesystem"] is True and sc["allowPrivilegeEscalation"] is False
+            assert sc["capabilities"]["drop"] == ["ALL"]
+            assert "limits" in container["resources"] and "requests" in container["resources"]
+
+
+def test_triton_gets_a_gpu_and_health_probes_that_allow_model_loading(objects):
+    triton = one(objects, "Deployment", "triton")["spec"]["template"]["spec"]["containers"][0]
+    assert triton["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert triton["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
+    assert triton["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
+    startup = triton["startupProbe"]
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 300
+    assert {p["name"]: p["containerPort"] for p in triton["ports"]} == {"http": 8000, "grpc": 8001, "metrics": 8002}
+    assert any(a.startswith("--model-repository=") for a in triton["args"])
+    service_ports = {p["name"] for p in one(objects, "Service", "triton")["spec"]["ports"]}
+    assert service_ports == {"http", "grpc", "metrics"}
+
+
+def test_worker_drains_and_keeps_its_group_membership(objects):
+    pod = one(objects, "Deployment", "moodstream-worker")["spec"]["template"]["spec"]
+    # Longer than the longest batch (see the manifest's comment); Kubernetes' default is 30 s.
+    assert pod["terminationGracePeriodSeconds"] >= 300
+    env = {e["name"]: e for e in pod["containers"][0]["env"]}
+    assert env["MOODSTREAM_KAFKA_GROUP_INSTANCE_ID"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+    # Secret values are referenced, never written into the manifests.
+    assert env["MOODSTREAM_KAFKA_SASL_PASSWORD"]["valueFrom"]["secretKeyRef"]["name"] == "moodstream-kafka"
+    assert not of_kind(objects, "Secret")
+    config = one_generated(objects, "moodstream-worker")
+    assert not any("PASSWORD" in key or "SECRET" in key for key in config["data"])
+
+
+def one_generated(objects: list[dict], prefix: str) -> dict:
+    [config] = [o for o in of_kind(objects, "ConfigMap") if o["metadata"]["name"].startswith(prefix + "-")]
+    return config
+
+
+def test_keda_scales_the_worker_on_lag_within_the_partition_count(objects):
+    scaled = one(objects, "ScaledObject", "moodstream-worker")
+    spec = scaled["spec"]
+    assert spec["scaleTargetRef"]["name"] == "moodstream-worker"
+    assert spec["maxReplicaCount"] <= int(scaled["metadata"]["annotations"]["moodstream.io/input-partitions"])
+    [trigger] = spec["triggers"]
+    config = one_generated(objects, "moodstream-worker")["data"]
+    assert trigger["type"] == "kafka"
+    assert trigger["metadata"]["topic"] == config["MOODSTREAM_INPUT_TOPIC"]
+    assert trigger["metadata"]["consumerGroup"] == config["MOODSTREAM_CONSUMER_GROUP"]
+    assert trigger["metadata"]["bootstrapServers"] == config["MOODSTREAM_KAFKA_BOOTSTRAP"]
+    if config["MOODSTREAM_KAFKA_SECURITY_PROTOCOL"].startswith("SASL"):
+        auth = one(objects, "TriggerAuthentication", trigger["authenticationRef"]["name"])
+        assert {ref["parameter"] for ref in auth["spec"]["secretTargetRef"]} >= {"username", "password", "sasl"}
+
+
+def test_disruption_budgets_and_network_policies_cover_both_workloads(objects):
+    for app in ("triton", "moodstream-worker"):
+        budget = one(objects, "PodDisruptionBudget", app)
+        assert budget["spec"]["selector"]["matchLabels"] == {"app.kubernetes.io/name": app}
+        policy = one(objects, "NetworkPolicy", app)
+        assert policy["spec"]["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": app}
+    deny = one(objects, "NetworkPolicy", "default-deny-ingress")
+    assert deny["spec"] == {"podSelector": {}, "policyTypes": ["Ingress"]}
+    grpc_from = one(objects, "NetworkPolicy", "triton")["spec"]["ingress"][0]["from"]
+    assert grpc_from == [{"podSelector": {"matchLabels": {"app.kubernetes.io/name": "moodstream-worker"}}}]
+
+
+def test_scrape_jobs_and_rules_match_the_alerts_file(objects):
+    # The alerts and dashboard select job="triton" / job="moodstream-worker".
+    assert one(objects, "ServiceMonitor", "triton")["spec"]["jobLabel"] == "app.kubernetes.io/name"
+    assert one(objects, "PodMonitor", "moodstream-worker")["spec"]["jobLabel"] == "app.kubernetes.io/name"
+    alerts = yaml.safe_load((REPO / "deploy" / "prometheus" / "alerts.yml").read_text())
+    assert one(objects, "PrometheusRule", "moodstream")["spec"]["groups"] == alerts["groups"]
