@@ -1,0 +1,37 @@
+"""One track through the CPU stages: whole-track analysis and the analysis window (excerpts)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from conftest import encode, tone
+from pipeline import features as F
+from pipeline.tagging import analyse
+
+
+def test_excerpts_analyse_only_their_patches_at_their_times():
+    data = encode(tone(90.0, rate=F.SAMPLE_RATE, channels=1), "flac", rate=F.SAMPLE_RATE)
+    whole = analyse(data, max_duration_s=3600, min_duration_s=1)
+    part = analyse(data, max_duration_s=3600, min_duration_s=1, excerpts=3, excerpt_s=9.0)
+    per_excerpt = int(9.0 * F.FRAMES_PER_SECOND) // F.PATCH_FRAMES  # whole patches in 9 s
+    assert len(part.patches.patches) == 3 * per_excerpt
+    assert part.duration_s == pytest.approx(whole.duration_s, abs=0.01)
+    assert part.patches.analysed_s == pytest.approx(27.0, abs=0.1)
+    starts = part.patches.patch_starts_s
+    assert starts[0] == pytest.approx(15.0 - 4.5) and starts[per_excerpt] == pytest.approx(45.0 - 4.5)
+    assert np.all(np.diff(starts) > 0)
+
+
+def test_a_track_shorter_than_the_excerpts_is_analysed_whole():
+    data = encode(tone(20.0, rate=F.SAMPLE_RATE, channels=1), "flac", rate=F.SAMPLE_RATE)
+    whole = analyse(data, max_duration_s=3600, min_duration_s=1)
+    part = analyse(data, max_duration_s=3600, min_duration_s=1, excerpts=3, excerpt_s=9.0)
+    np.testing.assert_array_equal(part.patches.patches, whole.patches.patches)
+    np.testing.assert_array_equal(part.patches.patch_starts_s, whole.patches.patch_starts_s)
+
+
+def test_analysis_reports_decoding_and_frontend_time():
+    data = encode(tone(10.0), "mp3")
+    result = analyse(data, max_duration_s=3600, min_duration_s=1)
+    assert result.decode_s > 0 and result.features_s > 0
