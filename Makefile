@@ -7,7 +7,7 @@ MAIN_ENV := $(CACHE)/env-main-$(MAIN_KEY)
 STUB_ENV := $(CACHE)/env-triton-stub-$(STUB_KEY)
 PY := .venv/bin/python
 
-.PHONY: env link demo test test-fast lock
+.PHONY: env link demo test test-fast lock bench
 env: link
 
 $(MAIN_ENV)/.ready: requirements/main.txt
@@ -37,6 +37,20 @@ test: env
 
 test-fast: env
 	$(PY) -m pytest -m "not integration and not faults"
+
+# `make bench [AUDIO_DIR=folder]`: benchmarks on real music (bench/run.py); not part of the tests.
+# Without AUDIO_DIR it fetches Debian's warzone2100-music (30 Opus tracks) into the cache.
+BENCH_AUDIO := $(CACHE)/bench-audio
+BENCH_DEFAULT_DIR := $(BENCH_AUDIO)/warzone2100-music/usr/share/games/warzone2100/music
+bench: env
+	@if [ -z "$(AUDIO_DIR)" ]; then $(MAKE) --no-print-directory $(BENCH_AUDIO)/.ready; fi
+	$(PY) -m bench.run $(or $(AUDIO_DIR),$(BENCH_DEFAULT_DIR))
+
+$(BENCH_AUDIO)/.ready:
+	rm -rf $(BENCH_AUDIO) && mkdir -p $(BENCH_AUDIO)
+	cd $(BENCH_AUDIO) && (apt-get download warzone2100-music || (apt-get update -qq && apt-get download warzone2100-music))
+	cd $(BENCH_AUDIO) && dpkg -x warzone2100-music_*.deb warzone2100-music && rm warzone2100-music_*.deb
+	touch $@
 
 lock:
 	uv pip compile -q requirements/main.in -o requirements/main.txt --python-version 3.11
