@@ -30,7 +30,7 @@ END_TO_END_SECONDS = Histogram(
     buckets=_LATENCY_BUCKETS,
 )
 BATCH_TRACKS = Histogram("moodstream_batch_tracks", "Tracks per batch.", buckets=(1, 2, 4, 8, 16, 32, 64, 128))
-BATCH_PATCHES = Histogram("moodstream_batch_patches", "Patches per inference call.", buckets=(1, 4, 16, 64, 256, 1024, 4096))
+BATCH_PATCHES = Histogram("moodstream_batch_patches", "Patches per scoring call (one call per track; the scorer splits it into requests).", buckets=(1, 4, 16, 64, 256, 1024, 4096))
 TRACKS_IN_FLIGHT = Gauge("moodstream_tracks_in_flight", "Tracks taken but not yet published.")
 AUDIO_SECONDS = Counter("moodstream_audio_analysed_seconds_total", "Seconds of audio analysed.")
 SERVICE_ERRORS = Counter("moodstream_service_errors_total", "Outage errors after retries, by service.", ["service"])

@@ -77,6 +77,7 @@ class OnnxScorer:
         except (ort.capi.onnxruntime_pybind11_state.Fail, OSError) as exc:
             raise ConfigError(f"cannot load {self.path}: {exc}") from None
         self.max_batch = max_batch
+        self._lock = asyncio.Lock()
 
     def score_sync(self, patches: np.ndarray) -> np.ndarray:
         """Blocking form of :meth:`score`, for the CLI."""
@@ -87,7 +88,10 @@ class OnnxScorer:
         return np.concatenate(out)
 
     async def score(self, patches: np.ndarray) -> np.ndarray:
-        return await asyncio.to_thread(self.score_sync, patches)
+        # One run at a time: concurrent tracks would each start onnxruntime's intra-op threads
+        # and oversubscribe the cores the decoding processes need.
+        async with self._lock:
+            return await asyncio.to_thread(self.score_sync, patches)
 
     async def close(self) -> None:
         pass

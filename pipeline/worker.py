@@ -1,8 +1,13 @@
 """One batch of ingestion events through every stage: the worker's logic, without Faust.
 
-    raw events ─ parse ─► fetch (S3, concurrent) ─► decode + patches (process pool)
-               ─► score (all tracks' patches in one call) ─► publish outputs and dead letters
+    raw events ─ parse ─► per track, all tracks at once:
+                 fetch (S3) ─► decode + patches (process pool) ─► score (Triton / onnxruntime)
+               ─► publish outputs and dead letters
                ─► return: the caller (the Faust agent) may now commit the batch's offsets
+
+Each track is scored as soon as its patches are ready, so inference of the first tracks
+overlaps decoding of the others and both kinds of work keep the cores busy; Triton's dynamic
+batcher merges the concurrent requests of a batch's tracks into model batches.
 
 Every per-track failure becomes a dead-letter record (errors are data); nothing raised by one
 track stops the others. An outage of S3 or Triton is not a per-track failure: the batch waits,
@@ -66,6 +71,7 @@ class _Track:
     data: bytes | None = None
     crashed: bool = False  # its decoding process died (a decoder crash, or killed for memory)
     analysis: Analysis | None = None
+    scores: np.ndarray | None = None  # [n_patches, n_labels]
     error: TrackError | None = None
     latency_ms: dict[str, float] = field(default_factory=dict)
 
@@ -103,17 +109,12 @@ class Worker:
             except TrackError as exc:
                 dead.append((raw, exc, events.track_id_of(raw)))
 
-        await asyncio.gather(*(self._fetch_and_analyse(t) for t in tracks))
-        await self._retry_crashed([t for t in tracks if t.crashed])
-        good = [t for t in tracks if t.error is None]
-        scores = await self._score(good)
+        await asyncio.gather(*(self._fetch_analyse_score(t) for t in tracks))
+        crashed = [t for t in tracks if t.crashed]
+        await self._retry_crashed(crashed)
+        await asyncio.gather(*(self._score(t) for t in crashed if t.error is None))
 
-        sends: list[Awaitable[None]] = []
-        for track, track_scores in zip(good, scores):
-            if isinstance(track_scores, TrackError):
-                track.error = track_scores
-                continue
-            sends.append(self._publish_output(track, track_scores))
+        sends: list[Awaitable[None]] = [self._publish_output(t, t.scores) for t in tracks if t.error is None]
         outputs = len(sends)
         for track in tracks:
             if track.error is not None:
@@ -127,6 +128,11 @@ class Worker:
         for _, err, _ in dead:
             reasons[err.reason] = reasons.get(err.reason, 0) + 1
         return BatchResult(outputs=outputs, dead_letters=reasons)
+
+    async def _fetch_analyse_score(self, track: _Track) -> None:
+        await self._fetch_and_analyse(track)
+        if track.error is None and not track.crashed:
+            await self._score(track)
 
     async def _fetch_and_analyse(self, track: _Track) -> None:
         start = time.perf_counter()
@@ -184,31 +190,24 @@ class Worker:
     def close(self) -> None:
         self.pool.shutdown(cancel_futures=True)
 
-    async def _score(self, tracks: list[_Track]) -> list[np.ndarray | TrackError]:
-        """Per-track [n_patches, n_labels] scores, from one call for the whole batch."""
-        if not tracks:
-            return []
-        patches = np.concatenate([t.analysis.patches.patches for t in tracks])
+    async def _score(self, track: _Track) -> None:
+        """The track's [n_patches, n_labels] scores into ``track.scores``, or its error."""
+        patches = track.analysis.patches.patches
         metrics.BATCH_PATCHES.observe(len(patches))
         start = time.perf_counter()
         try:
             scores = await _until_available("triton", lambda: self.scorer.score(patches), self.config.outage_backoff_max_s)
-        except InferenceFailed:
-            # Find which track the server rejected: score each alone.
-            return [await self._score_alone(t) for t in tracks]
+        except InferenceFailed as exc:
+            track.error = exc
+            return
         elapsed = time.perf_counter() - start
         metrics.STAGE_SECONDS.labels("inference").observe(elapsed)
-        bounds = np.cumsum([len(t.analysis.patches.patches) for t in tracks])[:-1]
-        for t in tracks:
-            t.latency_ms["inference"] = round(elapsed * 1000, 1)
-        return [_finite(part) for part in np.split(scores, bounds)]
-
-    async def _score_alone(self, track: _Track) -> np.ndarray | TrackError:
-        try:
-            scores = await _until_available("triton", lambda: self.scorer.score(track.analysis.patches.patches), self.config.outage_backoff_max_s)
-        except InferenceFailed as exc:
-            return exc
-        return _finite(scores)
+        track.latency_ms["inference"] = round(elapsed * 1000, 1)
+        finite = _finite(scores)
+        if isinstance(finite, TrackError):
+            track.error = finite
+        else:
+            track.scores = finite
 
     async def _publish_output(self, track: _Track, scores: np.ndarray) -> None:
         fields = describe(track.analysis, scores, self.taxonomy, top_moods=self.config.top_moods, segment_s=self.config.timeline_segment_s)
