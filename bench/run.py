@@ -69,6 +69,19 @@ def _python(module: str, *args: str, env: dict[str, str]) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def _group_cpu_s(pgid: int | None) -> float:
+    """CPU seconds used so far by the live processes of process group ``pgid`` (Linux /proc)."""
+    total = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # the process ended meanwhile
+        if int(fields[2]) == pgid:
+            total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
 def worker_path(announcements: Path, env: dict[str, str], scorer: str) -> dict:
     result = _python("bench.worker_path", str(announcements), env={**env, "MOODSTREAM_SCORER": scorer})
     result["tracks_per_s"] = result["tracks"] / result["wall_s"]
@@ -282,7 +295,9 @@ async def main_async(args: argparse.Namespace) -> dict:
             announcements = log_dir / "announcements.jsonl"
             announcements.write_text("".join(announcement(o)[1].decode() + "\n" for o in objects))
             for scorer in ("onnx", "triton"):
+                triton_cpu = _group_cpu_s(stack.triton_pid)
                 figures[f"worker_{scorer}"] = worker_path(announcements, env, scorer)
+                figures[f"worker_{scorer}"]["triton_cpu_s"] = _group_cpu_s(stack.triton_pid) - triton_cpu
                 print(f"worker path ({scorer}): {figures[f'worker_{scorer}']}", file=sys.stderr)
             stack.create_topics([s.input_topic, s.output_topic, s.dlq_topic])
             # The warm-up track is the first file again under its own key (its own track id).

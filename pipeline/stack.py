@@ -149,6 +149,12 @@ class EmbeddedStack:
     def triton_metrics_url(self) -> str:
         return f"http://127.0.0.1:{self._triton_port('metrics')}/metrics"
 
+    @property
+    def triton_pid(self) -> int | None:
+        """tritonserver's pid while it runs: the leader of a process group that also holds its
+        python-backend stubs (for CPU accounting in benchmarks)."""
+        return self._triton.pid
+
     def env(self) -> dict[str, str]:
         """Environment variables that point a worker (or any AWS SDK / Kafka client) at this stack."""
         env = {
@@ -375,6 +381,10 @@ class _Service:
     @property
     def running(self) -> bool:
         return self._proc is not None
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
 
     def launch(self, args: list[str], *, env: dict[str, str] | None = None, cwd: Path | None = None) -> None:
         with open(self.log_path, "ab") as log:
