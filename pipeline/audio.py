@@ -111,12 +111,13 @@ def _decode_pyav(data: bytes, max_duration_s: float, min_duration_s: float) -> D
 
 def _pyav_frames(container: av.container.InputContainer, stream: av.AudioStream) -> Iterator[np.ndarray]:
     """[channels, n] float32 arrays, one per decoded frame."""
-    # Converting to planar float keeps every channel; the downmix happens in numpy (mean),
-    # as librosa does, not with FFmpeg's -3 dB centre mix.
-    resampler = av.AudioResampler(format="fltp")
+    # Converting to float keeps every channel; the downmix happens in numpy (mean), as librosa
+    # does, not with FFmpeg's -3 dB centre mix. Packed, not planar: PyAV's to_ndarray reads
+    # past the end of a planar frame of 8 or more channels and crashes the process.
+    resampler = av.AudioResampler(format="flt")
     for frame in container.decode(stream):
         for converted in resampler.resample(frame):
-            yield converted.to_ndarray()
+            yield converted.to_ndarray().reshape(-1, converted.layout.nb_channels).T
 
 
 def _decode_soundfile(data: bytes, max_duration_s: float, min_duration_s: float) -> DecodedStream:

@@ -71,3 +71,14 @@ def test_nan_samples_are_zeroed():
     soundfile.write(buf, signal.T, SAMPLE_RATE, format="WAV", subtype="FLOAT")
     wave, _ = audio.decode_all(buf.getvalue(), max_duration_s=60)
     assert np.isfinite(wave).all()
+
+
+@pytest.mark.parametrize("channels", [6, 8, 12])
+def test_many_channels_are_averaged(channels):
+    # Planar frames of 8+ channels crashed PyAV's to_ndarray (a segfault in the decoding process).
+    signal = tone(1.0, rate=SAMPLE_RATE, channels=channels)
+    buf = io.BytesIO()
+    soundfile.write(buf, signal.T, SAMPLE_RATE, format="WAV", subtype="FLOAT")
+    wave, stream = audio.decode_all(buf.getvalue(), max_duration_s=60)
+    assert stream.decoder == "pyav" and stream.channels == channels
+    np.testing.assert_allclose(wave, signal.mean(axis=0), atol=1e-3)
