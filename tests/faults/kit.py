@@ -41,9 +41,12 @@ class WorkerProcess:
             env["AWS_ENDPOINT_URL"] = env["AWS_ENDPOINT_URL_S3"] = s3_endpoint
         self.log_path = log_path
         self.env = env
+        # Run from the log's folder so that Faust's data directory (<group>-data) lands there,
+        # not in the clone.
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "pipeline", "worker", "--loglevel", loglevel],
-            cwd=REPO, env=env, stdout=open(log_path, "ab"), stderr=subprocess.STDOUT, start_new_session=True,
+            cwd=log_path.parent, env=env, stdout=open(log_path, "ab"), stderr=subprocess.STDOUT, start_new_session=True,
         )
 
     @property
