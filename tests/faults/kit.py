@@ -156,7 +156,8 @@ class Seen:
         return {r["track_id"] for r in self.outputs}
 
     def duplicates(self) -> int:
-        return sum(n - 1 for n in Counter(r["track_id"] for r in self.outputs).values())
+        """Outputs beyond the first for one announcement (track_id, correlation_id)."""
+        return sum(n - 1 for n in Counter((r["track_id"], r.get("correlation_id")) for r in self.outputs).values())
 
 
 class Reader:

@@ -4,6 +4,7 @@ Per-object faults end in a dead letter with the right reason (missing object: no
 denied: access_denied); transient ones (slow responses, throttling, 500s) are retried by the
 client and the track is tagged; a persistent outage pauses the batch (no dead letter) until S3
 answers again. Nothing is stuck: every track gets its record within the scenario's bound.
+A dead letter is replayed by producing its original again (once the object exists).
 """
 
 from __future__ import annotations
@@ -54,13 +55,20 @@ def test_s3_faults_are_retried_or_dead_lettered_never_stuck(stack, tmp_path, sum
         recovered_at = time.monotonic()
         assert reader.wait(lambda s: "outage" in s.output_ids(), 120, (worker,)), worker.log()
         recovery_s = time.monotonic() - recovered_at
+
+        # Replay: once the missing object exists, its dead letter's original, produced to the
+        # input topic again, gives the track its output.
+        s3.put_object(Bucket=BUCKET, Key="s3f/missing.mp3", Body=clip)
+        dead_missing = next(r for r in reader.seen.dead if r["track_id"] == "missing")
+        produce(stack.kafka_bootstrap, topics["MOODSTREAM_INPUT_TOPIC"], [(b"missing", events.original_bytes(dead_missing))])
+        assert reader.wait(lambda s: "missing" in s.output_ids(), 120, (worker,)), worker.log()
     finally:
         worker.stop()
         seen = reader.close()
         proxy.close()
     reasons = {r["track_id"]: r["reason"] for r in seen.dead}
     assert reasons == {"missing": "not_found", "denied": "access_denied"}, worker.log()
-    assert seen.output_ids() == {"ok", "slow", "throttled-0", "throttled-1", "error500", "outage"}
+    assert seen.output_ids() == {"ok", "slow", "throttled-0", "throttled-1", "error500", "outage", "missing"}
     # The transient faults really happened and were retried by the S3 client.
     assert all(t.hits == 2 for t in throttles)
     assert [a for _, _, a in proxy.seen("s3f/error500.mp3")][:3] == ["500 InternalError", "500 InternalError", "forward"]
@@ -69,6 +77,6 @@ def test_s3_faults_are_retried_or_dead_lettered_never_stuck(stack, tmp_path, sum
     assert outage_requests.count("503 SlowDown") > 3 and outage_requests[-1] == "forward"  # retried past the client's 3 attempts
     assert paused_metric == 1.0 and "s3 unavailable, batch paused" in worker.log(100_000)
     summary(
-        announced=len(first) + 1, outputs=len(seen.outputs), dlq=len(seen.dead), duplicates=seen.duplicates(),
+        announced=len(first) + 1, replayed=1, outputs=len(seen.outputs), dlq=len(seen.dead), duplicates=seen.duplicates(),
         recovery_s=recovery_s, per_track_faults_s=round(per_track_s, 1), outage_requests_refused=outage_requests.count("503 SlowDown"),
     )

@@ -28,21 +28,27 @@ def test_sigterm_drains_the_batch_in_flight_commits_and_exits(stack, tmp_path, s
     proxy.add(Fault("term/a.mp3", delay_s=4.0))
     settings = dict(MOODSTREAM_BATCH_SIZE=str(BATCH), MOODSTREAM_BATCH_WINDOW_S="2", **topics)
     ids = [f"term-{i}" for i in range(3 * BATCH)]
+    # One track announced three times (a re-ingest), in different batches: its outputs must
+    # come out in announcement order.
+    values = [(t.encode(), events.ingested_record(track_id=t, audio_uri=f"s3://{BUCKET}/term/a.mp3")) for t in ids]
+    for n, position in enumerate((1, BATCH + 1, 2 * BATCH + 1)):
+        values.insert(position + n, (b"term-re", events.ingested_record(track_id="term-re", audio_uri=f"s3://{BUCKET}/term/a.mp3", correlation_id=f"re-{n}")))
     reader = Reader(stack.kafka_bootstrap, "term")
     first = WorkerProcess(stack, tmp_path / "first.log", s3_endpoint=proxy.endpoint, **settings)
     second = None
     try:
         assert first.wait_log(r"tagging term\.ingested", 180), first.log()
-        produce(stack.kafka_bootstrap, topics["MOODSTREAM_INPUT_TOPIC"], [(t.encode(), events.ingested_record(track_id=t, audio_uri=f"s3://{BUCKET}/term/a.mp3")) for t in ids])
+        produce(stack.kafka_bootstrap, topics["MOODSTREAM_INPUT_TOPIC"], values)
         deadline = time.monotonic() + 60
         while not proxy.seen("term/a.mp3") and time.monotonic() < deadline:
             time.sleep(0.1)
         assert proxy.seen("term/a.mp3"), first.log()
         exit_s = first.terminate(timeout_s=GRACE_S)
         drained = set(reader.seen.output_ids()) if reader.wait(lambda s: len(s.outputs) >= BATCH, 10) else set(reader.seen.output_ids())
+        proxy.faults.clear()  # the restarted worker need not be slow
         second = WorkerProcess(stack, tmp_path / "second.log", s3_endpoint=proxy.endpoint, **settings)
         restart_at = time.monotonic()
-        complete = reader.wait(lambda s: s.output_ids() >= set(ids), 240, (second,))
+        complete = reader.wait(lambda s: len(s.outputs) >= len(values), 240, (second,))
         time.sleep(3)  # a redone batch would show up now
         recovery_s = time.monotonic() - restart_at - 3
     finally:
@@ -56,9 +62,11 @@ def test_sigterm_drains_the_batch_in_flight_commits_and_exits(stack, tmp_path, s
     # Faust's shutdown waits for the stream to finish its batch before it stops the agent.
     after_signal = first.log(100_000).partition("Signal received: 15")[2]
     assert f"batch of {BATCH}: {BATCH} outputs" in after_signal, first.log()
-    # The batch in flight was finished: at least one whole batch, a multiple of BATCH tracks.
-    assert len(drained) >= BATCH and len(drained) % BATCH == 0, (drained, first.log())
+    # The batch in flight was finished: at least one whole batch.
+    assert len(drained) >= BATCH, (drained, first.log())
     assert complete, second.log() if second else ""
     # Its offsets were committed: the restarted worker redid none of it.
     assert seen.duplicates() == 0 and seen.dead == []
-    summary(announced=len(ids), outputs=len(seen.outputs), dlq=len(seen.dead), duplicates=seen.duplicates(), recovery_s=recovery_s, exit_after_sigterm_s=round(exit_s, 1), drained=len(drained))
+    assert seen.output_ids() == set(ids) | {"term-re"}
+    assert [r["correlation_id"] for r in seen.outputs if r["track_id"] == "term-re"] == ["re-0", "re-1", "re-2"]
+    summary(announced=len(values), outputs=len(seen.outputs), dlq=len(seen.dead), duplicates=seen.duplicates(), recovery_s=recovery_s, exit_after_sigterm_s=round(exit_s, 1), drained=len(drained))
