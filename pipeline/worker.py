@@ -54,7 +54,7 @@ class WorkerConfig:
     min_duration_s: float
     top_moods: int
     timeline_segment_s: float
-    outage_backoff_max_s: float = 30.0
+    outage_backoff_max_s: float = 10.0  # a service that is back is noticed within this long
 
 
 @dataclass
