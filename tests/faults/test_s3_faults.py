@@ -1,7 +1,7 @@
 """S3 faults, injected by a real HTTP proxy between the worker and the S3 server.
 
 Per-object faults end in a dead letter with the right reason (missing object: not_found;
-denied: access_denied); transient ones (slow responses, throttling, 500s) are retried by the
+denied: access_denied; over the size cap: too_large, without downloading it); transient ones (slow responses, throttling, 500s) are retried by the
 client and the track is tagged; a persistent outage pauses the batch (no dead letter) until S3
 answers again. Nothing is stuck: every track gets its record within the scenario's bound.
 A dead letter is replayed by producing its original again (once the object exists).
@@ -20,6 +20,7 @@ from pipeline.stack import free_ports
 from .kit import BUCKET, Fault, Reader, S3FaultProxy, WorkerProcess, metric, private_topics, produce, scrape
 
 pytestmark = pytest.mark.faults
+MAX_OBJECT_BYTES = 1_000_000
 
 
 def test_s3_faults_are_retried_or_dead_lettered_never_stuck(stack, tmp_path, summary):
@@ -29,6 +30,7 @@ def test_s3_faults_are_retried_or_dead_lettered_never_stuck(stack, tmp_path, sum
     keys = ["ok", "denied", "slow", "throttled-0", "throttled-1", "error500", "outage"]
     for key in keys:
         s3.put_object(Bucket=BUCKET, Key=f"s3f/{key}.mp3", Body=clip)
+    s3.put_object(Bucket=BUCKET, Key="s3f/large.mp3", Body=clip * (MAX_OBJECT_BYTES // len(clip) + 1))
     proxy = S3FaultProxy(stack.s3_endpoint)
     proxy.add(Fault("s3f/denied.mp3", status=403, code="AccessDenied"))
     proxy.add(Fault("s3f/slow.mp3", delay_s=4.0))
@@ -37,10 +39,10 @@ def test_s3_faults_are_retried_or_dead_lettered_never_stuck(stack, tmp_path, sum
     outage = proxy.add(Fault("s3f/outage.mp3", status=503, code="SlowDown"))  # every attempt, until removed
 
     port = free_ports(1)[0]
-    worker = WorkerProcess(stack, tmp_path / "worker.log", s3_endpoint=proxy.endpoint, MOODSTREAM_METRICS_PORT=str(port), MOODSTREAM_S3_MAX_ATTEMPTS="3", **topics)
+    worker = WorkerProcess(stack, tmp_path / "worker.log", s3_endpoint=proxy.endpoint, MOODSTREAM_METRICS_PORT=str(port), MOODSTREAM_S3_MAX_ATTEMPTS="3", MOODSTREAM_MAX_OBJECT_BYTES=str(MAX_OBJECT_BYTES), **topics)
     reader = Reader(stack.kafka_bootstrap, "s3f")
     announce = lambda ids: produce(stack.kafka_bootstrap, topics["MOODSTREAM_INPUT_TOPIC"], [(t.encode(), events.ingested_record(track_id=t, audio_uri=f"s3://{BUCKET}/s3f/{t}.mp3")) for t in ids])  # noqa: E731
-    first = ["ok", "missing", "denied", "slow", "throttled-0", "throttled-1", "error500"]
+    first = ["ok", "missing", "denied", "large", "slow", "throttled-0", "throttled-1", "error500"]
     try:
         start = time.monotonic()
         announce(first)
@@ -67,7 +69,8 @@ def test_s3_faults_are_retried_or_dead_lettered_never_stuck(stack, tmp_path, sum
         seen = reader.close()
         proxy.close()
     reasons = {r["track_id"]: r["reason"] for r in seen.dead}
-    assert reasons == {"missing": "not_found", "denied": "access_denied"}, worker.log()
+    assert reasons == {"missing": "not_found", "denied": "access_denied", "large": "too_large"}, worker.log()
+    assert not [r for r in proxy.seen("s3f/large.mp3") if r[0] == "GET"]  # refused on its HEAD, never downloaded
     assert seen.output_ids() == {"ok", "slow", "throttled-0", "throttled-1", "error500", "outage", "missing"}
     # The transient faults really happened and were retried by the S3 client.
     assert all(t.hits == 2 for t in throttles)
