@@ -128,6 +128,7 @@ def bad_events(bucket: str, key: str) -> Iterator[EventCase]:
     # Huge payloads.
     yield doc("huge-correlation", correlation_id="x" * 70_000)
     yield EventCase("huge-raw", b"{" + b" " * 100_000 + b"}")
+    yield EventCase("deeply-nested", b'{"track_id": "ev-deep", "x": ' + b"[" * 5000 + b"]" * 5000 + b"}")
     yield doc("huge-uri", audio_uri=f"s3://{bucket}/" + "k" * 2000)
     # URIs that are not allowed: other schemes, other buckets, path tricks.
     for i, uri in enumerate([
