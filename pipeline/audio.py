@@ -116,12 +116,12 @@ def _pyav_from(container: av.container.InputContainer, stream: av.AudioStream, s
     """[channels, n] float32 blocks from ``start_s`` on: seek to the packet before it, then drop
     the decoded samples that precede it."""
     container.seek(int(start_s / stream.time_base), stream=stream, backward=True, any_frame=False)
-    resampler = av.AudioResampler(format="fltp")
+    resampler = av.AudioResampler(format="flt")  # packed: see _pyav_frames
     try:
         for frame in container.decode(stream):
             at = float(frame.pts * frame.time_base) if frame.pts is not None else start_s
             for converted in resampler.resample(frame):
-                block = converted.to_ndarray()
+                block = converted.to_ndarray().reshape(-1, converted.layout.nb_channels).T
                 skip = int(round((start_s - at) * converted.sample_rate))
                 at += block.shape[1] / converted.sample_rate
                 if skip >= block.shape[1]:
@@ -184,12 +184,13 @@ def _decode_pyav(data: bytes, max_duration_s: float, min_duration_s: float) -> D
 
 def _pyav_frames(container: av.container.InputContainer, stream: av.AudioStream) -> Iterator[np.ndarray]:
     """[channels, n] float32 arrays, one per decoded frame."""
-    # Converting to planar float keeps every channel; the downmix happens in numpy (mean),
-    # as librosa does, not with FFmpeg's -3 dB centre mix.
-    resampler = av.AudioResampler(format="fltp")
+    # Converting to float keeps every channel; the downmix happens in numpy (mean), as librosa
+    # does, not with FFmpeg's -3 dB centre mix. Packed, not planar: PyAV's to_ndarray reads
+    # past the end of a planar frame of 8 or more channels and crashes the process.
+    resampler = av.AudioResampler(format="flt")
     for frame in container.decode(stream):
         for converted in resampler.resample(frame):
-            yield converted.to_ndarray()
+            yield converted.to_ndarray().reshape(-1, converted.layout.nb_channels).T
 
 
 def _decode_soundfile(data: bytes, max_duration_s: float, min_duration_s: float) -> DecodedStream:

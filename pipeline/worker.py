@@ -61,7 +61,7 @@ class WorkerConfig:
     timeline_segment_s: float
     excerpts: int = 0  # 0: the whole track
     excerpt_s: float = 15.0
-    outage_backoff_max_s: float = 30.0
+    outage_backoff_max_s: float = 10.0  # a service that is back is noticed within this long
 
 
 @dataclass

@@ -118,3 +118,14 @@ def test_no_excerpts_when_the_track_is_not_longer_than_them():
     data = encode(_ramp_tone(20.0), "flac", rate=SAMPLE_RATE)
     assert audio.decode_excerpts(data, count=2, excerpt_s=10.0, max_duration_s=3600) is None
     assert audio.decode_excerpts(b"not audio", count=2, excerpt_s=1.0, max_duration_s=3600) is None
+
+
+@pytest.mark.parametrize("channels", [6, 8, 12])
+def test_many_channels_are_averaged(channels):
+    # Planar frames of 8+ channels crashed PyAV's to_ndarray (a segfault in the decoding process).
+    signal = tone(1.0, rate=SAMPLE_RATE, channels=channels)
+    buf = io.BytesIO()
+    soundfile.write(buf, signal.T, SAMPLE_RATE, format="WAV", subtype="FLOAT")
+    wave, stream = audio.decode_all(buf.getvalue(), max_duration_s=60)
+    assert stream.decoder == "pyav" and stream.channels == channels
+    np.testing.assert_allclose(wave, signal.mean(axis=0), atol=1e-3)

@@ -13,7 +13,7 @@ import pytest
 
 from conftest import encode, tone
 from pipeline import events
-from pipeline.errors import ServiceUnavailable
+from pipeline.errors import InferenceFailed, ServiceUnavailable
 from pipeline.scoring import OnnxScorer
 from pipeline.settings import REPO_ROOT
 from pipeline.tagging import analyse
@@ -116,3 +116,31 @@ def test_a_file_that_kills_the_decoding_process_costs_only_that_track(scorer, ex
     assert result.outputs == 1 and result.dead_letters == {"undecodable": 1}
     dead = next(r for t, _, r in publish.records if t == "dlq")
     assert dead["track_id"] == "poison" and "process died" in dead["message"]
+
+
+class RejectingScorer:
+    """Wraps a real scorer; refuses any request holding an all-zero patch (a silent track), as
+    a model server refuses a request it cannot run."""
+
+    def __init__(self, inner):
+        self.inner, self.meta, self.calls = inner, inner.meta, 0
+
+    async def score(self, patches):
+        self.calls += 1
+        if any(not p.any() for p in patches):
+            raise InferenceFailed("request rejected")
+        return await self.inner.score(patches)
+
+
+def test_a_track_the_model_server_rejects_costs_only_that_track(scorer, example_clips, tmp_path):
+    (tmp_path / "silence.wav").write_bytes(encode(np.zeros((1, 16_000 * 4), np.float32), "wav", rate=16_000))
+    raws = [announce("good", example_clips[1]), announce("silent", tmp_path / "silence.wav")]
+    publish = Recorder()
+    rejecting = RejectingScorer(scorer)
+    worker = make_worker(rejecting, publish)
+    result = asyncio.run(worker.process(raws))
+    worker.close()
+    # One call per track: the rejected one costs only its own track.
+    assert rejecting.calls == 2 and result.outputs == 1 and result.dead_letters == {"inference_failed": 1}
+    dead = next(r for t, _, r in publish.records if t == "dlq")
+    assert dead["track_id"] == "silent" and dead["reason"] == "inference_failed"

@@ -1,0 +1,49 @@
+"""One embedded stack (Tansu, moto S3, CPU Triton) for the whole fault suite, and the summary
+that every scenario reports: tracks announced, outputs, dead letters, duplicates, recovery s.
+
+The summary is printed at the end of the run (``pytest_terminal_summary``), so it shows in CI
+logs without ``-s``.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from pipeline import storage
+from pipeline.settings import load_settings
+from pipeline.stack import EmbeddedStack
+
+from .kit import BUCKET, MODEL
+
+_SUMMARY: list[str] = []
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory):
+    settings = load_settings()
+    with EmbeddedStack(log_dir=tmp_path_factory.mktemp("fault-stack-logs"), model_repository=settings.model_repository, models=[MODEL]) as s:
+        os.environ.update({k: v for k, v in s.env().items() if k.startswith("AWS_")})
+        storage.make_s3_client().create_bucket(Bucket=BUCKET)
+        yield s
+
+
+@pytest.fixture
+def summary(request):
+    """summary(announced=, outputs=, dlq=, duplicates=, recovery_s=, **more) records the
+    scenario's line for the end-of-run table."""
+
+    def record(*, announced: int, outputs: int, dlq: int, duplicates: int, recovery_s: float | None = None, **more: object) -> None:
+        recovery = "-" if recovery_s is None else f"{recovery_s:.1f}"
+        extra = "".join(f" {k}={v}" for k, v in more.items())
+        _SUMMARY.append(f"{request.node.name}: announced={announced} outputs={outputs} dlq={dlq} duplicates={duplicates} recovery_s={recovery}{extra}")
+
+    return record
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _SUMMARY:
+        terminalreporter.section("fault scenarios")
+        for line in _SUMMARY:
+            terminalreporter.write_line(line)
