@@ -49,6 +49,7 @@ class FitConfig:
     plateau_patience: int = 2  # epochs
     plateau_factor: float = 0.5
     early_stopping: int = 6  # epochs without a better validation loss before stopping (0: off)
+    min_delta: float = 0.0  # a validation loss counts as better when it beats the best by more
     time_limit_min: float = 0.0  # stop after the epoch that passes this many minutes (0: off)
     class_weighting: bool = True  # tags: positive weights; classes: inverse-frequency weights
     # data per epoch and augmentation

@@ -1,11 +1,12 @@
 """``moodstream-train distill``: a student learns the pretrained model's scores on unlabelled audio.
 
     unlabelled tracks (folder or s3:// prefix) -> mel cache
-    -> teacher (musicnn_msd by default, in PyTorch) scores every patch on a half-patch grid:
+    -> teacher (musicnn_msd by default, in PyTorch) scores every patch on the serving grid:
        the soft targets, cached beside the mel frames (per teacher and audio content)
     -> tracks split by a stable hash: train / validation / held out (``--holdout``)
     -> the student (any architecture, task "tags" over the teacher's labels) trains with
-       BCE against the soft targets, in the same loop as ``fit``
+       BCE against the soft targets, in the same loop as ``fit``; each epoch draws
+       ``patches_per_track`` of every training track's patches at random
     -> student vs teacher on the held-out tracks' serving patches -> distill_report.json
 
 How the report binarises the teacher (ROC-AUC needs 0/1 truth):
@@ -44,24 +45,32 @@ from training.export import _Serving
 from training.fit import open_cache, prepare_tracks, setup_runtime, train
 from training.models import load_checkpoint
 
-#: Teacher targets every half patch: twice the crops of the serving grid, each with its own target.
-TEACHER_HOP = PATCH_FRAMES // 2
+#: Teacher targets on the serving grid (the patches the worker scores).
+TEACHER_HOP = PATCH_FRAMES
 
 
 class SoftTargets(Dataset):
-    """(mel [PATCH_FRAMES, N_MELS], teacher scores [n_labels]) for every grid patch of ``tracks``."""
+    """(mel [PATCH_FRAMES, N_MELS], teacher scores [n_labels]): ``per_track`` grid patches of
+    every track, drawn at random on each access (``shuffle``) or evenly spaced."""
 
-    def __init__(self, tracks: list[Track], cache: FeatureCache, targets: dict[str, np.ndarray]) -> None:
+    def __init__(self, tracks: list[Track], cache: FeatureCache, targets: dict[str, np.ndarray], *, per_track: int, shuffle: bool) -> None:
         self.cache = cache
-        self.items = [(t.source, i * TEACHER_HOP, row) for t in tracks for i, row in enumerate(targets[t.source])]
+        self.targets = targets
+        self.shuffle = shuffle
+        self.items = []  # (source, slot, slots)
+        for t in tracks:
+            n = min(per_track, len(targets[t.source]))
+            self.items += [(t.source, k, n) for k in range(n)]
 
     def __len__(self) -> int:
         return len(self.items)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        source, start, row = self.items[index]
-        mel = np.array(self.cache.frames(source)[start : start + PATCH_FRAMES])
-        return torch.from_numpy(mel), torch.from_numpy(row)
+        source, slot, slots = self.items[index]
+        rows = self.targets[source]
+        i = int(torch.randint(len(rows), ()).item()) if self.shuffle else slot * len(rows) // slots
+        mel = np.array(self.cache.frames(source)[i * TEACHER_HOP : i * TEACHER_HOP + PATCH_FRAMES])
+        return torch.from_numpy(mel), torch.from_numpy(rows[i])
 
 
 def grid_patches(frames: np.ndarray, hop: int) -> np.ndarray:
@@ -133,8 +142,8 @@ def distill(cfg: FitConfig, source: str, teacher: Path, *, holdout: float = 0.2)
         raise ValueError(f"the teacher must be a tagger, {teacher} has task {tckpt['task']!r}")
     t_serving = _Serving(teacher_model).eval().to(rt.device)
     targets = teacher_targets(splits["train"] + splits["validation"], cache, teacher, t_serving, rt.device, cfg.progress and rt.main)
-    train_ds = SoftTargets(splits["train"], cache, targets)
-    val_ds = SoftTargets(splits["validation"], cache, targets)
+    train_ds = SoftTargets(splits["train"], cache, targets, per_track=cfg.patches_per_track, shuffle=True)
+    val_ds = SoftTargets(splits["validation"], cache, targets, per_track=cfg.patches_per_track, shuffle=False)
     loss_fn = torch.nn.BCEWithLogitsLoss()  # soft targets: the teacher's probabilities
     best = train(cfg, rt, "tags", tuple(tckpt["labels"]), train_ds, val_ds, loss_fn, source=f"distilled from {teacher.name} ({tckpt['version']}) on {source}")
 

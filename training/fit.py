@@ -214,7 +214,7 @@ def train(cfg: FitConfig, rt: Runtime, task: str, labels: tuple[str, ...], train
             scheduler.step()
         else:
             scheduler.step(val_loss)
-        improved = val_loss < best
+        improved = val_loss < best - cfg.min_delta
         best, stale = (val_loss, 0) if improved else (best, stale + 1)
         if rt.main:
             metrics = _log_epoch(writer, epoch, train_loss, val_loss, optimizer, task, labels, pred, true)

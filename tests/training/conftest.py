@@ -104,3 +104,19 @@ def unlabelled(tmp_path_factory) -> Path:
     for n in range(10):
         _audio(root / f"album{n % 3}" / f"{n}.mp3", 7.0, 150.0 * 1.3**n)
     return root
+
+
+@pytest.fixture(scope="session")
+def mel_cache(tmp_path_factory) -> Path:
+    """One feature cache for the whole session: each fixture file is decoded once."""
+    return tmp_path_factory.mktemp("mel_cache")
+
+
+#: Architecture dims small enough to train in a second on a shared CPU.
+TINY_DIMS = {
+    "musicnn": {"timbral_filters": 4, "temporal_filters": 4, "midend_filters": 8, "embedding_dim": 16},
+    "convgruformer": {"conv_channels": [4, 8, 8], "d_model": 16, "heads": 2, "layers": 1, "ff": 32},
+    "resnet_va": {"widths": [4, 8, 8, 16]},
+    "lstm_va": {"hidden": 16},
+    "resnet18": {"widths": [4, 8, 8, 16], "blocks": [1, 1, 1, 1]},
+}

@@ -1,11 +1,11 @@
 """Log-mel frames of every audio file, computed once with the serving frontend and kept as .npy.
 
-    <root>/<frontend hash>/<content sha256[:2]>/<content sha256>.npy    [n_frames, N_MELS] float32
-    <root>/<frontend hash>/index.json    "<source>|<size>|<mtime or ETag>" -> content sha256
+    <root>/<frontend hash>-<max s>s/<content sha256[:2]>/<content sha256>.npy  [n_frames, N_MELS] float32
+    <root>/<frontend hash>-<max s>s/index.json   "<source>|<size>|<mtime or ETag>" -> content sha256
 
 Files are keyed by their content, so the same audio under two names is computed once and a
 changed file is recomputed; the frontend constants name the directory, so a frontend change
-never reads stale features. Frames come from :func:`pipeline.audio.decode` and
+never reads stale features; so does the longest duration analysed (``max_duration_s``). Frames come from :func:`pipeline.audio.decode` and
 :class:`pipeline.features.LogMelStream` exactly as the worker computes them; a clip shorter
 than one patch is repeat-padded to one patch, as :class:`pipeline.features.PatchStream` does.
 """
@@ -39,7 +39,7 @@ class FeatureCache:
     """source (path or s3:// URI) -> memory-mapped log-mel frames [n_frames, N_MELS]."""
 
     def __init__(self, root: Path, *, max_duration_s: float = 600.0, s3_client: Any = None) -> None:
-        self.dir = Path(root) / frontend_key()
+        self.dir = Path(root) / f"{frontend_key()}-{max_duration_s:g}s"
         self.dir.mkdir(parents=True, exist_ok=True)
         self.max_duration_s = max_duration_s
         self._s3 = s3_client

@@ -9,6 +9,7 @@ validation and test.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,11 @@ from training.data import SPLITS, Catalog, Track, hash_split
 
 
 def _audio_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower().lstrip(".") in AUDIO_EXTENSIONS)
+    """Audio files under ``folder``, following symbolic links (catalogs are often link farms)."""
+    found = []
+    for dirpath, _, names in os.walk(folder, followlinks=True):
+        found += [Path(dirpath) / n for n in names if Path(n).suffix.lower().lstrip(".") in AUDIO_EXTENSIONS]
+    return sorted(p for p in found if p.is_file())
 
 
 def load_classes(root: Path, val_fraction: float = 0.15, test_fraction: float = 0.15) -> Catalog:
