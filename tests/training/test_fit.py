@@ -177,3 +177,11 @@ def test_spec_augment_masks_bands_and_spans():
     assert zero_bands.max() <= 10 and zero_frames.max() <= 30
     assert zero_bands.float().mean() > 2 and zero_frames.float().mean() > 5
     assert torch.equal(mel, torch.ones_like(mel))  # the input is left alone
+
+
+def test_shipped_configs_load():
+    shipped = sorted((Path(__file__).resolve().parents[2] / "training" / "configs").glob("*.toml"))
+    assert len(shipped) == 4
+    for path in shipped:
+        cfg = load_config(path)
+        assert cfg.arch in CASES and CASES[cfg.arch][0] == cfg.data, path.name
