@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -95,7 +96,9 @@ def teacher_targets(tracks: list[Track], cache: FeatureCache, teacher: Path, ser
     for track in tqdm(tracks, desc="teacher scores", unit="track", disable=not progress):
         path = folder / f"{cache.digest(track.source)}.npy"
         if not path.is_file():
-            np.save(path, score(serving, grid_patches(cache.frames(track.source), TEACHER_HOP), device).astype(np.float32))
+            tmp = path.with_suffix(f".{os.getpid()}.npy")  # several torchrun ranks may race here
+            np.save(tmp, score(serving, grid_patches(cache.frames(track.source), TEACHER_HOP), device).astype(np.float32))
+            tmp.replace(path)
         out[track.source] = np.load(path)
     return out
 

@@ -120,6 +120,9 @@ def test_resume_continues_the_same_run(class_folders, mel_cache, tmp_path):
     assert second["config"]["epochs"] == 2 and second["config"]["resume"].endswith("last.pt")
     assert second["optimizer"]["state"]  # Adam moments carried over and updated
     assert any(not torch.equal(second["state_dict"][k], first["state_dict"][k]) for k in first["state_dict"])
+    assert main(["evaluate", str(tmp_path / "run" / "last.pt"), "--out", str(tmp_path / "eval")]) == 0
+    report = json.loads((tmp_path / "eval" / "report.json").read_text())
+    assert report["epoch"] == 1 and report["version"] == first["version"]
 
 
 def test_early_stopping_when_validation_does_not_improve(class_folders, mel_cache, tmp_path, capsys):

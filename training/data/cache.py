@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -98,7 +99,7 @@ class FeatureCache:
     def _store(self, digest: str, frames: np.ndarray) -> None:
         path = self._path(digest)
         path.parent.mkdir(exist_ok=True)
-        tmp = path.with_suffix(".tmp.npy")
+        tmp = path.with_suffix(f".{os.getpid()}.npy")
         np.save(tmp, frames)
         tmp.replace(path)  # atomic: a crashed run never leaves half a file under the real name
 
