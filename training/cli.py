@@ -76,8 +76,11 @@ def _key_value(text: str) -> tuple[str, str]:
 def _fit(args: argparse.Namespace) -> int:
     from training.fit import fit
 
+    import os
+
     best = fit(_config(args))
-    print(f"best checkpoint: {best}")
+    if os.environ.get("RANK", "0") == "0":  # one line under torchrun, not one per process
+        print(f"best checkpoint: {best}")
     return 0
 
 
