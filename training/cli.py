@@ -1,9 +1,12 @@
-"""``moodstream-train``: import the pretrained models, and export checkpoints for serving.
+"""``moodstream-train``: train, evaluate, distill and export models; import the pretrained ones.
 
+    moodstream-train fit [--config FILE] [--set KEY=VALUE ...] [--resume CHECKPOINT]
+    moodstream-train evaluate CHECKPOINT [--out DIR] [--set KEY=VALUE ...]
+    moodstream-train distill SOURCE [--teacher CHECKPOINT] [--holdout 0.2] [--config FILE] [--set ...]
+    moodstream-train export CHECKPOINT [--name NAME] [--repository triton_models] [--version 1]
     moodstream-train import-musicnn --tf-python PATH [--clips DIR]
     moodstream-train compare-musicnn DIR... --tf-python PATH
     moodstream-train calibrate-moods DIR... [--model NAME] [--percentile 90] [--floor 0.05]
-    moodstream-train export CHECKPOINT --name NAME [--repository triton_models] [--version 1]
 """
 
 from __future__ import annotations
@@ -47,13 +50,79 @@ def _calibrate_moods(args: argparse.Namespace) -> int:
     return 0
 
 
+def _config(args: argparse.Namespace):
+    from training.config import from_dict, load_config
+
+    if getattr(args, "resume", None):
+        import torch
+        import yaml
+
+        # A resumed run continues with the options it was started with; --set may change
+        # the schedule (epochs, patience, ...) but not the model.
+        if args.config or any(k.startswith("dims.") or k == "arch" for k, _ in args.set):
+            raise ValueError("--resume continues a run with its own config and dims; use --set for other options")
+        saved = torch.load(args.resume, map_location="cpu", weights_only=False)["config"]
+        return from_dict({**saved, **{k: yaml.safe_load(v) for k, v in args.set}, "resume": args.resume})
+    return load_config(args.config, [f"{k}={v}" for k, v in args.set])
+
+
+def _key_value(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key.strip(), value
+
+
+def _fit(args: argparse.Namespace) -> int:
+    from training.fit import fit
+
+    import os
+
+    best = fit(_config(args))
+    if os.environ.get("RANK", "0") == "0":  # one line under torchrun, not one per process
+        print(f"best checkpoint: {best}")
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    import json
+
+    import yaml
+
+    from training.evaluate import evaluate
+
+    checkpoint = Path(args.checkpoint)
+    out = Path(args.out) if args.out else checkpoint.parent / "eval"
+    report = evaluate(checkpoint, out, {k: yaml.safe_load(v) for k, v in args.set})
+    metrics = {k: v for k, v in report["metrics"].items() if k not in ("per_tag", "thresholds")}
+    print(json.dumps({"tracks": report["tracks"], "metrics": metrics}, indent=1))
+    print(f"report: {out / 'report.json'}, figure: {out / 'report.png'}")
+    return 0
+
+
+def _distill(args: argparse.Namespace) -> int:
+    import json
+
+    from training.distill import distill
+
+    report = distill(_config(args), args.source, Path(args.teacher), holdout=args.holdout)
+    print(json.dumps(report, indent=1))
+    return 0
+
+
 def _export(args: argparse.Namespace) -> int:
     from training.export import export
 
     result = export(Path(args.checkpoint), args.name, Path(args.repository), version=args.version)
     diffs = ", ".join(f"{k} {v:.1e}" for k, v in result.max_abs_diff.items())
     print(f"{result.directory}: parity vs eager: {diffs}")
+    print(f"serve it with MOODSTREAM_MODEL={result.directory.name} (model repository {result.directory.parent})")
     return 0
+
+
+def _add_config_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", type=Path, help="TOML or YAML file of training options (training/config.py)")
+    p.add_argument("--set", type=_key_value, action="append", default=[], metavar="KEY=VALUE", help="override one option (dims.NAME for a dimension); repeatable")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -79,9 +148,27 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--repository", default=str(REPO_ROOT / "triton_models"))
     cal.set_defaults(func=_calibrate_moods)
 
+    fit = sub.add_parser("fit", help="train a model on a labelled data set")
+    _add_config_options(fit)
+    fit.add_argument("--resume", help="continue the run of this checkpoint (last.pt) with its options")
+    fit.set_defaults(func=_fit)
+
+    ev = sub.add_parser("evaluate", help="metrics of a checkpoint on its validation and test tracks (JSON + PNG)")
+    ev.add_argument("checkpoint")
+    ev.add_argument("--out", help="report folder (default: <checkpoint folder>/eval)")
+    ev.add_argument("--set", type=_key_value, action="append", default=[], metavar="KEY=VALUE", help="override a data option of the checkpoint's run (data_root, audio_root, cache_dir)")
+    ev.set_defaults(func=_evaluate)
+
+    dis = sub.add_parser("distill", help="train a student on unlabelled audio against the pretrained model's scores")
+    dis.add_argument("source", help="folder of audio files or s3://bucket/prefix")
+    dis.add_argument("--teacher", default=str(REPO_ROOT / "training" / "weights" / "musicnn_msd.pt"))
+    dis.add_argument("--holdout", type=float, default=0.2, help="fraction of tracks held out for the student-vs-teacher report")
+    _add_config_options(dis)
+    dis.set_defaults(func=_distill, resume=None)
+
     exp = sub.add_parser("export", help="export a checkpoint as a Triton model repository entry")
     exp.add_argument("checkpoint")
-    exp.add_argument("--name", required=True, help="model name in the repository")
+    exp.add_argument("--name", help="model name in the repository (default: the run's name, else its architecture)")
     exp.add_argument("--repository", default=str(REPO_ROOT / "triton_models"))
     exp.add_argument("--version", type=int, default=1, help="Triton version directory")
     exp.set_defaults(func=_export)

@@ -5,7 +5,8 @@
       configs/cpu.pbtxt     CPU servers (``tritonserver --model-config-name=cpu``): the python
                             backend running the same ONNX file with onnxruntime
       1/model.onnx          input "mel" [batch, PATCH_FRAMES, N_MELS] -> outputs "scores"
-                            [batch, n_labels] (probabilities for tags/classes, values for V/A)
+                            [batch, n_labels] (probabilities for tags/classes; valence and
+                            arousal scaled to [0, 1] for V/A)
                             and "embedding" [batch, embedding_dim]
       1/model.pt            the same network as TorchScript (for a libtorch server)
       1/model.py            the python backend (CPU config only)
@@ -54,7 +55,9 @@ class _Serving(nn.Module):
 
     def forward(self, mel: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         out, embedding = self.model(mel)
-        if self.task == "tags":
+        # V/A targets are trained scaled to [0, 1] through the same sigmoid, so every served
+        # score is in [0, 1] as the output event's schema requires.
+        if self.task in ("tags", "va", "va_steps"):
             out = torch.sigmoid(out)
         elif self.task == "classes":
             out = torch.softmax(out, dim=-1)
@@ -67,9 +70,14 @@ class Exported:
     max_abs_diff: dict[str, float]  # "torchscript" / "onnxruntime" vs eager
 
 
-def export(checkpoint: Path, name: str, repository: Path, *, version: int = 1, gpu_max_batch: int = 256, cpu_max_batch: int = 16) -> Exported:
-    """Write ``repository/name`` from ``checkpoint``; return the parity figures."""
+def export(checkpoint: Path, name: str | None, repository: Path, *, version: int = 1, gpu_max_batch: int = 256, cpu_max_batch: int = 16) -> Exported:
+    """Write ``repository/name`` from ``checkpoint``; return the parity figures.
+
+    ``name`` defaults to the training run's ``name`` option, else the architecture. The
+    checkpoint's ``version`` string (set at training time) is what every output event reports.
+    """
     model, ckpt = load_checkpoint(checkpoint)
+    name = name or ckpt.get("config", {}).get("name") or ckpt["arch"]
     serving = _Serving(model).eval()
     meta = ModelMeta(name=name, version=str(ckpt["version"]), task=ckpt["task"], labels=tuple(ckpt["labels"]), frontend=ckpt["frontend"], embedding_dim=_embedding_dim(serving))
     entry = repository / name

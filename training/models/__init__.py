@@ -24,11 +24,22 @@ import torch
 from torch import nn
 
 from pipeline.features import frontend_constants
+from training.models.convgruformer import ConvGRUFormer, ConvGRUFormerDims
+from training.models.lstm_va import LSTMVA, LSTMVADims
 from training.models.musicnn import Musicnn, MusicnnDims
+from training.models.resnet18 import ResNet18, ResNet18Dims
+from training.models.resnet_va import ResNetVA, ResNetVADims
 
+#: name -> (module, dims dataclass). Every module maps mel [B, PATCH_FRAMES, N_MELS] to
+#: (outputs [B, dims.n_classes], embedding [B, E]) and has ``task`` (from its dims).
 ARCHITECTURES: dict[str, tuple[type[nn.Module], type]] = {
     "musicnn": (Musicnn, MusicnnDims),
+    "convgruformer": (ConvGRUFormer, ConvGRUFormerDims),
+    "resnet_va": (ResNetVA, ResNetVADims),
+    "lstm_va": (LSTMVA, LSTMVADims),
+    "resnet18": (ResNet18, ResNet18Dims),
 }
+TASKS = ("tags", "classes", "va", "va_steps")
 
 
 def build(arch: str, dims: dict[str, Any] | None = None) -> nn.Module:
@@ -42,6 +53,8 @@ def build(arch: str, dims: dict[str, Any] | None = None) -> nn.Module:
     if unknown:
         raise ValueError(f"unknown dims for {arch}: {sorted(unknown)}")
     values = {k: tuple(v) if isinstance(v, list) else v for k, v in (dims or {}).items()}
+    if values.get("task", "tags") not in TASKS:
+        raise ValueError(f"unknown task {values['task']!r}; known: {TASKS}")
     return cls(dims_cls(**values))
 
 

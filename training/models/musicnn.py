@@ -33,6 +33,7 @@ class MusicnnDims:
 
     n_mels: int = 96
     n_classes: int = 50
+    task: str = "tags"  # what the outputs mean (a distillation student is always "tags")
     timbral_filters: int = 204  # int(1.6 * 128)
     timbral_heights: tuple[float, ...] = (0.4, 0.7)  # kernel height as a fraction of n_mels
     timbral_width: int = 7  # frames
@@ -74,11 +75,10 @@ class _MidendLayer(nn.Module):
 class Musicnn(nn.Module):
     """mel [B, T, n_mels] -> (logits [B, n_classes], embedding [B, embedding_dim])."""
 
-    task = "tags"  # multi-label: one sigmoid per tag
-
     def __init__(self, dims: MusicnnDims) -> None:
         super().__init__()
         self.dims = dims
+        self.task = dims.task
         self.input_bn = nn.BatchNorm2d(1, eps=_TF_BN_EPS)
         w = dims.timbral_width
         timbral_pad = ((w - 1) // 2, w - 1 - (w - 1) // 2)

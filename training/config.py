@@ -1,0 +1,111 @@
+"""Training options: one dataclass, read from a TOML or YAML file, overridden on the command line.
+
+    moodstream-train fit --config runs/jamendo.toml --set epochs=5 --set dims.d_model=64
+
+Every field has a default, so a file only names what differs. ``--set key=value`` parses the
+value as YAML (``8``, ``0.5``, ``true``, ``[64, 128]``, ``cosine``); ``dims.<name>`` sets one
+architecture dimension. The resolved options are stored in every checkpoint (``config``) so a
+run can be repeated, resumed and evaluated on the data it was trained on. The model code never
+sees this object: :func:`training.models.build` gets only the dims.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+DATASETS = ("jamendo", "deam", "deam_dynamic", "folders")
+
+
+@dataclass
+class FitConfig:
+    # what to train, on what
+    arch: str = "resnet18"  # a key of training.models.ARCHITECTURES
+    dims: dict[str, Any] = field(default_factory=dict)  # overrides of the architecture's dims
+    data: str = "folders"  # one of DATASETS
+    data_root: str = ""  # Jamendo: the folder with autotagging_moodtheme.tsv; DEAM: the archive root
+    audio_root: str = ""  # Jamendo only: where PATHs like 48/948.mp3 live (default: data_root)
+    split: int = 0  # Jamendo: official split number
+    val_fraction: float = 0.1  # DEAM and folders (no official split): hash-split fractions
+    test_fraction: float = 0.1
+    cache_dir: str = "~/.cache/moodstream/mel"  # log-mel frames, computed once per audio file
+    max_duration_s: float = 600.0  # audio analysed per file
+    # where the run goes and what it is called when served
+    out_dir: str = "runs/model"  # checkpoints (last.pt, best.pt) and TensorBoard logs (tb/)
+    name: str = ""  # model name for export (default: the architecture)
+    version: str = ""  # model version carried into every output event (default: UTC time of the run)
+    # optimisation
+    seed: int = 0
+    epochs: int = 30
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    grad_clip: float = 5.0  # max gradient norm (0: off)
+    schedule: str = "plateau"  # "plateau" (ReduceLROnPlateau on validation loss) or "cosine"
+    plateau_patience: int = 2  # epochs
+    plateau_factor: float = 0.5
+    early_stopping: int = 6  # epochs without a better validation loss before stopping (0: off)
+    min_delta: float = 0.0  # a validation loss counts as better when it beats the best by more
+    time_limit_min: float = 0.0  # stop after the epoch that passes this many minutes (0: off)
+    class_weighting: bool = True  # tags: positive weights; classes: inverse-frequency weights
+    # data per epoch and augmentation
+    patches_per_track: int = 8  # training patches per track per epoch
+    time_shift: bool = True  # training patches start anywhere, not on the serving grid
+    freq_masks: int = 2  # SpecAugment-style masks per patch
+    freq_mask_bands: int = 12  # widest frequency mask, mel bands
+    time_masks: int = 2
+    time_mask_frames: int = 20  # widest time mask, frames (16 ms each)
+    # machinery
+    device: str = "auto"  # "auto" (CUDA when present), "cpu", "cuda", "cuda:1", ...
+    amp: bool = True  # mixed precision on CUDA (bf16 where supported, else fp16 with scaling)
+    num_workers: int = 0  # DataLoader worker processes
+    resume: str = ""  # checkpoint to continue from (its weights, optimizer and epoch)
+    progress: bool = True  # tqdm progress bars
+
+
+def load_config(path: Path | None = None, overrides: list[str] | None = None) -> FitConfig:
+    """Defaults <- ``path`` (.toml, .yaml/.yml) <- ``overrides`` ("key=value", YAML values)."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        text = Path(path).read_text()
+        values = tomllib.loads(text) if Path(path).suffix == ".toml" else (yaml.safe_load(text) or {})
+    for item in overrides or []:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise ValueError(f"--set expects key=value, got {item!r}")
+        value = yaml.safe_load(raw) if raw.strip() else ""
+        if key.startswith("dims."):
+            values.setdefault("dims", {})[key[5:]] = value
+        else:
+            values[key] = value
+    return from_dict(values)
+
+
+def from_dict(values: dict[str, Any]) -> FitConfig:
+    known = {f.name: f for f in fields(FitConfig)}
+    unknown = set(values) - set(known)
+    if unknown:
+        raise ValueError(f"unknown options: {sorted(unknown)}; known: {sorted(known)}")
+    cfg = FitConfig(**values)
+    for f in fields(FitConfig):
+        value = getattr(cfg, f.name)
+        default = getattr(FitConfig(), f.name)
+        if isinstance(default, bool) and not isinstance(value, bool):
+            raise ValueError(f"{f.name} must be true or false, got {value!r}")
+        if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+            setattr(cfg, f.name, float(value))
+        elif isinstance(default, (int, float, str, dict)) and not isinstance(value, type(default)):
+            raise ValueError(f"{f.name} must be {type(default).__name__}, got {value!r}")
+    if cfg.data not in DATASETS:
+        raise ValueError(f"data must be one of {DATASETS}, got {cfg.data!r}")
+    if cfg.schedule not in ("plateau", "cosine"):
+        raise ValueError(f"schedule must be plateau or cosine, got {cfg.schedule!r}")
+    return cfg
+
+
+def to_dict(cfg: FitConfig) -> dict[str, Any]:
+    return asdict(cfg)

@@ -1,0 +1,301 @@
+"""``moodstream-train fit``: one training run, read top to bottom.
+
+    catalog -> mel cache -> patch data sets -> model -> loss (weighted for imbalance)
+    -> AdamW + schedule -> epochs of (augment, step) + validation
+    -> last.pt every epoch, best.pt on a better validation loss, early stopping
+    -> TensorBoard logs (loss, learning rate, validation metrics; V/A scatter and error figures)
+
+Runs on the CPU or one GPU in a single process; under ``torchrun --nproc_per_node=N`` (the
+``WORLD_SIZE`` environment variable set) it trains with DistributedDataParallel, one process
+per GPU, each on its shard of the training patches; every process validates on the whole
+validation set so all reach the same early-stopping decision without talking, and only rank 0
+writes checkpoints and logs.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from training.config import FitConfig
+from training.data import Catalog, Track
+from training.data.cache import FeatureCache
+from training.data.patches import PatchDataset
+from training.models import build, load_checkpoint, save_checkpoint
+
+log = logging.getLogger(__name__)
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+# -- setup -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Runtime:
+    device: torch.device
+    rank: int  # 0 in a single process
+    world: int  # 1 in a single process
+    amp_dtype: torch.dtype | None  # None: full precision
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_runtime(cfg: FitConfig) -> Runtime:
+    """Device, DDP process group (under torchrun), and the seeds."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    if cfg.device == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(cfg.device)
+    if world > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(device)
+    amp_dtype = None
+    if cfg.amp and device.type == "cuda":
+        amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    seed_everything(cfg.seed + rank)
+    return Runtime(device, rank, world, amp_dtype)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def load_catalog(cfg: FitConfig) -> Catalog:
+    if not cfg.data_root:
+        raise ValueError("data_root is not set (--set data_root=PATH)")
+    if cfg.data == "jamendo":
+        from training.data import jamendo
+
+        return jamendo.load(Path(cfg.data_root), Path(cfg.audio_root) if cfg.audio_root else None, cfg.split)
+    if cfg.data in ("deam", "deam_dynamic"):
+        from training.data import deam
+
+        load = deam.load_static if cfg.data == "deam" else deam.load_dynamic
+        return load(Path(cfg.data_root), cfg.val_fraction, cfg.test_fraction)
+    from training.data import folders
+
+    return folders.load_classes(Path(cfg.data_root), cfg.val_fraction, cfg.test_fraction)
+
+
+def open_cache(cfg: FitConfig) -> FeatureCache:
+    return FeatureCache(Path(cfg.cache_dir).expanduser(), max_duration_s=cfg.max_duration_s)
+
+
+def prepare_tracks(tracks: list[Track], cache: FeatureCache, rt: Runtime, progress: bool) -> list[Track]:
+    """The tracks whose audio decodes, with their frames in the cache (rank 0 computes them)."""
+    if rt.main:
+        failed = cache.prepare([t.source for t in tracks], progress=progress)
+    if rt.world > 1:
+        dist.barrier()
+        cache.reload()  # rank 0's index
+    if not rt.main:
+        failed = cache.prepare([t.source for t in tracks], progress=False)
+    return [t for t in tracks if t.source not in failed]
+
+
+# -- loss and augmentation -------------------------------------------------------------------
+
+
+def make_loss(task: str, train_targets: np.ndarray | None, n_labels: int, weighting: bool, device: torch.device) -> LossFn:
+    """The task's loss on raw model outputs; with ``weighting``, rare tags and classes count more.
+
+    tags: BCE with logits, positive weight neg/pos per tag (capped at 100); classes: cross
+    entropy with weights n / (k * count); va, va_steps: MSE of the sigmoid against [0, 1] targets.
+    """
+    if task == "tags":
+        pos_weight = None
+        if weighting and train_targets is not None:
+            pos = train_targets.sum(axis=0)
+            pos_weight = torch.tensor(np.clip((len(train_targets) - pos) / np.maximum(pos, 1), 1.0, 100.0), dtype=torch.float32, device=device)
+        return nn.BCEWithLogitsLoss(pos_weight=pos_weight)
+    if task == "classes":
+        weight = None
+        if weighting and train_targets is not None:
+            counts = np.bincount(train_targets.astype(int), minlength=n_labels)
+            weight = torch.tensor(len(train_targets) / (n_labels * np.maximum(counts, 1)), dtype=torch.float32, device=device)
+        return nn.CrossEntropyLoss(weight=weight)
+    return lambda out, target: F.mse_loss(torch.sigmoid(out), target)
+
+
+def spec_augment(mel: torch.Tensor, cfg: FitConfig) -> torch.Tensor:
+    """SpecAugment-style masking: mel [B, T, F] with random bands and spans set to silence (0)."""
+    b, t, f = mel.shape
+    for n, width, size, dim in ((cfg.freq_masks, cfg.freq_mask_bands, f, 2), (cfg.time_masks, cfg.time_mask_frames, t, 1)):
+        index = torch.arange(size, device=mel.device)[None]
+        for _ in range(n):
+            w = torch.randint(0, width + 1, (b, 1), device=mel.device)
+            s = (torch.rand(b, 1, device=mel.device) * (size - w + 1)).long()
+            hit = (index >= s) & (index < s + w)  # [B, size]
+            mel = mel.masked_fill(hit[:, None, :] if dim == 2 else hit[:, :, None], 0.0)
+    return mel
+
+
+# -- the run ---------------------------------------------------------------------------------
+
+
+def fit(cfg: FitConfig) -> Path:
+    """Train as ``cfg`` says; returns the best checkpoint's path."""
+    rt = setup_runtime(cfg)
+    catalog = load_catalog(cfg)
+    cache = open_cache(cfg)
+    train_tracks = prepare_tracks(catalog.splits["train"], cache, rt, cfg.progress)
+    val_tracks = prepare_tracks(catalog.splits["validation"], cache, rt, cfg.progress)
+    train_ds = PatchDataset(train_tracks, catalog.task, cache, patches_per_track=cfg.patches_per_track, time_shift=cfg.time_shift)
+    val_ds = PatchDataset(val_tracks, catalog.task, cache, patches_per_track=cfg.patches_per_track, time_shift=False)
+    if not len(train_ds) or not len(val_ds):
+        raise ValueError(f"{cfg.data} at {cfg.data_root}: {len(train_ds)} training and {len(val_ds)} validation patches; need both")
+    targets = train_ds.targets() if catalog.task in ("tags", "classes") else None
+    loss_fn = make_loss(catalog.task, targets, len(catalog.labels), cfg.class_weighting, rt.device)
+    source = f"moodstream-train fit: {cfg.data} {cfg.data_root}"
+    return train(cfg, rt, catalog.task, catalog.labels, train_ds, val_ds, loss_fn, source)
+
+
+def train(cfg: FitConfig, rt: Runtime, task: str, labels: tuple[str, ...], train_ds: Dataset, val_ds: Dataset, loss_fn: LossFn, source: str) -> Path:
+    """The loop shared by ``fit`` and ``distill``: items are (mel [T, F], target)."""
+    out_dir = Path(cfg.out_dir)
+    version = cfg.version or datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    model = build(cfg.arch, {**cfg.dims, "n_classes": len(labels), "task": task}).to(rt.device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.schedule == "cosine":
+        scheduler: Any = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, cfg.epochs))
+    else:
+        scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=cfg.plateau_factor, patience=cfg.plateau_patience)
+    scaler = torch.amp.GradScaler("cuda", enabled=rt.amp_dtype == torch.float16)
+
+    start_epoch, best, stale = 0, math.inf, 0
+    if cfg.resume:
+        resumed, ckpt = load_checkpoint(Path(cfg.resume))
+        model.load_state_dict(resumed.state_dict())
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        start_epoch, best, stale = ckpt["epoch"] + 1, ckpt["best_val_loss"], ckpt["stale_epochs"]
+        version = ckpt["version"]  # a resumed run is the same model
+        log.info("resumed %s at epoch %d", cfg.resume, start_epoch)
+
+    net: nn.Module = model
+    if rt.world > 1:
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
+    sampler = DistributedSampler(train_ds, shuffle=True, seed=cfg.seed) if rt.world > 1 else None
+    pin = rt.device.type == "cuda"
+    train_dl = DataLoader(train_ds, cfg.batch_size, shuffle=sampler is None, sampler=sampler, num_workers=cfg.num_workers, pin_memory=pin, drop_last=len(train_ds) > cfg.batch_size)
+    val_dl = DataLoader(val_ds, cfg.batch_size, shuffle=False, num_workers=cfg.num_workers, pin_memory=pin)
+    writer = _writer(out_dir) if rt.main else None
+    started = time.monotonic()
+
+    for epoch in range(start_epoch, cfg.epochs):
+        if sampler is not None:
+            sampler.set_epoch(epoch)
+        train_loss = _train_epoch(net, train_dl, loss_fn, optimizer, scaler, cfg, rt, epoch)
+        val_loss, pred, true = _validate(model, val_dl, loss_fn, rt)
+        if cfg.schedule == "cosine":
+            scheduler.step()
+        else:
+            scheduler.step(val_loss)
+        improved = val_loss < best - cfg.min_delta
+        best, stale = (val_loss, 0) if improved else (best, stale + 1)
+        if rt.main:
+            metrics = _log_epoch(writer, epoch, train_loss, val_loss, optimizer, task, labels, pred, true)
+            extra = dict(config=asdict(cfg), epoch=epoch, optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), best_val_loss=best, stale_epochs=stale, val_loss=val_loss, val_metrics=metrics)
+            save_checkpoint(out_dir / "last.pt", model, arch=cfg.arch, labels=list(labels), version=version, source=source, **extra)
+            if improved:
+                save_checkpoint(out_dir / "best.pt", model, arch=cfg.arch, labels=list(labels), version=version, source=source, **extra)
+            print(f"epoch {epoch}: train loss {train_loss:.4f}, validation loss {val_loss:.4f}" + ("  (best)" if improved else "") + "".join(f", {k} {v:.4f}" for k, v in metrics.items()), flush=True)
+        if cfg.early_stopping and stale >= cfg.early_stopping:
+            if rt.main:
+                print(f"early stopping: no better validation loss for {stale} epochs", flush=True)
+            break
+        if cfg.time_limit_min and time.monotonic() - started > cfg.time_limit_min * 60:
+            if rt.main:
+                print(f"time limit of {cfg.time_limit_min} min reached after epoch {epoch}", flush=True)
+            break
+    if writer is not None:
+        writer.close()
+    if rt.world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    return out_dir / "best.pt"
+
+
+def _train_epoch(net: nn.Module, loader: DataLoader, loss_fn: LossFn, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, cfg: FitConfig, rt: Runtime, epoch: int) -> float:
+    from tqdm import tqdm
+
+    net.train()
+    total, count = 0.0, 0
+    bar = tqdm(loader, desc=f"epoch {epoch}", unit="batch", leave=False, disable=not (cfg.progress and rt.main))
+    for mel, target in bar:
+        mel, target = mel.to(rt.device, non_blocking=True), target.to(rt.device, non_blocking=True)
+        mel = spec_augment(mel, cfg)
+        with torch.autocast(rt.device.type, dtype=rt.amp_dtype or torch.float32, enabled=rt.amp_dtype is not None):
+            out, _ = net(mel)
+        loss = loss_fn(out.float(), target)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        if cfg.grad_clip:
+            scaler.unscale_(optimizer)
+            nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        total += loss.item() * len(mel)
+        count += len(mel)
+        bar.set_postfix(loss=f"{total / count:.4f}")
+    return total / max(count, 1)
+
+
+@torch.no_grad()
+def _validate(model: nn.Module, loader: DataLoader, loss_fn: LossFn, rt: Runtime) -> tuple[float, np.ndarray, np.ndarray]:
+    """(mean loss, raw outputs [n, n_labels], targets) over the validation patches."""
+    model.eval()
+    total, outs, targets = 0.0, [], []
+    for mel, target in loader:
+        mel, target = mel.to(rt.device), target.to(rt.device)
+        out, _ = model(mel)
+        total += loss_fn(out.float(), target).item() * len(mel)
+        outs.append(out.float().cpu().numpy())
+        targets.append(target.cpu().numpy())
+    return total / len(loader.dataset), np.concatenate(outs), np.concatenate(targets)
+
+
+def _writer(out_dir: Path) -> Any:
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(str(out_dir / "tb"))
+
+
+def _log_epoch(writer: Any, epoch: int, train_loss: float, val_loss: float, optimizer: torch.optim.Optimizer, task: str, labels: tuple[str, ...], out: np.ndarray, true: np.ndarray) -> dict[str, float]:
+    """Scalars (and V/A figures) for TensorBoard; returns the patch-level validation metrics."""
+    from training import evaluate
+
+    scores = evaluate.activate(task, out)
+    metrics = evaluate.quick_metrics(task, labels, scores, true)
+    writer.add_scalar("loss/train", train_loss, epoch)
+    writer.add_scalar("loss/validation", val_loss, epoch)
+    writer.add_scalar("lr", optimizer.param_groups[0]["lr"], epoch)
+    for key, value in metrics.items():
+        writer.add_scalar(f"validation/{key}", value, epoch)
+    if task in ("va", "va_steps"):
+        writer.add_figure("validation/va", evaluate.va_figure(labels, scores, true), epoch)
+    writer.flush()
+    return metrics
