@@ -192,54 +192,21 @@ def _concatenate(files: list[Path], path: Path, seconds: float) -> None:
 
 
 def peak_rss(path: Path, env: dict[str, str]) -> dict:
-    """Peak resident memory of ``python -m pipeline tag FILE`` (decode, mel and onnxruntime in
-    one process), from the kernel's accounting of that child (wait4)."""
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "tag", str(path), "--json"], cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
-    output = proc.stdout.read()
-    _, status, usage = os.wait4(proc.pid, 0)
-    if status:
-        raise RuntimeError(f"tag {path} failed with status {status}")
-    record = json.loads(output.decode().splitlines()[-1])
-    return {"duration_s": record["duration_s"], "patches": record["patches"], "peak_rss_mb": usage.ru_maxrss / 1024}
-
-
-WINDOW_SETTINGS = ((3, 15.0), (5, 15.0), (10, 15.0))  # (excerpts, excerpt_s) compared with the whole track
-
-
-def analysis_window(files: list[Path]) -> dict:
-    """What the analysis window (``MOODSTREAM_EXCERPTS``) saves and changes: for each setting,
-    CPU seconds per track (decode + mel in this process, plus onnxruntime on one thread) and
-    the track scores' agreement with whole-track analysis (top-5 tags, max |Δ score|)."""
-    from pipeline.scoring import OnnxScorer
-    from pipeline.tagging import analyse
-
-    scorer = OnnxScorer(REPO_ROOT / "triton_models", MODEL, threads=1)
-
-    def run(data: bytes, excerpts: int, excerpt_s: float) -> tuple[np.ndarray, float, int]:
-        start = time.process_time()
-        patches = analyse(data, max_duration_s=3600, min_duration_s=1, excerpts=excerpts, excerpt_s=excerpt_s).patches.patches
-        scores = scorer.score_sync(patches).mean(axis=0)
-        return scores, time.process_time() - start, len(patches)
-
-    whole, rows = [], {f"{n}x{s:g}s": {"cpu_s": 0.0, "patches": 0, "top5_overlap": [], "max_abs_diff": 0.0} for n, s in WINDOW_SETTINGS}
-    whole_cpu = whole_patches = 0
-    for path in files:
-        data = path.read_bytes()
-        ref, cpu, n = run(data, 0, 0.0)
-        whole_cpu += cpu
-        whole_patches += n
-        top = set(np.argsort(-ref)[:5])
-        for (count, length), row in zip(WINDOW_SETTINGS, rows.values()):
-            got, cpu, n = run(data, count, length)
-            row["cpu_s"] += cpu
-            row["patches"] += n
-            row["top5_overlap"].append(len(top & set(np.argsort(-got)[:5])) / 5)
-            row["max_abs_diff"] = max(row["max_abs_diff"], float(np.abs(got - ref).max()))
-        whole.append(ref)
-    for row in rows.values():
-        row["cpu_saving"] = 1 - row["cpu_s"] / whole_cpu
-        row["top5_overlap"] = float(np.mean(row["top5_overlap"]))
-    return {"tracks": len(files), "whole": {"cpu_s": whole_cpu, "patches": whole_patches}, "settings": rows}
+    """Peak resident memory (VmHWM) of ``python -m pipeline tag FILE`` (decode, mel and
+    onnxruntime in one process), as the process itself reads it at exit. Not wait4's
+    ru_maxrss: Linux carries a parent's peak into a forked child, so a child of this (large)
+    process would report this process's peak."""
+    report = (
+        "import atexit, runpy, sys; "
+        "atexit.register(lambda: print('VmHWM', open('/proc/self/status').read().split('VmHWM:')[1].split()[0], file=sys.stderr)); "
+        f"sys.argv = ['pipeline', 'tag', {str(path)!r}, '--json']; runpy.run_module('pipeline', run_name='__main__')"
+    )
+    done = subprocess.run([sys.executable, "-c", report], cwd=REPO_ROOT, env=env, capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(f"tag {path} failed with status {done.returncode}:\n{done.stderr[-2000:]}")
+    record = json.loads(done.stdout.strip().splitlines()[-1])
+    kb = int(next(line.split()[1] for line in done.stderr.splitlines() if line.startswith("VmHWM")))
+    return {"duration_s": record["duration_s"], "patches": record["patches"], "peak_rss_mb": kb / 1024}
 
 
 def machine() -> dict:

@@ -40,6 +40,7 @@ class DecodedStream:
     source_rate: int  # Hz, before resampling
     channels: int
     stats: dict[str, float] = field(default_factory=dict)  # duration_s, truncated
+    expected_s: float | None = None  # the duration the container states (capped), if any
 
 
 def decode(data: bytes, *, max_duration_s: float, min_duration_s: float = 0.0) -> DecodedStream:
@@ -180,7 +181,9 @@ def _decode_pyav(data: bytes, max_duration_s: float, min_duration_s: float) -> D
             container.close()
 
     chunks = _mono_resampled(planar(), int(rate), max_duration_s, min_duration_s, stats)
-    return DecodedStream(chunks, "pyav", int(rate), int(channels), stats)
+    stated = _container_duration_s(container, stream)
+    expected = min(stated, max_duration_s) if stated else None
+    return DecodedStream(chunks, "pyav", int(rate), int(channels), stats, expected)
 
 
 def _pyav_frames(container: av.container.InputContainer, stream: av.AudioStream) -> Iterator[np.ndarray]:
@@ -221,7 +224,8 @@ def _decode_soundfile(data: bytes, max_duration_s: float, min_duration_s: float)
             sf.close()
 
     chunks = _mono_resampled(planar(), int(sf.samplerate), max_duration_s, min_duration_s, stats)
-    return DecodedStream(chunks, "soundfile", int(sf.samplerate), int(sf.channels), stats)
+    expected = min(sf.frames / sf.samplerate, max_duration_s) if sf.frames > 0 else None
+    return DecodedStream(chunks, "soundfile", int(sf.samplerate), int(sf.channels), stats, expected)
 
 
 def _mono_resampled(

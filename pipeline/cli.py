@@ -55,6 +55,8 @@ def _table(result: dict, top: int) -> str:
         lines.append(f"  {t['tag']:<{width}}  {t['score']:.3f}  {'#' * round(t['score'] * 40)}")
     if result["top_moods"]:
         lines.append("  moods: " + ", ".join(f"{m['mood']} {m['score']:.3f}" for m in result["top_moods"]))
+    elif not result["moods"]:
+        lines.append("  moods: this model has no mood families (pipeline/moods.toml); tags only")
     else:
         strongest = sorted(result["moods"].items(), key=lambda kv: -kv[1])[:2]
         lines.append("  moods: none above threshold (strongest: " + ", ".join(f"{k} {v:.3f}" for k, v in strongest) + ")")

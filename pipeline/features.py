@@ -198,17 +198,46 @@ class TrackPatches:
         return np.arange(len(self.patches)) * self.hop_frames / FRAMES_PER_SECOND
 
 
-def patches_from_chunks(chunks: Iterable[np.ndarray], hop_frames: int = PATCH_FRAMES) -> TrackPatches:
+def patches_from_chunks(chunks: Iterable[np.ndarray], hop_frames: int = PATCH_FRAMES, expected_s: float | None = None) -> TrackPatches:
     """The whole frontend: audio chunks ([n] float32 mono at SAMPLE_RATE) -> model patches.
 
     Memory stays bounded by the patches themselves (96 x 187 floats = 72 kB per 3 s), not by
-    the decoded audio or the spectrogram's intermediate STFT.
+    the decoded audio or the spectrogram's intermediate STFT. ``expected_s`` (the container's
+    stated duration, when known) lets the patches be written into one array sized up front
+    instead of being joined at the end, which would hold them twice (160 MB for an hour).
     """
     mel = LogMelStream()
     cut = PatchStream(hop_frames)
-    out = [cut.push(mel.push(chunk)) for chunk in chunks]
-    out += [cut.push(mel.finish()), cut.finish()]
-    return TrackPatches(np.concatenate(out), mel.samples / SAMPLE_RATE, hop_frames)
+    sink = _PatchSink(expected_s, hop_frames)
+    for chunk in chunks:
+        sink.add(cut.push(mel.push(chunk)))
+    sink.add(cut.push(mel.finish()))
+    sink.add(cut.finish())
+    return TrackPatches(sink.result(), mel.samples / SAMPLE_RATE, hop_frames)
+
+
+class _PatchSink:
+    """Collects patches into a preallocated array while they fit, in a list after that."""
+
+    def __init__(self, expected_s: float | None, hop_frames: int) -> None:
+        capacity = int(expected_s * FRAMES_PER_SECOND / hop_frames) + 2 if expected_s else 0
+        self._buffer = np.empty((capacity, *PATCH_SHAPE), np.float32)
+        self._filled = 0
+        self._overflow: list[np.ndarray] = []
+
+    def add(self, patches: np.ndarray) -> None:
+        room = len(self._buffer) - self._filled
+        head = patches[:room]
+        self._buffer[self._filled : self._filled + len(head)] = head
+        self._filled += len(head)
+        if len(patches) > room:
+            self._overflow.append(patches[room:])
+
+    def result(self) -> np.ndarray:
+        """[n_patches, PATCH_FRAMES, N_MELS]: a view of the buffer unless the estimate was short."""
+        if self._overflow:
+            return np.concatenate([self._buffer[: self._filled], *self._overflow])
+        return self._buffer[: self._filled]
 
 
 def patches_from_excerpts(excerpts: Iterable[tuple[float, Iterable[np.ndarray]]], hop_frames: int = PATCH_FRAMES) -> TrackPatches:

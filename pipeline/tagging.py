@@ -53,7 +53,7 @@ def analyse(data: bytes, *, max_duration_s: float, min_duration_s: float, excerp
         # The container overstated its duration: fall through to decoding the whole track.
     stream = audio.decode(data, max_duration_s=max_duration_s, min_duration_s=min_duration_s)
     decoding[0] = time.perf_counter() - start
-    patches = features.patches_from_chunks(_timed(stream.chunks, decoding), hop_frames)
+    patches = features.patches_from_chunks(_timed(stream.chunks, decoding), hop_frames, stream.expected_s)
     decode_s = decoding[0]
     return Analysis(
         patches=patches,

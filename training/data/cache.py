@@ -16,7 +16,6 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -130,23 +129,9 @@ def compute_frames(data: bytes, max_duration_s: float) -> np.ndarray:
     """Encoded audio -> [n_frames >= PATCH_FRAMES, N_MELS] float32 log-mel (the serving frontend)."""
     stream = audio.decode(data, max_duration_s=max_duration_s)
     mel = features.LogMelStream()
-    frames = [mel.push(block) for block in _blocks(stream.chunks)] + [mel.finish()]
+    # LogMelStream gathers the decoder's small chunks itself before each spectrogram call.
+    frames = [mel.push(chunk) for chunk in stream.chunks] + [mel.finish()]
     out = np.concatenate(frames)
     if len(out) < features.PATCH_FRAMES:
         out = np.tile(out, (-(-features.PATCH_FRAMES // len(out)), 1))[: features.PATCH_FRAMES]
     return np.ascontiguousarray(out, dtype=np.float32)
-
-
-def _blocks(chunks: Iterator[np.ndarray], samples: int = 16 * features.SAMPLE_RATE) -> Iterator[np.ndarray]:
-    """Decoder chunks (often 20 ms each) joined into ~16 s blocks: the spectrogram's cost per
-    call dominates on tiny chunks, and the frames do not depend on where chunks are cut."""
-    pending: list[np.ndarray] = []
-    size = 0
-    for chunk in chunks:
-        pending.append(chunk)
-        size += len(chunk)
-        if size >= samples:
-            yield np.concatenate(pending)
-            pending, size = [], 0
-    if pending:
-        yield np.concatenate(pending)
