@@ -38,7 +38,7 @@ import numpy as np
 import soundfile
 
 from pipeline import audio, storage
-from pipeline.demo import audio_files
+from pipeline.demo import audio_files, upload
 from pipeline.publish import announcement
 from pipeline.settings import REPO_ROOT, load_settings
 from pipeline.stack import EmbeddedStack
@@ -251,14 +251,7 @@ async def main_async(args: argparse.Namespace) -> dict:
         log_dir = Path(tmp)
         with EmbeddedStack(model_repository=s.model_repository, log_dir=log_dir, models=[MODEL]) as stack:
             env = {**os.environ, **stack.env(), "MOODSTREAM_MODEL": MODEL, "MOODSTREAM_ALLOWED_BUCKETS": BUCKET, "MOODSTREAM_METRICS_PORT": "0"}
-            os.environ.update({k: v for k, v in env.items() if k.startswith("AWS_")})
-            client = storage.make_s3_client(3)
-            client.create_bucket(Bucket=BUCKET)
-            objects = []
-            for path in files:
-                key = f"bench/{path.relative_to(args.audio_dir).as_posix()}"
-                client.upload_file(str(path), BUCKET, key)
-                objects.append(storage.ListedObject(BUCKET, key, path.stat().st_size))
+            objects = upload(stack, files, args.audio_dir, bucket=BUCKET, prefix="bench")
             announcements = log_dir / "announcements.jsonl"
             announcements.write_text("".join(announcement(o)[1].decode() + "\n" for o in objects))
             for scorer in ("onnx", "triton"):
@@ -268,8 +261,7 @@ async def main_async(args: argparse.Namespace) -> dict:
                 print(f"worker path ({scorer}): {figures[f'worker_{scorer}']}", file=sys.stderr)
             stack.create_topics([s.input_topic, s.output_topic, s.dlq_topic])
             # The warm-up track is the first file again under its own key (its own track id).
-            client.upload_file(str(files[0]), BUCKET, "warmup/" + files[0].name)
-            warmup = storage.ListedObject(BUCKET, "warmup/" + files[0].name, files[0].stat().st_size)
+            (warmup,) = upload(stack, files[:1], files[0].parent, bucket=BUCKET, prefix="warmup")
             figures["end_to_end"] = await end_to_end(stack, objects, warmup, env, log_dir)
             print(f"end to end: {figures['end_to_end']}", file=sys.stderr)
             figures["naive"] = naive(files, env, stack.kafka_bootstrap)

@@ -48,16 +48,17 @@ def audio_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower().lstrip(".") in storage.AUDIO_EXTENSIONS)
 
 
-def _upload(stack: EmbeddedStack, files: list[Path], root: Path) -> list[storage.ListedObject]:
+def upload(stack: EmbeddedStack, files: list[Path], root: Path, *, bucket: str = BUCKET, prefix: str = "demo") -> list[storage.ListedObject]:
+    """Put ``files`` into ``bucket`` on the stack's S3 server under ``prefix/<path below root>``."""
     env = stack.env()
     os.environ.update({k: v for k, v in env.items() if k.startswith("AWS_")})
     client = storage.make_s3_client(3)
-    client.create_bucket(Bucket=BUCKET)
+    client.create_bucket(Bucket=bucket)
     objects = []
     for path in files:
-        key = f"demo/{path.relative_to(root).as_posix()}"
-        client.upload_file(str(path), BUCKET, key)
-        objects.append(storage.ListedObject(BUCKET, key, path.stat().st_size))
+        key = f"{prefix}/{path.relative_to(root).as_posix()}"
+        client.upload_file(str(path), bucket, key)
+        objects.append(storage.ListedObject(bucket, key, path.stat().st_size))
     return objects
 
 
@@ -94,7 +95,7 @@ async def run(opts: DemoOptions) -> int:
     _say(opts, f"starting the embedded stack (logs: {opts.log_dir}) ...")
     with EmbeddedStack(model_repository=settings.model_repository if opts.scorer == "triton" else None, log_dir=opts.log_dir, models=[opts.model]) as stack:
         stack.create_topics([settings.input_topic, settings.output_topic, settings.dlq_topic])
-        objects = _upload(stack, files, opts.audio_dir)
+        objects = upload(stack, files, opts.audio_dir)
         _say(opts, f"stack ready in {time.monotonic() - started:.1f} s; uploaded {len(objects)} files to s3://{BUCKET}/demo/")
         worker = _start_worker(stack, opts)
         try:

@@ -259,8 +259,16 @@ def test_every_dashboard_and_alert_query_returns_data_from_a_real_worker(stack, 
         wait_for(lambda: len(prometheus.query("moodstream_consumer_lag_messages == 0")) == 2, 60, "zero lag on both partitions", worker_log)
 
         queries = dashboard_queries()
-        empty = [q for q in queries if q not in GPU_ONLY | OUTAGE and not finite(prometheus.query(q))]
-        assert not empty, f"dashboard queries without data: {empty}"
+
+        def empty() -> list[str]:
+            return [q for q in queries if q not in GPU_ONLY | OUTAGE and not finite(prometheus.query(q))]
+
+        # Range functions such as deriv() need two samples of a series in their window; a
+        # fast run can get here a scrape or two after a series appeared.
+        deadline = time.monotonic() + 30
+        while empty() and time.monotonic() < deadline:
+            time.sleep(1)
+        assert not empty(), f"dashboard queries without data: {empty()}"
         for q in GPU_ONLY:
             prometheus.query(q)  # valid PromQL; no data without a GPU
 

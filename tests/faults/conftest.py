@@ -20,13 +20,25 @@ from .kit import BUCKET, MODEL
 _SUMMARY: list[str] = []
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def stack(tmp_path_factory):
+    """One stack for the fault scenarios, stopped when they are done; the AWS_* variables that
+    point clients at it are set for the package and restored afterwards (later tests run
+    their own S3 servers or mocks)."""
     settings = load_settings()
     with EmbeddedStack(log_dir=tmp_path_factory.mktemp("fault-stack-logs"), model_repository=settings.model_repository, models=[MODEL]) as s:
-        os.environ.update({k: v for k, v in s.env().items() if k.startswith("AWS_")})
-        storage.make_s3_client().create_bucket(Bucket=BUCKET)
-        yield s
+        aws = {k: v for k, v in s.env().items() if k.startswith("AWS_")}
+        saved = {k: os.environ.get(k) for k in aws}
+        os.environ.update(aws)
+        try:
+            storage.make_s3_client().create_bucket(Bucket=BUCKET)
+            yield s
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
 
 
 @pytest.fixture

@@ -125,6 +125,8 @@ def test_unlabelled_s3_prefix_is_listed_and_cached(unlabelled, tmp_path, monkeyp
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test")
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    for override in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):  # moto answers only AWS's own endpoints
+        monkeypatch.delenv(override, raising=False)
     with moto.mock_aws():
         s3 = boto3.client("s3", region_name="us-east-1")
         s3.create_bucket(Bucket="catalog")

@@ -13,10 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-from torch import nn
-
-from training.models.resnet18 import resnet_trunk
+from training.models.resnet18 import ResNet18
 
 
 @dataclass(frozen=True)
@@ -28,17 +25,9 @@ class ResNetVADims:
     dropout: float = 0.5
 
 
-class ResNetVA(nn.Module):
-    """mel [B, T, 96] -> (outputs [B, n_classes], embedding [B, widths[-1]])."""
+class ResNetVA(ResNet18):
+    """mel [B, T, 96] -> (outputs [B, n_classes], embedding [B, widths[-1]]): the ResNet18 body
+    with the prototype's one block per stage and a valence/arousal head."""
 
     def __init__(self, dims: ResNetVADims) -> None:
-        super().__init__()
-        self.dims = dims
-        self.task = dims.task
-        self.trunk = resnet_trunk(dims.widths, dims.blocks)
-        self.dropout = nn.Dropout(dims.dropout)
-        self.head = nn.Linear(dims.widths[-1], dims.n_classes)
-
-    def forward(self, mel: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        embedding = self.trunk(mel.unsqueeze(1)).mean(dim=(2, 3))
-        return self.head(self.dropout(embedding)), embedding
+        super().__init__(dims)
