@@ -1,0 +1,75 @@
+"""The benchmark harness's stages that need no embedded stack, run on real music (the two
+published musicnn clips made into one 100-s track), and the results it writes from them. A
+full `make bench` takes a quarter of an hour; these make sure it does not fail at the end."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import soundfile
+
+from bench import run
+
+SECONDS = 100.0
+PATCHES = 33  # 100 s at 62.5 frames/s, in patches of 187 frames; a trailing partial patch is dropped
+
+
+@pytest.fixture(scope="module")
+def long_clip(example_clips, tmp_path_factory):
+    path = tmp_path_factory.mktemp("bench") / "long.opus"
+    run._concatenate(example_clips, path, SECONDS)
+    return path
+
+
+def test_concatenated_tracks_have_the_asked_length(long_clip):
+    info = soundfile.info(str(long_clip))
+    assert info.samplerate == 48_000 and info.channels == 2
+    assert info.duration == pytest.approx(SECONDS, abs=0.05)
+
+
+def test_decode_floor_counts_audio_and_cpu(long_clip):
+    floor = run.decode_floor([long_clip])
+    assert floor["files"] == 1 and floor["audio_s"] == pytest.approx(SECONDS, abs=0.1)
+    assert floor["cpu_s"] > 0 and floor["cpu_s_per_audio_min"] == pytest.approx(floor["cpu_s"] / (floor["audio_s"] / 60))
+
+
+def test_analysis_window_compares_each_setting_with_the_whole_track(long_clip):
+    window = run.analysis_window([long_clip])
+    assert window["tracks"] == 1 and window["whole"]["patches"] == PATCHES
+    assert list(window["settings"]) == [f"{n}x{s:g}s" for n, s in run.WINDOW_SETTINGS]
+    for (count, excerpt_s), row in zip(run.WINDOW_SETTINGS, window["settings"].values()):
+        assert 0 <= row["top5_overlap"] <= 1 and row["max_abs_diff"] >= 0
+        if count * excerpt_s < SECONDS:  # excerpts: fewer patches, less CPU
+            assert row["patches"] < PATCHES and row["cpu_saving"] > 0
+        else:  # the excerpts would cover the track: it is analysed whole, scores unchanged
+            assert row["patches"] == PATCHES and row["top5_overlap"] == 1 and row["max_abs_diff"] == 0
+
+
+def test_peak_rss_is_the_tag_process_own(long_clip):
+    rss = run.peak_rss(long_clip, dict(os.environ))
+    assert rss["patches"] == PATCHES and rss["duration_s"] == pytest.approx(SECONDS, abs=0.1)
+    # A python process with torch and onnxruntime holds a few hundred MB.
+    assert 100 < rss["peak_rss_mb"] < 4_000
+
+
+def test_results_hold_the_three_ratios_and_the_table_shows_every_figure(long_clip):
+    figures = {
+        "decode_floor": run.decode_floor([long_clip]),
+        "analysis_window": run.analysis_window([long_clip]),
+        # The stages below need the embedded stack (make bench runs them); here they are given.
+        "worker_onnx": {"tracks": 1, "audio_s": SECONDS, "cpu_s": 9.0, "tracks_per_s": 0.2},
+        "worker_triton": {"tracks": 1, "audio_s": SECONDS, "cpu_s": 3.0, "tracks_per_s": 0.3},
+        "end_to_end": {"tracks_per_s": 0.36, "latency_p50_s": 50.0, "latency_p95_s": 80.0},
+        "naive": {"tracks_per_s": 0.18, "audio_s": SECONDS, "cpu_s": 10.0},
+        "rss": {"3": {"peak_rss_mb": 600.0}, "60": {"peak_rss_mb": 690.0}},
+    }
+    results = run.summarise(figures, long_clip.parent)
+    assert results["end_to_end_vs_naive"] == pytest.approx(2.0)
+    assert results["worker_cpu_vs_decode_floor"] == pytest.approx(3.0 / figures["decode_floor"]["cpu_s"])
+    assert results["rss_60min_vs_3min"] == pytest.approx(1.15)
+    assert set(results["goals"]) == {"end_to_end_vs_naive", "worker_cpu_vs_decode_floor", "rss_60min_vs_3min"}
+    assert results["machine"]["cores"] == os.cpu_count() and results["date"]
+    text = run.table(results)
+    for expected in ("decode floor", "worker path, onnxruntime", "end to end", "naive baseline", "peak RSS, 60 min track", "analysis window 3x15s", "`rss_60min_vs_3min` | 1.15 | <= 1.3"):
+        assert expected in text
