@@ -72,8 +72,8 @@ class OnnxScorer:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         # onnxruntime's arena keeps one run's activations (~40 MB a patch) and reuses them. Without
         # it every run mallocs them again and glibc's heap fragments: peak RSS of tagging a
-        # 60-minute track varied from 780 to 1,090 MB between identical runs (783-789 MB with
-        # it, at the same CPU). Growing by what is asked keeps it at the largest run's size.
+        # 60-minute track varied from 780 to 1,090 MB between identical runs (783-801 MB in ten
+        # runs with it, at the same CPU). Growing by what is asked keeps it at the largest run's size.
         options.enable_cpu_mem_arena = True
         provider = ("CPUExecutionProvider", {"arena_extend_strategy": "kSameAsRequested"})
         try:
