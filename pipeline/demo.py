@@ -8,7 +8,6 @@ everything. Exit status 0 only if every announced track got an output or a dead 
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import signal

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -51,32 +52,31 @@ def _calibrate_moods(args: argparse.Namespace) -> int:
 
 
 def _config(args: argparse.Namespace):
-    from training.config import from_dict, load_config
+    from training.config import from_dict, load_config, parse_overrides
 
     if getattr(args, "resume", None):
         import torch
-        import yaml
 
         # A resumed run continues with the options it was started with; --set may change
         # the schedule (epochs, patience, ...) but not the model.
-        if args.config or any(k.startswith("dims.") or k == "arch" for k, _ in args.set):
+        overrides = parse_overrides(args.set)
+        if args.config or "dims" in overrides or "arch" in overrides:
             raise ValueError("--resume continues a run with its own config and dims; use --set for other options")
         saved = torch.load(args.resume, map_location="cpu", weights_only=False)["config"]
-        return from_dict({**saved, **{k: yaml.safe_load(v) for k, v in args.set}, "resume": args.resume})
-    return load_config(args.config, [f"{k}={v}" for k, v in args.set])
+        return from_dict({**saved, **overrides, "resume": args.resume})
+    return load_config(args.config, args.set)
 
 
-def _key_value(text: str) -> tuple[str, str]:
-    key, sep, value = text.partition("=")
-    if not sep or not key:
+def _key_value(text: str) -> str:
+    """argparse check of a --set item; :func:`training.config.parse_overrides` reads it."""
+    key, sep, _ = text.partition("=")
+    if not sep or not key.strip():
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
-    return key.strip(), value
+    return text
 
 
 def _fit(args: argparse.Namespace) -> int:
     from training.fit import fit
-
-    import os
 
     best = fit(_config(args))
     if os.environ.get("RANK", "0") == "0":  # one line under torchrun, not one per process
@@ -87,13 +87,12 @@ def _fit(args: argparse.Namespace) -> int:
 def _evaluate(args: argparse.Namespace) -> int:
     import json
 
-    import yaml
-
+    from training.config import parse_overrides
     from training.evaluate import evaluate
 
     checkpoint = Path(args.checkpoint)
     out = Path(args.out) if args.out else checkpoint.parent / "eval"
-    report = evaluate(checkpoint, out, {k: yaml.safe_load(v) for k, v in args.set})
+    report = evaluate(checkpoint, out, parse_overrides(args.set))
     metrics = {k: v for k, v in report["metrics"].items() if k not in ("per_tag", "thresholds")}
     print(json.dumps({"tracks": report["tracks"], "metrics": metrics}, indent=1))
     print(f"report: {out / 'report.json'}, figure: {out / 'report.png'}")

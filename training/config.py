@@ -73,16 +73,24 @@ def load_config(path: Path | None = None, overrides: list[str] | None = None) ->
     if path is not None:
         text = Path(path).read_text()
         values = tomllib.loads(text) if Path(path).suffix == ".toml" else (yaml.safe_load(text) or {})
-    for item in overrides or []:
+    parsed = parse_overrides(overrides or [])
+    values.setdefault("dims", {}).update(parsed.pop("dims", {}))
+    return from_dict({**values, **parsed})
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """["key=value", "dims.name=value", ...] -> {key: value, "dims": {name: value}}, values as YAML."""
+    out: dict[str, Any] = {}
+    for item in items:
         key, sep, raw = item.partition("=")
-        if not sep:
+        if not sep or not key.strip():
             raise ValueError(f"--set expects key=value, got {item!r}")
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        key, value = key.strip(), yaml.safe_load(raw) if raw.strip() else ""
         if key.startswith("dims."):
-            values.setdefault("dims", {})[key[5:]] = value
+            out.setdefault("dims", {})[key[5:]] = value
         else:
-            values[key] = value
-    return from_dict(values)
+            out[key] = value
+    return out
 
 
 def from_dict(values: dict[str, Any]) -> FitConfig:
@@ -90,10 +98,10 @@ def from_dict(values: dict[str, Any]) -> FitConfig:
     unknown = set(values) - set(known)
     if unknown:
         raise ValueError(f"unknown options: {sorted(unknown)}; known: {sorted(known)}")
-    cfg = FitConfig(**values)
+    cfg, defaults = FitConfig(**values), FitConfig()
     for f in fields(FitConfig):
         value = getattr(cfg, f.name)
-        default = getattr(FitConfig(), f.name)
+        default = getattr(defaults, f.name)
         if isinstance(default, bool) and not isinstance(value, bool):
             raise ValueError(f"{f.name} must be true or false, got {value!r}")
         if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):

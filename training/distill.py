@@ -42,12 +42,10 @@ from training.data import Track, hash_split
 from training.data.cache import FeatureCache
 from training.data.folders import list_unlabelled
 from training.data.patches import serving_patches
+from training.evaluate import score
 from training.export import _Serving
 from training.fit import open_cache, prepare_tracks, setup_runtime, train
 from training.models import load_checkpoint
-
-#: Teacher targets on the serving grid (the patches the worker scores).
-TEACHER_HOP = PATCH_FRAMES
 
 
 class SoftTargets(Dataset):
@@ -70,34 +68,24 @@ class SoftTargets(Dataset):
         source, slot, slots = self.items[index]
         rows = self.targets[source]
         i = int(torch.randint(len(rows), ()).item()) if self.shuffle else slot * len(rows) // slots
-        mel = np.array(self.cache.frames(source)[i * TEACHER_HOP : i * TEACHER_HOP + PATCH_FRAMES])
+        mel = np.array(self.cache.frames(source)[i * PATCH_FRAMES : (i + 1) * PATCH_FRAMES])  # grid patch i
         return torch.from_numpy(mel), torch.from_numpy(rows[i])
 
 
-def grid_patches(frames: np.ndarray, hop: int) -> np.ndarray:
-    """[n, PATCH_FRAMES, N_MELS] patches every ``hop`` frames (at least one)."""
-    starts = np.arange(0, max(1, len(frames) - PATCH_FRAMES + 1), hop)
-    return np.stack([np.asarray(frames[s : s + PATCH_FRAMES]) for s in starts])
-
-
-@torch.inference_mode()
-def score(serving: torch.nn.Module, patches: np.ndarray, device: torch.device, batch: int = 64) -> np.ndarray:
-    return np.concatenate([serving(torch.from_numpy(patches[i : i + batch]).to(device))[0].float().cpu().numpy() for i in range(0, len(patches), batch)])
-
-
 def teacher_targets(tracks: list[Track], cache: FeatureCache, teacher: Path, serving: torch.nn.Module, device: torch.device, progress: bool) -> dict[str, np.ndarray]:
-    """source -> [n_grid_patches, n_labels] teacher scores, cached per (teacher file, audio content)."""
+    """source -> [n_serving_patches, n_labels] teacher scores on the patches the worker scores,
+    cached per (teacher file, audio content)."""
     from tqdm import tqdm
 
     tag = hashlib.sha256(teacher.read_bytes()).hexdigest()[:12]
-    folder = cache.dir / f"teacher-{tag}-hop{TEACHER_HOP}"
+    folder = cache.dir / f"teacher-{tag}-hop{PATCH_FRAMES}"
     folder.mkdir(exist_ok=True)
     out = {}
     for track in tqdm(tracks, desc="teacher scores", unit="track", disable=not progress):
         path = folder / f"{cache.digest(track.source)}.npy"
         if not path.is_file():
             tmp = path.with_suffix(f".{os.getpid()}.npy")  # several torchrun ranks may race here
-            np.save(tmp, score(serving, grid_patches(cache.frames(track.source), TEACHER_HOP), device).astype(np.float32))
+            np.save(tmp, score(serving, serving_patches(track, cache)[0], device).astype(np.float32))
             tmp.replace(path)
         out[track.source] = np.load(path)
     return out

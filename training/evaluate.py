@@ -35,7 +35,7 @@ from training.config import from_dict  # noqa: E402
 from training.data import Catalog, Track  # noqa: E402
 from training.data.cache import FeatureCache  # noqa: E402
 from training.data.patches import serving_patches, step_targets  # noqa: E402
-from training.export import _Serving  # noqa: E402
+from training.export import _Serving, activation  # noqa: E402
 from training.models import load_checkpoint  # noqa: E402
 
 #: The prototype's binary tasks on Jamendo mood/theme tags.
@@ -47,8 +47,7 @@ BINARY_TASKS = (("relaxing", "energetic"), ("happy", "sad"))
 
 def activate(task: str, out: np.ndarray) -> np.ndarray:
     """Raw outputs -> served scores (the export wrapper's activation), numpy."""
-    t = torch.from_numpy(out)
-    return (torch.softmax(t, dim=-1) if task == "classes" else torch.sigmoid(t)).numpy()
+    return activation(task, torch.from_numpy(out)).numpy()
 
 
 def tag_metrics(labels: tuple[str, ...], scores: np.ndarray, truth: np.ndarray) -> dict[str, Any]:
@@ -175,6 +174,12 @@ def _figure(task: str, labels: tuple[str, ...], result: dict[str, Any], scores: 
 
 
 @torch.inference_mode()
+def score(serving: torch.nn.Module, patches: np.ndarray, device: torch.device | str = "cpu", batch: int = 64) -> np.ndarray:
+    """patches [n, PATCH_FRAMES, N_MELS] -> served scores [n, n_labels], ``batch`` patches a call."""
+    return np.concatenate([serving(torch.from_numpy(patches[i : i + batch]).to(device))[0].float().cpu().numpy() for i in range(0, len(patches), batch)])
+
+
+@torch.inference_mode()
 def predict(serving: torch.nn.Module, tracks: list[Track], task: str, cache: FeatureCache, batch: int = 64) -> tuple[np.ndarray, np.ndarray]:
     """(scores, truth): per track (mean over its serving patches), or per annotated patch for va_steps."""
     scores, truth = [], []
@@ -186,7 +191,7 @@ def predict(serving: torch.nn.Module, tracks: list[Track], task: str, cache: Fea
                 continue
             patches = patches[keep]
             truth += [step_targets(track, int(starts[i])) for i in keep]
-        out = np.concatenate([serving(torch.from_numpy(patches[i : i + batch]))[0].numpy() for i in range(0, len(patches), batch)])
+        out = score(serving, patches, batch=batch)
         if task == "va_steps":
             scores.append(out)
         else:
@@ -211,7 +216,8 @@ def evaluate(checkpoint: Path, out_dir: Path, overrides: dict[str, Any] | None =
     task, labels = ckpt["task"], tuple(ckpt["labels"])
     splits = {}
     for name in ("validation", "test"):
-        tracks = [t for t in catalog.splits[name] if t.source not in cache.prepare([t.source for t in catalog.splits[name]], progress=False)]
+        failed = cache.prepare([t.source for t in catalog.splits[name]], progress=False)
+        tracks = [t for t in catalog.splits[name] if t.source not in failed]
         splits[name] = (*predict(serving, tracks, task, cache), len(tracks))
     scores, truth, n_test = splits["test"]
     if not len(scores):

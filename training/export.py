@@ -45,6 +45,13 @@ _OPSET = 17
 CPU_INSTANCES = 2
 
 
+def activation(task: str, out: torch.Tensor) -> torch.Tensor:
+    """Raw model outputs [B, n_labels] -> served scores: softmax for classes, sigmoid otherwise.
+    V/A targets are trained scaled to [0, 1] through the same sigmoid, so every served score is
+    in [0, 1] as the output event's schema requires."""
+    return torch.softmax(out, dim=-1) if task == "classes" else torch.sigmoid(out)
+
+
 class _Serving(nn.Module):
     """The trained network plus its task's output activation: mel -> (scores, embedding)."""
 
@@ -55,13 +62,7 @@ class _Serving(nn.Module):
 
     def forward(self, mel: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         out, embedding = self.model(mel)
-        # V/A targets are trained scaled to [0, 1] through the same sigmoid, so every served
-        # score is in [0, 1] as the output event's schema requires.
-        if self.task in ("tags", "va", "va_steps"):
-            out = torch.sigmoid(out)
-        elif self.task == "classes":
-            out = torch.softmax(out, dim=-1)
-        return out, embedding
+        return activation(self.task, out), embedding
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ import logging
 import math
 import os
 import random
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
@@ -221,7 +222,7 @@ def train(cfg: FitConfig, rt: Runtime, task: str, labels: tuple[str, ...], train
             extra = dict(config=asdict(cfg), epoch=epoch, optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), best_val_loss=best, stale_epochs=stale, val_loss=val_loss, val_metrics=metrics)
             save_checkpoint(out_dir / "last.pt", model, arch=cfg.arch, labels=list(labels), version=version, source=source, **extra)
             if improved:
-                save_checkpoint(out_dir / "best.pt", model, arch=cfg.arch, labels=list(labels), version=version, source=source, **extra)
+                shutil.copyfile(out_dir / "last.pt", out_dir / "best.pt")
             print(f"epoch {epoch}: train loss {train_loss:.4f}, validation loss {val_loss:.4f}" + ("  (best)" if improved else "") + "".join(f", {k} {v:.4f}" for k, v in metrics.items()), flush=True)
         if cfg.early_stopping and stale >= cfg.early_stopping:
             if rt.main:

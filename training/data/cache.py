@@ -45,6 +45,10 @@ class FeatureCache:
         self.max_duration_s = max_duration_s
         self._s3 = s3_client
         self._index_path = self.dir / "index.json"
+        # source -> content digest, once per source: data sets read a track's frames for every
+        # patch, and looking the source up each time would stat the file (or HEAD the object).
+        # A run assumes its audio does not change under it.
+        self._digests: dict[str, str] = {}
         self.reload()
 
     def reload(self) -> None:
@@ -59,6 +63,9 @@ class FeatureCache:
 
     def digest(self, source: str) -> str:
         """The sha256 of the source's content (its frames computed and stored if new)."""
+        known = self._digests.get(source)
+        if known is not None:
+            return known
         stamp = self._stamp(source)
         digest = self._index.get(stamp)
         if digest is None or not self._path(digest).is_file():
@@ -68,6 +75,7 @@ class FeatureCache:
                 self._store(digest, compute_frames(data, self.max_duration_s))
             self._index[stamp] = digest
             self._dirty = True
+        self._digests[source] = digest
         return digest
 
     def prepare(self, sources: list[str], progress: bool = True) -> dict[str, str]:

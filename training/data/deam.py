@@ -21,10 +21,9 @@ from pathlib import Path
 import numpy as np
 
 from training.data import SPLITS, Catalog, Track, hash_split
-from training.models.lstm_va import N_STEPS, step_labels
+from training.models.lstm_va import N_STEPS, TARGETS, step_labels
 
 STATIC_FILES = ("static_annotations_averaged_songs_1_2000.csv", "static_annotations_averaged_songs_2000_2058.csv")
-TARGETS = ("valence", "arousal")
 
 
 def _find(root: Path, name: str) -> Path:
