@@ -45,10 +45,14 @@ class TritonPythonModel:
         # Idle threads would otherwise spin waiting for the next run, taking CPU from the
         # decoding processes that share the machine (measured: 41 -> 30 ms of CPU a patch).
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        # The arena would keep the largest batch's activations (about 40 MB a patch) for good.
-        options.enable_cpu_mem_arena = False
+        # The arena keeps one run's activations (about 40 MB a patch) and reuses them; without
+        # it every run mallocs them again and the heap fragments (measured on 12 tracks: the
+        # server's RSS 499-642 MB without, 338-347 MB with). Grown by what is asked, it stays
+        # at the largest run's size (ort_run_batch patches).
+        options.enable_cpu_mem_arena = True
         path = os.path.join(args["model_repository"], args["model_version"], "model.onnx")
-        self._session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+        provider = ("CPUExecutionProvider", {"arena_extend_strategy": "kSameAsRequested"})
+        self._session = ort.InferenceSession(path, options, providers=[provider])
         # A config naming tensors the ONNX file lacks should fail the load, not every request.
         for kind, wanted, present in (
             ("input", [n for n, _ in self._inputs], [i.name for i in self._session.get_inputs()]),
