@@ -1,20 +1,32 @@
-"""GPU capacity: patches/s and latency of the mood model on a Triton server, by batch size and
-concurrency, FP32 (onnxruntime CUDA) against FP16 (onnxruntime's TensorRT execution provider).
+"""GPU capacity: patches/s and latency of the mood model on a GPU, by batch size and
+concurrency, FP32 against FP16, through a Triton server and in process (the ceiling).
 
-On a machine with an NVIDIA GPU and the Triton image (``deploy/docker/triton.Dockerfile``):
+Two server flavours, chosen by what the GPU machine has:
 
-    python -m bench.gpu_capacity --prepare /tmp/gpu-repo        # the model twice: fp32 and fp16
-    docker run --rm --gpus=1 -p 8001:8001 -v /tmp/gpu-repo:/models \\
-        nvcr.io/nvidia/tritonserver:24.10-py3 tritonserver --model-repository=/models
-    python -m bench.gpu_capacity --url localhost:8001 [--seconds 20] [--out bench/gpu.json]
+``onnxruntime`` (production: the official Triton image, ``deploy/docker/triton.Dockerfile``)
+    the model's GPU entry (``config.pbtxt``: onnxruntime, dynamic batching, warm-up) as FP32,
+    and a second entry that turns on onnxruntime's TensorRT execution provider in FP16;
+``torch`` (a server with only the python backend, e.g. ``pip install nvidia-pytriton``)
+    the same config served by ``bench/triton_torch_model.py``: the exported TorchScript file on
+    the GPU in FP32 (TF32 off) and FP16, request handling shared with the CPU model.
 
-``--prepare`` copies the model's GPU entry (``config.pbtxt``: onnxruntime, dynamic batching,
-warm-up) and adds a second entry whose config turns on TensorRT in FP16. The client is the
-equivalent of perf_analyzer's concurrency mode: ``C`` coroutines each keep one request of
-``B`` random patches in flight for the measurement window; it prints a Markdown table and,
-given the worker's CPU per patch from ``bench/results.json``, how many worker cores one GPU
-can feed. ``--url`` also works against the embedded CPU server (``python -m pipeline.stack``)
-to check the client, with CPU numbers.
+    python -m bench.gpu_capacity --sample AUDIO_DIR --out-sample sample.npz   # any machine
+    python -m bench.gpu_capacity --prepare /tmp/gpu-repo [--flavour torch]
+    tritonserver --model-repository=/tmp/gpu-repo            # or: docker run … tritonserver …
+    python -m bench.gpu_capacity --url localhost:8001 --sample-file sample.npz --out gpu.json
+    python -m bench.gpu_capacity --direct --sample-file sample.npz          # torch on cuda:0
+
+``--sample`` cuts real patches from music with the serving frontend and stores them with the
+CPU scores of the served ONNX model (onnxruntime), so the GPU's scores can be compared (max
+|Δ score|) and the requests carry real data. The client is the equivalent of perf_analyzer's
+concurrency mode: ``C`` coroutines each keep one request of ``B`` patches in flight for the
+measurement window. It prints Markdown tables and, given the worker's CPU per patch from
+``bench/results.json`` (``make bench``), how many worker cores one GPU can feed. ``--url`` also
+works against the embedded CPU server (``python -m pipeline.stack``) to check the client.
+
+This module imports nothing from the pipeline at module level (``--sample`` does, lazily): the
+model's shapes and frontend come from its ``config.pbtxt``, so a GPU machine needs only numpy,
+tritonclient and, for ``--direct`` and the torch flavour, torch.
 """
 
 from __future__ import annotations
@@ -26,53 +38,127 @@ import shutil
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as pb
 
-from pipeline.features import PATCH_SHAPE
-from pipeline.settings import REPO_ROOT
-
+REPO_ROOT = Path(__file__).resolve().parents[1]
 MODEL = "musicnn_msd"
-FP16_SUFFIX = "_trt_fp16"
-BATCHES = (1, 16, 64, 128)
+FP16_SUFFIX = "_fp16"
+FLAVOURS = ("onnxruntime", "torch")
+BATCHES = (1, 16, 64, 128, 256)
 CONCURRENCIES = (1, 2, 4, 8)
+DIRECT_BATCHES = (1, 16, 64, 128, 256, 512)
+TORCH_MODEL = Path(__file__).with_name("triton_torch_model.py")
+CPU_MODEL = REPO_ROOT / "training" / "export_assets" / "triton_cpu_model.py"
 
 
-def prepare(repository: Path, model: str = MODEL) -> list[str]:
-    """Write ``repository`` with ``model`` (FP32) and ``model + FP16_SUFFIX`` (TensorRT FP16)."""
+@dataclass(frozen=True)
+class ModelShape:
+    """What the served model takes, read from its GPU ``config.pbtxt``."""
+
+    patch: tuple[int, ...]  # one patch, e.g. (187, 96): mel frames × mel bands
+    patch_s: float  # audio seconds one patch covers, from the frontend recorded at export
+    max_batch: int
+
+
+def model_config(model: str = MODEL, root: Path = REPO_ROOT / "triton_models") -> pb.ModelConfig:
+    """The model's GPU config (the file's first line is a comment the parser accepts)."""
+    return text_format.Parse((root / model / "config.pbtxt").read_text(), pb.ModelConfig())
+
+
+def model_shape(config: pb.ModelConfig) -> ModelShape:
+    frontend = json.loads(config.parameters["moodstream"].string_value)["frontend"]
+    return ModelShape(
+        patch=tuple(config.input[0].dims),
+        patch_s=frontend["patch_frames"] * frontend["hop_length"] / frontend["sample_rate"],
+        max_batch=config.max_batch_size,
+    )
+
+
+def prepare(repository: Path, model: str = MODEL, flavour: str = "onnxruntime") -> list[str]:
+    """Write ``repository`` with ``model`` (FP32) and ``model + FP16_SUFFIX`` (FP16).
+
+    onnxruntime: the GPU config as exported, and FP16 through the TensorRT execution provider.
+    torch: the same config for the python backend, ``model.pt`` + ``bench/triton_torch_model.py``
+    (with the CPU model it builds on), precision as a config parameter.
+    """
+    if flavour not in FLAVOURS:
+        raise ValueError(f"flavour must be one of {FLAVOURS}, not {flavour!r}")
     source = REPO_ROOT / "triton_models" / model
     repository.mkdir(parents=True, exist_ok=True)
     names = [model, model + FP16_SUFFIX]
+    keep = "model.onnx" if flavour == "onnxruntime" else "model.pt"
     for name in names:
         target = repository / name
         shutil.rmtree(target, ignore_errors=True)
-        shutil.copytree(source, target, ignore=shutil.ignore_patterns("configs", "model.py", "model.pt", "__pycache__"))
-        config = text_format.Parse((source / "config.pbtxt").read_text().split("\n", 1)[1], pb.ModelConfig())
+        config = model_config(model)
         config.name = name
-        if name.endswith(FP16_SUFFIX):
+        fp16 = name.endswith(FP16_SUFFIX)
+        for version in (p for p in source.iterdir() if p.name.isdigit()):
+            (target / version.name).mkdir(parents=True)
+            shutil.copy2(version / keep, target / version.name / keep)
+            if flavour == "torch":
+                shutil.copy2(TORCH_MODEL, target / version.name / "model.py")
+                shutil.copy2(CPU_MODEL, target / version.name / "base_model.py")
+        if flavour == "onnxruntime" and fp16:
             trt = config.optimization.execution_accelerators.gpu_execution_accelerator.add(name="tensorrt")
             trt.parameters["precision_mode"] = "FP16"
             trt.parameters["max_workspace_size_bytes"] = str(2 << 30)
+        if flavour == "torch":
+            config.ClearField("platform")
+            config.ClearField("default_model_filename")
+            config.backend = "python"
+            config.parameters["precision"].string_value = "fp16" if fp16 else "fp32"
         (target / "config.pbtxt").write_text(text_format.MessageToString(config))
     return names
 
 
-async def measure(url: str, model: str, batch: int, concurrency: int, seconds: float) -> dict:
+def make_sample(audio_dir: Path, path: Path, count: int = 96, model: str = MODEL) -> dict:
+    """``count`` real patches (evenly from every file of ``audio_dir``) and the served ONNX
+    model's CPU scores for them, saved as ``path`` (npz: ``patches`` [N, *patch], ``scores`` [N, labels])."""
+    from pipeline.demo import audio_files
+    from pipeline.scoring import OnnxScorer
+    from pipeline.tagging import analyse
+
+    files = audio_files(audio_dir)
+    if not files:
+        raise SystemExit(f"no audio files in {audio_dir}")
+    per_file = -(-count // len(files))
+    parts = []
+    for file in files:
+        found = analyse(file.read_bytes(), max_duration_s=3600, min_duration_s=1).patches.patches
+        parts.append(found[np.linspace(0, len(found) - 1, min(per_file, len(found))).astype(int)])
+    patches = np.concatenate(parts)[:count]
+    scores = OnnxScorer(REPO_ROOT / "triton_models", model).score_sync(patches)
+    np.savez(path, patches=patches, scores=scores)
+    return {"patches": len(patches), "files": len(files), "path": str(path)}
+
+
+def batch_of(sample: np.ndarray | None, batch: int, patch: tuple[int, ...]) -> np.ndarray:
+    """``batch`` patches: the sample's, repeated as needed, or random log-mels when none."""
+    if sample is None:
+        return np.random.default_rng(0).uniform(0, 3, (batch, *patch)).astype(np.float32)
+    return np.ascontiguousarray(np.resize(sample, (batch, *sample.shape[1:])), dtype=np.float32)
+
+
+async def measure(url: str, model: str, batch: int, concurrency: int, seconds: float, sample: np.ndarray | None = None) -> dict:
     """``concurrency`` loops, each with one request of ``batch`` patches in flight."""
     import tritonclient.grpc.aio as triton
 
     client = triton.InferenceServerClient(url)
-    patches = np.random.default_rng(0).uniform(0, 3, (batch, *PATCH_SHAPE)).astype(np.float32)
+    config = (await client.get_model_config(model, as_json=False)).config
+    patches = batch_of(sample, batch, tuple(config.input[0].dims))
     latencies: list[float] = []
 
     async def one() -> None:
-        request = triton.InferInput("mel", list(patches.shape), "FP32")
+        request = triton.InferInput(config.input[0].name, list(patches.shape), "FP32")
         request.set_data_from_numpy(patches)
         start = time.perf_counter()
-        await client.infer(model, [request], outputs=[triton.InferRequestedOutput("scores")])
+        await client.infer(model, [request], outputs=[triton.InferRequestedOutput(config.output[0].name)])
         latencies.append(time.perf_counter() - start)
 
     async def loop(until: float) -> None:
@@ -98,48 +184,144 @@ async def measure(url: str, model: str, batch: int, concurrency: int, seconds: f
     }
 
 
-def worker_cores_fed(patches_per_s: float, results: Path) -> float | None:
-    """GPU patches/s ÷ patches one worker core prepares per second (from ``make bench``)."""
+async def server_scores(url: str, model: str, patches: np.ndarray, batch: int = 64) -> np.ndarray:
+    """The server's scores for ``patches`` [N, *patch] → [N, labels], ``batch`` per request."""
+    import tritonclient.grpc.aio as triton
+
+    client = triton.InferenceServerClient(url)
+    try:
+        config = (await client.get_model_config(model, as_json=False)).config
+        parts = []
+        for i in range(0, len(patches), batch):
+            request = triton.InferInput(config.input[0].name, list(patches[i : i + batch].shape), "FP32")
+            request.set_data_from_numpy(np.ascontiguousarray(patches[i : i + batch]))
+            result = await client.infer(model, [request], outputs=[triton.InferRequestedOutput(config.output[0].name)])
+            parts.append(result.as_numpy(config.output[0].name))
+    finally:
+        await client.close()
+    return np.concatenate(parts)
+
+
+def direct(model: str, batches: list[int], seconds: float, sample: np.ndarray | None, reference: np.ndarray | None) -> list[dict]:
+    """The exported TorchScript file on ``cuda:0`` in this process, FP32 (TF32 off) and FP16:
+    patches/s by batch size (the GPU's ceiling, no server, no transfer of results) and max
+    |Δ score| against the CPU reference on the sample."""
+    import torch
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cudnn.benchmark = True
+    shape = model_shape(model_config(model))
+    device = torch.device("cuda", 0)
+    rows = []
+    for precision, dtype in (("fp32", torch.float32), ("fp16", torch.float16)):
+        module = torch.jit.load(str(REPO_ROOT / "triton_models" / model / "1" / "model.pt"), map_location=device).to(dtype).eval()
+        diff = None
+        with torch.inference_mode():
+            if sample is not None and reference is not None:
+                got = torch.cat([module(torch.from_numpy(sample[i : i + 64]).to(device, dtype))[0].float().cpu() for i in range(0, len(sample), 64)])
+                diff = float(np.abs(got.numpy() - reference).max())
+            for batch in batches:
+                x = torch.from_numpy(batch_of(sample, batch, shape.patch)).to(device, dtype)
+                for _ in range(3):
+                    module(x)
+                torch.cuda.synchronize()
+                runs, start = 0, time.perf_counter()
+                while time.perf_counter() - start < seconds:
+                    module(x)
+                    runs += 1
+                    if runs % 8 == 0:
+                        torch.cuda.synchronize()
+                torch.cuda.synchronize()
+                elapsed = time.perf_counter() - start
+                rows.append({"precision": precision, "batch": batch, "patches_per_s": runs * batch / elapsed, "ms_per_batch": 1000 * elapsed / runs, "max_abs_diff_vs_cpu": diff})
+                print(json.dumps(rows[-1]), file=sys.stderr)
+    return rows
+
+
+def worker_cpu_s_per_patch(results: Path, shape: ModelShape) -> float | None:
+    """Worker CPU seconds (main process + decoding) per patch with remote inference, from
+    ``make bench``'s results, or None when there are none."""
     if not results.exists():
         return None
     worker = json.loads(results.read_text())["figures"]["worker_triton"]
-    patches = worker["audio_s"] / (PATCH_SHAPE[0] * 256 / 16_000)  # patches analysed
-    cpu_s_per_patch = worker["cpu_s"] / patches
-    return patches_per_s * cpu_s_per_patch
+    return worker["cpu_s"] / (worker["audio_s"] / shape.patch_s)
 
 
-async def main_async(args: argparse.Namespace) -> list[dict]:
+async def main_async(args: argparse.Namespace, sample: np.ndarray | None) -> list[dict]:
     rows = []
     for model in args.models:
         for batch in args.batches:
             for concurrency in args.concurrencies:
-                row = await measure(args.url, model, batch, concurrency, args.seconds)
+                row = await measure(args.url, model, batch, concurrency, args.seconds, sample)
                 print(json.dumps(row), file=sys.stderr)
                 rows.append(row)
     return rows
 
 
+def _print_server(rows: list[dict], cpu_per_patch: float | None, diffs: dict[str, float]) -> None:
+    print("| model | batch | concurrency | patches/s | p50 ms | p95 ms | worker cores fed |")
+    print("|---|---|---|---|---|---|---|")
+    for row in rows:
+        cores = f"{row['patches_per_s'] * cpu_per_patch:.0f}" if cpu_per_patch else "run make bench first"
+        print(f"| {row['model']} | {row['batch']} | {row['concurrency']} | {row['patches_per_s']:.0f} | {row['latency_p50_ms']:.1f} | {row['latency_p95_ms']:.1f} | {cores} |")
+    for model, diff in diffs.items():
+        print(f"{model}: max |Δ score| against the CPU reference on the sample: {diff:.2e}")
+
+
+def _print_direct(rows: list[dict], cpu_per_patch: float | None) -> None:
+    print("| precision | batch | patches/s | ms per batch | max abs Δ vs CPU | worker cores fed |")
+    print("|---|---|---|---|---|---|")
+    for row in rows:
+        cores = f"{row['patches_per_s'] * cpu_per_patch:.0f}" if cpu_per_patch else "-"
+        diff = f"{row['max_abs_diff_vs_cpu']:.1e}" if row["max_abs_diff_vs_cpu"] is not None else "-"
+        print(f"| {row['precision']} | {row['batch']} | {row['patches_per_s']:.0f} | {row['ms_per_batch']:.2f} | {diff} | {cores} |")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--prepare", type=Path, help="write a model repository with FP32 and FP16 entries, then exit")
+    parser.add_argument("--flavour", choices=FLAVOURS, default="onnxruntime", help="server flavour for --prepare")
+    parser.add_argument("--sample", type=Path, metavar="AUDIO_DIR", help="cut real patches from AUDIO_DIR into --out-sample, then exit")
+    parser.add_argument("--out-sample", type=Path, default=Path("gpu-sample.npz"))
+    parser.add_argument("--sample-count", type=int, default=96, help="patches in the sample (72 kB each)")
+    parser.add_argument("--sample-file", type=Path, help="npz from --sample: request data and CPU reference scores")
+    parser.add_argument("--direct", action="store_true", help="measure the TorchScript model on cuda:0 in this process")
     parser.add_argument("--url", default="localhost:8001", help="Triton gRPC address")
-    parser.add_argument("--models", nargs="+", default=[MODEL, MODEL + FP16_SUFFIX])
-    parser.add_argument("--batches", nargs="+", type=int, default=list(BATCHES))
+    parser.add_argument("--model", default=MODEL)
+    parser.add_argument("--models", nargs="+", help="served entries to measure (default: the model and its FP16 entry)")
+    parser.add_argument("--batches", nargs="+", type=int)
     parser.add_argument("--concurrencies", nargs="+", type=int, default=list(CONCURRENCIES))
-    parser.add_argument("--seconds", type=float, default=20.0)
+    parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--results", type=Path, default=REPO_ROOT / "bench" / "results.json", help="make bench's results, for the worker cores figure")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     if args.prepare:
-        print("\n".join(prepare(args.prepare)))
+        print("\n".join(prepare(args.prepare, args.model, args.flavour)))
         return 0
-    rows = asyncio.run(main_async(args))
-    print("| model | batch | concurrency | patches/s | p50 ms | p95 ms | worker cores fed |")
-    print("|---|---|---|---|---|---|---|")
-    for row in rows:
-        cores = worker_cores_fed(row["patches_per_s"], args.results)
-        cores_text = f"{cores:.0f}" if cores is not None else "run make bench first"
-        print(f"| {row['model']} | {row['batch']} | {row['concurrency']} | {row['patches_per_s']:.0f} | {row['latency_p50_ms']:.1f} | {row['latency_p95_ms']:.1f} | {cores_text} |")
+    if args.sample:
+        print(json.dumps(make_sample(args.sample, args.out_sample, args.sample_count, args.model)))
+        return 0
+    sample = reference = None
+    if args.sample_file:
+        with np.load(args.sample_file) as data:
+            sample, reference = data["patches"], data["scores"]
+    cpu_per_patch = worker_cpu_s_per_patch(args.results, model_shape(model_config(args.model)))
+    if args.direct:
+        rows = direct(args.model, args.batches or list(DIRECT_BATCHES), args.seconds, sample, reference)
+        _print_direct(rows, cpu_per_patch)
+    else:
+        args.models = args.models or [args.model, args.model + FP16_SUFFIX]
+        args.batches = args.batches or list(BATCHES)
+        diffs = {}
+        if sample is not None:
+            for model in args.models:
+                diffs[model] = float(np.abs(asyncio.run(server_scores(args.url, model, sample)) - reference).max())
+        rows = asyncio.run(main_async(args, sample))
+        _print_server(rows, cpu_per_patch, diffs)
+        rows = {"rows": rows, "max_abs_diff_vs_cpu": diffs}
+    if cpu_per_patch:
+        print(f"worker CPU per patch (make bench, remote inference): {1000 * cpu_per_patch:.2f} ms")
     if args.out:
         args.out.write_text(json.dumps(rows, indent=2) + "\n")
     return 0

@@ -17,7 +17,9 @@ Triton needs some preparation, which is why pytriton itself copies the server be
   library; the wheel ships stubs per Python version elsewhere. The backend directory is copied
   to a temporary directory with the stub matching the Python of the stub's environment.
 * The stub embeds Python and takes its ``sys.prefix`` from the first ``python3`` on PATH. It
-  needs numpy < 2 and onnxruntime, so it gets its own small environment (``.venv-triton``, made
+  needs numpy < 2 (it was built for numpy 1's array layout: with numpy 2, ``as_numpy()`` reads
+  garbage and output tensors made from arrays come back empty, without an error) and
+  onnxruntime, so it gets its own small environment (``.venv-triton``, made
   by ``make env``), whose ``bin`` goes first on the server's PATH. PYTHONHOME and PYTHONPATH are
   dropped so they cannot point the stub elsewhere.
 * LD_LIBRARY_PATH gets ``nvidia_pytriton.libs`` (the libraries the backend and its stub link

@@ -300,3 +300,44 @@ def test_every_dashboard_and_alert_query_returns_data_from_a_real_worker(stack, 
         # The worker may be paused on the outage with a batch it would wait for: no drain.
         os.killpg(worker.pid, signal.SIGKILL)
         worker.wait()
+
+
+# --- the GPU-only panels on a real GPU server's metrics ----------------------------------------
+
+#: /metrics of a real Triton on a GPU (see the file's header), served again here: no GPU in CI.
+GPU_METRICS = Path(__file__).with_name("data") / "triton_gpu_metrics.txt"
+
+
+@pytest.fixture
+def gpu_metrics_server():
+    import http.server
+    import threading
+
+    body = GPU_METRICS.read_bytes()
+
+    class Replay(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - http.server's name
+            self.send_response(200)
+            self.send_header("Content-Type", "text/plain; version=0.0.4")
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Replay)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+@pytest.mark.integration
+def test_gpu_only_queries_answer_on_a_gpu_servers_metrics(tmp_path, gpu_metrics_server):
+    prometheus = Prometheus(tmp_path, {"triton": gpu_metrics_server})
+    try:
+        wait_for(lambda: all(prometheus.query(q) for q in GPU_ONLY), 30, "GPU panels to have data", prometheus.log)
+        for q in GPU_ONLY:
+            (series,) = prometheus.query(q)  # one GPU in the recording
+            assert series["metric"]["gpu_uuid"].startswith("GPU-") and math.isfinite(float(series["value"][1]))
+    finally:
+        prometheus.stop()

@@ -24,12 +24,18 @@ import json
 import os
 
 import numpy as np
-import onnxruntime as ort
 import triton_python_backend_utils as pb_utils
 
 
 class TritonPythonModel:
-    """onnxruntime session over ``<model dir>/<version>/model.onnx``, shaped by the model config."""
+    """onnxruntime session over ``<model dir>/<version>/model.onnx``, shaped by the model config.
+
+    The engine is two methods, ``_open`` and ``_infer``; the request handling around them is
+    engine-neutral, so a variant for another engine overrides just those two (the GPU capacity
+    benchmark's TorchScript model does).
+    """
+
+    ENGINE = "onnxruntime"
 
     def initialize(self, args):
         config = json.loads(args["model_config"])
@@ -37,9 +43,15 @@ class TritonPythonModel:
         # (name, dims the model sees): reshape, when configured, is what reaches the backend
         self._inputs = [(t["name"], [int(d) for d in t.get("reshape", {"shape": t["dims"]}).get("shape", [])]) for t in config["input"]]
         self._outputs = [(t["name"], pb_utils.triton_string_to_numpy(t["data_type"])) for t in config["output"]]
-        parameters = config.get("parameters", {})
-        threads = parameters.get("ort_intra_op_threads", {}).get("string_value", "0")
-        self._run_batch = int(parameters.get("ort_run_batch", {}).get("string_value", "0"))
+        parameters = {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
+        self._open(args, parameters)
+
+    def _open(self, args, parameters):
+        """The onnxruntime session (``parameters``: the config's parameters as strings)."""
+        import onnxruntime as ort  # here, so that a variant for another engine does not need it
+
+        threads = parameters.get("ort_intra_op_threads", "0")
+        self._run_batch = int(parameters.get("ort_run_batch", "0"))
         options = ort.SessionOptions()
         options.intra_op_num_threads = int(threads)
         # Idle threads would otherwise spin waiting for the next run, taking CPU from the
@@ -89,7 +101,7 @@ class TritonPythonModel:
             tensor = pb_utils.get_input_tensor_by_name(request, name)
             if tensor is None:
                 raise ValueError(f"missing input {name!r}")
-            array = tensor.as_numpy()
+            array = self._array(tensor)
             expected = [-1, *dims] if self._batching else dims
             if array.ndim != len(expected) or any(d not in (-1, n) for d, n in zip(expected, array.shape)):
                 raise ValueError(f"input {name!r} has shape {list(array.shape)}, the config expects {expected}")
@@ -107,17 +119,24 @@ class TritonPythonModel:
             results = self._infer(feed, sum(sizes) if self._batching else 0)
             if self._batching and any(r.ndim == 0 or r.shape[0] != sum(sizes) for r in results):
                 raise ValueError(f"the model returned {[list(r.shape) for r in results]} for a batch of {sum(sizes)}")
-        except Exception as exc:  # noqa: BLE001 - onnxruntime raises several types; each becomes a response
+        except Exception as exc:  # noqa: BLE001 - engines raise several types; each becomes a response
             if len(members) > 1:
                 return [response for member in members for response in self._run([member])]
-            return [_error(f"onnxruntime: {exc}")]
+            return [_error(f"{self.ENGINE}: {exc}")]
         parts = [np.split(r, np.cumsum(sizes)[:-1]) for r in results] if self._batching else [[r] for r in results]
         responses = []
         for k in range(len(members)):
-            tensors = [pb_utils.Tensor(name, part[k].astype(dtype, copy=False)) for (name, dtype), part in zip(self._outputs, parts)]
+            tensors = [self._tensor(name, part[k].astype(dtype, copy=False)) for (name, dtype), part in zip(self._outputs, parts)]
             responses.append(pb_utils.InferenceResponse(output_tensors=tensors))
         return responses
 
+    def _array(self, tensor):
+        """A request tensor's data as a numpy array."""
+        return tensor.as_numpy()
+
+    def _tensor(self, name, array):
+        """An output tensor holding ``array``."""
+        return pb_utils.Tensor(name, array)
 
     def _infer(self, feed, batch):
         """The session's outputs for ``feed``, in runs of at most ``ort_run_batch`` patches."""
