@@ -192,6 +192,8 @@ def train(cfg: FitConfig, rt: Runtime, task: str, labels: tuple[str, ...], train
         model.load_state_dict(resumed.state_dict())
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
+        if ckpt.get("scaler"):  # fp16 runs: the loss scale found so far, not 2^16 again
+            scaler.load_state_dict(ckpt["scaler"])
         start_epoch, best, stale = ckpt["epoch"] + 1, ckpt["best_val_loss"], ckpt["stale_epochs"]
         version = ckpt["version"]  # a resumed run is the same model
         log.info("resumed %s at epoch %d", cfg.resume, start_epoch)
@@ -219,7 +221,7 @@ def train(cfg: FitConfig, rt: Runtime, task: str, labels: tuple[str, ...], train
         best, stale = (val_loss, 0) if improved else (best, stale + 1)
         if rt.main:
             metrics = _log_epoch(writer, epoch, train_loss, val_loss, optimizer, task, labels, pred, true)
-            extra = dict(config=asdict(cfg), epoch=epoch, optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), best_val_loss=best, stale_epochs=stale, val_loss=val_loss, val_metrics=metrics)
+            extra = dict(config=asdict(cfg), epoch=epoch, optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), scaler=scaler.state_dict(), best_val_loss=best, stale_epochs=stale, val_loss=val_loss, val_metrics=metrics)
             save_checkpoint(out_dir / "last.pt", model, arch=cfg.arch, labels=list(labels), version=version, source=source, **extra)
             if improved:
                 shutil.copyfile(out_dir / "last.pt", out_dir / "best.pt")
