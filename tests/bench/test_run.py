@@ -34,6 +34,13 @@ def test_decode_floor_counts_audio_and_cpu(long_clip):
     assert floor["cpu_s"] > 0 and floor["cpu_s_per_audio_min"] == pytest.approx(floor["cpu_s"] / (floor["audio_s"] / 60))
 
 
+def test_floor_of_several_runs_is_their_mean():
+    runs = [{"files": 2, "audio_s": 120.0, "cpu_s": 1.0, "cpu_s_per_audio_min": 0.5}, {"files": 2, "audio_s": 120.0, "cpu_s": 1.2, "cpu_s_per_audio_min": 0.6}]
+    floor = run.floor_of(runs)
+    assert floor["cpu_s"] == pytest.approx(1.1) and floor["cpu_s_per_audio_min"] == pytest.approx(0.55)
+    assert floor["runs_cpu_s"] == [1.0, 1.2] and floor["files"] == 2
+
+
 def test_analysis_window_compares_each_setting_with_the_whole_track(long_clip):
     window = run.analysis_window([long_clip])
     assert window["tracks"] == 1 and window["whole"]["patches"] == PATCHES
@@ -55,7 +62,7 @@ def test_peak_rss_is_the_tag_process_own(long_clip):
 
 def test_results_hold_the_three_ratios_and_the_table_shows_every_figure(long_clip):
     figures = {
-        "decode_floor": run.decode_floor([long_clip]),
+        "decode_floor": run.floor_of([run.decode_floor([long_clip]), run.decode_floor([long_clip])]),
         "analysis_window": run.analysis_window([long_clip]),
         # The stages below need the embedded stack (make bench runs them); here they are given.
         "worker_onnx": {"tracks": 1, "audio_s": SECONDS, "cpu_s": 9.0, "tracks_per_s": 0.2},
