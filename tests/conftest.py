@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 from pathlib import Path
 
 import av
@@ -15,6 +16,19 @@ REPO = Path(__file__).resolve().parent.parent
 EXAMPLES = REPO.parent / "shared" / "audio" / "musicnn-examples"
 JORAM = EXAMPLES / "joram-moments_of_clarity-08-solipsism-59-88.mp3"
 TRWJAZW = EXAMPLES / "TRWJAZW128F42760DD_test.mp3"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def faust_datadir(tmp_path_factory):
+    """Faust creates ``<app id>-data`` in the working directory of every worker the tests start
+    (the checkout); FAUST_DATADIR, inherited by those processes, puts it in a temporary folder."""
+    previous = os.environ.get("FAUST_DATADIR")
+    os.environ["FAUST_DATADIR"] = str(tmp_path_factory.mktemp("faust") / "{conf.name}-data")
+    yield
+    if previous is None:
+        os.environ.pop("FAUST_DATADIR", None)
+    else:
+        os.environ["FAUST_DATADIR"] = previous
 
 
 @pytest.fixture(scope="session")
