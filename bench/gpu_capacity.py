@@ -208,6 +208,8 @@ def direct(model: str, batches: list[int], seconds: float, sample: np.ndarray | 
     |Δ score| against the CPU reference on the sample."""
     import torch
 
+    if not torch.cuda.is_available():
+        raise SystemExit(f"--direct measures on a CUDA GPU; this torch ({torch.__version__}) sees none")
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     torch.backends.cudnn.benchmark = True

@@ -11,7 +11,7 @@ import pytest
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as pb
 
-from bench.gpu_capacity import FP16_SUFFIX, MODEL, make_sample, measure, model_config, model_shape, prepare, server_scores
+from bench.gpu_capacity import FP16_SUFFIX, MODEL, direct, make_sample, measure, model_config, model_shape, prepare, server_scores
 from conftest import REPO
 from pipeline.stack import EmbeddedStack
 
@@ -50,6 +50,12 @@ def test_prepare_torch_flavour_keeps_the_gpu_config_for_the_python_backend(tmp_p
 def test_prepare_refuses_an_unknown_flavour(tmp_path):
     with pytest.raises(ValueError, match="flavour"):
         prepare(tmp_path, flavour="tensorflow")
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the message given without a GPU")
+def test_direct_says_it_needs_a_gpu():
+    with pytest.raises(SystemExit, match="CUDA GPU"):
+        direct(MODEL, [1], 0.1, None, None)
 
 
 def test_model_shape_comes_from_the_config():
