@@ -35,6 +35,13 @@ def test_export_writes_a_complete_triton_entry(exported):
     assert all(v <= PARITY_TOL for v in result.max_abs_diff.values())
 
 
+def test_the_committed_repository_serves_the_exporters_cpu_model():
+    """triton_models/ is export's output: its CPU model files must not drift from the asset."""
+    asset = (REPO / "training" / "export_assets" / "triton_cpu_model.py").read_text()
+    copies = sorted((REPO / "triton_models").glob("*/[0-9]*/model.py"))
+    assert copies and all(c.read_text() == asset for c in copies), [str(c) for c in copies if c.read_text() != asset]
+
+
 def test_metadata_travels_with_the_model(exported):
     _, repo = exported
     meta = read_meta(repo, "mtt_copy")

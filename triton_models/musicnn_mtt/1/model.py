@@ -30,9 +30,9 @@ import triton_python_backend_utils as pb_utils
 class TritonPythonModel:
     """onnxruntime session over ``<model dir>/<version>/model.onnx``, shaped by the model config.
 
-    The engine is two methods, ``_open`` and ``_infer``; the request handling around them is
-    engine-neutral, so a variant for another engine overrides just those two (the GPU capacity
-    benchmark's TorchScript model does).
+    The engine is ``_open`` and ``_infer``, and ``_array`` / ``_tensor`` say how tensors cross
+    the stub; the request handling around them is engine-neutral, so a variant for another
+    engine overrides just those (the GPU capacity benchmark's TorchScript model does).
     """
 
     ENGINE = "onnxruntime"
