@@ -15,6 +15,7 @@ Two server flavours, chosen by what the GPU machine has:
     tritonserver --model-repository=/tmp/gpu-repo            # or: docker run … tritonserver …
     python -m bench.gpu_capacity --url localhost:8001 --sample-file sample.npz --out gpu.json
     python -m bench.gpu_capacity --direct --sample-file sample.npz          # torch on cuda:0
+    python -m bench.gpu_capacity --direct --engine onnxruntime --sample-file sample.npz
 
 ``--sample`` cuts real patches from music with the serving frontend and stores them with the
 CPU scores of the served ONNX model (onnxruntime), so the GPU's scores can be compared (max
@@ -26,7 +27,8 @@ works against the embedded CPU server (``python -m pipeline.stack``) to check th
 
 This module imports nothing from the pipeline at module level (``--sample`` does, lazily): the
 model's shapes and frontend come from its ``config.pbtxt``, so a GPU machine needs only numpy,
-tritonclient and, for ``--direct`` and the torch flavour, torch.
+tritonclient and, for ``--direct`` and the torch flavour, torch (``--direct --engine
+onnxruntime``: onnx and onnxruntime-gpu instead).
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ import shutil
 import statistics
 import sys
 import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -202,42 +205,103 @@ async def server_scores(url: str, model: str, patches: np.ndarray, batch: int = 
     return np.concatenate(parts)
 
 
-def direct(model: str, batches: list[int], seconds: float, sample: np.ndarray | None, reference: np.ndarray | None) -> list[dict]:
-    """The exported TorchScript file on ``cuda:0`` in this process, FP32 (TF32 off) and FP16:
-    patches/s by batch size (the GPU's ceiling, no server, no transfer of results) and max
-    |Δ score| against the CPU reference on the sample."""
+@dataclass(frozen=True)
+class Engine:
+    """One precision of the model on the GPU, in this process."""
+
+    precision: str  # "fp32" or "fp16"
+    score: Callable[[np.ndarray], np.ndarray]  # patches [N, *patch] (host) → scores [N, labels] (host)
+    launcher: Callable[[np.ndarray], Callable[[], None]]  # a batch → one inference on a device copy of it
+    sync: Callable[[], None]  # waits for the device's queued work
+
+
+def torch_engines(model: str, device: str = "cuda") -> Iterator[Engine]:
+    """The exported TorchScript file, FP32 (TF32 off) then FP16."""
     import torch
 
-    if not torch.cuda.is_available():
+    if device == "cuda" and not torch.cuda.is_available():
         raise SystemExit(f"--direct measures on a CUDA GPU; this torch ({torch.__version__}) sees none")
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     torch.backends.cudnn.benchmark = True
-    shape = model_shape(model_config(model))
-    device = torch.device("cuda", 0)
-    rows = []
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     for precision, dtype in (("fp32", torch.float32), ("fp16", torch.float16)):
         module = torch.jit.load(str(REPO_ROOT / "triton_models" / model / "1" / "model.pt"), map_location=device).to(dtype).eval()
+
+        @torch.inference_mode()
+        def score(patches: np.ndarray, module=module, dtype=dtype) -> np.ndarray:
+            return torch.cat([module(torch.from_numpy(patches[i : i + 64]).to(device, dtype))[0].float().cpu() for i in range(0, len(patches), 64)]).numpy()
+
+        def launcher(batch: np.ndarray, module=module, dtype=dtype) -> Callable[[], None]:
+            x = torch.from_numpy(batch).to(device, dtype)
+            return torch.inference_mode()(lambda: module(x))
+
+        yield Engine(precision, score, launcher, sync)
+
+
+def onnxruntime_engines(model: str, provider: str = "CUDAExecutionProvider") -> Iterator[Engine]:
+    """The exported ONNX file (what Triton's onnxruntime backend serves) on onnxruntime's CUDA
+    execution provider: FP32 (TF32 off), then FP16 as onnxruntime's float16 converter writes it
+    (inputs and outputs stay FP32, as the served config declares). Batches are bound on the
+    device (I/O binding), so a launch copies nothing between host and GPU."""
+    import onnx
+    import onnxruntime as ort
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    if provider not in ort.get_available_providers():
+        raise SystemExit(
+            f"--engine onnxruntime needs onnxruntime's {provider}; this onnxruntime ({ort.__version__}) has "
+            f"{', '.join(ort.get_available_providers())} (install onnxruntime-gpu built for the machine's CUDA)"
+        )
+    config = model_config(model)
+    mel, scores = config.input[0].name, config.output[0].name
+    device, options = ("cuda", {"device_id": 0, "use_tf32": 0, "cudnn_conv_algo_search": "EXHAUSTIVE"}) if provider == "CUDAExecutionProvider" else ("cpu", {})
+    fp32 = onnx.load(REPO_ROOT / "triton_models" / model / "1" / "model.onnx")
+    for precision in ("fp32", "fp16"):
+        graph = fp32 if precision == "fp32" else convert_float_to_float16(fp32, keep_io_types=True)
+        session = ort.InferenceSession(graph.SerializeToString(), providers=[(provider, options)])
+
+        def score(patches: np.ndarray, session=session) -> np.ndarray:
+            return np.concatenate([session.run([scores], {mel: patches[i : i + 64]})[0] for i in range(0, len(patches), 64)])
+
+        def launcher(batch: np.ndarray, session=session) -> Callable[[], None]:
+            binding = session.io_binding()
+            binding.bind_ortvalue_input(mel, ort.OrtValue.ortvalue_from_numpy(batch, device, 0))
+            for output in session.get_outputs():
+                binding.bind_output(output.name, device)
+            return lambda: session.run_with_iobinding(binding)
+
+        yield Engine(precision, score, launcher, lambda: None)  # run_with_iobinding waits for its stream
+
+
+ENGINES: dict[str, Callable[[str], Iterator[Engine]]] = {"torch": torch_engines, "onnxruntime": onnxruntime_engines}
+
+
+def direct(model: str, batches: list[int], seconds: float, sample: np.ndarray | None, reference: np.ndarray | None, engines: Iterable[Engine] | None = None) -> list[dict]:
+    """The model on the GPU in this process (default: the TorchScript file on ``cuda:0``), each
+    precision: patches/s by batch size (the GPU's ceiling: no server, no transfers) and max
+    |Δ score| against the CPU reference on the sample."""
+    shape = model_shape(model_config(model))
+    rows = []
+    for engine in torch_engines(model) if engines is None else engines:
         diff = None
-        with torch.inference_mode():
-            if sample is not None and reference is not None:
-                got = torch.cat([module(torch.from_numpy(sample[i : i + 64]).to(device, dtype))[0].float().cpu() for i in range(0, len(sample), 64)])
-                diff = float(np.abs(got.numpy() - reference).max())
-            for batch in batches:
-                x = torch.from_numpy(batch_of(sample, batch, shape.patch)).to(device, dtype)
-                for _ in range(3):
-                    module(x)
-                torch.cuda.synchronize()
-                runs, start = 0, time.perf_counter()
-                while time.perf_counter() - start < seconds:
-                    module(x)
-                    runs += 1
-                    if runs % 8 == 0:
-                        torch.cuda.synchronize()
-                torch.cuda.synchronize()
-                elapsed = time.perf_counter() - start
-                rows.append({"precision": precision, "batch": batch, "patches_per_s": runs * batch / elapsed, "ms_per_batch": 1000 * elapsed / runs, "max_abs_diff_vs_cpu": diff})
-                print(json.dumps(rows[-1]), file=sys.stderr)
+        if sample is not None and reference is not None:
+            diff = float(np.abs(engine.score(sample) - reference).max())
+        for batch in batches:
+            launch = engine.launcher(batch_of(sample, batch, shape.patch))
+            for _ in range(3):
+                launch()
+            engine.sync()
+            runs, start = 0, time.perf_counter()
+            while time.perf_counter() - start < seconds:
+                launch()
+                runs += 1
+                if runs % 8 == 0:
+                    engine.sync()
+            engine.sync()
+            elapsed = time.perf_counter() - start
+            rows.append({"precision": engine.precision, "batch": batch, "patches_per_s": runs * batch / elapsed, "ms_per_batch": 1000 * elapsed / runs, "max_abs_diff_vs_cpu": diff})
+            print(json.dumps(rows[-1]), file=sys.stderr)
     return rows
 
 
@@ -288,7 +352,8 @@ def main() -> int:
     parser.add_argument("--out-sample", type=Path, default=Path("gpu-sample.npz"))
     parser.add_argument("--sample-count", type=int, default=96, help="patches in the sample (72 kB each)")
     parser.add_argument("--sample-file", type=Path, help="npz from --sample: request data and CPU reference scores")
-    parser.add_argument("--direct", action="store_true", help="measure the TorchScript model on cuda:0 in this process")
+    parser.add_argument("--direct", action="store_true", help="measure the model on cuda:0 in this process")
+    parser.add_argument("--engine", choices=ENGINES, default="torch", help="for --direct: the TorchScript file with torch, or the ONNX file with onnxruntime's CUDA provider")
     parser.add_argument("--url", default="localhost:8001", help="Triton gRPC address")
     parser.add_argument("--model", default=MODEL)
     parser.add_argument("--models", nargs="+", help="served entries to measure (default: the model and its FP16 entry)")
@@ -310,7 +375,7 @@ def main() -> int:
             sample, reference = data["patches"], data["scores"]
     cpu_per_patch = worker_cpu_s_per_patch(args.results, model_shape(model_config(args.model)))
     if args.direct:
-        rows = direct(args.model, args.batches or list(DIRECT_BATCHES), args.seconds, sample, reference)
+        rows = direct(args.model, args.batches or list(DIRECT_BATCHES), args.seconds, sample, reference, ENGINES[args.engine](args.model))
         _print_direct(rows, cpu_per_patch)
     else:
         args.models = args.models or [args.model, args.model + FP16_SUFFIX]

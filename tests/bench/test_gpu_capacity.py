@@ -11,7 +11,7 @@ import pytest
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as pb
 
-from bench.gpu_capacity import FP16_SUFFIX, MODEL, direct, make_sample, measure, model_config, model_shape, prepare, server_scores
+from bench.gpu_capacity import FP16_SUFFIX, MODEL, direct, make_sample, measure, model_config, model_shape, onnxruntime_engines, prepare, server_scores, torch_engines
 from conftest import REPO
 from pipeline.stack import EmbeddedStack
 
@@ -56,6 +56,22 @@ def test_prepare_refuses_an_unknown_flavour(tmp_path):
 def test_direct_says_it_needs_a_gpu():
     with pytest.raises(SystemExit, match="CUDA GPU"):
         direct(MODEL, [1], 0.1, None, None)
+
+
+@pytest.mark.skipif("CUDAExecutionProvider" in __import__("onnxruntime").get_available_providers(), reason="checks the message given without onnxruntime-gpu")
+def test_onnxruntime_engine_says_it_needs_the_cuda_provider():
+    with pytest.raises(SystemExit, match="CUDAExecutionProvider.*onnxruntime-gpu"):
+        direct(MODEL, [1], 0.1, None, None, onnxruntime_engines(MODEL))
+
+
+@pytest.mark.parametrize("engines", [lambda: onnxruntime_engines(MODEL, provider="CPUExecutionProvider"), lambda: torch_engines(MODEL, device="cpu")], ids=["onnxruntime", "torch"])
+def test_direct_measures_both_precisions_of_each_engine(sample, engines):
+    """The in-process measurement, run on the CPU: the same loop and scores as on a GPU."""
+    rows = direct(MODEL, [2], 0.2, sample[0], sample[1], engines())
+    assert [(row["precision"], row["batch"]) for row in rows] == [("fp32", 2), ("fp16", 2)]
+    assert all(row["patches_per_s"] > 0 and row["ms_per_batch"] > 0 for row in rows)
+    assert rows[0]["max_abs_diff_vs_cpu"] < 1e-4  # FP32 is the CPU reference's computation
+    assert 0 < rows[1]["max_abs_diff_vs_cpu"] < 1e-2  # FP16 really ran in half precision
 
 
 def test_model_shape_comes_from_the_config():
