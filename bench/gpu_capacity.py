@@ -219,12 +219,14 @@ def torch_engines(model: str, device: str = "cuda") -> Iterator[Engine]:
     """The exported TorchScript file, FP32 (TF32 off) then FP16."""
     import torch
 
-    if device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(f"--direct measures on a CUDA GPU; this torch ({torch.__version__}) sees none")
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
-    torch.backends.cudnn.benchmark = True
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    sync: Callable[[], None] = lambda: None
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            raise SystemExit(f"--direct measures on a CUDA GPU; this torch ({torch.__version__}) sees none")
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cudnn.benchmark = True  # batch sizes repeat, so the per-shape search pays
+        sync = torch.cuda.synchronize
     for precision, dtype in (("fp32", torch.float32), ("fp16", torch.float16)):
         module = torch.jit.load(str(REPO_ROOT / "triton_models" / model / "1" / "model.pt"), map_location=device).to(dtype).eval()
 
