@@ -73,6 +73,12 @@ def model_config(model: str = MODEL, root: Path = REPO_ROOT / "triton_models") -
     return text_format.Parse((root / model / "config.pbtxt").read_text(), pb.ModelConfig())
 
 
+def served_file(model: str, filename: str) -> Path:
+    """``filename`` (model.onnx, model.pt) in the model's newest version directory."""
+    versions = sorted((p for p in (REPO_ROOT / "triton_models" / model).iterdir() if p.name.isdigit()), key=lambda p: int(p.name))
+    return versions[-1] / filename
+
+
 def model_shape(config: pb.ModelConfig) -> ModelShape:
     frontend = json.loads(config.parameters["moodstream"].string_value)["frontend"]
     return ModelShape(
@@ -148,6 +154,15 @@ def batch_of(sample: np.ndarray | None, batch: int, patch: tuple[int, ...]) -> n
     return np.ascontiguousarray(np.resize(sample, (batch, *sample.shape[1:])), dtype=np.float32)
 
 
+def _request(config: pb.ModelConfig, patches: np.ndarray) -> tuple[list, list]:
+    """The inputs and requested outputs of one request carrying ``patches`` [B, *patch]."""
+    import tritonclient.grpc.aio as triton
+
+    request = triton.InferInput(config.input[0].name, list(patches.shape), "FP32")
+    request.set_data_from_numpy(np.ascontiguousarray(patches))
+    return [request], [triton.InferRequestedOutput(config.output[0].name)]
+
+
 async def measure(url: str, model: str, batch: int, concurrency: int, seconds: float, sample: np.ndarray | None = None) -> dict:
     """``concurrency`` loops, each with one request of ``batch`` patches in flight."""
     import tritonclient.grpc.aio as triton
@@ -158,10 +173,9 @@ async def measure(url: str, model: str, batch: int, concurrency: int, seconds: f
     latencies: list[float] = []
 
     async def one() -> None:
-        request = triton.InferInput(config.input[0].name, list(patches.shape), "FP32")
-        request.set_data_from_numpy(patches)
+        inputs, outputs = _request(config, patches)
         start = time.perf_counter()
-        await client.infer(model, [request], outputs=[triton.InferRequestedOutput(config.output[0].name)])
+        await client.infer(model, inputs, outputs=outputs)
         latencies.append(time.perf_counter() - start)
 
     async def loop(until: float) -> None:
@@ -196,9 +210,8 @@ async def server_scores(url: str, model: str, patches: np.ndarray, batch: int = 
         config = (await client.get_model_config(model, as_json=False)).config
         parts = []
         for i in range(0, len(patches), batch):
-            request = triton.InferInput(config.input[0].name, list(patches[i : i + batch].shape), "FP32")
-            request.set_data_from_numpy(np.ascontiguousarray(patches[i : i + batch]))
-            result = await client.infer(model, [request], outputs=[triton.InferRequestedOutput(config.output[0].name)])
+            inputs, outputs = _request(config, patches[i : i + batch])
+            result = await client.infer(model, inputs, outputs=outputs)
             parts.append(result.as_numpy(config.output[0].name))
     finally:
         await client.close()
@@ -210,7 +223,7 @@ class Engine:
     """One precision of the model on the GPU, in this process."""
 
     precision: str  # "fp32" or "fp16"
-    score: Callable[[np.ndarray], np.ndarray]  # patches [N, *patch] (host) → scores [N, labels] (host)
+    score: Callable[[np.ndarray], np.ndarray]  # a batch [B, *patch] (host) → scores [B, labels] (host)
     launcher: Callable[[np.ndarray], Callable[[], None]]  # a batch → one inference on a device copy of it
     sync: Callable[[], None]  # waits for the device's queued work
 
@@ -228,11 +241,11 @@ def torch_engines(model: str, device: str = "cuda") -> Iterator[Engine]:
         torch.backends.cudnn.benchmark = True  # batch sizes repeat, so the per-shape search pays
         sync = torch.cuda.synchronize
     for precision, dtype in (("fp32", torch.float32), ("fp16", torch.float16)):
-        module = torch.jit.load(str(REPO_ROOT / "triton_models" / model / "1" / "model.pt"), map_location=device).to(dtype).eval()
+        module = torch.jit.load(str(served_file(model, "model.pt")), map_location=device).to(dtype).eval()
 
         @torch.inference_mode()
-        def score(patches: np.ndarray, module=module, dtype=dtype) -> np.ndarray:
-            return torch.cat([module(torch.from_numpy(patches[i : i + 64]).to(device, dtype))[0].float().cpu() for i in range(0, len(patches), 64)]).numpy()
+        def score(batch: np.ndarray, module=module, dtype=dtype) -> np.ndarray:
+            return module(torch.from_numpy(batch).to(device, dtype))[0].float().cpu().numpy()
 
         def launcher(batch: np.ndarray, module=module, dtype=dtype) -> Callable[[], None]:
             x = torch.from_numpy(batch).to(device, dtype)
@@ -258,13 +271,13 @@ def onnxruntime_engines(model: str, provider: str = "CUDAExecutionProvider") -> 
     config = model_config(model)
     mel, scores = config.input[0].name, config.output[0].name
     device, options = ("cuda", {"device_id": 0, "use_tf32": 0, "cudnn_conv_algo_search": "EXHAUSTIVE"}) if provider == "CUDAExecutionProvider" else ("cpu", {})
-    fp32 = onnx.load(REPO_ROOT / "triton_models" / model / "1" / "model.onnx")
+    fp32 = onnx.load(served_file(model, "model.onnx"))
     for precision in ("fp32", "fp16"):
         graph = fp32 if precision == "fp32" else convert_float_to_float16(fp32, keep_io_types=True)
         session = ort.InferenceSession(graph.SerializeToString(), providers=[(provider, options)])
 
-        def score(patches: np.ndarray, session=session) -> np.ndarray:
-            return np.concatenate([session.run([scores], {mel: patches[i : i + 64]})[0] for i in range(0, len(patches), 64)])
+        def score(batch: np.ndarray, session=session) -> np.ndarray:
+            return session.run([scores], {mel: batch})[0]
 
         def launcher(batch: np.ndarray, session=session) -> Callable[[], None]:
             binding = session.io_binding()
@@ -288,7 +301,8 @@ def direct(model: str, batches: list[int], seconds: float, sample: np.ndarray | 
     for engine in torch_engines(model) if engines is None else engines:
         diff = None
         if sample is not None and reference is not None:
-            diff = float(np.abs(engine.score(sample) - reference).max())
+            got = np.concatenate([engine.score(sample[i : i + 64]) for i in range(0, len(sample), 64)])
+            diff = float(np.abs(got - reference).max())
         for batch in batches:
             launch = engine.launcher(batch_of(sample, batch, shape.patch))
             for _ in range(3):

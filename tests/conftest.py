@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import os
 from pathlib import Path
 
 import av
@@ -22,13 +21,9 @@ TRWJAZW = EXAMPLES / "TRWJAZW128F42760DD_test.mp3"
 def faust_datadir(tmp_path_factory):
     """Faust creates ``<app id>-data`` in the working directory of every worker the tests start
     (the checkout); FAUST_DATADIR, inherited by those processes, puts it in a temporary folder."""
-    previous = os.environ.get("FAUST_DATADIR")
-    os.environ["FAUST_DATADIR"] = str(tmp_path_factory.mktemp("faust") / "{conf.name}-data")
-    yield
-    if previous is None:
-        os.environ.pop("FAUST_DATADIR", None)
-    else:
-        os.environ["FAUST_DATADIR"] = previous
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("FAUST_DATADIR", str(tmp_path_factory.mktemp("faust") / "{conf.name}-data"))
+        yield
 
 
 @pytest.fixture(scope="session")
