@@ -62,7 +62,7 @@ async def run(raws: list[bytes]) -> dict:
     worker = Worker(
         worker_config(s),
         scorer=scorer,
-        taxonomy=load_taxonomy(s.model, scorer.meta.labels, s.moods_file),
+        taxonomy=load_taxonomy(scorer.meta, s.moods_file),
         s3_client=storage.make_s3_client(s.s3_max_attempts),
         make_pool=lambda: ProcessPoolExecutor(s.decode_workers, mp_context=spawn),
         publish=keep,

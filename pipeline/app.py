@@ -100,13 +100,14 @@ def worker_config(s: Settings) -> WorkerConfig:
         excerpt_s=s.excerpt_s,
         top_moods=s.top_moods,
         timeline_segment_s=s.timeline_segment_s,
+        embeddings=s.embeddings,
     )
 
 
 @app.agent(ingested, concurrency=1)
 async def tag_tracks(stream: faust.StreamT) -> None:
     scorer = await open_scorer(settings)
-    taxonomy = load_taxonomy(settings.model, scorer.meta.labels, settings.moods_file)
+    taxonomy = load_taxonomy(scorer.meta, settings.moods_file)
     worker = Worker(
         worker_config(settings),
         scorer=scorer,
@@ -116,7 +117,7 @@ async def tag_tracks(stream: faust.StreamT) -> None:
         publish=publish,
     )
     await _warm_up(worker.pool, settings.decode_workers)
-    log.info("tagging %s with %s v%s via %s", settings.input_topic, scorer.meta.name, scorer.meta.version, settings.scorer.value)
+    log.info("tagging %s with %s v%s via %s", settings.input_topic, scorer.meta.name, scorer.meta.served_version, settings.scorer.value)
     try:
         async for batch in stream.take(settings.batch_size, within=settings.batch_window_s):
             result = await _drained(_process_until_done(worker, batch))

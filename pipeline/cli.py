@@ -1,6 +1,6 @@
 """``moodstream`` command line: tag files locally, run the worker, run the demo, backfill.
 
-    moodstream tag PATH... [--model musicnn_msd|musicnn_mtt] [--json]
+    moodstream tag PATH... [--model musicnn|musicnn_msd|musicnn_mtt] [--json]
     moodstream worker [--loglevel info]
     moodstream demo [AUDIO_DIR] [--json] [--scorer triton|onnx]
     moodstream publish s3://bucket/prefix [--rate N] [--dry-run]
@@ -26,7 +26,7 @@ def _tag(args: argparse.Namespace) -> int:
     settings = load_settings()
     model = args.model or settings.model
     scorer = OnnxScorer(settings.model_repository, model, threads=settings.onnx_threads, max_batch=settings.onnx_batch_patches)
-    taxonomy = load_taxonomy(model, scorer.meta.labels, settings.moods_file)
+    taxonomy = load_taxonomy(scorer.meta, settings.moods_file)
     failures = 0
     for path in args.paths:
         try:
@@ -37,8 +37,9 @@ def _tag(args: argparse.Namespace) -> int:
             print(f"{path}: {reason}: {exc}", file=sys.stderr)
             failures += 1
             continue
-        result = describe(analysis, scorer.score_sync(analysis.patches.patches), taxonomy, top_moods=settings.top_moods, segment_s=settings.timeline_segment_s)
-        result = {"path": str(path), "model": {"name": model, "version": scorer.meta.version}, **result}
+        result = describe(analysis, scorer.score_sync(analysis.patches.patches), taxonomy, top_moods=settings.top_moods, segment_s=settings.timeline_segment_s, embeddings=settings.embeddings)
+        meta = scorer.meta
+        result = {"path": str(path), "model": {"name": model, "version": meta.served_version, "networks": [{"name": n.name, "version": n.version} for n in meta.networks]}, **result}
         if args.json:
             print(json.dumps(result, sort_keys=True), flush=True)
         else:
@@ -49,18 +50,16 @@ def _tag(args: argparse.Namespace) -> int:
 
 
 def _table(result: dict, top: int) -> str:
+    from pipeline.taxonomy import mood_line
+
     lines = [f"{result['path']}  ({result['duration_s']:.1f} s, {result['patches']} patches, {result['model']['name']} v{result['model']['version']}, {result['decoder']})"]
-    width = max(len(t["tag"]) for t in result["top_tags"][:top])
-    for t in result["top_tags"][:top]:
-        lines.append(f"  {t['tag']:<{width}}  {t['score']:.3f}  {'#' * round(t['score'] * 40)}")
-    if result["top_moods"]:
-        lines.append("  moods: " + ", ".join(f"{m['mood']} {m['score']:.3f}" for m in result["top_moods"]))
-    elif not result["moods"]:
-        lines.append("  moods: this model has no mood families (pipeline/moods.toml); tags only")
-    else:
-        strongest = sorted(result["moods"].items(), key=lambda kv: -kv[1])[:2]
-        lines.append("  moods: none above threshold (strongest: " + ", ".join(f"{k} {v:.3f}" for k, v in strongest) + ")")
-    return "\n".join(lines)
+    for network, ranked in result["top_tags"].items():
+        lines.append(f"  {network}:")
+        width = max(len(t["tag"]) for t in ranked[:top])
+        for t in ranked[:top]:
+            lines.append(f"    {t['tag']:<{width}}  {t['score']:.3f}  {'#' * round(t['score'] * 40)}")
+    lines.append("  " + mood_line(result))
+    return "\n".join(lines) + "\n"
 
 
 def _worker(args: argparse.Namespace) -> int:

@@ -23,6 +23,7 @@ from pipeline import storage
 from pipeline.publish import announce
 from pipeline.settings import REPO_ROOT, load_settings
 from pipeline.stack import EmbeddedStack
+from pipeline.taxonomy import mood_line
 
 DEFAULT_AUDIO_DIR = REPO_ROOT.parent / "shared" / "audio" / "musicnn-examples"
 BUCKET = "moodstream-audio"
@@ -78,9 +79,8 @@ def _line(record: dict, names: dict[str, str]) -> str:
     name = names.get(record.get("track_id") or "", "?")
     if "reason" in record:
         return f"DLQ   {name}: {record['reason']}: {record['message']}"
-    moods = ", ".join(f"{m['mood']} {m['score']:.2f}" for m in record["top_moods"]) or "none above threshold"
-    tags = ", ".join(f"{t}" for t, _ in sorted(record["tags"].items(), key=lambda kv: -kv[1])[:5])
-    return f"moods {name}: {moods}  | tags: {tags}  ({record['duration_s']:.0f} s, {record['latency_ms'].get('total', 0):.0f} ms)"
+    tags = "; ".join(f"{network}: " + ", ".join(t["tag"] for t in ranked[:4]) for network, ranked in record["top_tags"].items())
+    return f"{name}: {mood_line(record)}\n      tags {tags}  ({record['duration_s']:.0f} s, {record['latency_ms'].get('total', 0):.0f} ms)"
 
 
 async def run(opts: DemoOptions) -> int:

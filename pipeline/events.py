@@ -5,6 +5,9 @@ what the input is validated against; this module adds what a schema cannot say (
 of :func:`pipeline.storage.parse_uri`, RFC 3339 timestamps, strict JSON) and builds the output
 and dead-letter records. It knows nothing about Kafka clients; topic names are settings.
 
+Outputs on ``tracks.moods`` are schema version 2 (``track_moods.v2.json``; the README says
+what changed since version 1); ingestion events and dead letters are version 1.
+
 Delivery is at least once, so a track can be tagged twice. An output is deterministic per
 (track_id, model name, model version) except ``processed_at`` and ``latency_ms``, which
 describe the run, and ``correlation_id`` and ``ingested_at``, which echo the announcing event:
@@ -30,14 +33,15 @@ from pipeline.errors import BadEvent, TrackError
 from pipeline.storage import ObjectRef, parse_uri
 
 SCHEMA_DIR = Path(__file__).with_name("schemas")
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 1  # tracks.ingested and tracks.moods.dlq
+MOODS_SCHEMA_VERSION = 2  # tracks.moods
 MAX_EVENT_BYTES = 64 * 1024
 MAX_MESSAGE_CHARS = 2000  # of a dead letter's message; the schema says the same
 
 
 def load_schema(name: str) -> dict[str, Any]:
-    """A shipped schema by file stem: ``track_ingested.v1``, ``track_moods.v1`` or
-    ``track_dead_letter.v1``."""
+    """A shipped schema by file stem: ``track_ingested.v1``, ``track_moods.v2`` (``.v1``, the
+    previous output format) or ``track_dead_letter.v1``."""
     return json.loads((SCHEMA_DIR / f"{name}.json").read_text(encoding="utf-8"))
 
 
@@ -50,10 +54,11 @@ _RFC3339 = re.compile(r"\d{4}-\d\d-\d\d[Tt]\d\d:\d\d:\d\d(\.\d+)?([Zz]|[+-]\d\d:
 
 @dataclass(frozen=True)
 class ModelRef:
-    """The served model an output or dead letter came from."""
+    """The served model an output or dead letter came from, and the networks it ran."""
 
     name: str
     version: str
+    networks: tuple[tuple[str, str], ...] = ()  # (name, version) of each network
 
 
 @dataclass(frozen=True)
@@ -151,23 +156,16 @@ def ingested_record(
 
 @dataclass(frozen=True)
 class TrackMoods:
-    """A ``tracks.moods`` value; the analysis fields come from :func:`pipeline.tagging.describe`.
+    """A ``tracks.moods`` value (schema version 2); ``analysis`` holds the fields that
+    :func:`pipeline.tagging.describe` computes (tags, moods, plane, timeline, embeddings, audio).
 
-    Scores are probabilities in [0, 1]; times are in seconds; ``latency_ms`` maps a stage name
-    (fetch, decode, features, inference, total) to its wall time in milliseconds.
+    Scores are in [0, 1]; valence and arousal in [-1, 1]; times in seconds; ``latency_ms`` maps
+    a stage name (fetch, decode, features, inference, total) to its wall time in milliseconds.
     """
 
     track_id: str
     model: ModelRef
-    tags: dict[str, float]
-    top_tags: list[dict[str, Any]]
-    moods: dict[str, float]
-    top_moods: list[dict[str, Any]]
-    timeline: list[dict[str, Any]]
-    duration_s: float
-    analysed_s: float
-    patches: int
-    decoder: str  # "pyav" or "soundfile"
+    analysis: dict[str, Any]
     processed_at: datetime
     latency_ms: dict[str, float]
     correlation_id: str | None = None
@@ -177,18 +175,10 @@ class TrackMoods:
         """The record: compact JSON, keys sorted; raises ValueError on a NaN or infinity."""
         return _dumps(
             {
-                "schema_version": SCHEMA_VERSION,
+                **self.analysis,
+                "schema_version": MOODS_SCHEMA_VERSION,
                 "track_id": self.track_id,
-                "model": _model(self.model),
-                "tags": self.tags,
-                "top_tags": self.top_tags,
-                "moods": self.moods,
-                "top_moods": self.top_moods,
-                "timeline": self.timeline,
-                "duration_s": self.duration_s,
-                "analysed_s": self.analysed_s,
-                "patches": self.patches,
-                "decoder": self.decoder,
+                "model": {**_model(self.model), "networks": [{"name": n, "version": v} for n, v in self.model.networks]},
                 "processed_at": _format_timestamp(self.processed_at),
                 "latency_ms": self.latency_ms,
                 "correlation_id": self.correlation_id,

@@ -1,9 +1,12 @@
-"""Scoring stage: model patches in, per-patch scores out, from Triton or in-process onnxruntime.
+"""Scoring stage: model patches in, per-patch scores and embeddings out, per network, from
+Triton or in-process onnxruntime.
 
 Both scorers serve the same model file and read the same metadata (``config.pbtxt``, see
-:mod:`pipeline.model_meta`); which one runs is the ``scorer`` setting. Patches of several
-tracks go in one call; a call larger than the model's batch limit is split into requests that
-run concurrently, so Triton's dynamic batcher sees a full queue.
+:mod:`pipeline.model_meta`); which one runs is the ``scorer`` setting. A served model may run
+several networks on the same patches (``musicnn``: MSD and MTT tags); one request carries the
+patches once and brings every network's outputs back. Patches of several tracks go in one call;
+a call larger than the model's batch limit is split into requests that run concurrently, so
+Triton's dynamic batcher sees a full queue.
 
 Errors are translated here: an outage (server unreachable, deadline exceeded, overloaded) is
 retried with exponential backoff and then raised as :class:`ServiceUnavailable`, which makes
@@ -16,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -32,18 +36,48 @@ from pipeline.model_meta import ModelMeta, from_config, read_meta
 log = logging.getLogger(__name__)
 
 INPUT = "mel"
-OUTPUT = "scores"
 #: gRPC status codes that mean "the server, not this request": retry, then pause the worker.
 _TRANSIENT = {"StatusCode.UNAVAILABLE", "StatusCode.DEADLINE_EXCEEDED", "StatusCode.RESOURCE_EXHAUSTED", "StatusCode.CANCELLED", "StatusCode.NOT_FOUND"}
+
+
+@dataclass(frozen=True)
+class NetworkOutput:
+    """One network's results for n patches."""
+
+    scores: np.ndarray  # [n, n_labels] float32, served activation (probabilities, or V/A in [0, 1])
+    embedding: np.ndarray  # [n, embedding_dim] float32
+
+
+#: network name -> its outputs, in the order the model's metadata lists the networks
+Outputs = dict[str, NetworkOutput]
 
 
 class Scorer(Protocol):
     meta: ModelMeta
 
-    async def score(self, patches: np.ndarray) -> np.ndarray:
-        """patches: [n, PATCH_FRAMES, N_MELS] float32 -> [n, len(meta.labels)] float32."""
+    async def score(self, patches: np.ndarray) -> Outputs:
+        """patches: [n, PATCH_FRAMES, N_MELS] float32 -> every network's outputs for them."""
 
     async def close(self) -> None: ...
+
+
+def empty_outputs(meta: ModelMeta) -> Outputs:
+    return {n.name: NetworkOutput(np.empty((0, len(n.labels)), np.float32), np.empty((0, n.embedding_dim), np.float32)) for n in meta.networks}
+
+
+def outputs_from_tensors(meta: ModelMeta, tensors: dict[str, np.ndarray]) -> Outputs:
+    """Output tensors by name -> per-network outputs (names from the model's metadata)."""
+    return {n.name: NetworkOutput(tensors[n.scores_output], tensors[n.embedding_output]) for n in meta.networks}
+
+
+def concat_outputs(meta: ModelMeta, parts: list[Outputs]) -> Outputs:
+    """Join the outputs of consecutive chunks of patches."""
+    if not parts:
+        return empty_outputs(meta)
+    return {
+        n.name: NetworkOutput(np.concatenate([p[n.name].scores for p in parts]), np.concatenate([p[n.name].embedding for p in parts]))
+        for n in meta.networks
+    }
 
 
 def _check_patches(patches: np.ndarray) -> np.ndarray:
@@ -83,15 +117,14 @@ class OnnxScorer:
         self.max_batch = max_batch
         self._lock = asyncio.Lock()
 
-    def score_sync(self, patches: np.ndarray) -> np.ndarray:
+    def score_sync(self, patches: np.ndarray) -> Outputs:
         """Blocking form of :meth:`score`, for the CLI."""
         patches = _check_patches(patches)
-        if not len(patches):
-            return np.empty((0, len(self.meta.labels)), np.float32)
-        out = [self._session.run([OUTPUT], {INPUT: chunk})[0] for chunk in _chunks(patches, self.max_batch)]
-        return np.concatenate(out)
+        names = list(self.meta.outputs)
+        parts = [outputs_from_tensors(self.meta, dict(zip(names, self._session.run(names, {INPUT: chunk})))) for chunk in _chunks(patches, self.max_batch)]
+        return concat_outputs(self.meta, parts)
 
-    async def score(self, patches: np.ndarray) -> np.ndarray:
+    async def score(self, patches: np.ndarray) -> Outputs:
         # One run at a time: concurrent tracks would each start onnxruntime's intra-op threads
         # and oversubscribe the cores the decoding processes need.
         async with self._lock:
@@ -126,12 +159,10 @@ class TritonScorer:
         max_batch = min(max_patches, config.max_batch_size or max_patches)
         return cls(client, meta, version=version, max_batch=max_batch, timeout_s=timeout_s, max_attempts=max_attempts)
 
-    async def score(self, patches: np.ndarray) -> np.ndarray:
+    async def score(self, patches: np.ndarray) -> Outputs:
         patches = _check_patches(patches)
-        if not len(patches):
-            return np.empty((0, len(self.meta.labels)), np.float32)
         parts = await asyncio.gather(*(self._infer(chunk) for chunk in _chunks(patches, self.max_batch)))
-        return np.concatenate(parts)
+        return concat_outputs(self.meta, list(parts))
 
     async def ready(self) -> bool:
         """Whether the server and the model answer now (one quick call, no retries)."""
@@ -140,18 +171,20 @@ class TritonScorer:
         except InferenceServerException:
             return False
 
-    async def _infer(self, chunk: np.ndarray) -> np.ndarray:
-        async def once() -> np.ndarray:
+    async def _infer(self, chunk: np.ndarray) -> Outputs:
+        """One request: the chunk's patches once, every network's outputs back."""
+
+        async def once() -> Outputs:
             request = triton.InferInput(INPUT, list(chunk.shape), "FP32")
             request.set_data_from_numpy(chunk)
             result = await self._client.infer(
                 self.meta.name,
                 [request],
                 model_version=self.version,
-                outputs=[triton.InferRequestedOutput(OUTPUT)],
+                outputs=[triton.InferRequestedOutput(name) for name in self.meta.outputs],
                 client_timeout=self.timeout_s,
             )
-            return result.as_numpy(OUTPUT)
+            return outputs_from_tensors(self.meta, {name: result.as_numpy(name) for name in self.meta.outputs})
 
         return await _retry(once, self.max_attempts, f"Triton model {self.meta.name}", self.meta.name)
 

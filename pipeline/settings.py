@@ -133,7 +133,10 @@ class Settings(BaseSettings):
 
     # --- Scoring -----------------------------------------------------------------------------
     scorer: ScorerKind = Field(ScorerKind.triton, description="triton or onnx (in-process).")
-    model: str = Field("musicnn_msd", description="Model name in the model repository.")
+    model: str = Field(
+        "musicnn",
+        description="Model name in the model repository: musicnn runs the MSD and MTT networks in one pass; musicnn_msd or musicnn_mtt one of them.",
+    )
     model_version: str = Field(
         "", description="Triton version of the model to call (empty: the server's latest)."
     )
@@ -162,11 +165,14 @@ class Settings(BaseSettings):
     # --- Output ------------------------------------------------------------------------------
     moods_file: Path = Field(
         REPO_ROOT / "pipeline" / "moods.toml",
-        description="Mood families and per-tag thresholds (TOML).",
+        description="Mood families, the top-mood rule and the mood plane (TOML).",
     )
     top_moods: int = Field(3, ge=1, le=20, description="Mood families listed in top_moods.")
     timeline_segment_s: float = Field(
         30.0, gt=0, description="Length of one timeline segment in the output, in seconds."
+    )
+    embeddings: bool = Field(
+        True, description="Put each network's 200-d audio embedding of the track (float16, base64) in the output; off for consumers that do not want it (about 1.1 kB a record)."
     )
 
     @field_validator("allowed_buckets", mode="before")

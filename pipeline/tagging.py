@@ -1,7 +1,7 @@
 """One track through the CPU stages, with no Kafka and no server: bytes -> patches -> mood view.
 
 ``analyse`` is what the worker runs in its process pool and what ``moodstream tag`` runs
-inline; ``describe`` turns the scores of one track's patches into the fields of an output
+inline; ``describe`` turns the model outputs of one track's patches into the fields of an output
 event. Keeping both here means the CLI, the worker and the benchmarks cannot drift apart.
 """
 
@@ -17,6 +17,7 @@ import torch
 
 from pipeline import audio, features
 from pipeline.errors import Undecodable
+from pipeline.scoring import Outputs
 from pipeline.taxonomy import Taxonomy, summarise
 
 
@@ -90,17 +91,14 @@ def _timed(chunks: Iterator[np.ndarray], total_s: list[float]) -> Iterator[np.nd
         yield chunk
 
 
-def describe(analysis: Analysis, scores: np.ndarray, taxonomy: Taxonomy, *, top_moods: int = 3, segment_s: float = 30.0) -> dict[str, Any]:
-    """scores: [n_patches, n_labels] for ``analysis.patches`` -> the mood fields of an output."""
-    view = summarise(scores, taxonomy, patch_starts_s=analysis.patches.patch_starts_s, top_n=top_moods, segment_s=segment_s)
+def describe(analysis: Analysis, outputs: Outputs, taxonomy: Taxonomy, *, top_moods: int = 3, segment_s: float = 30.0, embeddings: bool = True) -> dict[str, Any]:
+    """outputs: every network's results for ``analysis.patches`` -> the analysis fields of an
+    output (see :func:`pipeline.taxonomy.summarise` and the v2 schema)."""
+    view = summarise(outputs, taxonomy, patch_starts_s=analysis.patches.patch_starts_s, top_n=top_moods, segment_s=segment_s, embeddings=embeddings)
     return {
         "duration_s": analysis.duration_s,
         "analysed_s": round(analysis.patches.analysed_s, 3),
         "patches": int(len(analysis.patches.patches)),
         "decoder": analysis.decoder,
-        "tags": view.tags,
-        "top_tags": view.top_tags,
-        "moods": view.moods,
-        "top_moods": view.top_moods,
-        "timeline": view.timeline,
+        **view,
     }

@@ -33,7 +33,7 @@ import torch
 
 from pipeline import events, features, metrics, storage
 from pipeline.errors import InferenceFailed, ServiceUnavailable, TrackError, Undecodable
-from pipeline.scoring import Scorer
+from pipeline.scoring import Outputs, Scorer
 from pipeline.tagging import Analysis, analyse, describe
 from pipeline.taxonomy import Taxonomy
 
@@ -59,6 +59,7 @@ class WorkerConfig:
     min_duration_s: float
     top_moods: int
     timeline_segment_s: float
+    embeddings: bool = True  # the track's audio embedding per network in the output
     excerpts: int = 0  # 0: the whole track
     excerpt_s: float = 15.0
     outage_backoff_max_s: float = 10.0  # a service that is back is noticed within this long
@@ -71,7 +72,7 @@ class _Track:
     data: bytes | None = None
     crashed: bool = False  # its decoding process died (a decoder crash, or killed for memory)
     analysis: Analysis | None = None
-    scores: np.ndarray | None = None  # [n_patches, n_labels]
+    outputs: Outputs | None = None  # every network's scores and embeddings, per patch
     error: TrackError | None = None
     latency_ms: dict[str, float] = field(default_factory=dict)
 
@@ -93,7 +94,8 @@ class Worker:
         self._make_pool = make_pool
         self.pool = make_pool()
         self.publish = publish
-        self.model = events.ModelRef(scorer.meta.name, scorer.meta.version)
+        meta = scorer.meta
+        self.model = events.ModelRef(meta.name, meta.served_version, tuple((n.name, n.version) for n in meta.networks))
         metrics.MODEL_INFO.labels(self.model.name, self.model.version).set(1)
 
     async def process(self, raws: Sequence[bytes]) -> BatchResult:
@@ -114,7 +116,7 @@ class Worker:
         await self._retry_crashed(crashed)
         await asyncio.gather(*(self._score(t) for t in crashed if t.error is None))
 
-        sends: list[Awaitable[None]] = [self._publish_output(t, t.scores) for t in tracks if t.error is None]
+        sends: list[Awaitable[None]] = [self._publish_output(t, t.outputs) for t in tracks if t.error is None]
         outputs = len(sends)
         for track in tracks:
             if track.error is not None:
@@ -191,26 +193,26 @@ class Worker:
         self.pool.shutdown(cancel_futures=True)
 
     async def _score(self, track: _Track) -> None:
-        """The track's [n_patches, n_labels] scores into ``track.scores``, or its error."""
+        """Every network's outputs for the track's patches into ``track.outputs``, or its error."""
         patches = track.analysis.patches.patches
         metrics.BATCH_PATCHES.observe(len(patches))
         start = time.perf_counter()
         try:
-            scores = await _until_available("triton", lambda: self.scorer.score(patches), self.config.outage_backoff_max_s)
+            outputs = await _until_available("triton", lambda: self.scorer.score(patches), self.config.outage_backoff_max_s)
         except InferenceFailed as exc:
             track.error = exc
             return
         elapsed = time.perf_counter() - start
         metrics.STAGE_SECONDS.labels("inference").observe(elapsed)
         track.latency_ms["inference"] = round(elapsed * 1000, 1)
-        finite = _finite(scores)
+        finite = _finite(outputs)
         if isinstance(finite, TrackError):
             track.error = finite
         else:
-            track.scores = finite
+            track.outputs = finite
 
-    async def _publish_output(self, track: _Track, scores: np.ndarray) -> None:
-        fields = describe(track.analysis, scores, self.taxonomy, top_moods=self.config.top_moods, segment_s=self.config.timeline_segment_s)
+    async def _publish_output(self, track: _Track, outputs: Outputs) -> None:
+        fields = describe(track.analysis, outputs, self.taxonomy, top_moods=self.config.top_moods, segment_s=self.config.timeline_segment_s, embeddings=self.config.embeddings)
         event = track.event
         track.latency_ms["total"] = round((time.perf_counter() - track.started) * 1000, 1)
         record = events.TrackMoods(
@@ -220,7 +222,7 @@ class Worker:
             ingested_at=event.ingested_at,
             processed_at=_now(),
             latency_ms=track.latency_ms,
-            **fields,
+            analysis=fields,
         )
         await self.publish(self.config.output_topic, event.track_id.encode(), record.to_json())
         metrics.OUTPUTS.labels(self.model.name, self.model.version).inc()
@@ -237,10 +239,10 @@ class Worker:
         log.info("dead letter %s: %s: %s", track_id, error.reason, error)
 
 
-def _finite(scores: np.ndarray) -> np.ndarray | TrackError:
-    """A track's scores, or InferenceFailed when the model returned NaN or infinity for it."""
-    if np.isfinite(scores).all():
-        return scores
+def _finite(outputs: Outputs) -> Outputs | TrackError:
+    """A track's outputs, or InferenceFailed when the model returned NaN or infinity for it."""
+    if all(np.isfinite(o.scores).all() and np.isfinite(o.embedding).all() for o in outputs.values()):
+        return outputs
     return InferenceFailed("the model returned non-finite scores")
 
 

@@ -3,10 +3,11 @@
     moodstream-train fit [--config FILE] [--set KEY=VALUE ...] [--resume CHECKPOINT]
     moodstream-train evaluate CHECKPOINT [--out DIR] [--set KEY=VALUE ...]
     moodstream-train distill SOURCE [--teacher CHECKPOINT] [--holdout 0.2] [--config FILE] [--set ...]
-    moodstream-train export CHECKPOINT [--name NAME] [--repository triton_models] [--version 1]
+    moodstream-train export [NETWORK=]CHECKPOINT... [--name NAME] [--repository triton_models] [--version 1]
     moodstream-train import-musicnn --tf-python PATH [--clips DIR]
     moodstream-train compare-musicnn DIR... --tf-python PATH
-    moodstream-train calibrate-moods DIR... [--model NAME] [--percentile 90] [--floor 0.05]
+    moodstream-train calibrate-moods DIR... [--model musicnn] [--write]
+    moodstream-train mood-report DIR... [--model musicnn] [--out report.json]
 """
 
 from __future__ import annotations
@@ -45,9 +46,27 @@ def _compare_musicnn(args: argparse.Namespace) -> int:
 
 
 def _calibrate_moods(args: argparse.Namespace) -> int:
+    import json
+
     from training.calibrate import calibrate
 
-    print(calibrate([Path(f) for f in args.folders], args.model, Path(args.repository), args.percentile, args.floor))
+    result = calibrate([Path(f) for f in args.folders], args.model, Path(args.repository), cache_dir=Path(args.cache_dir), write=args.write, max_duration_s=args.max_duration)
+    for entry, calibration in result.items():
+        print(f"{entry}: {calibration['tracks']} reference tracks, {len(calibration['tags'])} tags, {len(calibration['families'])} families")
+    if not args.write:
+        print(json.dumps(result, sort_keys=True))
+    return 0
+
+
+def _mood_report(args: argparse.Namespace) -> int:
+    import json
+
+    from training.mood_report import as_markdown, report
+
+    result = report([Path(f) for f in args.folders], args.model, Path(args.repository), cache_dir=Path(args.cache_dir), excerpts=args.excerpts, excerpt_s=args.excerpt_s, max_duration_s=args.max_duration)
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=1, sort_keys=True))
+    print(as_markdown(result))
     return 0
 
 
@@ -112,7 +131,12 @@ def _distill(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     from training.export import export
 
-    result = export(Path(args.checkpoint), args.name, Path(args.repository), version=args.version)
+    named = [c.partition("=") if "=" in c else ("", "", c) for c in args.checkpoints]
+    paths = [Path(path) for _, _, path in named]
+    names = [n for n, _, _ in named] if all(n for n, _, _ in named) else None
+    if any(n for n, _, _ in named) and names is None:
+        raise SystemExit("moodstream-train export: name every checkpoint (NAME=PATH) or none")
+    result = export(paths[0] if len(paths) == 1 else paths, args.name, Path(args.repository), version=args.version, network_names=names)
     diffs = ", ".join(f"{k} {v:.1e}" for k, v in result.max_abs_diff.items())
     print(f"{result.directory}: parity vs eager: {diffs}")
     print(f"serve it with MOODSTREAM_MODEL={result.directory.name} (model repository {result.directory.parent})")
@@ -139,13 +163,20 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("--repository", default=str(REPO_ROOT / "triton_models"))
     cmp.set_defaults(func=_compare_musicnn)
 
-    cal = sub.add_parser("calibrate-moods", help="per-tag mood thresholds from a reference collection")
-    cal.add_argument("folders", nargs="+")
-    cal.add_argument("--model", default="musicnn_msd")
-    cal.add_argument("--percentile", type=float, default=90.0)
-    cal.add_argument("--floor", type=float, default=0.05, help="lowest threshold")
-    cal.add_argument("--repository", default=str(REPO_ROOT / "triton_models"))
+    cal = sub.add_parser("calibrate-moods", help="calibrate the mood families of a model (and the entries of its networks) on reference music")
+    rep = sub.add_parser("mood-report", help="how the calibrated mood view behaves on real music: clear share, network agreement, stability, spread")
+    for p in (cal, rep):
+        p.add_argument("folders", nargs="+")
+        p.add_argument("--model", default="musicnn", help="served model that scores the music (default: musicnn, both networks)")
+        p.add_argument("--repository", default=str(REPO_ROOT / "triton_models"))
+        p.add_argument("--cache-dir", default=str(Path.home() / ".cache" / "moodstream" / "track-outputs"), help="per-track outputs, so nothing is scored twice")
+        p.add_argument("--max-duration", type=float, default=600.0, help="seconds of each track analysed")
+    cal.add_argument("--write", action="store_true", help="store the calibrations in the entries' configs (else print them)")
     cal.set_defaults(func=_calibrate_moods)
+    rep.add_argument("--excerpts", type=int, default=5, help="analysis window compared with the whole track")
+    rep.add_argument("--excerpt-s", type=float, default=15.0)
+    rep.add_argument("--out", help="write the figures as JSON here")
+    rep.set_defaults(func=_mood_report)
 
     fit = sub.add_parser("fit", help="train a model on a labelled data set")
     _add_config_options(fit)
@@ -165,8 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_options(dis)
     dis.set_defaults(func=_distill, resume=None)
 
-    exp = sub.add_parser("export", help="export a checkpoint as a Triton model repository entry")
-    exp.add_argument("checkpoint")
+    exp = sub.add_parser("export", help="export checkpoints as a Triton model repository entry (several: one graph running each network on the same input)")
+    exp.add_argument("checkpoints", nargs="+", metavar="[NETWORK=]CHECKPOINT", help="one checkpoint, or several networks for one entry (named NETWORK=PATH, else by the run's name or the file's stem)")
     exp.add_argument("--name", help="model name in the repository (default: the run's name, else its architecture)")
     exp.add_argument("--repository", default=str(REPO_ROOT / "triton_models"))
     exp.add_argument("--version", type=int, default=1, help="Triton version directory")

@@ -1,18 +1,24 @@
-"""Export a checkpoint to the serving contract: a Triton model repository entry.
+"""Export checkpoints to the serving contract: a Triton model repository entry.
+
+One checkpoint gives a single-network entry; several give one graph that runs every network on
+the same input, so a single request brings all their outputs back (``musicnn``: the MSD and MTT
+networks; measured against two separate models in the README's Models section):
 
     triton_models/<name>/
       config.pbtxt          GPU servers: onnxruntime platform, dynamic batching, warm-up
       configs/cpu.pbtxt     CPU servers (``tritonserver --model-config-name=cpu``): the python
                             backend running the same ONNX file with onnxruntime
-      1/model.onnx          input "mel" [batch, PATCH_FRAMES, N_MELS] -> outputs "scores"
-                            [batch, n_labels] (probabilities for tags/classes; valence and
-                            arousal scaled to [0, 1] for V/A)
-                            and "embedding" [batch, embedding_dim]
+      1/model.onnx          input "mel" [batch, PATCH_FRAMES, N_MELS] -> per network
+                            "<network>_scores" [batch, n_labels] (probabilities for tags and
+                            classes; valence and arousal scaled to [0, 1] for V/A) and
+                            "<network>_embedding" [batch, embedding_dim]; a single network's
+                            outputs are plainly "scores" and "embedding"
       1/model.pt            the same network as TorchScript (for a libtorch server)
       1/model.py            the python backend (CPU config only)
 
-``config.pbtxt`` is the single source of truth: the ``moodstream`` parameter holds the labels,
-the task, the model version and the frontend constants as JSON, so the worker reads them from
+``config.pbtxt`` is the single source of truth: the ``moodstream`` parameter holds the networks
+(name, labels, task, version, output names), the model version and the frontend constants as
+JSON (see :mod:`pipeline.model_meta`), so the worker reads them from
 the repository (onnx scorer) or from Triton itself (Triton scorer) and never hard-codes a tag
 list. Export refuses to write an entry unless eager PyTorch, TorchScript and onnxruntime agree
 to within ``PARITY_TOL``.
@@ -33,12 +39,11 @@ from torch import nn
 from tritonclient.grpc import model_config_pb2 as pb
 
 from pipeline.features import N_MELS, PATCH_FRAMES
-from pipeline.model_meta import META_PARAMETER, ModelMeta
+from pipeline.model_meta import EMBEDDING, META_PARAMETER, SCORES, ModelMeta, Network
 from training.models import load_checkpoint
 
 PARITY_TOL = 1e-5
 INPUT = "mel"
-OUTPUTS = ("scores", "embedding")
 _CPU_MODEL = Path(__file__).with_name("export_assets") / "triton_cpu_model.py"
 _OPSET = 17
 #: Model instances in the CPU config (configs/cpu.pbtxt): the embedded stack's laptop default.
@@ -53,16 +58,20 @@ def activation(task: str, out: torch.Tensor) -> torch.Tensor:
 
 
 class _Serving(nn.Module):
-    """The trained network plus its task's output activation: mel -> (scores, embedding)."""
+    """The trained networks plus each task's output activation, all on the same input:
+    mel -> (scores_1, embedding_1, scores_2, embedding_2, ...)."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, models: list[nn.Module]) -> None:
         super().__init__()
-        self.model = model
-        self.task = model.task
+        self.nets = nn.ModuleList(models)
+        self.tasks = [m.task for m in models]
 
-    def forward(self, mel: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        out, embedding = self.model(mel)
-        return activation(self.task, out), embedding
+    def forward(self, mel: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        outputs = []
+        for net, task in zip(self.nets, self.tasks):
+            out, embedding = net(mel)
+            outputs += [activation(task, out), embedding]
+        return tuple(outputs)
 
 
 @dataclass(frozen=True)
@@ -71,16 +80,38 @@ class Exported:
     max_abs_diff: dict[str, float]  # "torchscript" / "onnxruntime" vs eager
 
 
-def export(checkpoint: Path, name: str | None, repository: Path, *, version: int = 1, gpu_max_batch: int = 256, cpu_max_batch: int = 16) -> Exported:
-    """Write ``repository/name`` from ``checkpoint``; return the parity figures.
+def export(checkpoints: Path | list[Path], name: str | None, repository: Path, *, version: int = 1, network_names: list[str] | None = None, gpu_max_batch: int = 256, cpu_max_batch: int = 16) -> Exported:
+    """Write ``repository/name`` from one checkpoint or several; return the parity figures.
 
-    ``name`` defaults to the training run's ``name`` option, else the architecture. The
-    checkpoint's ``version`` string (set at training time) is what every output event reports.
+    ``name`` defaults to the training run's ``name`` option, else the architecture (one
+    checkpoint only). Each checkpoint's ``version`` string (set at training time) is what output
+    events report for its network. ``network_names`` name the networks of a several-network
+    entry (default: each run's ``name`` option, else the checkpoint file's stem).
     """
-    model, ckpt = load_checkpoint(checkpoint)
-    name = name or ckpt.get("config", {}).get("name") or ckpt["arch"]
-    serving = _Serving(model).eval()
-    meta = ModelMeta(name=name, version=str(ckpt["version"]), task=ckpt["task"], labels=tuple(ckpt["labels"]), frontend=ckpt["frontend"], embedding_dim=_embedding_dim(serving))
+    paths = [checkpoints] if isinstance(checkpoints, Path) else list(checkpoints)
+    loaded = [load_checkpoint(p) for p in paths]
+    if len(paths) == 1:
+        ckpt = loaded[0][1]
+        name = name or ckpt.get("config", {}).get("name") or ckpt["arch"]
+        names, outputs = [name], [(SCORES, EMBEDDING)]
+    else:
+        if not name:
+            raise ValueError("an entry of several networks needs --name")
+        names = network_names or [c.get("config", {}).get("name") or p.stem for p, (_, c) in zip(paths, loaded)]
+        if len(set(names)) != len(names):
+            raise ValueError(f"network names must differ, got {names}; name them NAME=CHECKPOINT")
+        outputs = [(f"{n}_{SCORES}", f"{n}_{EMBEDDING}") for n in names]
+    frontends = {json.dumps(c["frontend"], sort_keys=True) for _, c in loaded}
+    if len(frontends) != 1:
+        raise ValueError("the networks of one entry must share the frontend they were trained on")
+    serving = _Serving([m for m, _ in loaded]).eval()
+    dims = _embedding_dims(serving)
+    networks = tuple(
+        Network(name=n, version=str(c["version"]), task=c["task"], labels=tuple(c["labels"]), embedding_dim=d, scores_output=o[0], embedding_output=o[1])
+        for n, (_, c), d, o in zip(names, loaded, dims, outputs)
+    )
+    versions = sorted({net.version for net in networks})
+    meta = ModelMeta(name=name, version="-".join(versions), frontend=loaded[0][1]["frontend"], networks=networks)
     entry = repository / name
     version_dir = entry / str(version)
     version_dir.mkdir(parents=True, exist_ok=True)
@@ -94,12 +125,12 @@ def export(checkpoint: Path, name: str | None, repository: Path, *, version: int
         (example,),
         str(version_dir / "model.onnx"),
         input_names=[INPUT],
-        output_names=list(OUTPUTS),
-        dynamic_axes={INPUT: {0: "batch"}, OUTPUTS[0]: {0: "batch"}, OUTPUTS[1]: {0: "batch"}},
+        output_names=list(meta.outputs),
+        dynamic_axes={INPUT: {0: "batch"}, **{o: {0: "batch"} for o in meta.outputs}},
         opset_version=_OPSET,
         dynamo=False,
     )
-    diffs = check_parity(serving, version_dir)
+    diffs = check_parity(serving, version_dir, meta.outputs)
     shutil.copyfile(_CPU_MODEL, version_dir / "model.py")
     (entry / "configs").mkdir(exist_ok=True)
     (entry / "config.pbtxt").write_text(_config_text(meta, gpu=True, max_batch=gpu_max_batch))
@@ -107,7 +138,7 @@ def export(checkpoint: Path, name: str | None, repository: Path, *, version: int
     return Exported(entry, diffs)
 
 
-def check_parity(serving: nn.Module, version_dir: Path, batch: int = 5) -> dict[str, float]:
+def check_parity(serving: nn.Module, version_dir: Path, outputs: tuple[str, ...], batch: int = 5) -> dict[str, float]:
     """Max |Δ| of TorchScript and onnxruntime against eager on random patches of ``batch``
     (a batch size the exporter never saw, to exercise the dynamic axis)."""
     x = torch.rand(batch, PATCH_FRAMES, N_MELS, generator=torch.Generator().manual_seed(0)) * 3
@@ -115,7 +146,7 @@ def check_parity(serving: nn.Module, version_dir: Path, batch: int = 5) -> dict[
         eager = [t.numpy() for t in serving(x)]
         scripted = [t.numpy() for t in torch.jit.load(str(version_dir / "model.pt"))(x)]
     session = ort.InferenceSession(str(version_dir / "model.onnx"), providers=["CPUExecutionProvider"])
-    onnx = session.run(list(OUTPUTS), {INPUT: x.numpy()})
+    onnx = session.run(list(outputs), {INPUT: x.numpy()})
     diffs = {
         "torchscript": max(float(np.abs(a - b).max()) for a, b in zip(eager, scripted)),
         "onnxruntime": max(float(np.abs(a - b).max()) for a, b in zip(eager, onnx)),
@@ -126,9 +157,9 @@ def check_parity(serving: nn.Module, version_dir: Path, batch: int = 5) -> dict[
     return diffs
 
 
-def _embedding_dim(serving: nn.Module) -> int:
+def _embedding_dims(serving: _Serving) -> list[int]:
     with torch.inference_mode():
-        return int(serving(torch.zeros(1, PATCH_FRAMES, N_MELS))[1].shape[-1])
+        return [int(e.shape[-1]) for e in serving(torch.zeros(1, PATCH_FRAMES, N_MELS))[1::2]]
 
 
 def _config_text(meta: ModelMeta, *, gpu: bool, max_batch: int) -> str:
@@ -155,8 +186,9 @@ def _config_text(meta: ModelMeta, *, gpu: bool, max_batch: int) -> str:
         # One patch per onnxruntime run is the cheapest on a CPU (see the backend's docstring).
         config.parameters["ort_run_batch"].string_value = "1"
     config.input.add(name=INPUT, data_type=pb.TYPE_FP32, dims=[PATCH_FRAMES, N_MELS])
-    config.output.add(name=OUTPUTS[0], data_type=pb.TYPE_FP32, dims=[len(meta.labels)])
-    config.output.add(name=OUTPUTS[1], data_type=pb.TYPE_FP32, dims=[meta.embedding_dim])
+    for network in meta.networks:
+        config.output.add(name=network.scores_output, data_type=pb.TYPE_FP32, dims=[len(network.labels)])
+        config.output.add(name=network.embedding_output, data_type=pb.TYPE_FP32, dims=[network.embedding_dim])
     config.version_policy.latest.num_versions = 1
     config.parameters[META_PARAMETER].string_value = json.dumps(meta.to_json(), sort_keys=True)
     header = "# Generated by `moodstream-train export`; edit the checkpoint or the exporter, not this file.\n"
