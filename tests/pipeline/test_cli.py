@@ -28,9 +28,22 @@ def test_tag_lists_musicnn_published_tags_first(example_clips):
     for line in lines:
         result = json.loads(line)
         expected = PUBLISHED_MTT[Path(result["path"]).name]
-        assert [t["tag"] for t in result["top_tags"][: len(expected)]] == expected
-        assert {"path", "duration_s", "patches", "model", "tags", "moods", "top_tags"} <= set(result)
-        assert len(result["tags"]) == 50 and result["model"] == {"name": "musicnn_mtt", "version": "1"}
+        assert [t["tag"] for t in result["top_tags"]["musicnn_mtt"][: len(expected)]] == expected
+        assert {"path", "duration_s", "patches", "model", "tags", "moods", "top_tags", "leading_mood", "valence", "arousal", "quadrant", "embeddings"} <= set(result)
+        assert len(result["tags"]["musicnn_mtt"]) == 50
+        assert result["model"]["name"] == "musicnn_mtt" and result["model"]["version"].startswith("1+cal.")
+
+
+def test_tag_runs_both_networks_by_default_and_gives_every_clip_a_mood(example_clips):
+    done = _tag("--json", *map(str, example_clips))
+    assert done.returncode == 0, done.stderr
+    for line in done.stdout.splitlines():
+        result = json.loads(line)
+        assert set(result["tags"]) == {"musicnn_msd", "musicnn_mtt"} == set(result["embeddings"])
+        assert [n["name"] for n in result["model"]["networks"]] == ["musicnn_msd", "musicnn_mtt"]
+        assert result["leading_mood"]["mood"] in result["moods"] and -1 <= result["valence"] <= 1 and -1 <= result["arousal"] <= 1
+        assert result["quadrant"] in {"happy", "angry", "sad", "relaxed"}
+        assert all({"leading_mood", "valence", "arousal", "quadrant"} <= set(seg) for seg in result["timeline"])
 
 
 def test_tag_reports_an_unreadable_file_and_still_tags_the_others(example_clips, tmp_path):
@@ -40,7 +53,8 @@ def test_tag_reports_an_unreadable_file_and_still_tags_the_others(example_clips,
     garbage.write_bytes(b"hello" * 100)
     done = _tag(str(garbage), str(spaced), str(tmp_path / "missing.ogg"))
     assert done.returncode == 1
-    assert "a file with spaces.mp3" in done.stdout and "blues" in done.stdout  # the default (MSD) table
+    assert "a file with spaces.mp3" in done.stdout and "blues" in done.stdout and "musicnn_mtt:" in done.stdout  # the default table: both networks
+    assert "valence" in done.stdout
     errors = done.stderr.splitlines()
     assert any("not audio.mp3: undecodable:" in e for e in errors)
     assert any("missing.ogg: unreadable:" in e for e in errors)

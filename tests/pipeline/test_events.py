@@ -35,7 +35,7 @@ def validate(record: bytes, schema: str) -> dict:
 
 def test_shipped_schemas_are_valid_draft_2020_12():
     names = sorted(p.stem for p in events.SCHEMA_DIR.glob("*.json"))
-    assert names == ["track_dead_letter.v1", "track_ingested.v1", "track_moods.v1"]
+    assert names == ["track_dead_letter.v1", "track_ingested.v1", "track_moods.v1", "track_moods.v2"]
     for name in names:
         schema = events.load_schema(name)
         assert schema["$schema"] == "https://json-schema.org/draft/2020-12/schema"
@@ -232,34 +232,56 @@ def test_track_id_of_a_bad_event_is_kept_when_valid():
 # --- output -----------------------------------------------------------------------------------
 
 
-def moods_record(**over) -> events.TrackMoods:
-    fields = dict(
-        track_id="t-1",
-        model=events.ModelRef("musicnn_msd", "3"),
-        tags={"happy": 0.5, "sad": 0.125, "rock": 1.0},
-        top_tags=[{"tag": "rock", "score": 1.0}, {"tag": "happy", "score": 0.5}],
-        moods={"happy": 0.5, "sad": 0.125},
-        top_moods=[{"mood": "happy", "score": 0.5}],
-        timeline=[{"start_s": 0.0, "end_s": 30.0, "top_moods": [{"mood": "happy", "score": 0.6}]}, {"start_s": 30.0, "end_s": 42.5, "top_moods": []}],
+LEAD = {"mood": "happy", "confidence": 0.9, "clear": True}
+
+
+def moods_record(model: events.ModelRef | None = None, processed_at: datetime | None = None, latency_ms: dict | None = None, correlation_id: str | None = "corr-7", ingested_at: datetime | None = datetime(2026, 1, 1, 11, 59, tzinfo=timezone.utc), **over) -> events.TrackMoods:
+    analysis = dict(
+        tags={"musicnn_msd": {"happy": 0.5, "sad": 0.125, "rock": 1.0}, "musicnn_mtt": {"fast": 0.25}},
+        top_tags={"musicnn_msd": [{"tag": "rock", "score": 1.0}, {"tag": "happy", "score": 0.5}], "musicnn_mtt": [{"tag": "fast", "score": 0.25}]},
+        mood_source="tags",
+        moods={"happy": 0.9, "sad": 0.125},
+        top_moods=[{"mood": "happy", "score": 0.9}],
+        leading_mood=LEAD,
+        valence=0.5,
+        arousal=-0.25,
+        quadrant="relaxed",
+        timeline=[
+            {"start_s": 0.0, "end_s": 30.0, "top_moods": [{"mood": "happy", "score": 0.95}], "leading_mood": LEAD, "valence": 0.6, "arousal": 0.1, "quadrant": "happy"},
+            {"start_s": 30.0, "end_s": 42.5, "top_moods": [], "leading_mood": {**LEAD, "clear": False, "confidence": 0.5}, "valence": -0.1, "arousal": -0.2, "quadrant": "sad"},
+        ],
+        embeddings={"musicnn_msd": {"dim": 2, "dtype": "float16", "data": "ADwAQA=="}},
         duration_s=42.5,
         analysed_s=42.0,
         patches=14,
         decoder="pyav",
-        processed_at=datetime(2026, 1, 1, 12, 0, 0, 250000, tzinfo=timezone.utc),
-        latency_ms={"fetch": 10.0, "decode": 20.5, "features": 3.0, "inference": 40.0, "total": 80.0},
-        correlation_id="corr-7",
-        ingested_at=datetime(2026, 1, 1, 11, 59, tzinfo=timezone.utc),
     )
-    return events.TrackMoods(**{**fields, **over})
+    return events.TrackMoods(
+        track_id="t-1",
+        model=model or events.ModelRef("musicnn", "3+cal.0123abcd", (("musicnn_msd", "1"), ("musicnn_mtt", "1"))),
+        analysis={**analysis, **over},
+        processed_at=processed_at or datetime(2026, 1, 1, 12, 0, 0, 250000, tzinfo=timezone.utc),
+        latency_ms=latency_ms or {"fetch": 10.0, "decode": 20.5, "features": 3.0, "inference": 40.0, "total": 80.0},
+        correlation_id=correlation_id,
+        ingested_at=ingested_at,
+    )
 
 
 def test_output_validates_against_the_shipped_schema():
-    doc = validate(moods_record().to_json(), "track_moods.v1")
-    assert doc["schema_version"] == 1 and doc["model"] == {"name": "musicnn_msd", "version": "3"}
+    doc = validate(moods_record().to_json(), "track_moods.v2")
+    assert doc["schema_version"] == 2
+    assert doc["model"] == {"name": "musicnn", "version": "3+cal.0123abcd", "networks": [{"name": "musicnn_msd", "version": "1"}, {"name": "musicnn_mtt", "version": "1"}]}
     assert doc["processed_at"] == "2026-01-01T12:00:00.250000Z" and doc["ingested_at"] == "2026-01-01T11:59:00Z"
-    assert set(doc) == set(events.load_schema("track_moods.v1")["required"])
-    nulls = validate(moods_record(correlation_id=None, ingested_at=None).to_json(), "track_moods.v1")
+    assert set(doc) == set(events.load_schema("track_moods.v2")["required"])
+    nulls = validate(moods_record(correlation_id=None, ingested_at=None).to_json(), "track_moods.v2")
     assert nulls["correlation_id"] is None and nulls["ingested_at"] is None
+    assert validate(moods_record(embeddings={}).to_json(), "track_moods.v2")["embeddings"] == {}
+
+
+def test_a_v1_consumer_validating_its_schema_is_told_the_version_changed():
+    doc = json.loads(moods_record().to_json())
+    errors_seen = [(list(e.path), e.message) for e in jsonschema.Draft202012Validator(events.load_schema("track_moods.v1")).iter_errors(doc)]
+    assert (["schema_version"], "1 was expected") in errors_seen
 
 
 def test_output_is_deterministic_but_for_the_run_fields():
@@ -267,7 +289,7 @@ def test_output_is_deterministic_but_for_the_run_fields():
     again = moods_record(
         processed_at=first.processed_at + timedelta(hours=1),
         latency_ms={"total": 5.0},
-        tags=dict(reversed(first.tags.items())),  # insertion order must not matter
+        tags={k: dict(reversed(v.items())) for k, v in reversed(first.analysis["tags"].items())},  # insertion order must not matter
     )
     assert first.to_json() == moods_record().to_json()
     a, b = json.loads(first.to_json()), json.loads(again.to_json())
@@ -281,16 +303,27 @@ def test_output_is_deterministic_but_for_the_run_fields():
 
 @pytest.mark.parametrize(
     "over",
-    [{"tags": {"happy": 1.5}}, {"decoder": "ffmpeg"}, {"patches": 0}, {"top_moods": [{"mood": "happy"}]}, {"latency_ms": {"fetch": 1.0}}],
+    [
+        {"tags": {"musicnn_msd": {"happy": 1.5}}},
+        {"decoder": "ffmpeg"},
+        {"patches": 0},
+        {"top_moods": [{"mood": "happy"}]},
+        {"latency_ms": {"fetch": 1.0}},
+        {"valence": 1.5},
+        {"quadrant": "calm"},
+        {"leading_mood": {"mood": "happy", "confidence": 0.9}},
+        {"embeddings": {"musicnn_msd": {"dim": 2, "dtype": "float32", "data": "AA=="}}},
+    ],
 )
 def test_schema_catches_a_broken_output(over):
+    latency = over.pop("latency_ms", None)
     with pytest.raises(jsonschema.ValidationError):
-        validate(moods_record(**over).to_json(), "track_moods.v1")
+        validate(moods_record(latency_ms=latency, **over).to_json(), "track_moods.v2")
 
 
 def test_output_refuses_nan_and_naive_times():
     with pytest.raises(ValueError):
-        moods_record(tags={"happy": float("nan")}).to_json()
+        moods_record(valence=float("nan")).to_json()
     with pytest.raises(ValueError):
         moods_record(processed_at=datetime(2026, 1, 1)).to_json()
 

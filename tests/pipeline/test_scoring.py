@@ -2,11 +2,14 @@
 
 The served path decodes in a streaming way, buffers decoder chunks before the spectrogram,
 runs onnxruntime one patch at a time (in process, or in Triton's CPU model behind its dynamic
-batcher). The reference decodes the whole signal, computes one spectrogram over it with
-torchaudio's own centre padding, and runs the eager PyTorch checkpoint on all patches at once.
+batcher), and runs both networks in one graph (``musicnn``). The reference decodes the whole
+signal, computes one spectrogram over it with torchaudio's own centre padding, and runs each
+network's eager PyTorch checkpoint alone on all patches at once.
 """
 
 from __future__ import annotations
+
+import urllib.request
 
 import numpy as np
 import pytest
@@ -22,7 +25,8 @@ from pipeline.tagging import analyse
 from training.models import load_checkpoint
 
 TOLERANCE = 1e-4  # the issue's bound on what an optimisation may change in any score
-MODEL = "musicnn_msd"
+NETWORKS = ("musicnn_msd", "musicnn_mtt")
+MODELS = ("musicnn", *NETWORKS)  # the two-network model, and each network served alone
 
 
 def reference_patches(data: bytes) -> np.ndarray:
@@ -39,15 +43,25 @@ def reference_patches(data: bytes) -> np.ndarray:
     return logmel[: n * F.PATCH_FRAMES].reshape(n, F.PATCH_FRAMES, F.N_MELS)
 
 
-def reference_scores(patches: np.ndarray) -> np.ndarray:
-    model, _ = load_checkpoint(REPO / "training" / "weights" / f"{MODEL}.pt")
-    with torch.inference_mode():
-        return torch.sigmoid(model(torch.from_numpy(patches))[0]).numpy()
+def reference_outputs(patches: np.ndarray) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """network -> (scores, embedding) of its checkpoint alone, eager PyTorch."""
+    out = {}
+    for network in NETWORKS:
+        model, _ = load_checkpoint(REPO / "training" / "weights" / f"{network}.pt")
+        with torch.inference_mode():
+            logits, embedding = model(torch.from_numpy(patches))
+        out[network] = (torch.sigmoid(logits).numpy(), embedding.numpy())
+    return out
+
+
+def max_diff(outputs, expected) -> float:
+    """Largest |delta| over every network's scores and embedding the outputs hold."""
+    return max(max(np.abs(out.scores - expected[name][0]).max(), np.abs(out.embedding - expected[name][1]).max()) for name, out in outputs.items())
 
 
 @pytest.fixture(scope="module")
 def clips(example_clips):
-    """(served patches, reference scores) per real clip."""
+    """(served patches, reference outputs) per real clip."""
     out = []
     for clip in example_clips:
         data = clip.read_bytes()
@@ -55,24 +69,41 @@ def clips(example_clips):
         ref = reference_patches(data)
         assert served.shape == ref.shape
         assert np.abs(served - ref).max() < 1e-3  # float32 rounding of differently sized STFT blocks
-        out.append((served, reference_scores(ref)))
+        out.append((served, reference_outputs(ref)))
     return out
 
 
-def test_in_process_scores_equal_the_reference(clips):
-    scorer = OnnxScorer(REPO / "triton_models", MODEL)  # the defaults the worker uses
+@pytest.mark.parametrize("model", MODELS)
+def test_in_process_scores_equal_the_reference(clips, model):
+    scorer = OnnxScorer(REPO / "triton_models", model)  # the defaults the worker uses
     for served, expected in clips:
-        assert np.abs(scorer.score_sync(served) - expected).max() <= TOLERANCE
+        outputs = scorer.score_sync(served)
+        assert set(outputs) == ({model} if model in NETWORKS else set(NETWORKS))
+        assert max_diff(outputs, expected) <= TOLERANCE
+
+
+def _requests_served(metrics_url: str, model: str) -> float:
+    text = urllib.request.urlopen(metrics_url, timeout=10).read().decode()
+    lines = [line for line in text.splitlines() if line.startswith("nv_inference_request_success{") and f'model="{model}"' in line]
+    return sum(float(line.rsplit(" ", 1)[1]) for line in lines)
 
 
 @pytest.mark.integration
-async def test_triton_cpu_model_scores_equal_the_reference(clips, tmp_path):
-    with EmbeddedStack(model_repository=REPO / "triton_models", log_dir=tmp_path, models=[MODEL]) as stack:
-        scorer = await TritonScorer.connect(stack.triton_grpc_url, MODEL)
-        try:
-            # All clips at once: the request is split and batched across tracks by the server.
-            together = await scorer.score(np.concatenate([served for served, _ in clips]))
-        finally:
-            await scorer.close()
-    expected = np.concatenate([e for _, e in clips])
-    assert np.abs(together - expected).max() <= TOLERANCE
+async def test_triton_cpu_model_scores_equal_the_reference_with_one_request_per_batch(clips, tmp_path):
+    with EmbeddedStack(model_repository=REPO / "triton_models", log_dir=tmp_path, models=list(MODELS)) as stack:
+        for model in MODELS:
+            scorer = await TritonScorer.connect(stack.triton_grpc_url, model)
+            try:
+                # All clips at once: the request is split and batched across tracks by the server.
+                together = await scorer.score(np.concatenate([served for served, _ in clips]))
+                expected = {n: tuple(np.concatenate([e[n][i] for _, e in clips]) for i in (0, 1)) for n in clips[0][1]}
+                assert max_diff(together, expected) <= TOLERANCE
+                if model == "musicnn":
+                    # One request carries a batch of patches once and brings both networks back.
+                    before = _requests_served(stack.triton_metrics_url, model)
+                    batch = clips[0][0][: scorer.max_batch]
+                    one = await scorer.score(batch)
+                    assert _requests_served(stack.triton_metrics_url, model) - before == 1
+                    assert set(one) == set(NETWORKS) and all(len(o.scores) == len(batch) for o in one.values())
+            finally:
+                await scorer.close()

@@ -35,3 +35,32 @@ def test_analysis_reports_decoding_and_frontend_time():
     data = encode(tone(10.0), "mp3")
     result = analyse(data, max_duration_s=3600, min_duration_s=1)
     assert result.decode_s > 0 and result.features_s > 0
+
+
+def test_embeddings_of_excerpts_of_one_real_track_are_nearer_each_other_than_other_tracks(example_clips):
+    """The output's embedding (mean over patches, float16) places excerpts of the same track
+    together: every excerpt's nearest neighbour, by cosine distance, is from its own track."""
+    from pipeline.scoring import OnnxScorer
+    from pipeline.settings import REPO_ROOT
+    from pipeline.taxonomy import decode_embedding, encode_embedding
+
+    scorer = OnnxScorer(REPO_ROOT / "triton_models", "musicnn")
+    vectors, owners = {n.name: [] for n in scorer.meta.networks}, []
+    for track, clip in enumerate(example_clips):
+        patches = analyse(clip.read_bytes(), max_duration_s=3600, min_duration_s=1).patches.patches
+        outputs = scorer.score_sync(patches)
+        for part in np.array_split(np.arange(len(patches)), 3):  # three ~9-s excerpts a track
+            owners.append(track)
+            for name, out in outputs.items():
+                vectors[name].append(decode_embedding(encode_embedding(out.embedding[part].mean(axis=0))))
+    owners = np.array(owners)
+    assert len(set(owners)) >= 2
+    for name, rows in vectors.items():
+        unit = np.array(rows) / np.linalg.norm(rows, axis=1, keepdims=True)
+        distance = 1 - unit @ unit.T
+        np.fill_diagonal(distance, np.inf)
+        nearest = distance.argmin(axis=1)
+        assert (owners[nearest] == owners).all(), (name, distance.round(3))
+        same = distance[(owners[:, None] == owners[None, :]) & np.isfinite(distance)]
+        other = distance[owners[:, None] != owners[None, :]]
+        assert same.max() < other.min(), name

@@ -58,7 +58,7 @@ class FlakyScorer:
 
 @pytest.fixture(scope="module")
 def scorer():
-    return OnnxScorer(REPO_ROOT / "triton_models", "musicnn_mtt")
+    return OnnxScorer(REPO_ROOT / "triton_models", "musicnn")
 
 
 def make_pool():
@@ -66,7 +66,7 @@ def make_pool():
 
 
 def make_worker(scorer, publish, make_pool=make_pool):
-    taxonomy = load_taxonomy("musicnn_mtt", scorer.meta.labels)
+    taxonomy = load_taxonomy(scorer.meta)
     return Worker(CONFIG, scorer=scorer, taxonomy=taxonomy, s3_client=None, make_pool=make_pool, publish=publish)
 
 
@@ -84,10 +84,13 @@ def test_batch_scores_every_track_in_one_call_and_matches_tagging_alone(scorer, 
     outputs = {r["track_id"]: r for t, _, r in publish.records if t == "out"}
     assert set(outputs) == {"a", "b"}
     # Batching across tracks changes no score: compare with the track scored alone.
-    alone = scorer.score_sync(analyse(example_clips[0].read_bytes(), max_duration_s=600, min_duration_s=1).patches.patches).mean(axis=0)
-    batched = np.array([outputs["a"]["tags"][label] for label in scorer.meta.labels])
-    assert np.abs(batched - alone).max() <= 1e-4
-    assert [t["tag"] for t in outputs["a"]["top_tags"][:3]] == ["techno", "electronic", "synth"]
+    alone = scorer.score_sync(analyse(example_clips[0].read_bytes(), max_duration_s=600, min_duration_s=1).patches.patches)
+    for network in scorer.meta.networks:
+        batched = np.array([outputs["a"]["tags"][network.name][label] for label in network.labels])
+        assert np.abs(batched - alone[network.name].scores.mean(axis=0)).max() <= 1e-4
+    assert [t["tag"] for t in outputs["a"]["top_tags"]["musicnn_mtt"][:3]] == ["techno", "electronic", "synth"]
+    assert outputs["a"]["model"]["networks"] == [{"name": "musicnn_msd", "version": "1"}, {"name": "musicnn_mtt", "version": "1"}]
+    assert outputs["a"]["leading_mood"]["mood"] is not None and set(outputs["a"]["embeddings"]) == {"musicnn_msd", "musicnn_mtt"}
 
 
 def test_an_outage_pauses_the_batch_instead_of_dead_lettering(scorer, example_clips):
