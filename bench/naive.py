@@ -2,8 +2,9 @@
 would write it.
 
 For each file in turn: ``librosa.load(sr=16000)``, librosa's mel spectrogram with musicnn's
-parameters, the model on the whole track's patches (onnxruntime with default session options,
-as a prototype leaves them), then a synchronous produce of the result to Kafka. No batching
+parameters, both musicnn networks (MSD and MTT, the outputs moodstream computes) on the whole
+track's patches, each its own onnxruntime session with default options as a prototype leaves
+them, then a synchronous produce of the result to Kafka. No batching
 across tracks, no overlap of I/O with computation, one process.
 
 The one departure from "one inference call per file": the call is made in slices of
@@ -35,7 +36,7 @@ from pipeline.features import HOP_LENGTH, LOG_SCALE, N_FFT, N_MELS, PATCH_FRAMES
 from pipeline.settings import REPO_ROOT
 
 SLICE = 16  # patches per onnxruntime call (see the module docstring)
-MODEL = REPO_ROOT / "triton_models" / "musicnn_msd" / "1" / "model.onnx"
+MODELS = [REPO_ROOT / "triton_models" / name / "1" / "model.onnx" for name in ("musicnn_msd", "musicnn_mtt")]
 
 
 def mel_patches(path: Path) -> tuple[np.ndarray, float]:
@@ -50,7 +51,7 @@ def mel_patches(path: Path) -> tuple[np.ndarray, float]:
 
 
 async def run(files: list[Path], bootstrap: str, topic: str) -> dict:
-    session = ort.InferenceSession(str(MODEL), providers=["CPUExecutionProvider"])
+    sessions = [ort.InferenceSession(str(model), providers=["CPUExecutionProvider"]) for model in MODELS]
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all")
     await producer.start()
     audio_s = 0.0
@@ -58,8 +59,11 @@ async def run(files: list[Path], bootstrap: str, topic: str) -> dict:
     try:
         for path in files:
             patches, duration = mel_patches(path)
-            scores = np.concatenate([session.run(["scores"], {"mel": patches[i : i + SLICE]})[0] for i in range(0, len(patches), SLICE)]).mean(axis=0)
-            record = {"track": path.name, "scores": [round(float(s), 6) for s in scores]}
+            record = {"track": path.name}
+            for model, session in zip(MODELS, sessions):
+                runs = [session.run(["scores", "embedding"], {"mel": patches[i : i + SLICE]}) for i in range(0, len(patches), SLICE)]
+                scores, embedding = (np.concatenate(parts).mean(axis=0) for parts in zip(*runs))
+                record[model.parent.parent.name] = {"scores": [round(float(s), 6) for s in scores], "embedding": [round(float(e), 4) for e in embedding]}
             await producer.send_and_wait(topic, json.dumps(record).encode(), key=path.name.encode())
             audio_s += duration
     finally:

@@ -131,7 +131,7 @@ def distill(cfg: FitConfig, source: str, teacher: Path, *, holdout: float = 0.2)
     teacher_model, tckpt = load_checkpoint(teacher)
     if tckpt["task"] != "tags":
         raise ValueError(f"the teacher must be a tagger, {teacher} has task {tckpt['task']!r}")
-    t_serving = _Serving(teacher_model).eval().to(rt.device)
+    t_serving = _Serving([teacher_model]).eval().to(rt.device)
     targets = teacher_targets(splits["train"] + splits["validation"], cache, teacher, t_serving, rt.device, cfg.progress and rt.main)
     train_ds = SoftTargets(splits["train"], cache, targets, per_track=cfg.patches_per_track, shuffle=True)
     val_ds = SoftTargets(splits["validation"], cache, targets, per_track=cfg.patches_per_track, shuffle=False)
@@ -139,7 +139,7 @@ def distill(cfg: FitConfig, source: str, teacher: Path, *, holdout: float = 0.2)
     best = train(cfg, rt, "tags", tuple(tckpt["labels"]), train_ds, val_ds, loss_fn, source=f"distilled from {teacher.name} ({tckpt['version']}) on {source}")
 
     student_model, sckpt = load_checkpoint(best)
-    s_serving = _Serving(student_model).eval().to(rt.device)
+    s_serving = _Serving([student_model]).eval().to(rt.device)
     s_scores, t_scores, track_of = [], [], []
     for i, track in enumerate(splits["test"]):
         patches, _ = serving_patches(track, cache)

@@ -212,7 +212,7 @@ def evaluate(checkpoint: Path, out_dir: Path, overrides: dict[str, Any] | None =
     if tuple(catalog.labels) != tuple(ckpt["labels"]):
         raise ValueError(f"{checkpoint} has labels {ckpt['labels'][:5]}..., the data set {catalog.labels[:5]}...")
     cache = open_cache(cfg)
-    serving = _Serving(model).eval()
+    serving = _Serving([model]).eval()
     task, labels = ckpt["task"], tuple(ckpt["labels"])
     splits = {}
     for name in ("validation", "test"):

@@ -35,8 +35,8 @@ def test_distill_trains_a_servable_student_and_reports_agreement(unlabelled, mel
     assert main(["export", str(out / "best.pt"), "--repository", str(repo)]) == 0
     meta = read_meta(repo, "student")
     assert meta.labels == tuple(teacher["labels"]) and meta.version == ckpt["version"]
-    scores = OnnxScorer(repo, "student").score_sync(np.random.default_rng(0).random((3, 187, 96), np.float32))
-    assert scores.shape == (3, 50)
+    outputs = OnnxScorer(repo, "student").score_sync(np.random.default_rng(0).random((3, 187, 96), np.float32))
+    assert outputs["student"].scores.shape == (3, 50)
 
 
 def test_compare_is_perfect_for_the_teacher_itself_and_chance_for_noise():

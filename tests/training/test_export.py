@@ -51,11 +51,25 @@ def test_metadata_travels_with_the_model(exported):
 
 
 def test_committed_repository_matches_the_committed_weights():
-    """triton_models/ must be what exporting training/weights/ gives (no stale model files)."""
+    """triton_models/ must be what exporting training/weights/ gives (no stale model files):
+    each network alone, and both in the two-network entry."""
+    x = torch.rand(4, 187, 96, generator=torch.Generator().manual_seed(3)) * 3
+    both = OnnxScorer(REPO / "triton_models", "musicnn").score_sync(x.numpy())
     for name in ["musicnn_msd", "musicnn_mtt"]:
         model, _ = load_checkpoint(REPO / "training" / "weights" / f"{name}.pt")
-        scorer = OnnxScorer(REPO / "triton_models", name)
-        x = torch.rand(4, 187, 96, generator=torch.Generator().manual_seed(3)) * 3
         with torch.inference_mode():
-            eager = torch.sigmoid(model(x)[0]).numpy()
-        assert np.abs(scorer.score_sync(x.numpy()) - eager).max() <= 1e-5
+            logits, embedding = model(x)
+        for outputs in (OnnxScorer(REPO / "triton_models", name).score_sync(x.numpy()), both):
+            assert np.abs(outputs[name].scores - torch.sigmoid(logits).numpy()).max() <= 1e-5
+            assert np.abs(outputs[name].embedding - embedding.numpy()).max() <= 1e-4
+
+
+def test_several_checkpoints_export_to_one_graph_with_named_networks(tmp_path):
+    weights = REPO / "training" / "weights"
+    result = export([weights / "musicnn_msd.pt", weights / "musicnn_mtt.pt"], "pair", tmp_path, network_names=["msd", "mtt"])
+    meta = read_meta(tmp_path, "pair")
+    assert [n.name for n in meta.networks] == ["msd", "mtt"] and meta.outputs == ("msd_scores", "msd_embedding", "mtt_scores", "mtt_embedding")
+    assert [o.name for o in read_config(tmp_path, "pair", "cpu").output] == list(meta.outputs)
+    assert all(v <= PARITY_TOL for v in result.max_abs_diff.values())
+    with pytest.raises(ValueError, match="differ"):
+        export([weights / "musicnn_msd.pt", weights / "musicnn_msd.pt"], "twice", tmp_path)

@@ -96,17 +96,23 @@ def test_fit_evaluate_export_and_serve(arch, request, mel_cache, tmp_path):
     scorer = OnnxScorer(repo, arch)
     audio = next(p for p in sorted(Path(root).rglob("*")) if p.suffix in (".mp3", ".wav", ".flac"))
     analysis = analyse(audio.read_bytes(), max_duration_s=600, min_duration_s=1.0)
-    scores = scorer.score_sync(analysis.patches.patches)
+    outputs = scorer.score_sync(analysis.patches.patches)
+    scores = outputs[arch].scores
     assert scores.shape == (len(analysis.patches.patches), len(meta.labels))
     assert 0 <= scores.min() and scores.max() <= 1
     with torch.inference_mode():
         eager = torch.sigmoid(model(torch.from_numpy(analysis.patches.patches))[0]) if task != "classes" else torch.softmax(model(torch.from_numpy(analysis.patches.patches))[0], -1)
     np.testing.assert_allclose(scores, eager.numpy(), atol=1e-5)
-    fields = describe(analysis, scores, load_taxonomy(arch, meta.labels))
-    record = events.TrackMoods(track_id="t1", model=events.ModelRef(meta.name, meta.version), processed_at=datetime.now(timezone.utc), latency_ms={"total": 1.0}, **fields)
+    fields = describe(analysis, outputs, load_taxonomy(meta))
+    record = events.TrackMoods(track_id="t1", model=events.ModelRef(meta.name, meta.served_version, ((arch, meta.version),)), processed_at=datetime.now(timezone.utc), latency_ms={"total": 1.0}, analysis=fields)
     doc = json.loads(record.to_json())
-    events.jsonschema.Draft202012Validator(events.load_schema("track_moods.v1")).validate(doc)
-    assert doc["model"] == {"name": arch, "version": "test-1"} and set(doc["tags"]) == set(meta.labels)
+    events.jsonschema.Draft202012Validator(events.load_schema("track_moods.v2")).validate(doc)
+    assert doc["model"]["name"] == arch and doc["model"]["version"] == "test-1" and set(doc["tags"][arch]) == set(meta.labels)
+    # A DEAM regressor or a 4-class quadrant network fills the mood plane itself.
+    expected_source = {"va": "valence_arousal", "va_steps": "valence_arousal", "classes": "classes"}.get(task, "none")
+    assert doc["mood_source"] == expected_source
+    if expected_source != "none":
+        assert doc["quadrant"] in ("happy", "angry", "sad", "relaxed") and doc["leading_mood"]["mood"] is not None
 
 
 def test_resume_continues_the_same_run(class_folders, mel_cache, tmp_path):
