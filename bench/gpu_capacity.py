@@ -49,7 +49,7 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as pb
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-MODEL = "musicnn_msd"
+MODEL = "musicnn"  # both networks in one graph, as the worker serves them
 FP16_SUFFIX = "_fp16"
 FLAVOURS = ("onnxruntime", "torch")
 BATCHES = (1, 16, 64, 128, 256)
@@ -71,6 +71,12 @@ class ModelShape:
 def model_config(model: str = MODEL, root: Path = REPO_ROOT / "triton_models") -> pb.ModelConfig:
     """The model's GPU config (the file's first line is a comment the parser accepts)."""
     return text_format.Parse((root / model / "config.pbtxt").read_text(), pb.ModelConfig())
+
+
+def score_outputs(config: pb.ModelConfig) -> list[str]:
+    """The outputs holding tag scores, one per network ("scores", or "<network>_scores"), in
+    config order; what fidelity is measured on (the embeddings travel beside them)."""
+    return [o.name for o in config.output if o.name == "scores" or o.name.endswith("_scores")]
 
 
 def served_file(model: str, filename: str) -> Path:
@@ -128,7 +134,8 @@ def prepare(repository: Path, model: str = MODEL, flavour: str = "onnxruntime") 
 
 def make_sample(audio_dir: Path, path: Path, count: int = 96, model: str = MODEL) -> dict:
     """``count`` real patches (evenly from every file of ``audio_dir``) and the served ONNX
-    model's CPU scores for them, saved as ``path`` (npz: ``patches`` [N, *patch], ``scores`` [N, labels])."""
+    model's CPU scores for them, saved as ``path`` (npz: ``patches`` [N, *patch], ``scores``
+    [N, labels of every network, joined])."""
     from pipeline.demo import audio_files
     from pipeline.scoring import OnnxScorer
     from pipeline.tagging import analyse
@@ -142,8 +149,8 @@ def make_sample(audio_dir: Path, path: Path, count: int = 96, model: str = MODEL
         found = analyse(file.read_bytes(), max_duration_s=3600, min_duration_s=1).patches.patches
         parts.append(found[np.linspace(0, len(found) - 1, min(per_file, len(found))).astype(int)])
     patches = np.concatenate(parts)[:count]
-    scores = OnnxScorer(REPO_ROOT / "triton_models", model).score_sync(patches)
-    np.savez(path, patches=patches, scores=scores)
+    outputs = OnnxScorer(REPO_ROOT / "triton_models", model).score_sync(patches)
+    np.savez(path, patches=patches, scores=np.concatenate([o.scores for o in outputs.values()], axis=1))
     return {"patches": len(patches), "files": len(files), "path": str(path)}
 
 
@@ -160,7 +167,8 @@ def _request(config: pb.ModelConfig, patches: np.ndarray) -> tuple[list, list]:
 
     request = triton.InferInput(config.input[0].name, list(patches.shape), "FP32")
     request.set_data_from_numpy(np.ascontiguousarray(patches))
-    return [request], [triton.InferRequestedOutput(config.output[0].name)]
+    # Every output, as the worker asks for them: one request brings all networks back.
+    return [request], [triton.InferRequestedOutput(o.name) for o in config.output]
 
 
 async def measure(url: str, model: str, batch: int, concurrency: int, seconds: float, sample: np.ndarray | None = None) -> dict:
@@ -202,7 +210,7 @@ async def measure(url: str, model: str, batch: int, concurrency: int, seconds: f
 
 
 async def server_scores(url: str, model: str, patches: np.ndarray, batch: int = 64) -> np.ndarray:
-    """The server's scores for ``patches`` [N, *patch] → [N, labels], ``batch`` per request."""
+    """The server's scores for ``patches`` [N, *patch] → [N, labels of every network], ``batch`` per request."""
     import tritonclient.grpc.aio as triton
 
     client = triton.InferenceServerClient(url)
@@ -212,7 +220,7 @@ async def server_scores(url: str, model: str, patches: np.ndarray, batch: int = 
         for i in range(0, len(patches), batch):
             inputs, outputs = _request(config, patches[i : i + batch])
             result = await client.infer(model, inputs, outputs=outputs)
-            parts.append(result.as_numpy(config.output[0].name))
+            parts.append(np.concatenate([result.as_numpy(name) for name in score_outputs(config)], axis=1))
     finally:
         await client.close()
     return np.concatenate(parts)
@@ -245,7 +253,8 @@ def torch_engines(model: str, device: str = "cuda") -> Iterator[Engine]:
 
         @torch.inference_mode()
         def score(batch: np.ndarray, module=module, dtype=dtype) -> np.ndarray:
-            return module(torch.from_numpy(batch).to(device, dtype))[0].float().cpu().numpy()
+            out = module(torch.from_numpy(batch).to(device, dtype))
+            return torch.cat([t.float() for t in out[0::2]], dim=1).cpu().numpy()  # (scores, embedding) per network
 
         def launcher(batch: np.ndarray, module=module, dtype=dtype) -> Callable[[], None]:
             x = torch.from_numpy(batch).to(device, dtype)
@@ -269,7 +278,7 @@ def onnxruntime_engines(model: str, provider: str = "CUDAExecutionProvider") -> 
             f"{', '.join(ort.get_available_providers())} (install onnxruntime-gpu built for the machine's CUDA)"
         )
     config = model_config(model)
-    mel, scores = config.input[0].name, config.output[0].name
+    mel, scores = config.input[0].name, score_outputs(config)
     device, options = ("cuda", {"device_id": 0, "use_tf32": 0, "cudnn_conv_algo_search": "EXHAUSTIVE"}) if provider == "CUDAExecutionProvider" else ("cpu", {})
     fp32 = onnx.load(served_file(model, "model.onnx"))
     for precision in ("fp32", "fp16"):
@@ -277,7 +286,7 @@ def onnxruntime_engines(model: str, provider: str = "CUDAExecutionProvider") -> 
         session = ort.InferenceSession(graph.SerializeToString(), providers=[(provider, options)])
 
         def score(batch: np.ndarray, session=session) -> np.ndarray:
-            return session.run([scores], {mel: batch})[0]
+            return np.concatenate(session.run(scores, {mel: batch}), axis=1)
 
         def launcher(batch: np.ndarray, session=session) -> Callable[[], None]:
             binding = session.io_binding()

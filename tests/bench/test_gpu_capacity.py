@@ -95,7 +95,7 @@ def sample(tmp_path_factory, example_clips):
 def test_sample_holds_real_patches_and_their_cpu_scores(sample):
     patches, scores = sample
     assert patches.shape == (6, 187, 96) and patches.dtype == np.float32
-    assert scores.shape == (6, 50) and np.all((scores >= 0) & (scores <= 1))
+    assert scores.shape == (6, 100) and np.all((scores >= 0) & (scores <= 1))  # both networks, 50 tags each
     assert len({p.tobytes() for p in patches}) == 6  # distinct patches from both clips
 
 

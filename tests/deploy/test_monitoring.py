@@ -47,7 +47,7 @@ ALERTS = DEPLOY / "prometheus" / "alerts.yml"
 ALERT_TESTS = DEPLOY / "prometheus" / "alerts_test.yml"
 DASHBOARD = DEPLOY / "grafana" / "moodstream.json"
 BUCKET = "moodstream-audio"
-MODEL = "musicnn_msd"
+MODEL = "musicnn"
 PREFIX = "mon"
 #: What Grafana's $__rate_interval becomes here: scrapes come every second, and the two waves of
 #: tracks below are well inside this window when the queries run.

@@ -26,7 +26,7 @@ from conftest import REPO
 from pipeline.stack import EmbeddedStack
 
 BUCKET = "moodstream-audio"
-MODEL = "musicnn_msd"
+MODEL = "musicnn"
 #: Fields of an output that describe the run or echo the announcement, not the track's tags.
 RUN_FIELDS = frozenset({"processed_at", "latency_ms", "correlation_id", "ingested_at"})
 

@@ -24,6 +24,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from conftest import REPO, encode, tone
 from pipeline import events, storage
+from pipeline.model_meta import read_meta
 from pipeline.scoring import OnnxScorer, TritonScorer
 from pipeline.settings import load_settings
 from pipeline.stack import EmbeddedStack, free_ports
@@ -31,7 +32,7 @@ from pipeline.tagging import analyse
 
 pytestmark = pytest.mark.integration
 BUCKET = "moodstream-audio"
-MODEL = "musicnn_msd"
+MODEL = "musicnn"  # the default: both networks in one pass
 
 
 @pytest.fixture(scope="module")
@@ -130,18 +131,21 @@ def test_tracks_in_moods_out_and_bad_events_dead_lettered(stack, example_clips, 
             exposition = response.read().decode()
     finally:
         stop_worker(worker)
-    assert f'moodstream_outputs_total{{model="{MODEL}",version="1"}} 3.0' in exposition
+    version = read_meta(REPO / "triton_models", MODEL).served_version
+    assert f'moodstream_outputs_total{{model="{MODEL}",version="{version}"}} 3.0' in exposition
     assert 'moodstream_dead_letters_total{reason="bad_event"} 2.0' in exposition
     assert "moodstream_stage_seconds_count{stage=\"inference\"}" in exposition
     log = (tmp_path / "worker.log").read_text(errors="replace")[-3000:]
 
     outputs = {r["track_id"]: r for r in seen["tracks.moods"]}
     assert set(outputs) == set(good), log
-    schema = events.load_schema("track_moods.v1")
+    schema = events.load_schema("track_moods.v2")
     for record in outputs.values():
         jsonschema.validate(record, schema, format_checker=jsonschema.FormatChecker())
-        assert record["model"] == {"name": MODEL, "version": "1"} and len(record["tags"]) == 50
-    assert outputs["real-TRWJAZW"]["top_tags"][0]["tag"] == "blues"
+        assert record["model"]["name"] == MODEL and record["model"]["version"] == version
+        assert [len(record["tags"][n]) for n in ("musicnn_msd", "musicnn_mtt")] == [50, 50]
+        assert record["leading_mood"]["mood"] is not None and set(record["embeddings"]) == {"musicnn_msd", "musicnn_mtt"}
+    assert outputs["real-TRWJAZW"]["top_tags"]["musicnn_msd"][0]["tag"] == "blues"
 
     reasons = {r["track_id"]: r["reason"] for r in seen["tracks.moods.dlq"]}
     assert reasons == {"missing": "not_found", "not-audio": "undecodable", "other-bucket": "bad_event", None: "bad_event"}, log
@@ -156,7 +160,7 @@ def test_triton_and_onnx_scorers_agree_on_real_audio(stack, example_clips):
     settings = load_settings()
     patches = np.concatenate([analyse(c.read_bytes(), max_duration_s=60, min_duration_s=1).patches.patches for c in example_clips])
 
-    async def via_triton() -> np.ndarray:
+    async def via_triton():
         scorer = await TritonScorer.connect(stack.triton_grpc_url, MODEL, max_patches=7)
         try:
             return await scorer.score(patches)
@@ -165,8 +169,11 @@ def test_triton_and_onnx_scorers_agree_on_real_audio(stack, example_clips):
 
     remote = asyncio.run(via_triton())
     local = OnnxScorer(settings.model_repository, MODEL).score_sync(patches)
-    assert remote.shape == local.shape == (len(patches), 50)
-    assert np.abs(remote - local).max() <= 1e-4
+    assert set(remote) == set(local) == {"musicnn_msd", "musicnn_mtt"}
+    for name in local:
+        assert remote[name].scores.shape == local[name].scores.shape == (len(patches), 50)
+        assert np.abs(remote[name].scores - local[name].scores).max() <= 1e-4
+        assert np.abs(remote[name].embedding - local[name].embedding).max() <= 1e-4
 
 
 def test_triton_outage_pauses_the_worker_and_loses_nothing(stack, example_clips, tmp_path):

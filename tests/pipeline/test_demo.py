@@ -31,7 +31,10 @@ def test_demo_json_prints_one_valid_output_per_track(example_clips, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     lines = done.stdout.splitlines()
     assert len(lines) == 3, done.stdout
-    schema = events.load_schema("track_moods.v1")
+    schema = events.load_schema("track_moods.v2")
     for line in lines:
         jsonschema.validate(json.loads(line), schema)
+    for line in lines:
+        record = json.loads(line)
+        assert record["leading_mood"]["mood"] is not None and record["quadrant"] in {"happy", "angry", "sad", "relaxed"}
     assert "3 tracks announced: 3 tagged, 0 dead-lettered, 0 lost" in done.stderr
