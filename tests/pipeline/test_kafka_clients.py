@@ -24,7 +24,7 @@ from pipeline.stack import EmbeddedStack
 
 pytestmark = pytest.mark.integration
 BUCKET = "moodstream-audio"
-MODEL = "musicnn_msd"
+MODEL = "musicnn"
 KCAT = shutil.which("kcat")
 #: a track's record on a CPU Triton, with both cores shared, can take a while
 WAIT_S = 180
@@ -68,9 +68,10 @@ def worker(stack, audio_uri, tmp_path_factory):
 
 def check_moods(value: bytes, track_id: str, worker: subprocess.Popen) -> None:
     record = json.loads(value)
-    jsonschema.validate(record, events.load_schema("track_moods.v1"), format_checker=jsonschema.FormatChecker())
+    jsonschema.validate(record, events.load_schema("track_moods.v2"), format_checker=jsonschema.FormatChecker())
     assert record["track_id"] == track_id, worker.log.read_text(errors="replace")[-3000:]
-    assert record["model"]["name"] == MODEL and len(record["tags"]) == 50
+    assert record["model"]["name"] == MODEL and [len(t) for t in record["tags"].values()] == [50, 50]
+    assert record["leading_mood"]["mood"] is not None
 
 
 def test_confluent_kafka_announces_a_track_and_reads_its_moods(stack, audio_uri, worker):
