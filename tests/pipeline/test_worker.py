@@ -87,7 +87,8 @@ def test_batch_scores_every_track_in_one_call_and_matches_tagging_alone(scorer, 
     alone = scorer.score_sync(analyse(example_clips[0].read_bytes(), max_duration_s=600, min_duration_s=1).patches.patches).mean(axis=0)
     batched = np.array([outputs["a"]["tags"][label] for label in scorer.meta.labels])
     assert np.abs(batched - alone).max() <= 1e-4
-    assert [t["tag"] for t in outputs["a"]["top_tags"][:3]] == ["techno", "electronic", "synth"]
+    # musicnn_mtt's top three on the jazz excerpt as `moodstream tag` gives them (0.47, 0.29, 0.20; the next 0.11)
+    assert [t["tag"] for t in outputs["a"]["top_tags"][:3]] == ["guitar", "slow", "piano"]
 
 
 def test_an_outage_pauses_the_batch_instead_of_dead_lettering(scorer, example_clips):
