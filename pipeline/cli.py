@@ -82,7 +82,8 @@ def _demo(args: argparse.Namespace) -> int:
     settings = load_settings()
     audio_dir = Path(args.audio_dir) if args.audio_dir else demo.DEFAULT_AUDIO_DIR
     if not audio_dir.is_dir():
-        print(f"moodstream demo: no folder {audio_dir}; pass AUDIO_DIR", file=sys.stderr)
+        hint = demo.FETCH_HINT if not args.audio_dir else "pass a folder of audio files"
+        print(f"moodstream demo: no folder {audio_dir}; {hint}", file=sys.stderr)
         return 2
     opts = demo.DemoOptions(
         audio_dir=audio_dir,
@@ -135,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     worker.set_defaults(func=_worker)
 
     demo = sub.add_parser("demo", help="run everything locally: broker, S3, Triton, a worker; tag a folder")
-    demo.add_argument("audio_dir", nargs="?", help="folder of audio files (default: the example clips)")
+    demo.add_argument("audio_dir", nargs="?", help="folder of audio files (default: the clips `make clips` writes, ~/.cache/moodstream/clips)")
     demo.add_argument("--json", action="store_true", help="stdout: exactly one JSON output record per line")
     demo.add_argument("--scorer", choices=["triton", "onnx"], default="triton")
     demo.add_argument("--model", help="model to serve (default: MOODSTREAM_MODEL)")

@@ -25,7 +25,10 @@ from pipeline.settings import REPO_ROOT, load_settings
 from pipeline.stack import EmbeddedStack
 from pipeline.taxonomy import mood_line
 
-DEFAULT_AUDIO_DIR = REPO_ROOT.parent / "shared" / "audio" / "musicnn-examples"
+#: Three 30-s excerpts of Debian's drascula-music (jazz, ambient, rock), written by `make clips`
+#: (training/data/debian_music.toml): real music the project fetches itself, quick to tag.
+DEFAULT_AUDIO_DIR = Path.home() / ".cache" / "moodstream" / "clips"
+FETCH_HINT = "`make clips` writes the demo's clips there (Debian's drascula-music, 36 MB, once)"
 BUCKET = "moodstream-audio"
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 from pathlib import Path
 
 import av
@@ -10,11 +11,14 @@ import numpy as np
 import pytest
 import soundfile
 
+from training.data.debian_music import load_clips
+
 REPO = Path(__file__).resolve().parent.parent
-#: Two real music clips published with musicnn (ISC licence), beside the clone, never committed.
-EXAMPLES = REPO.parent / "shared" / "audio" / "musicnn-examples"
-JORAM = EXAMPLES / "joram-moments_of_clarity-08-solipsism-59-88.mp3"
-TRWJAZW = EXAMPLES / "TRWJAZW128F42760DD_test.mp3"
+#: Real music: 30-s excerpts of Debian's drascula-music (training/data/debian_music.toml) that
+#: `make clips` (run by `make test`) writes into the cache; never committed.
+EXAMPLES = Path(os.environ.get("MOODSTREAM_TEST_CLIPS", Path.home() / ".cache" / "moodstream" / "clips"))
+#: The suite's two clips, both mp3: a jazz excerpt and an ambient one (musicnn_msd's top tags).
+CLIP_A, CLIP_B = (EXAMPLES / c.file for c in load_clips()[:2])
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -28,10 +32,10 @@ def faust_datadir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def example_clips() -> list[Path]:
-    clips = [JORAM, TRWJAZW]
-    missing = [c for c in clips if not c.is_file()]
+    clips = [CLIP_A, CLIP_B]
+    missing = [c.name for c in clips if not c.is_file()]
     if missing:
-        pytest.fail(f"real music clips missing (expected ../shared beside the clone): {missing}")
+        pytest.fail(f"real music clips missing in {EXAMPLES}: {missing}; `make clips` writes them (`make test` does it first)")
     return clips
 
 

@@ -4,10 +4,12 @@
     moodstream-train evaluate CHECKPOINT [--out DIR] [--set KEY=VALUE ...]
     moodstream-train distill SOURCE [--teacher CHECKPOINT] [--holdout 0.2] [--config FILE] [--set ...]
     moodstream-train export [NETWORK=]CHECKPOINT... [--name NAME] [--repository triton_models] [--version 1]
-    moodstream-train import-musicnn --tf-python PATH [--clips DIR]
+    moodstream-train import-musicnn --tf-python PATH --clips DIR
     moodstream-train compare-musicnn DIR... --tf-python PATH
     moodstream-train calibrate-moods DIR... [--model musicnn] [--write]
     moodstream-train mood-report DIR... [--model musicnn] [--out report.json]
+    moodstream-train fetch-music [--dest DIR] [--role reference|check|all] [--package NAME ...]
+    moodstream-train fetch-music --clips DIR [--dest DIR]
 """
 
 from __future__ import annotations
@@ -18,8 +20,6 @@ import sys
 from pathlib import Path
 
 from pipeline.settings import REPO_ROOT
-
-DEFAULT_CLIPS = REPO_ROOT.parent / "shared" / "audio" / "musicnn-examples"
 
 
 def _import_musicnn(args: argparse.Namespace) -> int:
@@ -67,6 +67,27 @@ def _mood_report(args: argparse.Namespace) -> int:
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1, sort_keys=True))
     print(as_markdown(result))
+    return 0
+
+
+def _fetch_music(args: argparse.Namespace) -> int:
+    from training.data import debian_music
+
+    dest = Path(args.dest).expanduser()
+    try:
+        if args.clips:
+            for clip in debian_music.make_clips(Path(args.clips).expanduser(), dest):
+                print(clip)
+            return 0
+        roles = debian_music.ROLES if args.role == "all" else (args.role,)
+        folders = debian_music.fetch(dest, roles, tuple(args.package))
+    except (debian_music.FetchError, ValueError) as exc:
+        print(f"fetch-music: {exc}", file=sys.stderr)
+        return 2
+    chosen = debian_music.select(debian_music.load(), roles, tuple(args.package))
+    for package, folder in zip(chosen, folders):
+        m = debian_music.measure(debian_music.audio_files(dest, package.role, (package.name,)))
+        print(f"{package.name:<22} {package.role:<9} {m.tracks:>3} tracks {m.minutes:>6.1f} min  {m.codec:<7} {folder}")
     return 0
 
 
@@ -148,13 +169,35 @@ def _add_config_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", type=_key_value, action="append", default=[], metavar="KEY=VALUE", help="override one option (dims.NAME for a dimension); repeatable")
 
 
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose description may be a function, called only when help is shown:
+    fit's names the architectures, which costs importing torch (3 s), not worth on every call."""
+
+    def format_help(self) -> str:
+        if callable(self.description):
+            self.description = self.description()
+        return super().format_help()
+
+
+def _fit_description() -> str:
+    from training.config import DATASETS
+    from training.models import ARCHITECTURES
+
+    return (
+        "Train a model on a labelled data set.\n\n"
+        f"architectures (--set arch=NAME): {', '.join(ARCHITECTURES)}\n"
+        f"data sets (--set data=NAME, --set data_root=DIR): {', '.join(DATASETS)}\n"
+        "examples: training/configs/*.toml; every option: training/config.py"
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moodstream-train", description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     imp = sub.add_parser("import-musicnn", help="convert musicnn's TensorFlow checkpoints (one-off)")
     imp.add_argument("--tf-python", required=True, help="python of an environment with tensorflow-cpu, tf-keras and musicnn==0.1.0")
-    imp.add_argument("--clips", default=str(DEFAULT_CLIPS), help="folder of real-music .mp3 clips for the parity fixture")
+    imp.add_argument("--clips", required=True, help="folder of musicnn's example .mp3 clips (ISC licence) for the parity fixture")
     imp.set_defaults(func=_import_musicnn)
 
     cmp = sub.add_parser("compare-musicnn", help="agreement of moodstream's path with the original musicnn on real music")
@@ -178,7 +221,20 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--out", help="write the figures as JSON here")
     rep.set_defaults(func=_mood_report)
 
-    fit = sub.add_parser("fit", help="train a model on a labelled data set")
+    fm = sub.add_parser(
+        "fetch-music",
+        help="fetch Debian's reference music (training/data/debian_music.toml) with apt-get",
+        description="Fetch the Debian packages of training/data/debian_music.toml into DEST/<role>/<package>/ "
+        "(apt-get download + dpkg -x; already fetched packages are skipped) and print what each holds. "
+        "The check role (singularity-music, asc-music, hyperrogue-music) is reserved: never for calibration, training or tuning.",
+    )
+    fm.add_argument("--dest", default="~/.cache/moodstream/music", help="cache folder (default: %(default)s)")
+    fm.add_argument("--role", choices=["reference", "check", "all"], default="reference", help="default: %(default)s")
+    fm.add_argument("--package", action="append", default=[], metavar="NAME", help="only this package of the list (any role); repeatable")
+    fm.add_argument("--clips", metavar="DIR", help="instead: write the list's clips (30-s excerpts for the tests and the demo) into DIR")
+    fm.set_defaults(func=_fetch_music)
+
+    fit = sub.add_parser("fit", help="train a model on a labelled data set", description=_fit_description, formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_config_options(fit)
     fit.add_argument("--resume", help="continue the run of this checkpoint (last.pt) with its options")
     fit.set_defaults(func=_fit)

@@ -88,7 +88,8 @@ def test_batch_scores_every_track_in_one_call_and_matches_tagging_alone(scorer, 
     for network in scorer.meta.networks:
         batched = np.array([outputs["a"]["tags"][network.name][label] for label in network.labels])
         assert np.abs(batched - alone[network.name].scores.mean(axis=0)).max() <= 1e-4
-    assert [t["tag"] for t in outputs["a"]["top_tags"]["musicnn_mtt"][:3]] == ["techno", "electronic", "synth"]
+    # musicnn_mtt's top three on the jazz excerpt as `moodstream tag` gives them (0.47, 0.29, 0.20; the next 0.11)
+    assert [t["tag"] for t in outputs["a"]["top_tags"]["musicnn_mtt"][:3]] == ["guitar", "slow", "piano"]
     assert outputs["a"]["model"]["networks"] == [{"name": "musicnn_msd", "version": "1"}, {"name": "musicnn_mtt", "version": "1"}]
     assert outputs["a"]["leading_mood"]["mood"] is not None and set(outputs["a"]["embeddings"]) == {"musicnn_msd", "musicnn_mtt"}
 
