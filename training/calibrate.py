@@ -1,4 +1,8 @@
-"""Mood calibration from reference music: ``moodstream-train calibrate-moods DIR... [--write]``.
+"""Mood calibration from reference music: ``moodstream-train calibrate-moods [DIR...] [--write]``.
+
+Without folders the reference is Debian's reference music as ``make music`` fetches it
+(``training/data/debian_music.toml``, role ``reference``). Files of the packages reserved as the
+independent check (singularity-music, asc-music, hyperrogue-music) are refused wherever they lie.
 
 Every reference track is analysed as the worker analyses it (the serving frontend, whole track up
 to ``max_duration_s``) and scored by the served model once (``musicnn``: both networks in one
@@ -32,6 +36,7 @@ from pipeline.scoring import OnnxScorer
 from pipeline.storage import AUDIO_EXTENSIONS
 from pipeline.tagging import analyse
 from pipeline.taxonomy import DEFAULT_MOODS_FILE, Calibration, Taxonomy, family_raw, load_taxonomy
+from training.data import debian_music
 
 QUANTILES = 101  # levels 0, 0.01, ..., 1
 DEFAULT_MAX_DURATION_S = 600.0  # of each reference track (the mean over 10 minutes is stable)
@@ -49,6 +54,22 @@ class TrackSet:
 
 def audio_under(folders: list[Path]) -> list[Path]:
     return sorted(p for d in folders for p in Path(d).rglob("*") if p.is_file() and p.suffix.lower().lstrip(".") in AUDIO_EXTENSIONS)
+
+
+def reference_files(folders: list[Path], *, role: str = "reference", music_dir: Path = debian_music.DEFAULT_DEST) -> list[Path]:
+    """The audio under ``folders``, or without folders the fetched Debian music of ``role``."""
+    files = audio_under(folders) if folders else debian_music.audio_files(music_dir, role)
+    if not files:
+        where = [str(f) for f in folders] if folders else f"{music_dir} (role {role}; run `make music`)"
+        raise ValueError(f"no audio files under {where}")
+    return files
+
+
+def refuse_reserved(files: list[Path]) -> None:
+    """Calibration and tuning never see the check packages: ValueError naming the files."""
+    reserved = [f for f in files if set(Path(f).resolve().parts) & debian_music.RESERVED]
+    if reserved:
+        raise ValueError(f"{len(reserved)} files belong to packages reserved as the independent check ({sorted(debian_music.RESERVED)}), e.g. {reserved[0]}")
 
 
 def score_tracks(files: list[Path], scorer: OnnxScorer, *, cache_dir: Path | None, max_duration_s: float = DEFAULT_MAX_DURATION_S, excerpts: int = 0, excerpt_s: float = 15.0, progress: bool = True) -> TrackSet:
@@ -101,6 +122,9 @@ def _cache_key(path: Path, model: str, max_duration_s: float, excerpts: int, exc
 def source_names(folders: list[Path], files: list[Path]) -> list[str]:
     """What the reference consists of, without this machine's paths: the first folder below each
     given folder that holds the files (a package's name in the fetched layout), else its name."""
+    if not folders:
+        packages = {p.name for p in debian_music.load()}
+        return sorted({part for f in files for part in Path(f).parts if part in packages})
     names = set()
     for path in files:
         for folder in folders:
@@ -162,9 +186,8 @@ def write_calibration(repository: Path, entry: str, calibration: dict[str, Any])
 
 def calibrate(folders: list[Path], model: str, repository: Path, *, cache_dir: Path | None, write: bool, moods_file: Path = DEFAULT_MOODS_FILE, max_duration_s: float = DEFAULT_MAX_DURATION_S) -> dict[str, dict[str, Any]]:
     """Entry -> its calibration over the reference tracks in ``folders``; stored when ``write``."""
-    files = audio_under(folders)
-    if not files:
-        raise ValueError(f"no audio files under {[str(f) for f in folders]}")
+    files = reference_files(folders)
+    refuse_reserved(files)
     scorer = OnnxScorer(repository, model, threads=1)
     tracks = score_tracks(files, scorer, cache_dir=cache_dir, max_duration_s=max_duration_s)
     sources = source_names(folders, files)

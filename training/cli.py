@@ -6,8 +6,8 @@
     moodstream-train export [NETWORK=]CHECKPOINT... [--name NAME] [--repository triton_models] [--version 1]
     moodstream-train import-musicnn --tf-python PATH --clips DIR
     moodstream-train compare-musicnn DIR... --tf-python PATH
-    moodstream-train calibrate-moods DIR... [--model musicnn] [--write]
-    moodstream-train mood-report DIR... [--model musicnn] [--out report.json]
+    moodstream-train calibrate-moods [DIR...] [--model musicnn] [--write]
+    moodstream-train mood-report [DIR...] [--role check|reference] [--model musicnn] [--out report.json]
     moodstream-train fetch-music [--dest DIR] [--role reference|check|all] [--package NAME ...]
     moodstream-train fetch-music --clips DIR [--dest DIR]
 """
@@ -63,7 +63,7 @@ def _mood_report(args: argparse.Namespace) -> int:
 
     from training.mood_report import as_markdown, report
 
-    result = report([Path(f) for f in args.folders], args.model, Path(args.repository), cache_dir=Path(args.cache_dir), excerpts=args.excerpts, excerpt_s=args.excerpt_s, max_duration_s=args.max_duration)
+    result = report([Path(f) for f in args.folders], args.model, Path(args.repository), cache_dir=Path(args.cache_dir), role=args.role, excerpts=args.excerpts, excerpt_s=args.excerpt_s, max_duration_s=args.max_duration)
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1, sort_keys=True))
     print(as_markdown(result))
@@ -209,13 +209,14 @@ def build_parser() -> argparse.ArgumentParser:
     cal = sub.add_parser("calibrate-moods", help="calibrate the mood families of a model (and the entries of its networks) on reference music")
     rep = sub.add_parser("mood-report", help="how the calibrated mood view behaves on real music: clear share, network agreement, stability, spread")
     for p in (cal, rep):
-        p.add_argument("folders", nargs="+")
+        p.add_argument("folders", nargs="*", help="audio folders (default: the Debian music `make music` fetched)")
         p.add_argument("--model", default="musicnn", help="served model that scores the music (default: musicnn, both networks)")
         p.add_argument("--repository", default=str(REPO_ROOT / "triton_models"))
         p.add_argument("--cache-dir", default=str(Path.home() / ".cache" / "moodstream" / "track-outputs"), help="per-track outputs, so nothing is scored twice")
         p.add_argument("--max-duration", type=float, default=600.0, help="seconds of each track analysed")
     cal.add_argument("--write", action="store_true", help="store the calibrations in the entries' configs (else print them)")
     cal.set_defaults(func=_calibrate_moods)
+    rep.add_argument("--role", choices=["reference", "check"], default="check", help="without folders: which fetched Debian music (default: the check set)")
     rep.add_argument("--excerpts", type=int, default=5, help="analysis window compared with the whole track")
     rep.add_argument("--excerpt-s", type=float, default=15.0)
     rep.add_argument("--out", help="write the figures as JSON here")

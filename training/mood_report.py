@@ -3,6 +3,9 @@
 No human mood labels are available, so nothing here is accuracy. What it measures, per folder
 set (the reference, or music kept out of calibration):
 
+Without folders it reports on the fetched Debian music of ``role`` (default ``check``: the
+packages reserved from calibration and tuning).
+
 - **clear**: share of tracks whose leading mood counts by the rule (``leading_mood.clear``), and
   how the leading moods and quadrants are distributed;
 - **agreement of the two networks** where their tags overlap: for each family with members in
@@ -29,7 +32,7 @@ from scipy.stats import spearmanr
 from pipeline.model_meta import read_meta
 from pipeline.scoring import OnnxScorer
 from pipeline.taxonomy import DEFAULT_MOODS_FILE, Taxonomy, cdf, family_scores, load_taxonomy, mood_view
-from training.calibrate import DEFAULT_MAX_DURATION_S, TrackSet, audio_under, score_tracks
+from training.calibrate import DEFAULT_MAX_DURATION_S, TrackSet, reference_files, score_tracks
 
 
 def _views(taxonomy: Taxonomy, tracks: TrackSet) -> list:
@@ -52,10 +55,8 @@ def network_agreement(taxonomy: Taxonomy, tracks: TrackSet) -> dict[str, dict[st
     return out
 
 
-def report(folders: list[Path], model: str, repository: Path, *, cache_dir: Path | None, excerpts: int = 5, excerpt_s: float = 15.0, moods_file: Path = DEFAULT_MOODS_FILE, max_duration_s: float = DEFAULT_MAX_DURATION_S) -> dict[str, Any]:
-    files = audio_under(folders)
-    if not files:
-        raise ValueError(f"no audio files under {[str(f) for f in folders]}")
+def report(folders: list[Path], model: str, repository: Path, *, cache_dir: Path | None, role: str = "check", excerpts: int = 5, excerpt_s: float = 15.0, moods_file: Path = DEFAULT_MOODS_FILE, max_duration_s: float = DEFAULT_MAX_DURATION_S) -> dict[str, Any]:
+    files = reference_files(folders, role=role)
     taxonomy = load_taxonomy(read_meta(repository, model), moods_file)
     scorer = OnnxScorer(repository, model, threads=1)
     whole = score_tracks(files, scorer, cache_dir=cache_dir, max_duration_s=max_duration_s)
