@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -144,7 +144,7 @@ def calibration_for(taxonomy: Taxonomy, tracks: TrackSet, sources: list[str]) ->
     for family in taxonomy.families:
         for m in family.members:
             tags[m.key] = np.quantile(tracks.scores[m.network][:, m.column], levels)
-    staged = Taxonomy(**{**taxonomy.__dict__, "calibration": Calibration(tags=tags, families={}, tracks=len(tracks.files))})
+    staged = replace(taxonomy, calibration=Calibration(tags=tags, families={}, tracks=len(tracks.files)))
     raw = family_raw(staged, tracks.scores)
     families = {f.name: np.quantile(raw[:, i], levels) for i, f in enumerate(taxonomy.families)}
     return {
