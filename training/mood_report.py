@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 from scipy.stats import spearmanr
 
+from pipeline.features import PATCH_SECONDS
 from pipeline.model_meta import read_meta
 from pipeline.scoring import OnnxScorer
 from pipeline.taxonomy import DEFAULT_MOODS_FILE, Taxonomy, cdf, family_scores, load_taxonomy, mood_view
@@ -69,10 +70,10 @@ def report(folders: list[Path], model: str, repository: Path, *, cache_dir: Path
     w_valence = np.array([v.valence for v in windowed])
     w_arousal = np.array([v.arousal for v in windowed])
     scores = family_scores(taxonomy, whole.scores)
-    longer = np.array([p * 2.992 > excerpts * excerpt_s for p in whole.patches])  # where the window differs from the whole
+    longer = whole.patches * PATCH_SECONDS > excerpts * excerpt_s  # where the window differs from the whole
     return {
         "tracks": n,
-        "minutes_analysed": round(float(whole.patches.sum() * 2.992 / 60), 1),
+        "minutes_analysed": round(float(whole.patches.sum() * PATCH_SECONDS / 60), 1),
         "clear_share": round(sum(v.leading_mood["clear"] for v in views) / n, 3),
         "leading_moods": {m: leading.count(m) for m in sorted(set(leading))},
         "quadrants": {q: sum(v.quadrant == q for v in views) for q in ("happy", "angry", "sad", "relaxed")},
