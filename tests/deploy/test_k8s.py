@@ -166,8 +166,8 @@ def test_keda_scales_the_worker_on_lag_within_the_partition_count(objects):
         assert {ref["parameter"] for ref in auth["spec"]["secretTargetRef"]} >= {"username", "password", "sasl"}
 
 
-def test_disruption_budgets_and_network_policies_cover_both_workloads(objects):
-    for app in ("triton", "moodstream-worker"):
+def test_disruption_budgets_and_network_policies_cover_every_workload(objects):
+    for app in ("triton", "moodstream-worker", "moodstream-api"):
         budget = one(objects, "PodDisruptionBudget", app)
         assert budget["spec"]["selector"]["matchLabels"] == {"app.kubernetes.io/name": app}
         policy = one(objects, "NetworkPolicy", app)
@@ -175,12 +175,56 @@ def test_disruption_budgets_and_network_policies_cover_both_workloads(objects):
     deny = one(objects, "NetworkPolicy", "default-deny-ingress")
     assert deny["spec"] == {"podSelector": {}, "policyTypes": ["Ingress"]}
     grpc_from = one(objects, "NetworkPolicy", "triton")["spec"]["ingress"][0]["from"]
-    assert grpc_from == [{"podSelector": {"matchLabels": {"app.kubernetes.io/name": "moodstream-worker"}}}]
+    assert grpc_from == [{"podSelector": {"matchLabels": {"app.kubernetes.io/name": name}}} for name in ("moodstream-worker", "moodstream-api")]
 
 
 def test_scrape_jobs_and_rules_match_the_alerts_file(objects):
     # The alerts and dashboard select job="triton" / job="moodstream-worker".
     assert one(objects, "ServiceMonitor", "triton")["spec"]["jobLabel"] == "app.kubernetes.io/name"
     assert one(objects, "PodMonitor", "moodstream-worker")["spec"]["jobLabel"] == "app.kubernetes.io/name"
+    assert one(objects, "PodMonitor", "moodstream-api")["spec"]["jobLabel"] == "app.kubernetes.io/name"
     alerts = yaml.safe_load((REPO / "deploy" / "prometheus" / "alerts.yml").read_text())
     assert one(objects, "PrometheusRule", "moodstream")["spec"]["groups"] == alerts["groups"]
+
+
+def test_api_probes_its_health_and_readiness_and_takes_the_catalog_url_from_a_secret(objects):
+    deployment = one(objects, "Deployment", "moodstream-api")
+    pod = deployment["spec"]["template"]["spec"]
+    [api] = pod["containers"]
+    assert api["args"] == ["serve"]
+    port = {p["name"]: p["containerPort"] for p in api["ports"]}["http"]
+    assert api["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert api["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert api["startupProbe"]["httpGet"]["path"] == "/healthz"
+    env = {e["name"]: e for e in api["env"]}
+    assert env["MOODSTREAM_CATALOG_URL"]["valueFrom"]["secretKeyRef"]["name"] == "moodstream-catalog"
+    config = one_generated(objects, "moodstream-api")["data"]
+    assert "MOODSTREAM_CATALOG_URL" not in config
+    assert int(config["MOODSTREAM_SERVICE_PORT"]) == port and config["MOODSTREAM_SERVICE_HOST"] == "0.0.0.0"
+    # Uploads are spooled to /tmp: it must hold the in-flight bound's worth of the largest upload.
+    [tmp] = [v for v in pod["volumes"] if v["name"] == "tmp"]
+    assert _bytes(tmp["emptyDir"]["sizeLimit"]) >= int(config["MOODSTREAM_MAX_UPLOAD_BYTES"]) * int(config["MOODSTREAM_MAX_ANALYSES_IN_FLIGHT"])
+    # The API follows the topic the workers write, on the same cluster, with the same model.
+    worker = one_generated(objects, "moodstream-worker")["data"]
+    for key in ("MOODSTREAM_KAFKA_BOOTSTRAP", "MOODSTREAM_KAFKA_SECURITY_PROTOCOL", "MOODSTREAM_OUTPUT_TOPIC", "MOODSTREAM_TRITON_URL", "MOODSTREAM_MODEL", "MOODSTREAM_MODEL_VERSION"):
+        assert config[key] == worker[key], key
+    service = one(objects, "Service", "moodstream-api")
+    assert service["spec"]["selector"] == {"app.kubernetes.io/name": "moodstream-api"}
+    assert [p["targetPort"] for p in service["spec"]["ports"]] == ["http"]
+
+
+def test_every_configured_variable_is_a_setting(objects):
+    from pipeline.settings import Settings
+
+    known = {f"MOODSTREAM_{name.upper()}" for name in Settings.model_fields}
+    for prefix in ("moodstream-worker", "moodstream-api"):
+        config = one_generated(objects, prefix)["data"]
+        assert {k for k in config if k.startswith("MOODSTREAM_")} <= known, prefix
+
+
+def _bytes(quantity: str) -> int:
+    units = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30}
+    for unit, factor in units.items():
+        if quantity.endswith(unit):
+            return int(quantity[: -len(unit)]) * factor
+    return int(quantity)
