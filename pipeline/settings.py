@@ -175,6 +175,35 @@ class Settings(BaseSettings):
         True, description="Put each network's 200-d audio embedding of the track (float16, base64) in the output; off for consumers that do not want it (about 1.1 kB a record)."
     )
 
+    # --- HTTP service (moodstream serve) and its catalog --------------------------------------
+    service_host: str = Field("127.0.0.1", description="Address the HTTP service listens on (0.0.0.0 in a container).")
+    service_port: int = Field(8080, ge=1, le=65535, description="Port of the HTTP service (page, API, /metrics).")
+    catalog_url: SecretStr = Field(
+        SecretStr("sqlite:///.moodstream/catalog.db"),
+        description="The catalog's database: sqlite:///path.db (embedded default) or postgresql://user:password@host:port/db (mount it from a secret; never logged).",
+    )
+    catalog_follow: bool = Field(
+        True, description="Fill the catalog from the output topic inside the service (off: serve an existing catalog read-only)."
+    )
+    catalog_group: str = Field(
+        "moodstream-catalog", description="Consumer group of the service's catalog consumer of the output topic."
+    )
+    index_dir: Path = Field(
+        Path(".moodstream/index"), description="Where the similar-tracks index is persisted (rebuilt from the catalog when missing or stale)."
+    )
+    similar_network: str = Field(
+        "", description="Network whose audio embedding /similar compares, e.g. musicnn_msd (empty: the model's first network)."
+    )
+    max_upload_bytes: int = Field(
+        100 * 1024 * 1024, ge=1024, description="Largest upload POST /v1/analyses accepts, in bytes (beyond: 413)."
+    )
+    analysis_timeout_s: float = Field(
+        120.0, gt=0, le=3600, description="Longest one upload's analysis may take, in seconds (beyond: 504)."
+    )
+    max_analyses_in_flight: int = Field(
+        4, ge=1, le=256, description="Uploads analysed at once; beyond it POST /v1/analyses answers 503 with Retry-After."
+    )
+
     @field_validator("allowed_buckets", mode="before")
     @classmethod
     def _split_buckets(cls, value: object) -> object:

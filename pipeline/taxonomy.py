@@ -308,6 +308,7 @@ def summarise(
             {
                 "start_s": round(float(seg * segment_s), 3),
                 "end_s": round(float(patch_starts_s[rows].max() + PATCH_SECONDS), 3),
+                "moods": part.moods,
                 "top_moods": part.top_moods,
                 "leading_mood": part.leading_mood,
                 "valence": part.valence,

@@ -139,6 +139,7 @@ def test_summary_tags_timeline_and_embeddings(tmp_path: Path):
     assert [s["leading_mood"]["clear"] for s in doc["timeline"]] == [True, True, False, False]
     assert [s["quadrant"] for s in doc["timeline"]][:2] == ["happy", "happy"]
     assert doc["timeline"][0]["end_s"] == pytest.approx(10 * 2.992 + 2.992)  # the last patch starting in the segment
+    assert all(set(s["moods"]) == set(doc["moods"]) for s in doc["timeline"])  # the page plots these over time
     assert doc["embeddings"]["a"]["dim"] == 4 and np.allclose(decode_embedding(doc["embeddings"]["a"]["data"]), [1.0, -2.0, 0.5, 0.0])
     assert summarise({"a": NetworkOutput(scores, embedding)}, taxonomy, patch_starts_s=starts, embeddings=False)["embeddings"] == {}
     json.dumps(doc, allow_nan=False)
