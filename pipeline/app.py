@@ -27,8 +27,8 @@ from prometheus_client import start_http_server
 
 from pipeline import metrics, storage
 from pipeline.errors import ConfigError, ServiceUnavailable
-from pipeline.scoring import OnnxScorer, Scorer, TritonScorer
-from pipeline.settings import REPO_ROOT, ScorerKind, Settings, load_settings
+from pipeline.scoring import open_scorer
+from pipeline.settings import REPO_ROOT, Settings, load_settings
 from pipeline.taxonomy import load_taxonomy
 from pipeline.worker import BatchResult, Worker, WorkerConfig, warm_process
 
@@ -73,18 +73,6 @@ async def publish(topic: str, key: bytes | None, value: bytes) -> None:
     """Send one record and wait for the broker's acknowledgement."""
     pending = await _outputs[topic].send(key=key, value=value)
     await pending
-
-
-async def open_scorer(s: Settings) -> Scorer:
-    """The configured scorer; waits for Triton to come up rather than failing the worker."""
-    if s.scorer is ScorerKind.onnx:
-        return OnnxScorer(s.model_repository, s.model, threads=s.onnx_threads, max_batch=s.onnx_batch_patches)
-    while True:
-        try:
-            return await TritonScorer.connect(s.triton_url, s.model, version=s.model_version, max_patches=s.max_patches_per_request, timeout_s=s.triton_timeout_s, max_attempts=s.triton_max_attempts)
-        except ServiceUnavailable as exc:
-            log.warning("waiting for Triton: %s", exc)
-            await asyncio.sleep(5)
 
 
 def worker_config(s: Settings) -> WorkerConfig:

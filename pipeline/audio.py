@@ -286,3 +286,39 @@ def _grouped(planar: Iterator[np.ndarray], min_samples: int = _GROUP_SAMPLES) ->
 def _short(exc: BaseException) -> str:
     text = str(exc).strip() or type(exc).__name__
     return text if len(text) <= 200 else text[:197] + "..."
+
+
+# --- what kind of file is this? ---------------------------------------------------------------
+
+#: (offset, magic bytes, container) of the audio containers PyAV/libsndfile decode here.
+_MAGIC: tuple[tuple[int, bytes, str], ...] = (
+    (0, b"ID3", "mp3"),
+    (0, b"OggS", "ogg"),
+    (0, b"fLaC", "flac"),
+    (4, b"ftyp", "mp4"),
+    (0, b"\x1a\x45\xdf\xa3", "matroska"),
+    (0, b"wvpk", "wavpack"),
+    (0, b"MAC ", "ape"),
+    (0, b"#!AMR", "amr"),
+    (0, b"caff", "caf"),
+    (0, b".snd", "au"),
+    (0, b"\x30\x26\xb2\x75\x8e\x66\xcf\x11", "asf"),
+)
+
+
+def sniff(head: bytes) -> str | None:
+    """The audio container ``head`` (the first bytes of a file, 12 at least) starts like, or
+    None: file names and declared types are not trusted, the bytes are."""
+    for offset, magic, name in _MAGIC:
+        if head[offset : offset + len(magic)] == magic:
+            return name
+    if head[:4] == b"RIFF" and head[8:12] in (b"WAVE", b"RF64"):
+        return "wav"
+    if head[:4] in (b"RF64", b"BW64") and head[8:12] == b"WAVE":
+        return "wav"
+    if head[:4] == b"FORM" and head[8:12] in (b"AIFF", b"AIFC"):
+        return "aiff"
+    if len(head) >= 2 and head[0] == 0xFF and head[1] & 0xE0 == 0xE0:
+        # An MPEG audio frame header: layer bits 00 mean ADTS (AAC), others MP1-3.
+        return "aac" if head[1] & 0x06 == 0 else "mp3"
+    return None

@@ -4,6 +4,7 @@
     moodstream worker [--loglevel info]
     moodstream demo [AUDIO_DIR] [--json] [--scorer triton|onnx]
     moodstream publish s3://bucket/prefix [--rate N] [--dry-run]
+    moodstream serve [--loglevel info]
     moodstream settings
 """
 
@@ -112,6 +113,16 @@ def _publish(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    import logging
+
+    from pipeline.service import serve
+    from pipeline.settings import load_settings
+
+    logging.basicConfig(level=args.loglevel.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return serve(load_settings())
+
+
 def _settings(args: argparse.Namespace) -> int:
     from pipeline.settings import describe
 
@@ -149,6 +160,10 @@ def build_parser() -> argparse.ArgumentParser:
     publish.add_argument("--rate", type=float, default=0.0, help="announcements per second (0: no cap)")
     publish.add_argument("--dry-run", action="store_true", help="list what would be announced")
     publish.set_defaults(func=_publish)
+
+    serve = sub.add_parser("serve", help="run the web page and HTTP API (uploads, the catalog ranked by mood, similar tracks) on MOODSTREAM_SERVICE_PORT")
+    serve.add_argument("--loglevel", default="info")
+    serve.set_defaults(func=_serve)
 
     settings = sub.add_parser("settings", help="list every setting with its variable, type, default and doc")
     settings.set_defaults(func=_settings)

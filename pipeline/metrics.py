@@ -82,3 +82,10 @@ def set_consumer_lag(lags: Mapping[int, int]) -> None:
 CATALOG_RECORDS = Counter("moodstream_catalog_records_total", "Records of the output topic taken into the catalog: stored (new or changed), unchanged (a duplicate) or rejected (not a valid v2 record).", ["outcome"])
 CATALOG_LAG = Gauge("moodstream_catalog_lag_records", "Records of the output topic not yet stored in the catalog, per partition.", ["partition"])
 CATALOG_TRACKS = Gauge("moodstream_catalog_tracks", "Tracks in the catalog.")
+
+# --- the HTTP service (pipeline/service.py) ---------------------------------------------------
+
+HTTP_REQUESTS = Counter("moodstream_http_requests_total", "HTTP requests answered, by route template, method and status code.", ["route", "method", "status"])
+HTTP_SECONDS = Histogram("moodstream_http_request_seconds", "Time from a request's arrival to its answer, by route template.", ["route"], buckets=_LATENCY_BUCKETS)
+ANALYSES_IN_FLIGHT = Gauge("moodstream_analyses_in_flight", "Uploads being read, decoded or scored now (at most MOODSTREAM_MAX_ANALYSES_IN_FLIGHT).")
+ANALYSES = Counter("moodstream_analyses_total", "Uploads answered: tagged, refused (busy, too large, not audio…) by reason, or failed.", ["outcome"])

@@ -32,6 +32,7 @@ from pipeline import metrics
 from pipeline.errors import ConfigError, InferenceFailed, ServiceUnavailable
 from pipeline.features import PATCH_SHAPE
 from pipeline.model_meta import ModelMeta, from_config, read_meta
+from pipeline.settings import ScorerKind, Settings
 
 log = logging.getLogger(__name__)
 
@@ -216,3 +217,15 @@ async def _retry(call, attempts: int, what: str, model: str, base_delay_s: float
             metrics.TRITON_RETRIES.labels(model).inc()
             await asyncio.sleep(delay)
     raise AssertionError("unreachable")
+
+
+async def open_scorer(s: Settings) -> Scorer:
+    """The configured scorer; waits for Triton to come up rather than failing the caller."""
+    if s.scorer is ScorerKind.onnx:
+        return OnnxScorer(s.model_repository, s.model, threads=s.onnx_threads, max_batch=s.onnx_batch_patches)
+    while True:
+        try:
+            return await TritonScorer.connect(s.triton_url, s.model, version=s.model_version, max_patches=s.max_patches_per_request, timeout_s=s.triton_timeout_s, max_attempts=s.triton_max_attempts)
+        except ServiceUnavailable as exc:
+            log.warning("waiting for Triton: %s", exc)
+            await asyncio.sleep(5)

@@ -10,13 +10,14 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 import numpy as np
 import torch
 
-from pipeline import audio, features
-from pipeline.errors import Undecodable
+from pipeline import audio, events, features
+from pipeline.errors import InferenceFailed, Undecodable
 from pipeline.scoring import Outputs
 from pipeline.taxonomy import Taxonomy, summarise
 
@@ -102,3 +103,24 @@ def describe(analysis: Analysis, outputs: Outputs, taxonomy: Taxonomy, *, top_mo
         "decoder": analysis.decoder,
         **view,
     }
+
+
+def finite(outputs: Outputs) -> Outputs:
+    """``outputs`` unchanged; InferenceFailed when the model returned NaN or infinity."""
+    if all(np.isfinite(o.scores).all() and np.isfinite(o.embedding).all() for o in outputs.values()):
+        return outputs
+    raise InferenceFailed("the model returned non-finite scores")
+
+
+def track_moods(analysis: Analysis, outputs: Outputs, taxonomy: Taxonomy, *, track_id: str, model: events.ModelRef, processed_at: datetime, latency_ms: dict[str, float], top_moods: int = 3, segment_s: float = 30.0, embeddings: bool = True, correlation_id: str | None = None, ingested_at: datetime | None = None) -> events.TrackMoods:
+    """The ``tracks.moods`` record of one analysed and scored track: what the worker publishes
+    and what the HTTP service answers for an upload."""
+    return events.TrackMoods(
+        track_id=track_id,
+        model=model,
+        correlation_id=correlation_id,
+        ingested_at=ingested_at,
+        processed_at=processed_at,
+        latency_ms=latency_ms,
+        analysis=describe(analysis, outputs, taxonomy, top_moods=top_moods, segment_s=segment_s, embeddings=embeddings),
+    )

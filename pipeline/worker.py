@@ -34,7 +34,7 @@ import torch
 from pipeline import events, features, metrics, storage
 from pipeline.errors import InferenceFailed, ServiceUnavailable, TrackError, Undecodable
 from pipeline.scoring import Outputs, Scorer
-from pipeline.tagging import Analysis, analyse, describe
+from pipeline.tagging import Analysis, analyse, finite, track_moods
 from pipeline.taxonomy import Taxonomy
 
 log = logging.getLogger(__name__)
@@ -205,29 +205,24 @@ class Worker:
         elapsed = time.perf_counter() - start
         metrics.STAGE_SECONDS.labels("inference").observe(elapsed)
         track.latency_ms["inference"] = round(elapsed * 1000, 1)
-        finite = _finite(outputs)
-        if isinstance(finite, TrackError):
-            track.error = finite
-        else:
-            track.outputs = finite
+        try:
+            track.outputs = finite(outputs)
+        except InferenceFailed as exc:
+            track.error = exc
 
     async def _publish_output(self, track: _Track, outputs: Outputs) -> None:
-        fields = describe(track.analysis, outputs, self.taxonomy, top_moods=self.config.top_moods, segment_s=self.config.timeline_segment_s, embeddings=self.config.embeddings)
         event = track.event
         track.latency_ms["total"] = round((time.perf_counter() - track.started) * 1000, 1)
-        record = events.TrackMoods(
-            track_id=event.track_id,
-            model=self.model,
-            correlation_id=event.correlation_id,
-            ingested_at=event.ingested_at,
-            processed_at=_now(),
-            latency_ms=track.latency_ms,
-            analysis=fields,
+        record = track_moods(
+            track.analysis, outputs, self.taxonomy,
+            track_id=event.track_id, model=self.model, processed_at=_now(), latency_ms=track.latency_ms,
+            top_moods=self.config.top_moods, segment_s=self.config.timeline_segment_s, embeddings=self.config.embeddings,
+            correlation_id=event.correlation_id, ingested_at=event.ingested_at,
         )
         await self.publish(self.config.output_topic, event.track_id.encode(), record.to_json())
         metrics.OUTPUTS.labels(self.model.name, self.model.version).inc()
         metrics.AUDIO_SECONDS.inc(track.analysis.patches.analysed_s)
-        for mood, score in fields["moods"].items():
+        for mood, score in record.analysis["moods"].items():
             metrics.MOOD_SCORE.labels(self.model.name, mood).observe(score)
         if event.ingested_at is not None:
             metrics.END_TO_END_SECONDS.observe(max(0.0, time.time() - event.ingested_at.timestamp()))
@@ -237,13 +232,6 @@ class Worker:
         await self.publish(self.config.dlq_topic, track_id.encode() if track_id else None, record)
         metrics.DEAD_LETTERS.labels(error.reason).inc()
         log.info("dead letter %s: %s: %s", track_id, error.reason, error)
-
-
-def _finite(outputs: Outputs) -> Outputs | TrackError:
-    """A track's outputs, or InferenceFailed when the model returned NaN or infinity for it."""
-    if all(np.isfinite(o.scores).all() and np.isfinite(o.embedding).all() for o in outputs.values()):
-        return outputs
-    return InferenceFailed("the model returned non-finite scores")
 
 
 def warm_process() -> None:
