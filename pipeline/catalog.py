@@ -77,6 +77,8 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
     ),
 )
 
+_MIGRATION_LOCK = 0x6D6F6F64  # PostgreSQL advisory lock key of the migrations ("mood")
+
 _DIALECT_TYPES = {
     "sqlite": {"id": "INTEGER PRIMARY KEY AUTOINCREMENT", "real": "REAL"},
     "postgresql": {"id": "BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY", "real": "DOUBLE PRECISION"},
@@ -236,10 +238,12 @@ class Catalog:
             return list(cur.fetchall())
 
     @contextmanager
-    def _transaction(self) -> Iterator[Any]:
+    def _transaction(self, *, exclusive: bool = False) -> Iterator[Any]:
+        """A transaction on the shared connection; ``exclusive`` takes SQLite's write lock at
+        once (PostgreSQL callers lock what they need themselves)."""
         with self._lock, _translated(self.dialect):
             cur = self._db.cursor()
-            cur.execute("BEGIN")
+            cur.execute("BEGIN IMMEDIATE" if exclusive and self.dialect == "sqlite" else "BEGIN")
             try:
                 yield cur
             except BaseException:
@@ -252,7 +256,10 @@ class Catalog:
 
     def _migrate(self, target: int) -> int:
         types = _DIALECT_TYPES[self.dialect]
-        with self._transaction() as cur:
+        # Replicas starting together migrate one after the other.
+        with self._transaction(exclusive=True) as cur:
+            if self.dialect == "postgresql":
+                cur.execute(self._sql("SELECT pg_advisory_xact_lock(?)"), (_MIGRATION_LOCK,))
             cur.execute("CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, applied_at TEXT NOT NULL)")
             cur.execute("SELECT COALESCE(MAX(version), 0) FROM schema_migrations")
             current = int(cur.fetchone()[0])

@@ -51,7 +51,7 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.exceptions import HTTPException
 
 from pipeline import audio, events, metrics
-from pipeline.catalog import Catalog, follow
+from pipeline.catalog import REFRESH_S, Catalog, embedding_of, follow
 from pipeline.errors import ConfigError, InferenceFailed, ServiceUnavailable, TrackError
 from pipeline.neighbours import NeighbourIndex
 from pipeline.scoring import Scorer, open_scorer
@@ -212,9 +212,20 @@ async def _open_catalog(state: _State, given: Catalog | None) -> None:
         if s.catalog_follow:
             await _follow_forever(state)
         else:
-            await state.stop.wait()
+            await _refresh_forever(state)
     finally:
         saver.cancel()
+
+
+async def _refresh_forever(state: _State) -> None:
+    """Without a consumer of its own, catch the index up on what other replicas store."""
+    while not state.stop.is_set():
+        try:
+            await asyncio.to_thread(state.index.refresh, state.catalog)
+            metrics.CATALOG_TRACKS.set(await asyncio.to_thread(state.catalog.count))
+        except ServiceUnavailable as exc:
+            log.warning("the similar-tracks index cannot catch up: %s", exc)
+        await _sleep_unless_stopped(state, REFRESH_S)
 
 
 async def _follow_forever(state: _State) -> None:
@@ -363,27 +374,34 @@ def _add_routes(app: FastAPI) -> None:
         found = await _read(the_catalog.ranked, mood=mood, quadrant=quadrant, limit=limit, **region)
         return {"tracks": found, "count": len(found), "mood": mood}
 
-    @app.get("/v1/tracks/{track_id}", summary="A track's latest record")
+    # Track ids may hold '/': the similar route comes first so its suffix is not read as one.
+    @app.get("/v1/tracks/{track_id:path}/similar", summary="Tracks that sound like this one (nearest audio embeddings)")
+    async def similar(request: Request, track_id: str, limit: int = Query(20, ge=1, le=200)) -> dict[str, Any]:
+        state = _state(request)
+        the_catalog, index = state.need_catalog()
+        if track_id not in index:
+            record = await _read(the_catalog.track, track_id)
+            if record is None:
+                raise Problem(404, "not_found", f"no track {track_id!r} in the catalog")
+            if embedding_of(record, index.network) is None:
+                raise Problem(404, "not_found", f"track {track_id!r} has no {index.network} embedding (tagged with MOODSTREAM_EMBEDDINGS off?)")
+            # Stored a moment ago (by this replica's consumer or another): catch up now.
+            await _read(index.refresh, the_catalog)
+        try:
+            pairs = await asyncio.to_thread(index.similar, track_id, limit)
+        except KeyError:
+            raise Problem(404, "not_found", f"track {track_id!r} has an embedding the index could not take (logged)") from None
+        summaries = await _read(the_catalog.summaries, [other for other, _ in pairs])
+        near = [{**summaries[other], "distance": round(distance, 6)} for other, distance in pairs if other in summaries]
+        return {"track_id": track_id, "network": index.network, "similar": near}
+
+    @app.get("/v1/tracks/{track_id:path}", summary="A track's latest record")
     async def track(request: Request, track_id: str) -> Response:
         the_catalog, _ = _state(request).need_catalog()
         record = await _read(the_catalog.track, track_id)
         if record is None:
             raise Problem(404, "not_found", f"no track {track_id!r} in the catalog")
         return JSONResponse(record)
-
-    @app.get("/v1/tracks/{track_id}/similar", summary="Tracks that sound like this one (nearest audio embeddings)")
-    async def similar(request: Request, track_id: str, limit: int = Query(20, ge=1, le=200)) -> dict[str, Any]:
-        state = _state(request)
-        the_catalog, index = state.need_catalog()
-        try:
-            pairs = await asyncio.to_thread(index.similar, track_id, limit)
-        except KeyError:
-            if await _read(the_catalog.track, track_id) is None:
-                raise Problem(404, "not_found", f"no track {track_id!r} in the catalog") from None
-            raise Problem(404, "not_found", f"track {track_id!r} has no {index.network} embedding (tagged with MOODSTREAM_EMBEDDINGS off?)") from None
-        summaries = await _read(the_catalog.summaries, [other for other, _ in pairs])
-        near = [{**summaries[other], "distance": round(distance, 6)} for other, distance in pairs if other in summaries]
-        return {"track_id": track_id, "network": index.network, "similar": near}
 
     @app.get("/v1/moods", summary="Mood families and quadrants the catalog can be ranked by")
     async def moods(request: Request) -> dict[str, Any]:

@@ -34,6 +34,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
+import requests
 import yaml
 from aiokafka import AIOKafkaProducer
 
@@ -41,6 +42,7 @@ from conftest import REPO
 from pipeline import events, storage
 from pipeline.settings import load_settings
 from pipeline.stack import EmbeddedStack, free_ports
+from serving import ServiceProcess
 
 DEPLOY = REPO / "deploy"
 ALERTS = DEPLOY / "prometheus" / "alerts.yml"
@@ -242,9 +244,20 @@ def test_every_dashboard_and_alert_query_returns_data_from_a_real_worker(stack, 
     worker_log = tmp_path / "worker.log"
     worker = subprocess.Popen([sys.executable, "-m", "pipeline", "worker"], cwd=REPO, env=env, stdout=open(worker_log, "wb"), stderr=subprocess.STDOUT, start_new_session=True)
     triton_metrics = urllib.parse.urlparse(stack.triton_metrics_url).netloc
+    # The API with its catalog following the worker's output topic. Its analysis time limit is
+    # too short for any upload: the one upload below is a 504, the server error the API's alert
+    # selects (without one its series would not exist).
+    api = ServiceProcess(
+        tmp_path / "api", **{k: v for k, v in stack.env().items()}, **topics,
+        MOODSTREAM_MODEL=MODEL, MOODSTREAM_CATALOG_FOLLOW="true", MOODSTREAM_CATALOG_GROUP=f"{PREFIX}-catalog",
+        MOODSTREAM_ANALYSIS_TIMEOUT_S="0.05",
+    )
     prometheus = None
     try:
-        prometheus = Prometheus(tmp_path, {"moodstream-worker": f"127.0.0.1:{metrics_port}", "triton": triton_metrics})
+        api.__enter__()
+        prometheus = Prometheus(tmp_path, {
+            "moodstream-worker": f"127.0.0.1:{metrics_port}", "triton": triton_metrics, "moodstream-api": api.url.removeprefix("http://"),
+        })
 
         def count(expr: str) -> float:
             result = prometheus.query(expr)
@@ -257,6 +270,12 @@ def test_every_dashboard_and_alert_query_returns_data_from_a_real_worker(stack, 
             wait_for(lambda: count("sum(moodstream_outputs_total)") >= n and count("sum(moodstream_dead_letters_total)") >= 2 * n, 240, f"wave {n} scraped", worker_log)
         # Both partitions are this worker's; once its offsets are committed nothing waits.
         wait_for(lambda: len(prometheus.query("moodstream_consumer_lag_messages == 0")) == 2, 60, "zero lag on both partitions", worker_log)
+        wait_for(lambda: count("max(moodstream_catalog_tracks)") >= len(uris), 120, "the catalog following the output topic", api.log_path)
+        with open(example_clips[0], "rb") as clip:
+            upload = requests.post(api.url + "/v1/analyses", files={"file": (example_clips[0].name, clip)}, timeout=60)
+        assert upload.status_code == 504 and upload.json()["reason"] == "timeout", upload.text
+        assert requests.get(api.url + "/v1/tracks", params={"mood": "happy"}, timeout=10).status_code == 200
+        wait_for(lambda: count('sum(moodstream_http_requests_total{status="504"})') >= 1, 30, "the 504 scraped", api.log_path)
 
         queries = dashboard_queries()
 
@@ -297,6 +316,7 @@ def test_every_dashboard_and_alert_query_returns_data_from_a_real_worker(stack, 
     finally:
         if prometheus is not None:
             prometheus.stop()
+        api.__exit__()
         # The worker may be paused on the outage with a batch it would wait for: no drain.
         os.killpg(worker.pid, signal.SIGKILL)
         worker.wait()

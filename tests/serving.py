@@ -1,0 +1,80 @@
+"""``moodstream serve`` as the tests run it: a real process on a free port, stopped by SIGTERM."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import requests
+
+from pipeline.stack import free_ports
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class ServiceProcess:
+    """The service with an in-process onnxruntime scorer and a SQLite catalog in ``folder``;
+    ``env`` adds or replaces MOODSTREAM_* settings. ``url`` is its base URL once entered."""
+
+    def __init__(self, folder: Path, *, ready_timeout_s: float = 180.0, **env: str) -> None:
+        self.folder = folder
+        self.port = free_ports(1)[0]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.catalog_url = f"sqlite:///{folder / 'catalog.db'}"
+        self.log_path = folder / "service.log"
+        self.env = {
+            "MOODSTREAM_SCORER": "onnx",
+            "MOODSTREAM_ONNX_THREADS": "1",
+            "MOODSTREAM_CATALOG_URL": self.catalog_url,
+            "MOODSTREAM_CATALOG_FOLLOW": "false",
+            "MOODSTREAM_INDEX_DIR": str(folder / "index"),
+            "MOODSTREAM_SERVICE_PORT": str(self.port),
+            "MOODSTREAM_MAX_ANALYSES_IN_FLIGHT": "1",
+            **env,
+        }
+        self.ready_timeout_s = ready_timeout_s
+        self.proc: subprocess.Popen | None = None
+
+    def __enter__(self) -> ServiceProcess:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "pipeline", "serve"], cwd=REPO, env={**os.environ, **self.env},
+            stdout=open(self.log_path, "wb"), stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        deadline = time.monotonic() + self.ready_timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"moodstream serve exited with {self.proc.returncode}:\n{self.log_tail()}")
+            try:
+                if requests.get(self.url + "/readyz", timeout=2).status_code == 200:
+                    return self
+            except requests.ConnectionError:
+                pass
+            time.sleep(0.5)
+        self.__exit__()
+        raise RuntimeError(f"moodstream serve not ready after {self.ready_timeout_s:.0f} s:\n{self.log_tail()}")
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+    def log_tail(self, lines: int = 40) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:]) if self.log_path.exists() else ""
+
+    def metric(self, name: str) -> float:
+        """Sum of every series of ``name`` on /metrics (0 when it has none)."""
+        total = 0.0
+        for line in requests.get(self.url + "/metrics", timeout=10).text.splitlines():
+            if line.startswith(name + "{") or line.startswith(name + " "):
+                total += float(line.rsplit(" ", 1)[1])
+        return total
