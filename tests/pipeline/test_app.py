@@ -243,3 +243,48 @@ def test_faust_command_line_runs_the_same_worker(stack, example_clips, tmp_path)
     finally:
         stop_worker(worker)
     assert [r["track_id"] for r in seen["faustcli.moods"]] == ["f1"], (tmp_path / "worker.log").read_text(errors="replace")[-3000:]
+
+
+def test_the_services_catalog_follows_the_output_topic(stack, example_clips, tmp_path):
+    """Worker -> <prefix>.moods -> the service's own consumer -> its catalog and index: feeds
+    and similar tracks answer from what the topic carried, and a track announced twice (two
+    records of the same audio) is one catalog track."""
+    from serving import ServiceProcess
+
+    topics = private_topics(stack, "cat")
+    s3 = storage.make_s3_client()
+    uris = []
+    for clip in example_clips:
+        s3.upload_file(str(clip), BUCKET, f"cat/{clip.name}")
+        uris.append(f"s3://{BUCKET}/cat/{clip.name}")
+    values = announcements(["cat-a"], uris[0]) + announcements(["cat-b"], uris[1]) + announcements(["cat-a"], uris[0])
+    asyncio.run(produce(stack.kafka_bootstrap, values, topic=topics["MOODSTREAM_INPUT_TOPIC"]))
+    worker = start_worker(stack, tmp_path / "worker.log", MOODSTREAM_ALLOWED_BUCKETS=BUCKET, **topics)
+    service = ServiceProcess(tmp_path / "api", **stack.env(), **topics, MOODSTREAM_MODEL=MODEL, MOODSTREAM_CATALOG_FOLLOW="true", MOODSTREAM_CATALOG_GROUP="cat-catalog")
+    try:
+        seen = asyncio.run(collect(stack.kafka_bootstrap, len(values), 180, worker, prefix="cat"))
+        assert sorted(r["track_id"] for r in seen["cat.moods"]) == ["cat-a", "cat-a", "cat-b"], (tmp_path / "worker.log").read_text(errors="replace")[-3000:]
+        with service:
+            deadline = time.monotonic() + 60
+            while service.metric("moodstream_catalog_records_total") < len(values) and time.monotonic() < deadline:
+                time.sleep(0.5)
+            assert service.metric("moodstream_catalog_records_total") == len(values), service.log_tail()
+            listed = requests_json(service.url + "/v1/tracks?limit=500")["tracks"]
+            assert sorted(t["track_id"] for t in listed) == ["cat-a", "cat-b"]  # cat-a once
+            latest = [r for r in seen["cat.moods"] if r["track_id"] == "cat-a"][-1]
+            assert requests_json(service.url + "/v1/tracks/cat-a")["moods"] == latest["moods"]
+            mood = latest["leading_mood"]["mood"]
+            ranked = requests_json(service.url + f"/v1/tracks?mood={mood}&limit=10")["tracks"]
+            assert {t["track_id"] for t in ranked} == {"cat-a", "cat-b"}
+            scores = {t["track_id"]: t["score"] for t in ranked}
+            assert [t["track_id"] for t in ranked] == sorted(scores, key=lambda t: -scores[t])
+            near = requests_json(service.url + "/v1/tracks/cat-a/similar?limit=5")
+            assert [t["track_id"] for t in near["similar"]] == ["cat-b"] and near["similar"][0]["distance"] > 0
+            assert service.metric("moodstream_catalog_tracks") == 2
+    finally:
+        stop_worker(worker)
+
+
+def requests_json(url: str) -> dict:
+    with urllib.request.urlopen(url, timeout=10) as answer:
+        return json.loads(answer.read())
