@@ -92,6 +92,8 @@ def _demo(args: argparse.Namespace) -> int:
         scorer=args.scorer,
         model=args.model or settings.model,
         timeout_s=args.timeout,
+        hold=sys.stdout.isatty() if args.hold is None else args.hold,
+        port=args.port,
         log_dir=Path(args.log_dir or f".moodstream/demo-{time.strftime('%Y%m%d-%H%M%S')}").resolve(),
     )
     return asyncio.run(demo.run(opts))
@@ -146,13 +148,15 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--loglevel", default="info")
     worker.set_defaults(func=_worker)
 
-    demo = sub.add_parser("demo", help="run everything locally: broker, S3, Triton, a worker; tag a folder")
+    demo = sub.add_parser("demo", help="run everything locally: broker, S3, Triton, a worker and the web page; tag a folder")
     demo.add_argument("audio_dir", nargs="?", help="folder of audio files (default: the clips `make clips` writes, ~/.cache/moodstream/clips)")
     demo.add_argument("--json", action="store_true", help="stdout: exactly one JSON output record per line")
     demo.add_argument("--scorer", choices=["triton", "onnx"], default="triton")
     demo.add_argument("--model", help="model to serve (default: MOODSTREAM_MODEL)")
     demo.add_argument("--timeout", type=float, default=1800.0, help="seconds to wait for all results")
-    demo.add_argument("--log-dir", help="where service logs go (default: .moodstream/demo-<time>)")
+    demo.add_argument("--log-dir", help="where service logs and the demo's catalog go (default: .moodstream/demo-<time>)")
+    demo.add_argument("--hold", action=argparse.BooleanOptionalAction, default=None, help="after tagging, keep everything running for the web page until Ctrl-C (default: when stdout is a terminal)")
+    demo.add_argument("--port", type=int, default=0, help="the web page's port (default: MOODSTREAM_SERVICE_PORT when free, else any free one)")
     demo.set_defaults(func=_demo)
 
     publish = sub.add_parser("publish", help="announce every audio object under an S3 prefix (backfill)")

@@ -2,18 +2,26 @@
 
 Starts the embedded stack (Tansu Kafka broker, moto S3 server, CPU tritonserver), uploads the
 folder to S3, announces each file on ``tracks.ingested``, runs a real worker process against
-them, prints every record arriving on ``tracks.moods`` (and ``tracks.moods.dlq``), and stops
-everything. Exit status 0 only if every announced track got an output or a dead letter.
+them and prints every record arriving on ``tracks.moods`` (and ``tracks.moods.dlq``). Beside
+the worker runs ``moodstream serve`` (the web page and HTTP API) with its SQLite catalog in the
+log folder, following ``tracks.moods``: once the tracks are in its catalog the demo prints the
+page's URL. With ``--hold`` (the default on a terminal) everything keeps running until Ctrl-C,
+for the page; otherwise it all stops. Exit status 0 only if every announced track got an output
+or a dead letter and the service's catalog holds every tagged track.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +30,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from pipeline import storage
 from pipeline.publish import announce
 from pipeline.settings import REPO_ROOT, load_settings
-from pipeline.stack import EmbeddedStack
+from pipeline.stack import EmbeddedStack, free_ports
 from pipeline.taxonomy import mood_line
 
 #: Three 30-s excerpts of Debian's drascula-music (jazz, ambient, rock), written by `make clips`
@@ -30,6 +38,8 @@ from pipeline.taxonomy import mood_line
 DEFAULT_AUDIO_DIR = Path.home() / ".cache" / "moodstream" / "clips"
 FETCH_HINT = "`make clips` writes the demo's clips there (Debian's drascula-music, 36 MB, once)"
 BUCKET = "moodstream-audio"
+SERVICE_READY_TIMEOUT_S = 180.0
+CATALOG_TIMEOUT_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -40,6 +50,8 @@ class DemoOptions:
     model: str
     timeout_s: float
     log_dir: Path
+    hold: bool = False  # keep the stack, worker and service running after tagging, until Ctrl-C
+    port: int = 0  # the service's port; 0: MOODSTREAM_SERVICE_PORT if free, else any free one
 
 
 def _say(opts: DemoOptions, text: str) -> None:
@@ -78,6 +90,82 @@ def _start_worker(stack: EmbeddedStack, opts: DemoOptions) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "pipeline", "worker"], cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
 
+def _free_or_any(port: int) -> int:
+    """``port`` when nothing listens on it here, else a free one (a second demo, a busy 8080)."""
+    with socket.socket() as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+            return port
+        except OSError:
+            return free_ports(1)[0]
+
+
+def _start_service(stack: EmbeddedStack, opts: DemoOptions, port: int) -> subprocess.Popen:
+    """``moodstream serve`` with its catalog in the log folder, following the output topic."""
+    env = {
+        **os.environ,
+        **stack.env(),
+        "MOODSTREAM_SCORER": opts.scorer,
+        "MOODSTREAM_MODEL": opts.model,
+        "MOODSTREAM_SERVICE_HOST": "127.0.0.1",
+        "MOODSTREAM_SERVICE_PORT": str(port),
+        "MOODSTREAM_CATALOG_URL": f"sqlite:///{opts.log_dir / 'catalog.db'}",
+        "MOODSTREAM_CATALOG_FOLLOW": "true",
+        "MOODSTREAM_INDEX_DIR": str(opts.log_dir / "index"),
+    }
+    log = open(opts.log_dir / "service.log", "wb")
+    return subprocess.Popen([sys.executable, "-m", "pipeline", "serve"], cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _get_json(url: str) -> dict | None:
+    try:
+        with urllib.request.build_opener(urllib.request.ProxyHandler({})).open(url, timeout=5) as answer:
+            return json.loads(answer.read())
+    except (urllib.error.URLError, OSError, ValueError):
+        return None
+
+
+async def _await_catalog(service: subprocess.Popen, url: str, expected: int, opts: DemoOptions) -> bool:
+    """Wait until the service is ready and its catalog lists ``expected`` tracks."""
+    deadline = time.monotonic() + SERVICE_READY_TIMEOUT_S + CATALOG_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if service.poll() is not None:
+            _say(opts, f"the service exited with status {service.returncode}; see {opts.log_dir / 'service.log'}")
+            return False
+        listed = _get_json(f"{url}v1/tracks?limit=500")
+        if listed is not None and listed["count"] >= expected:
+            return True
+        await asyncio.sleep(0.5)
+    _say(opts, f"the service's catalog did not reach {expected} tracks in time; see {opts.log_dir / 'service.log'}")
+    return False
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+async def _hold(opts: DemoOptions, worker: subprocess.Popen, service: subprocess.Popen) -> None:
+    """Until Ctrl-C (or SIGTERM), or until the worker or the service exits."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        while not stop.is_set() and worker.poll() is None and service.poll() is None:
+            try:
+                await asyncio.wait_for(stop.wait(), 1.0)
+            except asyncio.TimeoutError:
+                pass
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+    _say(opts, "stopping ...")
+
+
 def _line(record: dict, names: dict[str, str]) -> str:
     name = names.get(record.get("track_id") or "", "?")
     if "reason" in record:
@@ -100,17 +188,26 @@ async def run(opts: DemoOptions) -> int:
         objects = upload(stack, files, opts.audio_dir)
         _say(opts, f"stack ready in {time.monotonic() - started:.1f} s; uploaded {len(objects)} files to s3://{BUCKET}/demo/")
         worker = _start_worker(stack, opts)
+        port = opts.port or _free_or_any(settings.service_port)
+        service = _start_service(stack, opts, port)
+        url = f"http://127.0.0.1:{port}/"
         try:
-            return await _announce_and_collect(stack, settings, objects, opts, worker, started)
+            status, tagged = await _announce_and_collect(stack, settings, objects, opts, worker, started)
+            if status == 0 and not await _await_catalog(service, url, tagged, opts):
+                status = 1
+            if status == 0:
+                _say(opts, f"the web page: {url}  ({tagged} tracks in its catalog; API docs at {url}docs)")
+                if opts.hold:
+                    _say(opts, "holding the stack, the worker and the service for the page; Ctrl-C stops them")
+                    await _hold(opts, worker, service)
+            return status
         finally:
-            worker.send_signal(signal.SIGTERM)
-            try:
-                worker.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                worker.kill()
+            _stop(service)
+            _stop(worker)
 
 
-async def _announce_and_collect(stack, settings, objects, opts: DemoOptions, worker: subprocess.Popen, started: float) -> int:
+async def _announce_and_collect(stack, settings, objects, opts: DemoOptions, worker: subprocess.Popen, started: float) -> tuple[int, int]:
+    """(exit status, tracks tagged) once every announced track has an output or a dead letter."""
     consumer = AIOKafkaConsumer(settings.output_topic, settings.dlq_topic, bootstrap_servers=stack.kafka_bootstrap, auto_offset_reset="earliest", enable_auto_commit=False)
     producer = AIOKafkaProducer(bootstrap_servers=stack.kafka_bootstrap, acks="all")
     await consumer.start()
@@ -142,7 +239,7 @@ async def _announce_and_collect(stack, settings, objects, opts: DemoOptions, wor
                         _say(opts, _line(record, names))
         elapsed = time.monotonic() - started
         _say(opts, f"{len(ids)} tracks announced: {outputs} tagged, {dead} dead-lettered, {len(pending)} lost; {elapsed:.1f} s in all")
-        return 0 if not pending else 1
+        return (0 if not pending else 1), outputs
     finally:
         await producer.stop()
         await consumer.stop()

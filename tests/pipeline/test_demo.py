@@ -12,6 +12,7 @@ import pytest
 
 from conftest import REPO, encode, tone
 from pipeline import events
+from pipeline.catalog import Catalog
 
 pytestmark = pytest.mark.integration
 
@@ -38,3 +39,9 @@ def test_demo_json_prints_one_valid_output_per_track(example_clips, tmp_path):
         record = json.loads(line)
         assert record["leading_mood"]["mood"] is not None and record["quadrant"] in {"happy", "angry", "sad", "relaxed"}
     assert "3 tracks announced: 3 tagged, 0 dead-lettered, 0 lost" in done.stderr
+    # The service ran beside the worker and its catalog took in every record from the topic.
+    [page] = [line for line in done.stderr.splitlines() if line.startswith("the web page: http://127.0.0.1:")]
+    assert "(3 tracks in its catalog" in page
+    catalog = Catalog.open(f"sqlite:///{tmp_path / 'logs' / 'catalog.db'}")
+    assert sorted(r["track_id"] for r in catalog.ranked(limit=10)) == sorted(json.loads(line)["track_id"] for line in lines)
+    catalog.close()
