@@ -14,7 +14,8 @@ fresh SQLite catalog, no Kafka), then:
 
 Memory is bounded when the peak does not grow with the number of uploads: the in-flight bound
 (``MOODSTREAM_MAX_ANALYSES_IN_FLIGHT``) admits a fixed number of analyses, the rest are answered
-at once, and upload bodies are spooled to disk past 1 MB. Prints a Markdown table and writes
+at once, and an admitted upload is spooled to a temporary file as it arrives (the decoding
+process reads it from there). Prints a Markdown table and writes
 JSON. Not part of the test suite.
 """
 
@@ -32,7 +33,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-import httpx
+import aiohttp
 
 from pipeline.settings import REPO_ROOT
 from pipeline.stack import free_ports
@@ -99,32 +100,37 @@ def start_service(port: int, folder: Path, in_flight: int) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "pipeline", "serve"], cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
 
 
-async def wait_ready(client: httpx.AsyncClient, service: subprocess.Popen, timeout_s: float = 180.0) -> None:
+async def wait_ready(client: aiohttp.ClientSession, base: str, service: subprocess.Popen, timeout_s: float = 180.0) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if service.poll() is not None:
             raise SystemExit(f"the service exited with status {service.returncode}")
         try:
-            if (await client.get("/readyz")).status_code == 200:
-                return
-        except httpx.TransportError:
+            async with client.get(base + "/readyz") as response:
+                if response.status == 200:
+                    return
+        except aiohttp.ClientError:
             pass
         await asyncio.sleep(0.5)
     raise SystemExit("the service did not become ready")
 
 
-async def upload(client: httpx.AsyncClient, data: bytes, name: str, *, retry: bool = False) -> tuple[int, float]:
+async def upload(client: aiohttp.ClientSession, base: str, data: bytes, name: str, *, retry: bool = False) -> tuple[int, float]:
     """(final status, seconds until it); with ``retry``, a 503 is retried after its Retry-After."""
     start = time.perf_counter()
     while True:
-        response = await client.post("/v1/analyses", files={"file": (name, data, "application/octet-stream")})
-        if response.status_code != 503:
+        form = aiohttp.FormData()
+        form.add_field("file", data, filename=name, content_type="application/octet-stream")
+        async with client.post(base + "/v1/analyses", data=form) as response:
+            await response.read()
+            status, retry_after = response.status, response.headers.get("retry-after")
+        if status != 503:
             break
-        assert "retry-after" in response.headers, "a 503 without Retry-After"
+        assert retry_after is not None, "a 503 without Retry-After"
         if not retry:
             break
-        await asyncio.sleep(float(response.headers["retry-after"]))
-    return response.status_code, time.perf_counter() - start
+        await asyncio.sleep(float(retry_after))
+    return status, time.perf_counter() - start
 
 
 async def measure(clip: Path, concurrent: int, rounds: int, in_flight: int) -> dict:
@@ -133,11 +139,13 @@ async def measure(clip: Path, concurrent: int, rounds: int, in_flight: int) -> d
         port = free_ports(1)[0]
         service = start_service(port, Path(tmp), in_flight)
         try:
-            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=600) as client:
-                await wait_ready(client, service)
+            base = f"http://127.0.0.1:{port}"
+            timeout = aiohttp.ClientTimeout(total=600)
+            async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0)) as client:
+                await wait_ready(client, base, service)
                 idle = tree_rss_bytes(service.pid)
                 async with PeakSampler(service.pid) as single:
-                    status, seconds = await upload(client, data, clip.name)
+                    status, seconds = await upload(client, base, data, clip.name)
                 assert status == 200, f"a single upload got {status}"
                 result = {"idle_rss_mb": idle / 2**20, "single": {"seconds": seconds, "peak_rss_mb": single.peak / 2**20}, "rounds": []}
                 # Odd rounds: every client takes its first answer; even rounds: clients retry a
@@ -146,11 +154,12 @@ async def measure(clip: Path, concurrent: int, rounds: int, in_flight: int) -> d
                     retry = number % 2 == 1
                     async with PeakSampler(service.pid) as sampler:
                         start = time.perf_counter()
-                        answers = await asyncio.gather(*(upload(client, data, f"{i}-{clip.name}", retry=retry) for i in range(concurrent)))
+                        answers = await asyncio.gather(*(upload(client, base, data, f"{i}-{clip.name}", retry=retry) for i in range(concurrent)))
                         wall = time.perf_counter() - start
                     codes = Counter(code for code, _ in answers)
                     result["rounds"].append({"retry": retry, "wall_s": wall, "peak_rss_mb": sampler.peak / 2**20, "status": dict(sorted(codes.items())), "alive": service.poll() is None})
-                result["alive_after"] = service.poll() is None and (await client.get("/healthz")).status_code == 200
+                async with client.get(base + "/healthz") as health:
+                    result["alive_after"] = service.poll() is None and health.status == 200
                 return result
         finally:
             service.terminate()

@@ -32,14 +32,17 @@ import functools
 import hashlib
 import logging
 import multiprocessing
+import os
 import sys
+import tempfile
 import time
 from collections.abc import AsyncIterator
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Query, Request
@@ -56,7 +59,7 @@ from pipeline.errors import ConfigError, InferenceFailed, ServiceUnavailable, Tr
 from pipeline.neighbours import NeighbourIndex
 from pipeline.scoring import Scorer, open_scorer
 from pipeline.settings import REPO_ROOT, Settings
-from pipeline.tagging import Analysis, analyse, finite, track_moods
+from pipeline.tagging import Analysis, analyse_file, finite, track_moods
 from pipeline.taxonomy import QUADRANTS, Taxonomy, load_taxonomy
 from pipeline.worker import warm_process
 
@@ -340,7 +343,7 @@ def _add_routes(app: FastAPI) -> None:
             raise Problem(503, "busy", f"{state.in_flight} analyses in flight, the most this service takes at once", retry_after_s=RETRY_AFTER_S)
         state.in_flight += 1
         metrics.ANALYSES_IN_FLIGHT.set(state.in_flight)
-        job: list[Future | asyncio.Future] = []
+        job = _Job()
         try:
             record = await asyncio.wait_for(_tag_upload(request, state, job), s.analysis_timeout_s)
         except asyncio.TimeoutError:
@@ -463,25 +466,33 @@ async def _read(call: Any, *args: Any, **kwargs: Any) -> Any:
 # --- an upload ---------------------------------------------------------------------------------
 
 
-async def _tag_upload(request: Request, state: _State, job: list) -> bytes:
-    """Read, analyse and score one upload; returns the record's JSON. ``job`` receives the
-    decoding future, which may outlive a timeout: its slot is freed only when it ends."""
+@dataclass
+class _Job:
+    """One upload's resources: its spooled file and its decoding future, which may outlive a
+    timeout (the process cannot be interrupted); both are let go only when it ends."""
+
+    spool: _Spool | None = None
+    future: asyncio.Future | None = None
+
+
+async def _tag_upload(request: Request, state: _State, job: _Job) -> bytes:
+    """Read, analyse and score one upload; returns the record's JSON."""
     s = state.settings
     started = time.perf_counter()
-    data = await read_upload(request, s.max_upload_bytes)
-    kind = audio.sniff(data[:64])
+    job.spool = spool = await read_upload(request, s.max_upload_bytes)
+    kind = audio.sniff(spool.head)
     if kind is None:
-        detail = "the upload is empty" if not data else "its first bytes are no audio container's (MP3, Ogg, FLAC, WAV, AIFF, MP4/M4A, WebM/Matroska, …)"
+        detail = "the upload is empty" if not spool.size else "its first bytes are no audio container's (MP3, Ogg, FLAC, WAV, AIFF, MP4/M4A, WebM/Matroska, …)"
         raise Problem(415, "undecodable", detail)
     received = time.perf_counter()
     loop = asyncio.get_running_loop()
-    task = functools.partial(analyse, max_duration_s=s.max_duration_s, min_duration_s=s.min_duration_s, excerpts=s.excerpts, excerpt_s=s.excerpt_s)
+    task = functools.partial(analyse_file, str(spool.path), max_duration_s=s.max_duration_s, min_duration_s=s.min_duration_s, excerpts=s.excerpts, excerpt_s=s.excerpt_s)
     try:
-        future = loop.run_in_executor(state.pool, task, data)
+        future = loop.run_in_executor(state.pool, task)
     except BrokenProcessPool:
         state.pool = _make_pool(s.max_analyses_in_flight)
-        future = loop.run_in_executor(state.pool, task, data)
-    job.append(future)
+        future = loop.run_in_executor(state.pool, task)
+    job.future = future
     try:
         result: Analysis = await asyncio.shield(future)
     except TrackError as exc:
@@ -501,7 +512,7 @@ async def _tag_upload(request: Request, state: _State, job: list) -> bytes:
     latency_ms = {"upload": _ms(received - started), "decode": _ms(result.decode_s), "features": _ms(result.features_s), "analysis": _ms(decoded - received), "inference": _ms(done - decoded), "total": _ms(done - started)}
     record = track_moods(
         result, outputs, state.taxonomy,
-        track_id="upload-" + hashlib.sha256(data).hexdigest()[:16], model=state.model,
+        track_id="upload-" + spool.sha256[:16], model=state.model,
         processed_at=datetime.now(timezone.utc), latency_ms=latency_ms,
         top_moods=s.top_moods, segment_s=s.timeline_segment_s, embeddings=s.embeddings,
     )
@@ -512,21 +523,24 @@ def _ms(seconds: float) -> float:
     return round(seconds * 1000, 1)
 
 
-def _release_when_done(state: _State, job: list) -> None:
+def _release_when_done(state: _State, job: _Job) -> None:
     def release(*_: object) -> None:
         state.in_flight -= 1
         metrics.ANALYSES_IN_FLIGHT.set(state.in_flight)
+        if job.spool is not None:
+            job.spool.discard()
 
-    if job and not job[0].done():
-        job[0].add_done_callback(release)
+    if job.future is not None and not job.future.done():
+        job.future.add_done_callback(release)
     else:
         release()
 
 
-async def read_upload(request: Request, limit: int) -> bytes:
-    """The uploaded file's bytes from a multipart form (field ``file``) or a raw audio body,
-    read as a stream and refused (413) as soon as it passes ``limit`` bytes. The file name a
-    client sends is never used: not for a path, not for the type."""
+async def read_upload(request: Request, limit: int) -> _Spool:
+    """The uploaded file from a multipart form (field ``file``) or a raw audio body, spooled to
+    a temporary file as it streams in and refused (413) as soon as it passes ``limit`` bytes.
+    The file name a client sends is never used: not for a path, not for the type. The caller
+    owns the spool (:meth:`_Spool.discard`); on an error it is gone already."""
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit + _FORM_OVERHEAD_BYTES:
         raise Problem(413, "too_large", f"the upload is {int(declared)} bytes; the most is {limit} (MOODSTREAM_MAX_UPLOAD_BYTES)")
@@ -536,16 +550,26 @@ async def read_upload(request: Request, limit: int) -> bytes:
         if not boundary:
             raise Problem(400, "bad_request", "a multipart upload needs a boundary")
         form = _FilePart(limit)
-        parser = MultipartParser(boundary, form.callbacks(), max_size=limit + _FORM_OVERHEAD_BYTES)
-        await _feed(request, parser.write, limit + _FORM_OVERHEAD_BYTES)
-        parser.finalize()
-        if form.data is None:
-            raise Problem(400, "bad_request", "no form field named 'file' (the audio)" if not form.malformed else "the multipart body is malformed")
-        return bytes(form.data)
+        try:
+            parser = MultipartParser(boundary, form.callbacks(), max_size=limit + _FORM_OVERHEAD_BYTES)
+            await _feed(request, parser.write, limit + _FORM_OVERHEAD_BYTES)
+            parser.finalize()
+            if form.spool is None:
+                raise Problem(400, "bad_request", "no form field named 'file' (the audio)" if not form.malformed else "the multipart body is malformed")
+        except BaseException:
+            form.discard()
+            raise
+        form.spool.close()
+        return form.spool
     if kind.startswith(b"audio/") or kind == b"application/octet-stream":
-        body = bytearray()
-        await _feed(request, body.extend, limit)
-        return bytes(body)
+        spool = _Spool(limit)
+        try:
+            await _feed(request, spool.write, limit)
+        except BaseException:
+            spool.discard()
+            raise
+        spool.close()
+        return spool
     raise Problem(415, "bad_request", f"send multipart/form-data with the audio in 'file', or the audio as the body (audio/* or application/octet-stream); got {kind.decode(errors='replace') or 'no Content-Type'}")
 
 
@@ -565,17 +589,53 @@ async def _feed(request: Request, write: Any, limit: int) -> None:
         raise
 
 
-class _FilePart:
-    """Collects the part named ``file`` of a multipart body; other fields are ignored."""
+class _Spool:
+    """An upload on its way to a temporary file, hashed (SHA-256) as it passes; ``head`` keeps
+    its first bytes for sniffing the container."""
+
+    HEAD_BYTES = 64
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
-        self.data: bytearray | None = None
+        self.size = 0
+        self.head = b""
+        self._hash = hashlib.sha256()
+        fd, name = tempfile.mkstemp(prefix="moodstream-upload-")
+        self.path = Path(name)
+        self._file = os.fdopen(fd, "wb")
+
+    @property
+    def sha256(self) -> str:
+        return self._hash.hexdigest()
+
+    def write(self, chunk: bytes) -> None:
+        self.size += len(chunk)
+        if self.size > self.limit:
+            raise Problem(413, "too_large", f"the file passed {self.limit} bytes (MOODSTREAM_MAX_UPLOAD_BYTES)")
+        if len(self.head) < self.HEAD_BYTES:
+            self.head += chunk[: self.HEAD_BYTES - len(self.head)]
+        self._hash.update(chunk)
+        self._file.write(chunk)
+
+    def close(self) -> None:
+        self._file.close()
+
+    def discard(self) -> None:
+        self._file.close()
+        self.path.unlink(missing_ok=True)
+
+
+class _FilePart:
+    """Spools the first part named ``file`` of a multipart body; other fields are ignored."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.spool: _Spool | None = None  # the file part, once it ended
         self.malformed = False
         self._header_field = b""
         self._header_value = b""
         self._headers: dict[bytes, bytes] = {}
-        self._current: bytearray | None = None
+        self._current: _Spool | None = None
 
     def callbacks(self) -> dict[str, Any]:
         return {
@@ -588,11 +648,16 @@ class _FilePart:
             "on_part_end": self._end,
         }
 
+    def discard(self) -> None:
+        for spool in (self._current, self.spool):
+            if spool is not None:
+                spool.discard()
+
     def _add(self, name: str, chunk: bytes) -> None:
         setattr(self, name, getattr(self, name) + chunk)
 
     def _begin(self) -> None:
-        self._headers, self._current = {}, None
+        self._headers = {}
 
     def _header_end(self) -> None:
         self._headers[self._header_field.strip().lower()] = self._header_value.strip()
@@ -600,18 +665,16 @@ class _FilePart:
 
     def _headers_finished(self) -> None:
         _, params = parse_options_header(self._headers.get(b"content-disposition", b""))
-        if params.get(b"name") == b"file" and self.data is None:
-            self._current = bytearray()
+        if params.get(b"name") == b"file" and self.spool is None and self._current is None:
+            self._current = _Spool(self.limit)
 
     def _part_data(self, data: bytes, start: int, end: int) -> None:
         if self._current is not None:
-            self._current.extend(data[start:end])
-            if len(self._current) > self.limit:
-                raise Problem(413, "too_large", f"the file passed {self.limit} bytes (MOODSTREAM_MAX_UPLOAD_BYTES)")
+            self._current.write(data[start:end])
 
     def _end(self) -> None:
         if self._current is not None:
-            self.data, self._current = self._current, None
+            self.spool, self._current = self._current, None
 
 
 # --- running it ------------------------------------------------------------------------------------

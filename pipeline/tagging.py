@@ -67,6 +67,13 @@ def analyse(data: bytes, *, max_duration_s: float, min_duration_s: float, excerp
     )
 
 
+def analyse_file(path: str, **options: Any) -> Analysis:
+    """:func:`analyse` of the file at ``path`` (an upload the HTTP service spooled to disk): read
+    in the decoding process, so the bytes never pass through the service's own memory."""
+    with open(path, "rb") as f:
+        return analyse(f.read(), **options)
+
+
 def _nonempty(parts: Iterator[tuple[float, Iterator[np.ndarray]]], total_s: list[float]) -> Iterator[tuple[float, list[np.ndarray]]]:
     """Excerpts that hold audio (one past the real end of the stream is skipped), decoded;
     the seconds spent decoding are added to ``total_s[0]``."""

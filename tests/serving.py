@@ -34,13 +34,14 @@ class ServiceProcess:
             "MOODSTREAM_INDEX_DIR": str(folder / "index"),
             "MOODSTREAM_SERVICE_PORT": str(self.port),
             "MOODSTREAM_MAX_ANALYSES_IN_FLIGHT": "1",
+            "TMPDIR": str(folder / "tmp"),  # where uploads are spooled: tests look for leftovers
             **env,
         }
         self.ready_timeout_s = ready_timeout_s
         self.proc: subprocess.Popen | None = None
 
     def __enter__(self) -> ServiceProcess:
-        self.folder.mkdir(parents=True, exist_ok=True)
+        (self.folder / "tmp").mkdir(parents=True, exist_ok=True)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "pipeline", "serve"], cwd=REPO, env={**os.environ, **self.env},
             stdout=open(self.log_path, "wb"), stderr=subprocess.STDOUT, start_new_session=True,

@@ -191,6 +191,8 @@ def test_beyond_the_bound_uploads_are_told_to_retry_and_a_stalled_one_times_out(
         time.sleep(0.1)
     assert service.metric("moodstream_analyses_in_flight") == 0
     assert post(service, data=data, headers={"Content-Type": "audio/mpeg"}).status_code == 200
+    # Every upload so far (tagged, refused, cut off, timed out) left no spooled file behind.
+    assert not list((service.folder / "tmp").glob("moodstream-upload-*"))
 
 
 def read_answer(sock: socket.socket) -> str:
