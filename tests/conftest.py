@@ -30,6 +30,14 @@ def faust_datadir(tmp_path_factory):
         yield
 
 
+def real_clip(name: str) -> Path:
+    """One of the clips `make clips` writes (in MOODSTREAM_TEST_CLIPS); the test fails without it."""
+    path = EXAMPLES / name
+    if not path.is_file():
+        pytest.fail(f"real music clip {path} missing; `make clips` writes it (`make test` does it first)")
+    return path
+
+
 @pytest.fixture(scope="session")
 def example_clips() -> list[Path]:
     clips = [CLIP_A, CLIP_B]

@@ -29,6 +29,7 @@ from pipeline import events
 from pipeline.catalog import Catalog, embedding_of
 from pipeline.service import RETRY_AFTER_S
 from pipeline.taxonomy import encode_embedding
+from conftest import real_clip
 from serving import REPO, ServiceProcess
 
 pytestmark = pytest.mark.integration
@@ -42,13 +43,7 @@ PROBLEM = "application/problem+json"
 
 @pytest.fixture(scope="module")
 def clip() -> Path:
-    folder = os.environ.get("MOODSTREAM_TEST_CLIPS")
-    if not folder:
-        pytest.skip("MOODSTREAM_TEST_CLIPS is not set: the service tests need the real clips of `make clips`")
-    path = Path(folder) / CLIP
-    if not path.is_file():
-        pytest.fail(f"{path} missing; `make clips` writes it")
-    return path
+    return real_clip(CLIP)
 
 
 @pytest.fixture(scope="module")

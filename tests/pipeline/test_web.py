@@ -15,7 +15,6 @@ from __future__ import annotations
 import base64
 import copy
 import json
-import os
 import shutil
 import threading
 import time
@@ -35,6 +34,7 @@ from selenium.webdriver.support.ui import Select, WebDriverWait
 
 from pipeline.catalog import Catalog
 from pipeline.service import RETRY_AFTER_S
+from conftest import real_clip
 from serving import ServiceProcess
 
 pytestmark = pytest.mark.integration
@@ -50,13 +50,7 @@ QUADRANT_SIGNS = {"happy": (1, 1), "angry": (-1, 1), "sad": (-1, -1), "relaxed":
 
 @pytest.fixture(scope="module")
 def clip() -> Path:
-    folder = os.environ.get("MOODSTREAM_TEST_CLIPS")
-    if not folder:
-        pytest.skip("MOODSTREAM_TEST_CLIPS is not set: the browser test needs the real clips of `make clips`")
-    path = Path(folder) / CLIP
-    if not path.is_file():
-        pytest.fail(f"{path} missing; `make clips` writes it")
-    return path
+    return real_clip(CLIP)
 
 
 @pytest.fixture(scope="module")
