@@ -200,7 +200,8 @@ class Catalog:
         rows = self._query("SELECT l.seq, r.record FROM track_latest l JOIN records r ON r.seq = l.seq WHERE l.seq > ? ORDER BY l.seq LIMIT ?", (int(seq), int(limit)))
         if not rows:
             return seq, []
-        return int(rows[-1][0]), [(json.loads(text)["track_id"], json.loads(text)) for _, text in rows]
+        records = [json.loads(text) for _, text in rows]
+        return int(rows[-1][0]), [(record["track_id"], record) for record in records]
 
     def last_seq(self) -> int:
         """The newest row of track_latest (0 for an empty catalog)."""

@@ -435,11 +435,10 @@ class EmbeddedPostgres:
     @property
     def url(self) -> str:
         """The catalog URL of the test database (no password: trust authentication)."""
-        return f"postgresql://{_PG_USER}@127.0.0.1:{self._port}/{self.database}"
+        return self._url(self.database)
 
-    @property
-    def port(self) -> int:
-        return self._port
+    def _url(self, database: str) -> str:
+        return f"postgresql://{_PG_USER}@127.0.0.1:{self._port}/{database}"
 
     def __enter__(self) -> EmbeddedPostgres:
         return self.start()
@@ -484,13 +483,10 @@ class EmbeddedPostgres:
             shutil.rmtree(self._data, ignore_errors=True)
             self._data = None
 
-    def _admin_url(self) -> str:
-        return f"postgresql://{_PG_USER}@127.0.0.1:{self._port}/postgres"
-
     def _answers(self) -> bool:
         import psycopg
 
-        with psycopg.connect(self._admin_url(), connect_timeout=2):
+        with psycopg.connect(self._url("postgres"), connect_timeout=2):
             return True
 
     def create_database(self, name: str) -> str:
@@ -498,9 +494,9 @@ class EmbeddedPostgres:
         import psycopg
         from psycopg import sql
 
-        with psycopg.connect(self._admin_url(), autocommit=True) as db:
+        with psycopg.connect(self._url("postgres"), autocommit=True) as db:
             db.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-        return f"postgresql://{_PG_USER}@127.0.0.1:{self._port}/{name}"
+        return self._url(name)
 
 
 _PG_USER = "moodstream"  # the cluster's superuser, made by initdb

@@ -248,7 +248,7 @@ def test_every_dashboard_and_alert_query_returns_data_from_a_real_worker(stack, 
     # too short for any upload: the one upload below is a 504, the server error the API's alert
     # selects (without one its series would not exist).
     api = ServiceProcess(
-        tmp_path / "api", **{k: v for k, v in stack.env().items()}, **topics,
+        tmp_path / "api", **stack.env(), **topics,
         MOODSTREAM_MODEL=MODEL, MOODSTREAM_CATALOG_FOLLOW="true", MOODSTREAM_CATALOG_GROUP=f"{PREFIX}-catalog",
         MOODSTREAM_ANALYSIS_TIMEOUT_S="0.05",
     )
