@@ -2,7 +2,7 @@
 
     moodstream-train fit [--config FILE] [--set KEY=VALUE ...] [--resume CHECKPOINT]
     moodstream-train evaluate CHECKPOINT [--out DIR] [--set KEY=VALUE ...]
-    moodstream-train distill SOURCE [--teacher CHECKPOINT] [--holdout 0.2] [--config FILE] [--set ...]
+    moodstream-train distill [debian|FOLDER|s3://...] [--export] [--config FILE] [--set ...]
     moodstream-train export [NETWORK=]CHECKPOINT... [--name NAME] [--repository triton_models] [--version 1]
     moodstream-train import-musicnn --tf-python PATH --clips DIR
     moodstream-train compare-musicnn DIR... --tf-python PATH
@@ -144,8 +144,8 @@ def _distill(args: argparse.Namespace) -> int:
 
     from training.distill import distill
 
-    report = distill(_config(args), args.source, Path(args.teacher), holdout=args.holdout)
-    print(json.dumps(report, indent=1))
+    report = distill(_config(args), args.source, repository=Path(args.repository), export_to=Path(args.repository) if args.export else None)
+    print(json.dumps({k: v for k, v in report.items() if k != "skipped"}, indent=1))
     return 0
 
 
@@ -246,10 +246,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--set", type=_key_value, action="append", default=[], metavar="KEY=VALUE", help="override a data option of the checkpoint's run (data_root, audio_root, cache_dir)")
     ev.set_defaults(func=_evaluate)
 
-    dis = sub.add_parser("distill", help="train a student on unlabelled audio against the pretrained model's scores")
-    dis.add_argument("source", help="folder of audio files or s3://bucket/prefix")
-    dis.add_argument("--teacher", default=str(REPO_ROOT / "training" / "weights" / "musicnn_msd.pt"))
-    dis.add_argument("--holdout", type=float, default=0.2, help="fraction of tracks held out for the student-vs-teacher report")
+    dis = sub.add_parser("distill", help="train a student on unlabelled music against a served model's outputs (training/distill.py)")
+    dis.add_argument("source", nargs="?", default="debian", help="'debian' (the fetched reference packages, default), a folder of audio files or s3://bucket/prefix")
+    dis.add_argument("--repository", default=str(REPO_ROOT / "triton_models"), help="model repository of the teacher (and of the exported student)")
+    dis.add_argument("--export", action="store_true", help="export the best checkpoint into the repository, calibrate its moods and compare them with the teacher's")
     _add_config_options(dis)
     dis.set_defaults(func=_distill, resume=None)
 

@@ -59,6 +59,12 @@ class FitConfig:
     freq_mask_bands: int = 12  # widest frequency mask, mel bands
     time_masks: int = 2
     time_mask_frames: int = 20  # widest time mask, frames (16 ms each)
+    # distillation (``moodstream-train distill``)
+    teacher: str = "musicnn"  # the served entry (model repository) whose outputs the student learns
+    validation_groups: list[str] = field(default_factory=list)  # packages/albums for early stopping
+    holdout_groups: list[str] = field(default_factory=list)  # packages/albums of the agreement report
+    embedding_weight: float = 0.5  # weight of the embedding term against the logits term
+    teacher_workers: int = 2  # processes computing the teacher's outputs
     # machinery
     device: str = "auto"  # "auto" (CUDA when present), "cpu", "cuda", "cuda:1", ...
     amp: bool = True  # mixed precision on CUDA (bf16 where supported, else fp16 with scaling)
@@ -106,7 +112,7 @@ def from_dict(values: dict[str, Any]) -> FitConfig:
             raise ValueError(f"{f.name} must be true or false, got {value!r}")
         if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
             setattr(cfg, f.name, float(value))
-        elif isinstance(default, (int, float, str, dict)) and not isinstance(value, type(default)):
+        elif isinstance(default, (int, float, str, dict, list)) and not isinstance(value, type(default)):
             raise ValueError(f"{f.name} must be {type(default).__name__}, got {value!r}")
     if cfg.data not in DATASETS:
         raise ValueError(f"data must be one of {DATASETS}, got {cfg.data!r}")

@@ -59,19 +59,35 @@ def activation(task: str, out: torch.Tensor) -> torch.Tensor:
 
 class _Serving(nn.Module):
     """The trained networks plus each task's output activation, all on the same input:
-    mel -> (scores_1, embedding_1, scores_2, embedding_2, ...)."""
+    mel -> (scores_1, embedding_1, scores_2, embedding_2, ...).
 
-    def __init__(self, models: list[nn.Module]) -> None:
+    A model that imitates several networks at once (a distilled student, whose checkpoint
+    lists ``networks``) gives one (scores, embedding) pair per network it imitates: its outputs
+    are cut at ``splits`` [(n_labels, embedding_dim), ...]."""
+
+    def __init__(self, models: list[nn.Module], splits: list[list[tuple[int, int]] | None] | None = None) -> None:
         super().__init__()
         self.nets = nn.ModuleList(models)
         self.tasks = [m.task for m in models]
+        self.splits = splits or [None] * len(models)
 
     def forward(self, mel: torch.Tensor) -> tuple[torch.Tensor, ...]:
         outputs = []
-        for net, task in zip(self.nets, self.tasks):
+        for net, task, split in zip(self.nets, self.tasks, self.splits):
             out, embedding = net(mel)
-            outputs += [activation(task, out), embedding]
+            if split is None:
+                outputs += [activation(task, out), embedding]
+                continue
+            a = e = 0
+            for n_labels, width in split:
+                outputs += [activation(task, out[:, a : a + n_labels]), embedding[:, e : e + width]]
+                a, e = a + n_labels, e + width
         return tuple(outputs)
+
+
+def imitated_networks(ckpt: dict) -> list[dict] | None:
+    """The networks a student checkpoint imitates ([{name, labels, embedding_dim}]), else None."""
+    return ckpt.get("networks")
 
 
 @dataclass(frozen=True)
@@ -90,6 +106,8 @@ def export(checkpoints: Path | list[Path], name: str | None, repository: Path, *
     """
     paths = [checkpoints] if isinstance(checkpoints, Path) else list(checkpoints)
     loaded = [load_checkpoint(p) for p in paths]
+    if len(paths) == 1 and imitated_networks(loaded[0][1]):
+        return _export_student(loaded[0], name, repository, version=version, gpu_max_batch=gpu_max_batch, cpu_max_batch=cpu_max_batch)
     if len(paths) == 1:
         ckpt = loaded[0][1]
         name = name or ckpt.get("config", {}).get("name") or ckpt["arch"]
@@ -112,6 +130,26 @@ def export(checkpoints: Path | list[Path], name: str | None, repository: Path, *
     )
     versions = sorted({net.version for net in networks})
     meta = ModelMeta(name=name, version="-".join(versions), frontend=loaded[0][1]["frontend"], networks=networks)
+    return _write_entry(serving, meta, repository, version=version, gpu_max_batch=gpu_max_batch, cpu_max_batch=cpu_max_batch)
+
+
+def _export_student(loaded: tuple[nn.Module, dict], name: str | None, repository: Path, *, version: int, gpu_max_batch: int, cpu_max_batch: int) -> Exported:
+    """A student imitating several networks: one entry with each network's outputs under the
+    teacher's names (its moods.toml sections apply), each carrying the student's version."""
+    model, ckpt = loaded
+    imitated = imitated_networks(ckpt)
+    name = name or ckpt.get("config", {}).get("name") or ckpt["arch"]
+    serving = _Serving([model], [[(len(n["labels"]), n["embedding_dim"]) for n in imitated]]).eval()
+    networks = tuple(
+        Network(name=n["name"], version=str(ckpt["version"]), task=ckpt["task"], labels=tuple(n["labels"]), embedding_dim=n["embedding_dim"], scores_output=f"{n['name']}_{SCORES}", embedding_output=f"{n['name']}_{EMBEDDING}")
+        for n in imitated
+    )
+    meta = ModelMeta(name=name, version=str(ckpt["version"]), frontend=ckpt["frontend"], networks=networks)
+    return _write_entry(serving, meta, repository, version=version, gpu_max_batch=gpu_max_batch, cpu_max_batch=cpu_max_batch)
+
+
+def _write_entry(serving: _Serving, meta: ModelMeta, repository: Path, *, version: int, gpu_max_batch: int, cpu_max_batch: int) -> Exported:
+    name = meta.name
     entry = repository / name
     version_dir = entry / str(version)
     version_dir.mkdir(parents=True, exist_ok=True)

@@ -174,8 +174,15 @@ def fit(cfg: FitConfig) -> Path:
     return train(cfg, rt, catalog.task, catalog.labels, train_ds, val_ds, loss_fn, source)
 
 
-def train(cfg: FitConfig, rt: Runtime, task: str, labels: tuple[str, ...], train_ds: Dataset, val_ds: Dataset, loss_fn: LossFn, source: str) -> Path:
-    """The loop shared by ``fit`` and ``distill``: items are (mel [T, F], target)."""
+def train(
+    cfg: FitConfig, rt: Runtime, task: str, labels: tuple[str, ...], train_ds: Dataset, val_ds: Dataset, loss_fn: LossFn, source: str,
+    *, with_embedding: bool = False, metrics: Callable[[np.ndarray, np.ndarray], dict[str, float]] | None = None, extra: dict[str, Any] | None = None,
+) -> Path:
+    """The loop shared by ``fit`` and ``distill``: items are (mel [T, F], target).
+
+    ``with_embedding``: the loss sees [outputs | embedding] (a student matching a teacher's
+    embedding too); ``metrics`` replaces the task's validation metrics (it gets what the loss
+    saw and the targets); ``extra`` goes into every checkpoint."""
     out_dir = Path(cfg.out_dir)
     version = cfg.version or datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
     model = build(cfg.arch, {**cfg.dims, "n_classes": len(labels), "task": task}).to(rt.device)
@@ -211,8 +218,8 @@ def train(cfg: FitConfig, rt: Runtime, task: str, labels: tuple[str, ...], train
     for epoch in range(start_epoch, cfg.epochs):
         if sampler is not None:
             sampler.set_epoch(epoch)
-        train_loss = _train_epoch(net, train_dl, loss_fn, optimizer, scaler, cfg, rt, epoch)
-        val_loss, pred, true = _validate(model, val_dl, loss_fn, rt)
+        train_loss = _train_epoch(net, train_dl, loss_fn, optimizer, scaler, cfg, rt, epoch, with_embedding)
+        val_loss, pred, true = _validate(model, val_dl, loss_fn, rt, with_embedding)
         if cfg.schedule == "cosine":
             scheduler.step()
         else:
@@ -220,12 +227,12 @@ def train(cfg: FitConfig, rt: Runtime, task: str, labels: tuple[str, ...], train
         improved = val_loss < best - cfg.min_delta
         best, stale = (val_loss, 0) if improved else (best, stale + 1)
         if rt.main:
-            metrics = _log_epoch(writer, epoch, train_loss, val_loss, optimizer, task, labels, pred, true)
-            extra = dict(config=asdict(cfg), epoch=epoch, optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), scaler=scaler.state_dict(), best_val_loss=best, stale_epochs=stale, val_loss=val_loss, val_metrics=metrics)
-            save_checkpoint(out_dir / "last.pt", model, arch=cfg.arch, labels=list(labels), version=version, source=source, **extra)
+            scalars = _log_epoch(writer, epoch, train_loss, val_loss, optimizer, task, labels, pred, true, metrics)
+            state = dict(config=asdict(cfg), epoch=epoch, optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), scaler=scaler.state_dict(), best_val_loss=best, stale_epochs=stale, val_loss=val_loss, val_metrics=scalars)
+            save_checkpoint(out_dir / "last.pt", model, arch=cfg.arch, labels=list(labels), version=version, source=source, **(extra or {}), **state)
             if improved:
                 shutil.copyfile(out_dir / "last.pt", out_dir / "best.pt")
-            print(f"epoch {epoch}: train loss {train_loss:.4f}, validation loss {val_loss:.4f}" + ("  (best)" if improved else "") + "".join(f", {k} {v:.4f}" for k, v in metrics.items()), flush=True)
+            print(f"epoch {epoch}: train loss {train_loss:.4f}, validation loss {val_loss:.4f}" + ("  (best)" if improved else "") + "".join(f", {k} {v:.4f}" for k, v in scalars.items()), flush=True)
         if cfg.early_stopping and stale >= cfg.early_stopping:
             if rt.main:
                 print(f"early stopping: no better validation loss for {stale} epochs", flush=True)
@@ -242,7 +249,13 @@ def train(cfg: FitConfig, rt: Runtime, task: str, labels: tuple[str, ...], train
     return out_dir / "best.pt"
 
 
-def _train_epoch(net: nn.Module, loader: DataLoader, loss_fn: LossFn, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, cfg: FitConfig, rt: Runtime, epoch: int) -> float:
+def _seen(outputs: tuple[torch.Tensor, torch.Tensor], with_embedding: bool) -> torch.Tensor:
+    """What the loss sees of a model's (outputs, embedding)."""
+    out, embedding = outputs
+    return (torch.cat([out, embedding], dim=-1) if with_embedding else out).float()
+
+
+def _train_epoch(net: nn.Module, loader: DataLoader, loss_fn: LossFn, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, cfg: FitConfig, rt: Runtime, epoch: int, with_embedding: bool) -> float:
     from tqdm import tqdm
 
     net.train()
@@ -252,8 +265,8 @@ def _train_epoch(net: nn.Module, loader: DataLoader, loss_fn: LossFn, optimizer:
         mel, target = mel.to(rt.device, non_blocking=True), target.to(rt.device, non_blocking=True)
         mel = spec_augment(mel, cfg)
         with torch.autocast(rt.device.type, dtype=rt.amp_dtype or torch.float32, enabled=rt.amp_dtype is not None):
-            out, _ = net(mel)
-        loss = loss_fn(out.float(), target)
+            out = _seen(net(mel), with_embedding)
+        loss = loss_fn(out, target)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         if cfg.grad_clip:
@@ -268,15 +281,15 @@ def _train_epoch(net: nn.Module, loader: DataLoader, loss_fn: LossFn, optimizer:
 
 
 @torch.no_grad()
-def _validate(model: nn.Module, loader: DataLoader, loss_fn: LossFn, rt: Runtime) -> tuple[float, np.ndarray, np.ndarray]:
+def _validate(model: nn.Module, loader: DataLoader, loss_fn: LossFn, rt: Runtime, with_embedding: bool) -> tuple[float, np.ndarray, np.ndarray]:
     """(mean loss, raw outputs [n, n_labels], targets) over the validation patches."""
     model.eval()
     total, outs, targets = 0.0, [], []
     for mel, target in loader:
         mel, target = mel.to(rt.device), target.to(rt.device)
-        out, _ = model(mel)
-        total += loss_fn(out.float(), target).item() * len(mel)
-        outs.append(out.float().cpu().numpy())
+        out = _seen(model(mel), with_embedding)
+        total += loss_fn(out, target).item() * len(mel)
+        outs.append(out.cpu().numpy())
         targets.append(target.cpu().numpy())
     return total / len(loader.dataset), np.concatenate(outs), np.concatenate(targets)
 
@@ -287,12 +300,12 @@ def _writer(out_dir: Path) -> Any:
     return SummaryWriter(str(out_dir / "tb"))
 
 
-def _log_epoch(writer: Any, epoch: int, train_loss: float, val_loss: float, optimizer: torch.optim.Optimizer, task: str, labels: tuple[str, ...], out: np.ndarray, true: np.ndarray) -> dict[str, float]:
+def _log_epoch(writer: Any, epoch: int, train_loss: float, val_loss: float, optimizer: torch.optim.Optimizer, task: str, labels: tuple[str, ...], out: np.ndarray, true: np.ndarray, custom: Callable[[np.ndarray, np.ndarray], dict[str, float]] | None = None) -> dict[str, float]:
     """Scalars (and V/A figures) for TensorBoard; returns the patch-level validation metrics."""
     from training import evaluate
 
     scores = evaluate.activate(task, out)
-    metrics = evaluate.quick_metrics(task, labels, scores, true)
+    metrics = custom(out, true) if custom else evaluate.quick_metrics(task, labels, scores, true)
     writer.add_scalar("loss/train", train_loss, epoch)
     writer.add_scalar("loss/validation", val_loss, epoch)
     writer.add_scalar("lr", optimizer.param_groups[0]["lr"], epoch)

@@ -119,4 +119,5 @@ TINY_DIMS = {
     "resnet_va": {"widths": [4, 8, 8, 16]},
     "lstm_va": {"hidden": 16},
     "resnet18": {"widths": [4, 8, 8, 16], "blocks": [1, 1, 1, 1]},
+    "student": {"widths": [4, 8, 8, 8], "blocks": [1, 1, 1], "hidden": 16},
 }

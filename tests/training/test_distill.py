@@ -1,42 +1,139 @@
-"""Distillation: a student learns the pretrained musicnn's scores on unlabelled audio."""
+"""Distillation: a student learns a served teacher's outputs on unlabelled music and is served
+in its place."""
 
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
+import pytest
+import torch
 from conftest import TINY_DIMS
 
+from pipeline.features import N_MELS, PATCH_FRAMES
 from pipeline.model_meta import read_meta
 from pipeline.scoring import OnnxScorer
 from pipeline.settings import REPO_ROOT
+from pipeline.taxonomy import load_taxonomy
 from training.cli import main
-from training.distill import compare
-from training.models import load_checkpoint
+from training.config import from_dict
+from training.data import Track
+from training.data.cache import FeatureCache
+from training.distill import DistillLoss, compare, distillation_set, split_by_group, teacher_logits
+from training.models import build, load_checkpoint
+from training.teacher import TEACHER_HOP, Teacher, patch_starts, teacher_outputs
 
-TEACHER = REPO_ROOT / "training" / "weights" / "musicnn_msd.pt"
+
+@pytest.fixture
+def repository(tmp_path):
+    """A model repository holding only the teacher (the served musicnn entry)."""
+    repo = tmp_path / "models"
+    shutil.copytree(REPO_ROOT / "triton_models" / "musicnn", repo / "musicnn", ignore=shutil.ignore_patterns("__pycache__"))
+    return repo
 
 
-def test_distill_trains_a_servable_student_and_reports_agreement(unlabelled, mel_cache, tmp_path):
+def test_distill_exports_a_calibrated_student_with_the_teachers_outputs(unlabelled, mel_cache, repository, tmp_path):
     out = tmp_path / "student"
-    args = ["distill", str(unlabelled), "--holdout", "0.3", "--set", "arch=convgruformer", "--set", "val_fraction=0.2", "--set", "epochs=2", "--set", "batch_size=8", "--set", f"cache_dir={mel_cache}", "--set", f"out_dir={out}", "--set", "progress=false", "--set", "name=student"]
-    args += [a for k, v in TINY_DIMS["convgruformer"].items() for a in ("--set", f"dims.{k}={json.dumps(v)}")]
+    args = ["distill", str(unlabelled), "--repository", str(repository), "--export"]
+    options = {"arch": "student", "name": "musicnn_student", "version": "student-test", "epochs": 2, "batch_size": 8, "cache_dir": str(mel_cache), "out_dir": str(out), "progress": False, "teacher_workers": 1}
+    options |= {"validation_groups": ["album0"], "holdout_groups": ["album1"], "time_shift": False, "freq_masks": 0, "time_masks": 0}
+    args += [a for k, v in options.items() for a in ("--set", f"{k}={json.dumps(v)}")]
+    args += [a for k, v in TINY_DIMS["student"].items() for a in ("--set", f"dims.{k}={json.dumps(v)}")]
     assert main(args) == 0
     report = json.loads((out / "distill_report.json").read_text())
-    assert report["tracks"] == {"train": 5, "validation": 2, "test": 3}
-    assert report["patches"]["held_out"] >= 3 and report["epochs_run"] == 2
-    for key in ("roc_auc_median", "roc_auc_top5", "pearson_r", "top5_overlap"):
+    assert report["groups"] == {"train": ["album2"], "validation": ["album0"], "test": ["album1"]}
+    assert report["tracks"] == {"train": 3, "validation": 4, "test": 3} and report["epochs_run"] == 2
+    # every training track gives its grid patches and the ones halfway between
+    assert report["patches"]["train"] > report["patches"]["held_out"]
+    for key in ("roc_auc_median", "spearman_track", "top5_overlap_track", "pearson_r"):
         assert np.isfinite(report["held_out"][key]), key
-    model, ckpt = load_checkpoint(out / "best.pt")
-    _, teacher = load_checkpoint(TEACHER)
-    assert ckpt["task"] == "tags" and ckpt["labels"] == teacher["labels"]
+    assert 0 <= report["moods_held_out"]["leading_mood_same"] <= 1 and report["moods_held_out"]["tracks"] == 3
+    assert "check" not in report  # the reserved packages are only scored when training on Debian's music
 
-    repo = tmp_path / "models"
-    assert main(["export", str(out / "best.pt"), "--repository", str(repo)]) == 0
-    meta = read_meta(repo, "student")
-    assert meta.labels == tuple(teacher["labels"]) and meta.version == ckpt["version"]
-    outputs = OnnxScorer(repo, "student").score_sync(np.random.default_rng(0).random((3, 187, 96), np.float32))
-    assert outputs["student"].scores.shape == (3, 50)
+    teacher = read_meta(repository, "musicnn")
+    student = read_meta(repository, "musicnn_student")
+    assert [(n.name, n.labels, n.embedding_dim) for n in student.networks] == [(n.name, n.labels, n.embedding_dim) for n in teacher.networks]
+    assert {n.version for n in student.networks} == {"student-test"} and student.outputs == teacher.outputs
+    # moods.toml's musicnn sections apply, with the student's own calibration
+    taxonomy = load_taxonomy(student)
+    assert taxonomy.source == "tags" and taxonomy.calibration.tracks == 10
+    outputs = OnnxScorer(repository, "musicnn_student").score_sync(np.random.default_rng(0).random((3, PATCH_FRAMES, N_MELS), np.float32))
+    assert {k: (v.scores.shape, v.embedding.shape) for k, v in outputs.items()} == {"musicnn_msd": ((3, 50), (3, 200)), "musicnn_mtt": ((3, 50), (3, 200))}
+    # the served graph is the checkpoint's: the second network's scores are the logits' second half
+    model, _ = load_checkpoint(out / "best.pt")
+    x = np.random.default_rng(1).random((2, PATCH_FRAMES, N_MELS), np.float32)
+    with torch.inference_mode():
+        logits, embedding = model(torch.from_numpy(x))
+    served = OnnxScorer(repository, "musicnn_student").score_sync(x)
+    np.testing.assert_allclose(served["musicnn_mtt"].scores, torch.sigmoid(logits[:, 50:]).numpy(), atol=1e-5)
+    np.testing.assert_allclose(served["musicnn_mtt"].embedding, embedding[:, 200:].numpy(), atol=1e-5)
+
+
+def test_teacher_outputs_are_the_served_models_on_the_grid_and_halfway_and_cached_once(unlabelled, mel_cache):
+    cache = FeatureCache(mel_cache, max_duration_s=600.0)
+    teacher = Teacher.from_repository(REPO_ROOT / "triton_models", "musicnn")
+    sources = [t.source for t in distillation_set(str(unlabelled))][:2]
+    outputs, failed = teacher_outputs(sources, cache, teacher, workers=1, progress=False)
+    assert not failed
+    files = sorted(teacher.folder(cache).glob("*.npz"))
+    stamps = {f: f.stat().st_mtime_ns for f in files}
+    frames = cache.frames(sources[0])
+    out = outputs[sources[0]]
+    np.testing.assert_array_equal(out["starts"], patch_starts(len(frames)))
+    scorer = OnnxScorer(REPO_ROOT / "triton_models", "musicnn")
+    k = len(out["starts"]) - 1
+    direct = scorer.score_sync(np.array(frames[out["starts"][k] : out["starts"][k] + PATCH_FRAMES])[None])
+    np.testing.assert_allclose(out["musicnn_mtt_scores"][k], direct["musicnn_mtt"].scores[0], atol=1e-5)
+    np.testing.assert_allclose(out["musicnn_msd_embedding"][k], direct["musicnn_msd"].embedding[0], atol=1e-5)
+    again, _ = teacher_outputs(sources, cache, teacher, workers=1, progress=False)
+    assert {f: f.stat().st_mtime_ns for f in files} == stamps
+    np.testing.assert_array_equal(again[sources[1]]["musicnn_msd_scores"], outputs[sources[1]]["musicnn_msd_scores"])
+
+
+def test_patch_starts_are_the_serving_grid_plus_the_points_halfway():
+    assert patch_starts(PATCH_FRAMES).tolist() == [0]
+    assert patch_starts(3 * PATCH_FRAMES + 10).tolist() == [0, TEACHER_HOP, PATCH_FRAMES, PATCH_FRAMES + TEACHER_HOP, 2 * PATCH_FRAMES]
+
+
+def test_split_keeps_groups_whole_and_refuses_unknown_groups():
+    tracks = [Track(f"{g}/{i}.ogg", f"/m/{g}/{i}.ogg") for g in ("p1", "p2", "p3", "p4") for i in range(3)]
+    cfg = from_dict({"validation_groups": ["p2"], "holdout_groups": ["p3", "p4"]})
+    splits = split_by_group(tracks, cfg)
+    assert {t.key.split("/")[0] for t in splits["train"]} == {"p1"} and len(splits["test"]) == 6
+    with pytest.raises(ValueError, match="not in the music"):
+        split_by_group(tracks, from_dict({"holdout_groups": ["nope"]}))
+    hashed = split_by_group(tracks, from_dict({"val_fraction": 0.25, "test_fraction": 0.25}))
+    groups = [{t.key.split("/")[0] for t in v} for v in hashed.values()]
+    assert [len(g) for g in groups] == [2, 1, 1] and set.union(*groups) == {"p1", "p2", "p3", "p4"}
+
+
+def test_a_folder_with_reserved_packages_is_refused(tmp_path):
+    (tmp_path / "singularity-music").mkdir()
+    (tmp_path / "singularity-music" / "a.ogg").write_bytes(b"x")
+    with pytest.raises(ValueError, match="reserved"):
+        distillation_set(str(tmp_path))
+
+
+def test_the_loss_weighs_every_tag_by_the_teachers_spread():
+    rng = np.random.default_rng(0)
+    targets = np.concatenate([rng.normal(0, [1, 10], (500, 2)), rng.normal(0, 1, (500, 4))], axis=1).astype(np.float32)
+    loss = DistillLoss(targets, n_labels=2, embedding_weight=0.5)
+    zero = torch.zeros(1, 6)
+    # the same error in spread units costs the same on a narrow and on a wide tag
+    narrow, wide = zero.clone(), zero.clone()
+    narrow[0, 0], wide[0, 1] = 1.0, 10.0
+    assert abs(loss(narrow, zero).item() - loss(wide, zero).item()) < 0.05
+    assert loss(zero, zero).item() == 0.0
+    np.testing.assert_allclose(teacher_logits(np.array([0.5, 0.0])), [0.0, np.log(1e-6) - np.log1p(-1e-6)], rtol=1e-6)
+
+
+def test_the_student_gives_every_imitated_networks_tags_and_embedding():
+    model = build("student", {})
+    logits, embedding = model(torch.zeros(2, PATCH_FRAMES, N_MELS))
+    assert logits.shape == (2, 100) and embedding.shape == (2, 400)
+    with pytest.raises(ValueError, match="label_counts"):
+        build("student", {"n_classes": 4})
 
 
 def test_compare_is_perfect_for_the_teacher_itself_and_chance_for_noise():
@@ -47,6 +144,8 @@ def test_compare_is_perfect_for_the_teacher_itself_and_chance_for_noise():
     # top-5 membership also depends on the other tags of the patch, so even the teacher is not
     # a perfect per-tag ranker of it
     assert same["roc_auc_median"] == 1.0 and same["top5_overlap"] == 1.0 and same["roc_auc_top5"] > 0.95
+    assert same["spearman_track"] == pytest.approx(1.0) and same["top5_overlap_track"] == 5.0
     assert abs(same["pearson_r"] - 1.0) < 1e-6
     noise = compare(rng.random((400, 50)).astype(np.float32), teacher, track_of)
     assert 0.4 < noise["roc_auc_median"] < 0.6 and abs(noise["pearson_r"]) < 0.1 and noise["top5_overlap"] < 0.3
+    assert abs(noise["spearman_track"]) < 0.3 and noise["top5_overlap_track"] < 2

@@ -29,6 +29,7 @@ from training.models.lstm_va import LSTMVA, LSTMVADims
 from training.models.musicnn import Musicnn, MusicnnDims
 from training.models.resnet18 import ResNet18, ResNet18Dims
 from training.models.resnet_va import ResNetVA, ResNetVADims
+from training.models.student import Student, StudentDims
 
 #: name -> (module, dims dataclass). Every module maps mel [B, PATCH_FRAMES, N_MELS] to
 #: (outputs [B, dims.n_classes], embedding [B, E]) and has ``task`` (from its dims).
@@ -38,6 +39,7 @@ ARCHITECTURES: dict[str, tuple[type[nn.Module], type]] = {
     "resnet_va": (ResNetVA, ResNetVADims),
     "lstm_va": (LSTMVA, LSTMVADims),
     "resnet18": (ResNet18, ResNet18Dims),
+    "student": (Student, StudentDims),
 }
 TASKS = ("tags", "classes", "va", "va_steps")
 

@@ -1,0 +1,138 @@
+"""The teacher's outputs on every track's patches, computed once and cached: distillation's targets.
+
+The teacher is a served model entry (``musicnn`` by default: the MSD and MTT networks in one
+graph), run with onnxruntime exactly as the worker runs it. Per track it scores the patches that
+start every ``TEACHER_HOP`` frames: the serving grid (what the worker scores, where agreement is
+measured) and the patches halfway between (twice the training patches for the same audio).
+
+    <mel cache>/teacher-<sha256(model.onnx)[:12]>-hop<TEACHER_HOP>/<audio sha256>.npz
+        starts               [n] int32, first frame of each patch
+        <output name>        [n, width] float32, every output of the entry
+                             (``musicnn_msd_scores`` [n, 50], ``musicnn_msd_embedding`` [n, 200], ...)
+
+Tracks are scored in ``workers`` processes of one onnxruntime thread each (one patch per run, the
+cheapest on a CPU: see the README's Performance section); the mel frames come from the same
+:class:`~training.data.cache.FeatureCache` the training reads.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import multiprocessing
+import os
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from pipeline.errors import TrackError
+from pipeline.features import PATCH_FRAMES
+from pipeline.model_meta import ModelMeta, read_meta
+from training.data.cache import FeatureCache
+from training.data.patches import serving_starts
+
+TEACHER_HOP = PATCH_FRAMES // 2  # 93 frames, 1.49 s
+
+
+def patch_starts(n_frames: int) -> np.ndarray:
+    """[n] first frames: the serving grid and, where a whole patch fits, the point halfway
+    between two grid patches (``TEACHER_HOP`` after each grid start), in order."""
+    grid = serving_starts(n_frames)
+    mid = grid + TEACHER_HOP
+    mid = mid[mid + PATCH_FRAMES <= n_frames]
+    return np.sort(np.concatenate([grid, mid])).astype(np.int32)
+
+
+@dataclass(frozen=True)
+class Teacher:
+    """A served entry as a teacher: its metadata and its ONNX file."""
+
+    meta: ModelMeta
+    onnx: Path
+
+    @classmethod
+    def from_repository(cls, repository: Path, name: str) -> Teacher:
+        meta = read_meta(repository, name)
+        versions = sorted((int(p.name) for p in (repository / name).iterdir() if p.name.isdigit()), reverse=True)
+        if not versions:
+            raise FileNotFoundError(f"teacher {name}: no version directory in {repository / name}")
+        return cls(meta, repository / name / str(versions[0]) / "model.onnx")
+
+    @property
+    def tag(self) -> str:
+        return hashlib.sha256(self.onnx.read_bytes()).hexdigest()[:12]
+
+    def folder(self, cache: FeatureCache) -> Path:
+        return cache.dir / f"teacher-{self.tag}-hop{TEACHER_HOP}"
+
+
+# -- one process's work ----------------------------------------------------------------------
+
+_session: ort.InferenceSession | None = None
+_cache: FeatureCache | None = None
+
+
+def _init(onnx: str, cache_root: str, max_duration_s: float) -> None:
+    global _session, _cache
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.inter_op_num_threads = 1
+    _session = ort.InferenceSession(onnx, options, providers=["CPUExecutionProvider"])
+    # FeatureCache appends the frontend key to the folder it is given; pass the parent.
+    _cache = FeatureCache(Path(cache_root), max_duration_s=max_duration_s)
+
+
+def _teach_one(source: str, folder: str) -> tuple[str, str | None]:
+    """Frames (into the cache) and teacher outputs (into ``folder``) of one track; (source,
+    None) or (source, reason it was skipped)."""
+    assert _session is not None and _cache is not None
+    try:
+        frames = _cache.frames(source)
+    except (TrackError, OSError) as exc:
+        return source, f"{getattr(exc, 'reason', 'unreadable')}: {exc}"
+    path = Path(folder) / f"{_cache.digest(source)}.npz"
+    if path.is_file():
+        return source, None
+    starts = patch_starts(len(frames))
+    names = [o.name for o in _session.get_outputs()]
+    rows: dict[str, list[np.ndarray]] = {n: [] for n in names}
+    for s in starts:
+        patch = np.ascontiguousarray(frames[s : s + PATCH_FRAMES], dtype=np.float32)[None]
+        for name, value in zip(names, _session.run(names, {"mel": patch})):
+            rows[name].append(value[0])
+    tmp = path.with_suffix(f".{os.getpid()}.tmp.npz")
+    np.savez(tmp, starts=starts, **{n: np.stack(v).astype(np.float32) for n, v in rows.items()})
+    tmp.replace(path)
+    return source, None
+
+
+# -- the pass over a collection --------------------------------------------------------------
+
+
+def teacher_outputs(sources: list[str], cache: FeatureCache, teacher: Teacher, *, workers: int = 2, progress: bool = True) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, str]]:
+    """({source: {"starts": [n], output name: [n, width]}}, {source: reason skipped}).
+
+    Tracks already in the cache cost a hash of their file; the others are decoded, turned into
+    frames and scored in ``workers`` processes."""
+    from tqdm import tqdm
+
+    folder = teacher.folder(cache)
+    folder.mkdir(parents=True, exist_ok=True)
+    failed: dict[str, str] = {}
+    spawn = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(workers, mp_context=spawn, initializer=_init, initargs=(str(teacher.onnx), str(cache.dir.parent), cache.max_duration_s)) as pool:
+        jobs = [pool.submit(_teach_one, s, str(folder)) for s in sources]
+        for job in tqdm(jobs, desc="teacher outputs", unit="track", disable=not progress):
+            source, reason = job.result()
+            if reason is not None:
+                failed[source] = reason
+    out = {}
+    for source in sources:
+        if source in failed:
+            continue
+        with np.load(folder / f"{cache.digest(source)}.npz") as data:
+            out[source] = {k: data[k] for k in data.files}
+    cache.flush()
+    return out, failed
