@@ -15,6 +15,7 @@ from __future__ import annotations
 import io
 from collections.abc import Generator, Iterator
 from dataclasses import dataclass, field
+from typing import BinaryIO
 
 import av
 import numpy as np
@@ -28,6 +29,24 @@ from pipeline.features import SAMPLE_RATE
 _SF_BLOCK = 65_536
 #: Source samples downmixed and resampled per call (about 0.7 s at 48 kHz).
 _GROUP_SAMPLES = 32_768
+
+#: Encoded audio: the bytes themselves (an S3 object), or a seekable binary file opened by the
+#: caller (a local file: read as decoding goes, so memory does not grow with the file's size).
+Source = bytes | BinaryIO
+
+
+def _reader(data: Source) -> BinaryIO:
+    """A file object at the start of ``data``."""
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        return io.BytesIO(data)
+    data.seek(0)
+    return data
+
+
+def _is_empty(data: Source) -> bool:
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        return len(data) == 0
+    return data.seek(0, io.SEEK_END) == 0
 
 
 @dataclass
@@ -43,14 +62,14 @@ class DecodedStream:
     expected_s: float | None = None  # the duration the container states (capped), if any
 
 
-def decode(data: bytes, *, max_duration_s: float, min_duration_s: float = 0.0) -> DecodedStream:
+def decode(data: Source, *, max_duration_s: float, min_duration_s: float = 0.0) -> DecodedStream:
     """Open ``data`` as audio; raise :class:`Undecodable` if no decoder can.
 
     The returned chunks stop after ``max_duration_s`` seconds of audio. The iterator raises
     :class:`TooShort` at its end when less than ``min_duration_s`` seconds were decoded, and
     :class:`Undecodable` if the stream breaks before any audio came out.
     """
-    if not data:
+    if _is_empty(data):
         raise Undecodable("empty object (0 bytes)")
     try:
         return _decode_pyav(data, max_duration_s, min_duration_s)
@@ -73,7 +92,7 @@ class Excerpts:
     starts_s: list[float]
 
 
-def decode_excerpts(data: bytes, *, count: int, excerpt_s: float, max_duration_s: float) -> Excerpts | None:
+def decode_excerpts(data: Source, *, count: int, excerpt_s: float, max_duration_s: float) -> Excerpts | None:
     """``count`` excerpts of ``excerpt_s`` seconds each, evenly spread over the track (capped at
     ``max_duration_s``), decoded by seeking in the container so the rest is never decoded.
 
@@ -82,7 +101,7 @@ def decode_excerpts(data: bytes, *, count: int, excerpt_s: float, max_duration_s
     :func:`decode` then applies the usual fallback and errors).
     """
     try:
-        container = av.open(io.BytesIO(data), mode="r")
+        container = av.open(_reader(data), mode="r")
     except (av.FFmpegError, ValueError, UnicodeDecodeError):
         return None
     stream = container.streams.audio[0] if container.streams.audio else None
@@ -133,7 +152,7 @@ def _pyav_from(container: av.container.InputContainer, stream: av.AudioStream, s
         return  # a broken stream ends the excerpt with what decoded
 
 
-def decode_all(data: bytes, *, max_duration_s: float, min_duration_s: float = 0.0) -> tuple[np.ndarray, DecodedStream]:
+def decode_all(data: Source, *, max_duration_s: float, min_duration_s: float = 0.0) -> tuple[np.ndarray, DecodedStream]:
     """The whole decoded signal at once: ([n] float32 at SAMPLE_RATE, the stream's metadata)."""
     stream = decode(data, max_duration_s=max_duration_s, min_duration_s=min_duration_s)
     chunks = list(stream.chunks)
@@ -141,9 +160,9 @@ def decode_all(data: bytes, *, max_duration_s: float, min_duration_s: float = 0.
     return wave, stream
 
 
-def _decode_pyav(data: bytes, max_duration_s: float, min_duration_s: float) -> DecodedStream:
+def _decode_pyav(data: Source, max_duration_s: float, min_duration_s: float) -> DecodedStream:
     try:
-        container = av.open(io.BytesIO(data), mode="r")
+        container = av.open(_reader(data), mode="r")
     except (av.FFmpegError, ValueError, UnicodeDecodeError) as exc:
         raise Undecodable(_short(exc)) from None
     if not container.streams.audio:
@@ -203,9 +222,9 @@ def _frame_arrays(frame: av.AudioFrame, packed: av.AudioResampler) -> list[np.nd
     return [c.to_ndarray().reshape(-1, c.layout.nb_channels).T for c in packed.resample(frame)]
 
 
-def _decode_soundfile(data: bytes, max_duration_s: float, min_duration_s: float) -> DecodedStream:
+def _decode_soundfile(data: Source, max_duration_s: float, min_duration_s: float) -> DecodedStream:
     try:
-        sf = soundfile.SoundFile(io.BytesIO(data))
+        sf = soundfile.SoundFile(_reader(data))
     except (soundfile.LibsndfileError, RuntimeError, TypeError) as exc:
         raise Undecodable(_short(exc)) from None
     if sf.samplerate <= 0 or sf.channels <= 0:

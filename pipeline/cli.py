@@ -21,7 +21,7 @@ from pipeline.errors import ConfigError, TrackError
 def _tag(args: argparse.Namespace) -> int:
     from pipeline.scoring import OnnxScorer
     from pipeline.settings import load_settings
-    from pipeline.tagging import analyse, describe
+    from pipeline.tagging import analyse_file, describe
     from pipeline.taxonomy import load_taxonomy
 
     settings = load_settings()
@@ -31,8 +31,7 @@ def _tag(args: argparse.Namespace) -> int:
     failures = 0
     for path in args.paths:
         try:
-            data = Path(path).read_bytes()
-            analysis = analyse(data, max_duration_s=settings.max_duration_s, min_duration_s=settings.min_duration_s, excerpts=settings.excerpts, excerpt_s=settings.excerpt_s)
+            analysis = analyse_file(path, max_duration_s=settings.max_duration_s, min_duration_s=settings.min_duration_s, excerpts=settings.excerpts, excerpt_s=settings.excerpt_s)
         except (TrackError, OSError) as exc:
             reason = exc.reason if isinstance(exc, TrackError) else "unreadable"
             print(f"{path}: {reason}: {exc}", file=sys.stderr)

@@ -34,7 +34,7 @@ class Analysis:
     features_s: float  # seconds spent on log-mel and patching: the rest of analyse()
 
 
-def analyse(data: bytes, *, max_duration_s: float, min_duration_s: float, excerpts: int = 0, excerpt_s: float = 15.0, hop_frames: int = features.PATCH_FRAMES) -> Analysis:
+def analyse(data: audio.Source, *, max_duration_s: float, min_duration_s: float, excerpts: int = 0, excerpt_s: float = 15.0, hop_frames: int = features.PATCH_FRAMES) -> Analysis:
     """Decode ``data`` and compute its patches; raises the stage's TrackError subclasses.
 
     ``excerpts`` > 0 analyses only that many evenly spread excerpts of ``excerpt_s`` seconds
@@ -68,10 +68,11 @@ def analyse(data: bytes, *, max_duration_s: float, min_duration_s: float, excerp
 
 
 def analyse_file(path: str, **options: Any) -> Analysis:
-    """:func:`analyse` of the file at ``path`` (an upload the HTTP service spooled to disk): read
-    in the decoding process, so the bytes never pass through the service's own memory."""
+    """:func:`analyse` of the file at ``path`` (an upload the HTTP service spooled to disk, a file
+    ``moodstream tag`` was given): read as decoding goes, in the decoding process, so the file
+    is never held in memory whole."""
     with open(path, "rb") as f:
-        return analyse(f.read(), **options)
+        return analyse(f, **options)
 
 
 def _nonempty(parts: Iterator[tuple[float, Iterator[np.ndarray]]], total_s: list[float]) -> Iterator[tuple[float, list[np.ndarray]]]:

@@ -32,6 +32,7 @@ from __future__ import annotations
 import base64
 import tomllib
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -175,12 +176,20 @@ def cdf(quantiles: np.ndarray, x: np.ndarray | float) -> np.ndarray:
     """
     q = np.asarray(quantiles, np.float64)
     x = np.asarray(x, np.float64)
-    levels = np.linspace(0.0, 1.0, len(q))
+    levels = _levels(len(q))
     left = np.searchsorted(q, x, side="left")
     right = np.searchsorted(q, x, side="right")
     tied = (right - left) > 0
     mid = (left + right - 1) / 2 / (len(q) - 1)
     return np.clip(np.where(tied, mid, np.interp(x, q, levels)), 0.0, 1.0)
+
+
+@lru_cache(maxsize=8)
+def _levels(n: int) -> np.ndarray:
+    """[n] evenly spaced quantile levels 0..1 (read-only: shared between calls)."""
+    levels = np.linspace(0.0, 1.0, n)
+    levels.flags.writeable = False
+    return levels
 
 
 def family_raw(taxonomy: Taxonomy, track: dict[str, np.ndarray]) -> np.ndarray:
@@ -227,8 +236,20 @@ def _r(x: float) -> float:
 
 def mood_view(taxonomy: Taxonomy, track: dict[str, np.ndarray], top_n: int = 3) -> MoodView:
     """track: network -> [n_labels] track scores (means over patches) -> the mood fields."""
+    return mood_views(taxonomy, {name: np.asarray(v)[None] for name, v in track.items()}, top_n)[0]
+
+
+def mood_views(taxonomy: Taxonomy, rows: dict[str, np.ndarray], top_n: int = 3) -> list[MoodView]:
+    """rows: network -> [m, n_labels] scores (a track and its segments) -> m mood views. The
+    calibration's curves run once over all rows, not once per row (a track's timeline has a
+    row every 30 s)."""
+    n_rows = len(next(iter(rows.values())))
+    scores = family_scores(taxonomy, rows) if taxonomy.source == "tags" else None
+    return [_mood_view(taxonomy, {name: v[i] for name, v in rows.items()}, None if scores is None else scores[i], top_n) for i in range(n_rows)]
+
+
+def _mood_view(taxonomy: Taxonomy, track: dict[str, np.ndarray], scores: np.ndarray | None, top_n: int) -> MoodView:
     if taxonomy.source == "tags":
-        scores = family_scores(taxonomy, track)
         moods = {f.name: _r(s) for f, s in zip(taxonomy.families, scores)}
         ranked = sorted(moods.items(), key=lambda kv: (-kv[1], kv[0]))
         top = [{"mood": m, "score": s} for m, s in ranked if s >= taxonomy.rule.present][:top_n]
@@ -298,16 +319,17 @@ def summarise(
         name: [{"tag": labels[name][i], "score": tags[name][labels[name][i]]} for i in np.argsort(-scores, kind="stable")[:top_tags]]
         for name, scores in track.items()
     }
-    view = mood_view(taxonomy, track, top_n)
-    timeline = []
     segment = np.floor(patch_starts_s / segment_s).astype(int)
-    for seg in np.unique(segment):
-        rows = segment == seg
-        part = mood_view(taxonomy, {name: out.scores[rows].mean(axis=0) for name, out in outputs.items()}, top_n)
+    segments = np.unique(segment)
+    in_segment = [segment == seg for seg in segments]
+    rows = {name: np.stack([track[name], *(out.scores[r].mean(axis=0) for r in in_segment)]) for name, out in outputs.items()}
+    view, *parts = mood_views(taxonomy, rows, top_n)
+    timeline = []
+    for seg, r, part in zip(segments, in_segment, parts):
         timeline.append(
             {
                 "start_s": round(float(seg * segment_s), 3),
-                "end_s": round(float(patch_starts_s[rows].max() + PATCH_SECONDS), 3),
+                "end_s": round(float(patch_starts_s[r].max() + PATCH_SECONDS), 3),
                 "moods": part.moods,
                 "top_moods": part.top_moods,
                 "leading_mood": part.leading_mood,

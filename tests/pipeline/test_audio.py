@@ -40,6 +40,27 @@ def test_falls_back_to_libsndfile_when_pyav_refuses():
     assert len(wave) == 2 * SAMPLE_RATE
 
 
+@pytest.mark.parametrize("fmt", ["mp3", "m4a", "mat5"])
+def test_a_file_decodes_as_its_bytes_do(fmt, tmp_path):
+    """A file object is read as decoding goes (``moodstream tag``): same samples as its bytes,
+    the libsndfile fallback included (MAT5: FFmpeg refuses it after reading from the file)."""
+    if fmt == "mat5":
+        buf = io.BytesIO()
+        soundfile.write(buf, tone(2.0).T, 44_100, format="MAT5", subtype="FLOAT")
+        data = buf.getvalue()
+    else:
+        data = encode(tone(3.0), fmt)
+    path = tmp_path / f"clip.{fmt}"
+    path.write_bytes(data)
+    expected, from_bytes = audio.decode_all(data, max_duration_s=60)
+    with open(path, "rb") as f:
+        wave, from_file = audio.decode_all(f, max_duration_s=60)
+    assert from_file.decoder == from_bytes.decoder == ("soundfile" if fmt == "mat5" else "pyav")
+    np.testing.assert_array_equal(wave, expected)
+    with open(tmp_path / "empty.mp3", "wb+") as f, pytest.raises(Undecodable, match="empty"):
+        audio.decode(f, max_duration_s=60)
+
+
 def test_decoding_stops_at_the_duration_cap():
     data = encode(tone(10.0), "flac")
     wave, stream = audio.decode_all(data, max_duration_s=4.0)
