@@ -91,12 +91,13 @@ test: env tools clips
 test-fast: env clips
 	MOODSTREAM_TEST_CLIPS=$(CLIPS) $(PY) -m pytest -m "not integration and not faults"
 
-# `make bench [AUDIO_DIR=folder]`: benchmarks on real music (bench/run.py); not part of the tests.
-# Without AUDIO_DIR, Debian's warzone2100-music (30 Opus tracks) from the music cache.
-BENCH_DEFAULT_DIR := $(MUSIC)/reference/warzone2100-music/usr/share/games/warzone2100/music
+# `make bench [AUDIO_DIR=folder] [CODECS=mp3,flac]`: benchmarks on real music (bench/run.py), the
+# folder's tracks encoded by the bench as MP3, Vorbis, Opus, FLAC and AAC; not part of the tests.
+# Without AUDIO_DIR, Debian's flare-game score (12 tracks, 38 min) from the music cache.
+BENCH_DEFAULT_DIR := $(MUSIC)/reference/flare-game/usr/share/games/flare/mods/fantasycore/music
 bench: env
-	@if [ -z "$(AUDIO_DIR)" ]; then $(PY) -m training fetch-music --dest $(MUSIC) --package warzone2100-music; fi
-	$(PY) -m bench.run $(or $(AUDIO_DIR),$(BENCH_DEFAULT_DIR))
+	@if [ -z "$(AUDIO_DIR)" ]; then $(PY) -m training fetch-music --dest $(MUSIC) --package flare-game; fi
+	$(PY) -m bench.run $(or $(AUDIO_DIR),$(BENCH_DEFAULT_DIR)) $(if $(CODECS),--codecs $(CODECS))
 
 lock:
 	uv pip compile -q requirements/main.in -o requirements/main.txt --python-version 3.11

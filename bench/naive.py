@@ -27,10 +27,12 @@ import sys
 import time
 from pathlib import Path
 
+import av
 import librosa
 import numpy as np
 import onnxruntime as ort
 from aiokafka import AIOKafkaProducer
+from audioread.exceptions import NoBackendError
 
 from pipeline.features import HOP_LENGTH, LOG_SCALE, N_FFT, N_MELS, PATCH_FRAMES, SAMPLE_RATE
 from pipeline.settings import REPO_ROOT
@@ -39,9 +41,23 @@ SLICE = 16  # patches per onnxruntime call (see the module docstring)
 MODELS = [REPO_ROOT / "triton_models" / name / "1" / "model.onnx" for name in ("musicnn_msd", "musicnn_mtt")]
 
 
+def load(path: Path) -> np.ndarray:
+    """``librosa.load(sr=16000)``: mono float32 at SAMPLE_RATE. Where librosa has no decoder for
+    the file (AAC: libsndfile cannot read it and audioread finds no ffmpeg program here), PyAV
+    decodes it and librosa resamples as its ``load`` does (channel mean, soxr_hq)."""
+    try:
+        return librosa.load(path, sr=SAMPLE_RATE)[0]
+    except NoBackendError:
+        pass
+    with av.open(str(path)) as container:
+        rate = container.streams.audio[0].rate
+        wave = np.concatenate([frame.to_ndarray().reshape(frame.layout.nb_channels, -1) for frame in container.decode(audio=0)], axis=1)
+    return librosa.resample(wave.mean(axis=0), orig_sr=rate, target_sr=SAMPLE_RATE, res_type="soxr_hq")
+
+
 def mel_patches(path: Path) -> tuple[np.ndarray, float]:
     """musicnn's own extractor, in float32: ([n, PATCH_FRAMES, N_MELS], duration in s)."""
-    wave, _ = librosa.load(path, sr=SAMPLE_RATE)
+    wave = load(path)
     mel = librosa.feature.melspectrogram(y=wave, sr=SAMPLE_RATE, hop_length=HOP_LENGTH, n_fft=N_FFT, n_mels=N_MELS).T
     logmel = np.log10(1 + LOG_SCALE * mel).astype(np.float32)
     n = max(1, len(logmel) // PATCH_FRAMES)
