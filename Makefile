@@ -12,7 +12,7 @@ MUSIC := $(CACHE)/music
 CLIPS := $(CACHE)/clips
 ROLE ?= reference
 
-.PHONY: env link demo test test-fast lock bench music clips tools
+.PHONY: env link demo test test-fast lock bench music clips tools student
 env: link
 
 # No prerequisites: the directory name is the lock file's hash, and a fresh clone's files are
@@ -44,6 +44,14 @@ music: env
 
 clips: env
 	$(PY) -m training fetch-music --dest $(MUSIC) --clips $(CLIPS) >/dev/null
+
+# `make student`: the CPU tier from nothing (training/configs/musicnn_student.toml): fetches the
+# reference and check music, caches mels and the teacher's outputs, trains, exports into
+# triton_models/musicnn_student with its mood calibration, and writes the agreement report
+# (runs/musicnn_student/distill_report.json). About 75 minutes on 2 CPU cores.
+student: env
+	$(PY) -m training fetch-music --dest $(MUSIC) --role all
+	$(PY) -m training distill debian --config training/configs/musicnn_student.toml --export
 
 # `make demo [AUDIO_DIR=folder]`: without AUDIO_DIR, the clips.
 demo: env

@@ -1,11 +1,14 @@
-"""CPU cost of serving both networks: one two-network graph against two single-network models.
+"""CPU cost of serving both networks: one two-network graph against two single-network models,
+and against the distilled student.
 
     python -m bench.networks AUDIO_FILE [--patches 60]
 
 Scores the same real patches (cut by the serving frontend) with onnxruntime on one thread, one
-patch per run (the worker's CPU setting), through ``musicnn`` (MSD and MTT in one graph) and
-through ``musicnn_msd`` then ``musicnn_mtt``; prints the CPU milliseconds per patch of each
-(median of ``--repeats`` passes) and the outputs' max |delta| between the two ways.
+patch per run (the worker's CPU setting), through ``musicnn`` (MSD and MTT in one graph),
+through ``musicnn_msd`` then ``musicnn_mtt``, and through ``musicnn_student`` (both networks'
+outputs from one small trunk) when it is exported; prints the CPU milliseconds per patch of each
+(median of ``--repeats`` passes), the outputs' max |delta| between the first two ways, and how
+many times less CPU a patch the student needs than the teacher.
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ import numpy as np
 from pipeline.scoring import OnnxScorer
 from pipeline.settings import REPO_ROOT
 from pipeline.tagging import analyse
+
+STUDENT = "musicnn_student"
 
 
 def cpu_ms_per_patch(scorers: list[OnnxScorer], patches: np.ndarray, repeats: int) -> tuple[float, dict]:
@@ -49,7 +54,13 @@ def main() -> int:
     one_ms, a = cpu_ms_per_patch(one, patches, args.repeats)
     two_ms, b = cpu_ms_per_patch(two, patches, args.repeats)
     diff = max(float(np.abs(a[n].scores - b[n].scores).max()) for n in a)
-    print(json.dumps({"patches": len(patches), "one_graph_cpu_ms_per_patch": round(one_ms, 2), "two_models_cpu_ms_per_patch": round(two_ms, 2), "max_abs_diff": diff}))
+    result = {"patches": len(patches), "one_graph_cpu_ms_per_patch": round(one_ms, 2), "two_models_cpu_ms_per_patch": round(two_ms, 2), "max_abs_diff": diff}
+    if (repo / STUDENT / "config.pbtxt").is_file():
+        student = [OnnxScorer(repo, STUDENT, threads=1)]
+        cpu_ms_per_patch(student, patches[:4], 1)
+        student_ms, _ = cpu_ms_per_patch(student, patches, args.repeats)
+        result.update(student_cpu_ms_per_patch=round(student_ms, 3), teacher_vs_student_cpu=round(one_ms / student_ms, 1))
+    print(json.dumps(result))
     return 0
 
 

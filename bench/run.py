@@ -302,9 +302,9 @@ def table(r: dict) -> str:
     lines.append("| goal | | | | | | " + " | ".join(GOALS.values()) + " |")
     tiers = r.get("tiers") or {}
     if tiers:
-        lines += ["", f"| model ({r['tiers_codec']}) | worker path, onnxruntime in process: CPU s / track | end to end through Triton: tracks/s | peak RSS of `moodstream tag`, 3 min, MB |", "|---|---|---|---|"]
+        lines += ["", f"| model ({r['tiers_codec']}) | inference, CPU ms / patch (1 thread) | worker path, onnxruntime in process: CPU s / track | end to end through Triton: tracks/s | peak RSS of `moodstream tag`, 3 min, MB |", "|---|---|---|---|---|"]
         for name, t in tiers.items():
-            lines.append(f"| {name} | {t['worker_onnx']['cpu_s'] / t['worker_onnx']['tracks']:.2f} | {t['end_to_end']['tracks_per_s']:.3f} | {t['rss_3min']['peak_rss_mb']:.0f} |")
+            lines.append(f"| {name} | {t['cpu_ms_per_patch']:.2f} | {t['worker_onnx']['cpu_s'] / t['worker_onnx']['tracks']:.2f} | {t['end_to_end']['tracks_per_s']:.3f} | {t['rss_3min']['peak_rss_mb']:.0f} |")
     window = r.get("analysis_window")
     if window:
         lines += ["", "| analysis window | CPU | agreement with the whole track |", "|---|---|---|"]
@@ -335,14 +335,30 @@ async def codec_figures(stack: EmbeddedStack, files: list[Path], codec: str, env
     return figures
 
 
+def analyse_patches(path: Path, limit: int = 60) -> np.ndarray:
+    """[<= limit, PATCH_FRAMES, N_MELS]: the first serving patches of ``path``."""
+    from pipeline.tagging import analyse
+
+    return analyse(path.read_bytes(), max_duration_s=3600, min_duration_s=1).patches.patches[:limit]
+
+
 async def tier_figures(stack: EmbeddedStack, files: list[Path], rss_track: Path, model: str, env: dict[str, str], log_dir: Path) -> dict:
-    """One model's cost on ``files``: the worker path with onnxruntime in process (its CPU is
-    the whole per-track cost, inference included), end to end through Triton, peak RSS."""
+    """One model's cost on ``files``: CPU per patch (onnxruntime, one thread, one patch per run,
+    median of 3 passes over the first file's first 60 patches), the worker path with onnxruntime
+    in process (its CPU is the whole per-track cost, inference included), end to end through
+    Triton, peak RSS."""
     env = {**env, "MOODSTREAM_MODEL": model}
     objects = upload(stack, files, files[0].parent, bucket=BUCKET, prefix=f"tier-{model}")
     announcements = log_dir / f"announcements-{model}.jsonl"
     announcements.write_text("".join(announcement(o)[1].decode() + "\n" for o in objects))
-    figures = {"worker_onnx": worker_path(announcements, env, "onnx")}
+    from bench.networks import cpu_ms_per_patch
+    from pipeline.scoring import OnnxScorer
+
+    patches = analyse_patches(files[0])
+    scorer = OnnxScorer(REPO_ROOT / "triton_models", model, threads=1)
+    cpu_ms_per_patch([scorer], patches[:4], 1)  # warm-up: arena and caches
+    figures = {"cpu_ms_per_patch": cpu_ms_per_patch([scorer], patches, 3)[0], "patches": len(patches)}
+    figures["worker_onnx"] = worker_path(announcements, env, "onnx")
     (warmup,) = upload(stack, files[:1], files[0].parent, bucket=BUCKET, prefix=f"tier-warmup-{model}")
     figures["end_to_end"] = await end_to_end(stack, objects, warmup, env, log_dir)
     figures["rss_3min"] = peak_rss(rss_track, {**os.environ, "MOODSTREAM_MODEL": model})

@@ -27,7 +27,7 @@ from pipeline import storage
 from pipeline.app import open_scorer, worker_config
 from pipeline.settings import load_settings
 from pipeline.taxonomy import load_taxonomy
-from pipeline.worker import Worker, warm_process
+from pipeline.worker import Worker, freeze_startup_objects, warm_process
 
 
 class _Keep:
@@ -69,6 +69,7 @@ async def run(raws: list[bytes]) -> dict:
     )
     loop = asyncio.get_running_loop()
     await asyncio.gather(*(loop.run_in_executor(worker.pool, warm_process) for _ in range(s.decode_workers)))
+    freeze_startup_objects()  # as the worker does once it has started (pipeline/app.py)
     # Start-up (imports in this process and in the decoding processes) is excluded: the
     # figures are per track in steady state.
     wall, cpu_self, cpu_pool = time.perf_counter(), _cpu_s(resource.RUSAGE_SELF), _pool_cpu_s(worker)

@@ -30,7 +30,7 @@ from pipeline.errors import ConfigError, ServiceUnavailable
 from pipeline.scoring import open_scorer
 from pipeline.settings import REPO_ROOT, Settings, load_settings
 from pipeline.taxonomy import load_taxonomy
-from pipeline.worker import BatchResult, Worker, WorkerConfig, warm_process
+from pipeline.worker import BatchResult, Worker, WorkerConfig, freeze_startup_objects, warm_process
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +105,7 @@ async def tag_tracks(stream: faust.StreamT) -> None:
         publish=publish,
     )
     await _warm_up(worker.pool, settings.decode_workers)
+    freeze_startup_objects()
     log.info("tagging %s with %s v%s via %s", settings.input_topic, scorer.meta.name, scorer.meta.served_version, settings.scorer.value)
     try:
         async for batch in stream.take(settings.batch_size, within=settings.batch_window_s):

@@ -19,6 +19,7 @@ pauses consumption; offsets do not move.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -239,6 +240,17 @@ def warm_process() -> None:
     decoding and frontend stack; one tiny spectrogram builds the mel filterbank."""
     torch.set_num_threads(1)
     features.log_mel(np.zeros(features.N_FFT, np.float32))
+    freeze_startup_objects()
+
+
+def freeze_startup_objects() -> None:
+    """Takes every object alive now (modules, clients, the model's metadata) out of the garbage
+    collector's sight: they live as long as the process, and a full collection that scanned
+    them (280,000 objects once torch, boto3 and gRPC are imported) cost 0.13 s of CPU in the
+    worker's main process, a third of its own CPU on a batch of 12 tracks. Called once start-up
+    is done, in the main process and in each decoding process."""
+    gc.collect()
+    gc.freeze()
 
 
 def _analyse_job(data: bytes, config: WorkerConfig) -> Analysis:

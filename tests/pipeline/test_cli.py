@@ -68,6 +68,18 @@ def test_tag_runs_both_networks_by_default_and_gives_every_clip_a_mood(example_c
         assert all({"leading_mood", "valence", "arousal", "quadrant"} <= set(seg) for seg in result["timeline"])
 
 
+def test_tag_with_the_student_gives_the_same_fields_from_its_own_model(example_clips):
+    done = _tag("--json", "--model", "musicnn_student", *map(str, example_clips))
+    assert done.returncode == 0, done.stderr
+    results = [json.loads(line) for line in done.stdout.splitlines()]
+    assert len(results) == len(example_clips)
+    for result in results:
+        assert result["model"]["name"] == "musicnn_student"
+        assert [n["name"] for n in result["model"]["networks"]] == ["musicnn_msd", "musicnn_mtt"]
+        assert set(result["tags"]) == {"musicnn_msd", "musicnn_mtt"} == set(result["embeddings"])
+        assert result["leading_mood"]["mood"] in result["moods"] and result["timeline"]
+
+
 def test_tag_reports_an_unreadable_file_and_still_tags_the_others(example_clips, tmp_path):
     spaced = tmp_path / "a file with spaces.mp3"
     shutil.copyfile(example_clips[1], spaced)

@@ -107,3 +107,30 @@ async def test_triton_cpu_model_scores_equal_the_reference_with_one_request_per_
                     assert set(one) == set(NETWORKS) and all(len(o.scores) == len(batch) for o in one.values())
             finally:
                 await scorer.close()
+
+
+STUDENT = "musicnn_student"  # the distilled CPU tier (training/distill.py), same outputs as musicnn
+
+
+@pytest.mark.integration
+async def test_the_student_serves_through_triton_as_in_process_with_calibrated_moods(clips, tmp_path):
+    from pipeline.taxonomy import load_taxonomy, mood_view
+
+    local = OnnxScorer(REPO / "triton_models", STUDENT)
+    taxonomy = load_taxonomy(local.meta)  # fails unless the student carries its own calibration
+    with EmbeddedStack(model_repository=REPO / "triton_models", log_dir=tmp_path, models=[STUDENT]) as stack:
+        scorer = await TritonScorer.connect(stack.triton_grpc_url, STUDENT)
+        try:
+            for served, expected in clips:
+                remote = await scorer.score(served)
+                assert set(remote) == set(NETWORKS) and scorer.meta.served_version == local.meta.served_version
+                assert max_diff(remote, {n: (o.scores, o.embedding) for n, o in local.score_sync(served).items()}) <= TOLERANCE
+                # It imitates the teacher: most of the teacher's top-5 tags of the clip are its own.
+                for network in NETWORKS:
+                    mine = set(np.argsort(-remote[network].scores.mean(axis=0))[:5])
+                    teacher = set(np.argsort(-expected[network][0].mean(axis=0))[:5])
+                    assert len(mine & teacher) >= 3, network
+                view = mood_view(taxonomy, {n: o.scores.mean(axis=0) for n, o in remote.items()})
+                assert taxonomy.source == "tags" and view.leading_mood["mood"] in view.moods
+        finally:
+            await scorer.close()
