@@ -332,11 +332,12 @@ def direct(model: str, batches: list[int], seconds: float, sample: np.ndarray | 
 
 def worker_cpu_s_per_patch(results: Path, shape: ModelShape) -> float | None:
     """Worker CPU seconds (main process + decoding) per patch with remote inference, from
-    ``make bench``'s results, or None when there are none."""
+    ``make bench``'s results (over all its codecs: the same music in each), or None when there
+    are none."""
     if not results.exists():
         return None
-    worker = json.loads(results.read_text())["figures"]["worker_triton"]
-    return worker["cpu_s"] / (worker["audio_s"] / shape.patch_s)
+    workers = [c["figures"]["worker_triton"] for c in json.loads(results.read_text())["codecs"].values()]
+    return sum(w["cpu_s"] for w in workers) / (sum(w["audio_s"] for w in workers) / shape.patch_s)
 
 
 async def main_async(args: argparse.Namespace, sample: np.ndarray | None) -> list[dict]:

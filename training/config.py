@@ -59,6 +59,7 @@ class FitConfig:
     freq_mask_bands: int = 12  # widest frequency mask, mel bands
     time_masks: int = 2
     time_mask_frames: int = 20  # widest time mask, frames (16 ms each)
+    mixup: float = 0.0  # alpha of Beta(alpha, alpha) mixup of patches and targets (0: off; float targets)
     # distillation (``moodstream-train distill``)
     teacher: str = "musicnn"  # the served entry (model repository) whose outputs the student learns
     validation_groups: list[str] = field(default_factory=list)  # packages/albums for early stopping

@@ -154,6 +154,19 @@ def spec_augment(mel: torch.Tensor, cfg: FitConfig) -> torch.Tensor:
     return mel
 
 
+def mixup(mel: torch.Tensor, target: torch.Tensor, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """mel [B, T, F], target [B, D] -> each patch blended with a partner from the batch (a
+    random permutation; batches mix tracks) by a weight lambda ~ Beta(alpha, alpha) per patch,
+    kept >= 0.5 so the patch stays the larger part; its target blended by the same weight. For
+    distillation the blended target is the teacher's logits blended, an approximation of what
+    the teacher would say of the blended patch."""
+    lam = torch.distributions.Beta(alpha, alpha).sample((len(mel),)).to(mel.device)
+    lam = torch.maximum(lam, 1 - lam)
+    partner = torch.randperm(len(mel), device=mel.device)
+    mel = lam[:, None, None] * mel + (1 - lam[:, None, None]) * mel[partner]
+    return mel, lam[:, None] * target + (1 - lam[:, None]) * target[partner]
+
+
 # -- the run ---------------------------------------------------------------------------------
 
 
@@ -264,6 +277,8 @@ def _train_epoch(net: nn.Module, loader: DataLoader, loss_fn: LossFn, optimizer:
     for mel, target in bar:
         mel, target = mel.to(rt.device, non_blocking=True), target.to(rt.device, non_blocking=True)
         mel = spec_augment(mel, cfg)
+        if cfg.mixup > 0 and target.is_floating_point():
+            mel, target = mixup(mel, target, cfg.mixup)
         with torch.autocast(rt.device.type, dtype=rt.amp_dtype or torch.float32, enabled=rt.amp_dtype is not None):
             out = _seen(net(mel), with_embedding)
         loss = loss_fn(out, target)

@@ -4,6 +4,7 @@ serves the torch flavour's model with the CPU reference's scores."""
 
 from __future__ import annotations
 
+import json
 import sys
 
 import numpy as np
@@ -11,7 +12,7 @@ import pytest
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as pb
 
-from bench.gpu_capacity import FP16_SUFFIX, MODEL, direct, make_sample, measure, model_config, model_shape, onnxruntime_engines, prepare, server_scores, torch_engines
+from bench.gpu_capacity import FP16_SUFFIX, MODEL, direct, worker_cpu_s_per_patch, make_sample, measure, model_config, model_shape, onnxruntime_engines, prepare, server_scores, torch_engines
 from conftest import REPO
 from pipeline.stack import EmbeddedStack
 
@@ -78,6 +79,15 @@ def test_model_shape_comes_from_the_config():
     shape = model_shape(model_config())
     assert shape.patch == (187, 96) and shape.max_batch == 256
     assert shape.patch_s == pytest.approx(187 * 256 / 16_000)
+
+
+def test_worker_cpu_per_patch_is_over_every_codec_of_the_bench(tmp_path):
+    shape = model_shape(model_config())
+    results = tmp_path / "results.json"
+    assert worker_cpu_s_per_patch(results, shape) is None
+    worker = {"mp3": (2.0, 600.0), "flac": (4.0, 600.0)}  # codec -> (worker CPU s, audio s)
+    results.write_text(json.dumps({"codecs": {c: {"figures": {"worker_triton": {"cpu_s": cpu, "audio_s": s}}} for c, (cpu, s) in worker.items()}}))
+    assert worker_cpu_s_per_patch(results, shape) == pytest.approx(6.0 / (1200.0 / shape.patch_s))
 
 
 @pytest.fixture(scope="module")

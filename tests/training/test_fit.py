@@ -22,7 +22,7 @@ from training.cli import main
 from training.config import FitConfig, from_dict, load_config
 from training.evaluate import evaluate
 from training.export import export
-from training.fit import fit, make_loss, spec_augment
+from training.fit import fit, make_loss, mixup, spec_augment
 from training.models import load_checkpoint
 
 # architecture -> (data option, fixture, expected task)
@@ -186,6 +186,18 @@ def test_spec_augment_masks_bands_and_spans():
     assert zero_bands.max() <= 10 and zero_frames.max() <= 30
     assert zero_bands.float().mean() > 2 and zero_frames.float().mean() > 5
     assert torch.equal(mel, torch.ones_like(mel))  # the input is left alone
+
+
+def test_mixup_blends_each_patch_and_its_target_by_the_same_weight():
+    torch.manual_seed(0)
+    # Patch i is constant i; its target is [i, 10 i]: a blend shows its two sources and weight.
+    mel = torch.arange(8.0)[:, None, None].expand(8, PATCH_FRAMES, N_MELS)
+    target = torch.stack([torch.arange(8.0), 10 * torch.arange(8.0)], dim=1)
+    out, out_target = mixup(mel, target, alpha=0.4)
+    assert out.shape == mel.shape and out_target.shape == target.shape
+    assert torch.allclose(out[:, 0, 0], out_target[:, 0]) and torch.allclose(out_target[:, 1], 10 * out_target[:, 0])
+    assert torch.allclose(out.std(dim=(1, 2)), torch.zeros(8))  # one weight per patch
+    assert not torch.equal(out[:, 0, 0], mel[:, 0, 0])  # blended
 
 
 def test_shipped_configs_load():
