@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
+import hashlib
 import json
 import os
 import platform
@@ -189,8 +190,6 @@ def long_tracks(sources: list[Path], codec: str | None = None) -> dict[int, Path
 
 def _key(sources: list[Path]) -> str:
     """A short name for a set of source files (their paths and sizes)."""
-    import hashlib
-
     return hashlib.sha256("\n".join(f"{p.resolve()}:{p.stat().st_size}" for p in sources).encode()).hexdigest()[:10]
 
 
@@ -315,9 +314,7 @@ def table(r: dict) -> str:
 async def codec_figures(stack: EmbeddedStack, files: list[Path], codec: str, env: dict[str, str], log_dir: Path) -> dict:
     """Every per-codec figure on ``files`` (one codec): floor, worker path, end to end, naive."""
     figures: dict = {}
-    objects = upload(stack, files, files[0].parent, bucket=BUCKET, prefix=f"bench-{codec}")
-    announcements = log_dir / f"announcements-{codec}.jsonl"
-    announcements.write_text("".join(announcement(o)[1].decode() + "\n" for o in objects))
+    objects, announcements = _announced(stack, files, f"bench-{codec}", log_dir)
     # The floor is measured right before and right after the worker path it is compared with,
     # so a change in this shared machine's speed during the run moves both sides alike.
     floors = [decode_floor(files)]
@@ -335,6 +332,14 @@ async def codec_figures(stack: EmbeddedStack, files: list[Path], codec: str, env
     return figures
 
 
+def _announced(stack: EmbeddedStack, files: list[Path], prefix: str, log_dir: Path) -> tuple[list[storage.ListedObject], Path]:
+    """``files`` uploaded under ``prefix``, and a file of their announcements (one JSON line each)."""
+    objects = upload(stack, files, files[0].parent, bucket=BUCKET, prefix=prefix)
+    announcements = log_dir / f"announcements-{prefix}.jsonl"
+    announcements.write_text("".join(announcement(o)[1].decode() + "\n" for o in objects))
+    return objects, announcements
+
+
 def analyse_patches(path: Path, limit: int = 60) -> np.ndarray:
     """[<= limit, PATCH_FRAMES, N_MELS]: the first serving patches of ``path``."""
     from pipeline.tagging import analyse
@@ -347,13 +352,11 @@ async def tier_figures(stack: EmbeddedStack, files: list[Path], rss_track: Path,
     median of 3 passes over the first file's first 60 patches), the worker path with onnxruntime
     in process (its CPU is the whole per-track cost, inference included), end to end through
     Triton, peak RSS."""
-    env = {**env, "MOODSTREAM_MODEL": model}
-    objects = upload(stack, files, files[0].parent, bucket=BUCKET, prefix=f"tier-{model}")
-    announcements = log_dir / f"announcements-{model}.jsonl"
-    announcements.write_text("".join(announcement(o)[1].decode() + "\n" for o in objects))
     from bench.networks import cpu_ms_per_patch
     from pipeline.scoring import OnnxScorer
 
+    env = {**env, "MOODSTREAM_MODEL": model}
+    objects, announcements = _announced(stack, files, f"tier-{model}", log_dir)
     patches = analyse_patches(files[0])
     scorer = OnnxScorer(REPO_ROOT / "triton_models", model, threads=1)
     cpu_ms_per_patch([scorer], patches[:4], 1)  # warm-up: arena and caches
