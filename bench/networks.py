@@ -29,6 +29,11 @@ from pipeline.tagging import analyse
 STUDENT = "musicnn_student"
 
 
+def first_patches(path: Path, limit: int) -> np.ndarray:
+    """[<= limit, PATCH_FRAMES, N_MELS]: the first serving patches of ``path``."""
+    return analyse(path.read_bytes(), max_duration_s=3600, min_duration_s=1).patches.patches[:limit]
+
+
 def cpu_ms_per_patch(scorers: list[OnnxScorer], patches: np.ndarray, repeats: int) -> tuple[float, dict]:
     runs, outputs = [], {}
     for _ in range(repeats):
@@ -45,7 +50,7 @@ def main() -> int:
     parser.add_argument("--patches", type=int, default=60)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    patches = analyse(args.audio.read_bytes(), max_duration_s=3600, min_duration_s=1).patches.patches[: args.patches]
+    patches = first_patches(args.audio, args.patches)
     repo = REPO_ROOT / "triton_models"
     one = [OnnxScorer(repo, "musicnn", threads=1)]
     two = [OnnxScorer(repo, "musicnn_msd", threads=1), OnnxScorer(repo, "musicnn_mtt", threads=1)]

@@ -340,24 +340,17 @@ def _announced(stack: EmbeddedStack, files: list[Path], prefix: str, log_dir: Pa
     return objects, announcements
 
 
-def analyse_patches(path: Path, limit: int = 60) -> np.ndarray:
-    """[<= limit, PATCH_FRAMES, N_MELS]: the first serving patches of ``path``."""
-    from pipeline.tagging import analyse
-
-    return analyse(path.read_bytes(), max_duration_s=3600, min_duration_s=1).patches.patches[:limit]
-
-
 async def tier_figures(stack: EmbeddedStack, files: list[Path], rss_track: Path, model: str, env: dict[str, str], log_dir: Path) -> dict:
     """One model's cost on ``files``: CPU per patch (onnxruntime, one thread, one patch per run,
     median of 3 passes over the first file's first 60 patches), the worker path with onnxruntime
     in process (its CPU is the whole per-track cost, inference included), end to end through
     Triton, peak RSS."""
-    from bench.networks import cpu_ms_per_patch
+    from bench.networks import cpu_ms_per_patch, first_patches
     from pipeline.scoring import OnnxScorer
 
     env = {**env, "MOODSTREAM_MODEL": model}
     objects, announcements = _announced(stack, files, f"tier-{model}", log_dir)
-    patches = analyse_patches(files[0])
+    patches = first_patches(files[0], 60)
     scorer = OnnxScorer(REPO_ROOT / "triton_models", model, threads=1)
     cpu_ms_per_patch([scorer], patches[:4], 1)  # warm-up: arena and caches
     figures = {"cpu_ms_per_patch": cpu_ms_per_patch([scorer], patches, 3)[0], "patches": len(patches)}

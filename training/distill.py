@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -262,7 +263,7 @@ def distill(cfg: FitConfig, source: str = DEBIAN, *, repository: Path = REPO_ROO
     }
     networks = [{"name": n.name, "labels": list(n.labels), "embedding_dim": n.embedding_dim} for n in meta.networks]
     best = train(
-        _with_dims(cfg, dims), rt, "tags", labels, train_ds, val_ds, loss_fn,
+        replace(cfg, dims=dims), rt, "tags", labels, train_ds, val_ds, loss_fn,
         source=f"distilled from {cfg.teacher} ({meta.served_version}) on {source}",
         with_embedding=True, metrics=val_metrics, extra={"networks": networks, "teacher": {"name": cfg.teacher, "version": meta.served_version, "onnx_sha256": teacher.tag}},
     )  # fmt: skip
@@ -286,12 +287,6 @@ def distill(cfg: FitConfig, source: str = DEBIAN, *, repository: Path = REPO_ROO
         report.update(export_student(best, cfg, splits, tracks, cache, outputs, teacher, export_to, check=source == DEBIAN))
     (Path(cfg.out_dir) / "distill_report.json").write_text(json.dumps(report, indent=2))
     return report
-
-
-def _with_dims(cfg: FitConfig, dims: dict[str, Any]) -> FitConfig:
-    from dataclasses import replace
-
-    return replace(cfg, dims=dims)
 
 
 # -- served like any model ---------------------------------------------------------------------
@@ -323,8 +318,8 @@ def export_student(best: Path, cfg: FitConfig, splits: dict[str, list[Track]], r
     if check:
         check_outputs, _ = teacher_outputs([t.source for t in check], cache, teacher, workers=cfg.teacher_workers, progress=cfg.progress)
         check = [t for t in check if t.source in check_outputs]
-        check_scores = {t.source: _student_track(model, cache, t.source, check_outputs[t.source], meta) for t in check}
         s_rows, t_rows, track_of = held_out_rows(model, check, cache, check_outputs, [n.scores_output for n in teacher.meta.networks])
+        check_scores = {t.source: _by_network(s_rows[track_of == i].mean(axis=0), meta) for i, t in enumerate(check)}
         result["check"] = {"packages": sorted({group_of(t) for t in check}), "tracks": len(check), **compare(s_rows, t_rows, track_of)}
         result["moods_check"] = mood_agreement(check, check_scores, check_outputs, teacher, student_tax, teacher_tax)
     return result
@@ -333,7 +328,11 @@ def export_student(best: Path, cfg: FitConfig, splits: dict[str, list[Track]], r
 def _student_track(model: nn.Module, cache: FeatureCache, source: str, out: dict[str, np.ndarray], meta: Any) -> dict[str, np.ndarray]:
     """network -> [n_labels] the student's track scores on ``source`` (mean over the serving grid)."""
     grid = out["starts"][out["starts"] % PATCH_FRAMES == 0]
-    scores = _sigmoid(student_rows(model, cache.frames(source), grid)[0]).mean(axis=0)
+    return _by_network(_sigmoid(student_rows(model, cache.frames(source), grid)[0]).mean(axis=0), meta)
+
+
+def _by_network(scores: np.ndarray, meta: Any) -> dict[str, np.ndarray]:
+    """[n_labels of all networks] -> network -> its [n_labels] (the networks' order in ``meta``)."""
     bounds = np.cumsum([0] + [len(n.labels) for n in meta.networks])
     return {n.name: scores[a:b] for n, a, b in zip(meta.networks, bounds, bounds[1:])}
 
