@@ -4,7 +4,9 @@ would write it.
 For each file in turn: ``librosa.load(sr=16000)``, librosa's mel spectrogram with musicnn's
 parameters, both musicnn networks (MSD and MTT, the outputs moodstream computes) on the whole
 track's patches, each its own onnxruntime session with default options as a prototype leaves
-them, then a synchronous produce of the result to Kafka. No batching
+them, then a synchronous produce of the result to Kafka. The networks are the checkpoints
+exported as they are (``torch.onnx.export`` of the trained modules, :func:`plain_onnx`), not the
+model repository's inference form, which is moodstream's own work. No batching
 across tracks, no overlap of I/O with computation, one process.
 
 The one departure from "one inference call per file": the call is made in slices of
@@ -22,7 +24,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -38,7 +42,28 @@ from pipeline.features import HOP_LENGTH, LOG_SCALE, N_FFT, N_MELS, PATCH_FRAMES
 from pipeline.settings import REPO_ROOT
 
 SLICE = 16  # patches per onnxruntime call (see the module docstring)
-MODELS = [REPO_ROOT / "triton_models" / name / "1" / "model.onnx" for name in ("musicnn_msd", "musicnn_mtt")]
+CHECKPOINTS = [REPO_ROOT / "training" / "weights" / f"{name}.pt" for name in ("musicnn_msd", "musicnn_mtt")]
+CACHE = Path(os.environ.get("MOODSTREAM_BENCH_CACHE", Path.home() / ".cache" / "moodstream" / "bench")) / "naive"
+
+
+def plain_onnx(checkpoint: Path, cache: Path = CACHE) -> Path:
+    """``checkpoint`` exported to ONNX the obvious way (mel -> scores, embedding), cached by the
+    checkpoint's bytes. Outside the timed part: a prototype exports once."""
+    import torch
+
+    from training.export import _Serving
+    from training.models import load_checkpoint
+
+    digest = hashlib.sha256(checkpoint.read_bytes()).hexdigest()[:16]
+    path = cache / f"{checkpoint.stem}-{digest}.onnx"
+    if path.exists():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    serving = _Serving([load_checkpoint(checkpoint)[0]]).eval()
+    partial = path.with_suffix(".partial")
+    torch.onnx.export(serving, (torch.randn(2, PATCH_FRAMES, N_MELS),), str(partial), input_names=["mel"], output_names=["scores", "embedding"], dynamic_axes={"mel": {0: "batch"}}, opset_version=17, dynamo=False)
+    partial.rename(path)
+    return path
 
 
 def load(path: Path) -> np.ndarray:
@@ -67,7 +92,8 @@ def mel_patches(path: Path) -> tuple[np.ndarray, float]:
 
 
 async def run(files: list[Path], bootstrap: str, topic: str) -> dict:
-    sessions = [ort.InferenceSession(str(model), providers=["CPUExecutionProvider"]) for model in MODELS]
+    models = [plain_onnx(c) for c in CHECKPOINTS]
+    sessions = [ort.InferenceSession(str(model), providers=["CPUExecutionProvider"]) for model in models]
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all")
     await producer.start()
     audio_s = 0.0
@@ -76,10 +102,10 @@ async def run(files: list[Path], bootstrap: str, topic: str) -> dict:
         for path in files:
             patches, duration = mel_patches(path)
             record = {"track": path.name}
-            for model, session in zip(MODELS, sessions):
+            for checkpoint, session in zip(CHECKPOINTS, sessions):
                 runs = [session.run(["scores", "embedding"], {"mel": patches[i : i + SLICE]}) for i in range(0, len(patches), SLICE)]
                 scores, embedding = (np.concatenate(parts).mean(axis=0) for parts in zip(*runs))
-                record[model.parent.parent.name] = {"scores": [round(float(s), 6) for s in scores], "embedding": [round(float(e), 4) for e in embedding]}
+                record[checkpoint.stem] = {"scores": [round(float(s), 6) for s in scores], "embedding": [round(float(e), 4) for e in embedding]}
             await producer.send_and_wait(topic, json.dumps(record).encode(), key=path.name.encode())
             audio_s += duration
     finally:

@@ -1,11 +1,12 @@
 """``make bench``: moodstream against the decode floor and the naive baseline, on real audio in
 every common codec.
 
-    python -m bench.run AUDIO_DIR [--codecs mp3,vorbis,opus,flac,aac] [--out bench/results.json] [--limit N]
+    python -m bench.run AUDIO_DIR [--codecs mp3,vorbis,opus,flac,aac] [--repeats 3] [--out bench/results.json] [--limit N]
 
 The tracks of AUDIO_DIR are encoded by the bench itself as MP3, Vorbis, Opus, FLAC and AAC
 (:mod:`bench.codecs`; cached), and each codec is measured on its own, in one run, on the same
-music (each figure's method is in its docstring below):
+music, in ``--repeats`` rounds of figures 1-4 whose ratios are medians (each figure's method is
+in its docstring below):
 
 1. decode floor          PyAV decode + soxr resampling of each file alone, CPU s per audio minute,
                          measured right before and right after the worker path with Triton
@@ -58,7 +59,8 @@ BUCKET = "moodstream-bench"
 MODEL = "musicnn"  # both networks in one pass, as the worker serves them by default
 STUDENT = "musicnn_student"  # its distilled CPU tier (training/distill.py), when exported
 CACHE = Path(os.environ.get("MOODSTREAM_BENCH_CACHE", Path.home() / ".cache" / "moodstream" / "bench"))
-LONG_TRACKS_MIN = (3, 60)  # minutes of the two tracks the memory figure compares
+LONG_TRACKS_MIN = (3, 60)
+REPEATS = 3  # rounds per codec: medians of three, one noisy round cannot decide a ratio  # minutes of the two tracks the memory figure compares
 
 
 def decode_floor(files: list[Path]) -> dict:
@@ -311,10 +313,21 @@ def table(r: dict) -> str:
             lines.append(f"| {name} | {row['cpu_saving']:.0%} less | top-5 overlap {row['top5_overlap']:.0%}, max |Δscore| {row['max_abs_diff']:.3f} |")
     lines += ["", "all goals met on every codec" if r["goals_met"] else "goals missed: " + ", ".join(f"{codec} {name}" for codec, c in r["codecs"].items() for name in GOALS if not c["met"][name])]
     return "\n".join(lines)
-async def codec_figures(stack: EmbeddedStack, files: list[Path], codec: str, env: dict[str, str], log_dir: Path) -> dict:
-    """Every per-codec figure on ``files`` (one codec): floor, worker path, end to end, naive."""
+async def codec_figures(stack: EmbeddedStack, files: list[Path], codec: str, env: dict[str, str], log_dir: Path, repeats: int = 1) -> dict:
+    """Every per-codec figure on ``files`` (one codec), ``repeats`` rounds of floor, worker path,
+    end to end and naive in turn (each round on its own uploads, so track ids are new): the
+    ratios are the medians of each round's own, so a drift of this shared machine's speed moves
+    both sides of a ratio alike. The figures shown are the median round's of each."""
+    rounds = [await _round(stack, files, f"{codec}-{r}", env, log_dir) for r in range(repeats)]
+    figures: dict = {"rounds": rounds}
+    for key, figure in (("decode_floor", "cpu_s"), ("worker_triton", "cpu_s"), ("end_to_end", "tracks_per_s"), ("naive", "tracks_per_s")):
+        figures[key] = _median_by([r[key] for r in rounds], figure)
+    return figures
+
+
+async def _round(stack: EmbeddedStack, files: list[Path], name: str, env: dict[str, str], log_dir: Path) -> dict:
     figures: dict = {}
-    objects, announcements = _announced(stack, files, f"bench-{codec}", log_dir)
+    objects, announcements = _announced(stack, files, f"bench-{name}", log_dir)
     # The floor is measured right before and right after the worker path it is compared with,
     # so a change in this shared machine's speed during the run moves both sides alike.
     floors = [decode_floor(files)]
@@ -322,14 +335,19 @@ async def codec_figures(stack: EmbeddedStack, files: list[Path], codec: str, env
     figures["worker_triton"] = worker_path(announcements, env, "triton")
     figures["worker_triton"]["triton_cpu_s"] = _group_cpu_s(stack.triton_pid) - triton_cpu
     figures["decode_floor"] = floor_of([*floors, decode_floor(files)])
-    print(f"{codec}: decode floor {figures['decode_floor']}\n{codec}: worker path {figures['worker_triton']}", file=sys.stderr)
+    print(f"{name}: decode floor {figures['decode_floor']}\n{name}: worker path {figures['worker_triton']}", file=sys.stderr)
     # The warm-up track is the first file again under its own key (its own track id).
-    (warmup,) = upload(stack, files[:1], files[0].parent, bucket=BUCKET, prefix=f"warmup-{codec}")
+    (warmup,) = upload(stack, files[:1], files[0].parent, bucket=BUCKET, prefix=f"warmup-{name}")
     figures["end_to_end"] = await end_to_end(stack, objects, warmup, env, log_dir)
-    print(f"{codec}: end to end {figures['end_to_end']}", file=sys.stderr)
+    print(f"{name}: end to end {figures['end_to_end']}", file=sys.stderr)
     figures["naive"] = naive(files, env, stack.kafka_bootstrap)
-    print(f"{codec}: naive {figures['naive']}", file=sys.stderr)
+    print(f"{name}: naive {figures['naive']}", file=sys.stderr)
     return figures
+
+
+def _median_by(items: list[dict], key: str) -> dict:
+    """The item whose ``key`` is the median (the lower middle one of an even count)."""
+    return sorted(items, key=lambda item: item[key])[(len(items) - 1) // 2]
 
 
 def _announced(stack: EmbeddedStack, files: list[Path], prefix: str, log_dir: Path) -> tuple[list[storage.ListedObject], Path]:
@@ -379,7 +397,7 @@ async def main_async(args: argparse.Namespace) -> dict:
             env = {**os.environ, **stack.env(), "MOODSTREAM_MODEL": MODEL, "MOODSTREAM_ALLOWED_BUCKETS": BUCKET, "MOODSTREAM_METRICS_PORT": "0"}
             stack.create_topics([s.input_topic, s.output_topic, s.dlq_topic])
             for codec in codecs:
-                figures["codecs"][codec] = await codec_figures(stack, encoded[codec], codec, env, log_dir)
+                figures["codecs"][codec] = await codec_figures(stack, encoded[codec], codec, env, log_dir, args.repeats)
                 figures["codecs"][codec]["rss"] = {str(m): peak_rss(p, dict(os.environ)) for m, p in long[codec].items()}
                 print(f"{codec}: rss {figures['codecs'][codec]['rss']}", file=sys.stderr)
             for model in tiers:
@@ -393,7 +411,11 @@ GOALS = {"end_to_end_vs_naive": ">= 1.8", "worker_cpu_vs_decode_floor": "<= 1.3"
 
 
 def ratios(f: dict) -> dict[str, float]:
-    """The three ratios the goals are stated in, from one codec's figures."""
+    """The three ratios the goals are stated in, from one codec's figures: with several rounds,
+    the median of each round's ratios (the memory figure is measured once)."""
+    if len(f.get("rounds", [])) > 1:
+        per_round = [ratios({**r, "rss": f["rss"]}) for r in f["rounds"]]
+        return {name: statistics.median(r[name] for r in per_round) for name in per_round[0]}
     floor_per_track = f["decode_floor"]["cpu_s"] / f["decode_floor"]["files"]
     worker_per_track = f["worker_triton"]["cpu_s"] / f["worker_triton"]["tracks"]
     rss = f["rss"]
@@ -436,6 +458,7 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "bench" / "results.json")
     parser.add_argument("--codecs", type=_codecs, default=list(CODECS), help=f"comma-separated, from {','.join(CODECS)} (default: all)")
     parser.add_argument("--limit", type=int, default=0, help="use only the first N files (quick checks)")
+    parser.add_argument("--repeats", type=int, default=REPEATS, help=f"rounds of floor, worker path, end to end and naive per codec; the ratios are their medians (default {REPEATS})")
     args = parser.parse_args()
     result = asyncio.run(main_async(args))
     args.out.write_text(json.dumps(result, indent=2) + "\n")

@@ -138,11 +138,11 @@ def _pyav_from(container: av.container.InputContainer, stream: av.AudioStream, s
     """[channels, n] float32 blocks from ``start_s`` on: seek to the packet before it, then drop
     the decoded samples that precede it."""
     container.seek(int(start_s / stream.time_base), stream=stream, backward=True, any_frame=False)
-    packed = av.AudioResampler(format="flt")
+    to_float = _FloatFrames()
     try:
         for frame in container.decode(stream):
             at = float(frame.pts * frame.time_base) if frame.pts is not None else start_s
-            for block in _frame_arrays(frame, packed):
+            for block in to_float(frame):
                 skip = int(round((start_s - at) * frame.sample_rate))
                 at += block.shape[1] / frame.sample_rate
                 if skip >= block.shape[1]:
@@ -207,19 +207,33 @@ def _decode_pyav(data: Source, max_duration_s: float, min_duration_s: float) -> 
 
 def _pyav_frames(container: av.container.InputContainer, stream: av.AudioStream) -> Iterator[np.ndarray]:
     """[channels, n] float32 arrays, one per decoded frame."""
-    packed = av.AudioResampler(format="flt")
+    to_float = _FloatFrames()
     for frame in container.decode(stream):
-        yield from _frame_arrays(frame, packed)
+        yield from to_float(frame)
 
 
-def _frame_arrays(frame: av.AudioFrame, packed: av.AudioResampler) -> list[np.ndarray]:
-    """[channels, n] float32 arrays of one decoded frame, every channel kept: the downmix happens
-    in numpy (mean), as librosa does, not with FFmpeg's -3 dB centre mix."""
-    if frame.format.name == "fltp" and frame.layout.nb_channels < 8:
-        return [frame.to_ndarray()]  # most decoders' own output: no conversion needed
-    # Other formats go through FFmpeg's converter to packed float. Packed, not planar: PyAV's
-    # to_ndarray reads past the end of a planar frame of 8 or more channels and crashes.
-    return [c.to_ndarray().reshape(-1, c.layout.nb_channels).T for c in packed.resample(frame)]
+class _FloatFrames:
+    """Decoded frames -> [channels, n] C-contiguous float32 arrays, every channel kept: the
+    downmix happens in numpy (mean), as librosa does, not with FFmpeg's -3 dB centre mix."""
+
+    def __init__(self) -> None:
+        self._planar: av.AudioResampler | None = None
+        self._packed: av.AudioResampler | None = None
+
+    def __call__(self, frame: av.AudioFrame) -> list[np.ndarray]:
+        channels = frame.layout.nb_channels
+        if channels >= 8:
+            # Packed, not planar: PyAV's to_ndarray reads past the end of a planar frame of 8 or
+            # more channels and crashes.
+            self._packed = self._packed or av.AudioResampler(format="flt")
+            return [np.ascontiguousarray(c.to_ndarray().reshape(-1, channels).T) for c in self._packed.resample(frame)]
+        if frame.format.name == "fltp":
+            return [frame.to_ndarray()]  # most decoders' own output: no conversion needed
+        # Integer or packed samples (FLAC, WAV) become planar float in FFmpeg's converter: the
+        # downmix then reads each channel in order (over a strided view of packed samples it
+        # cost more CPU than decoding the FLAC did).
+        self._planar = self._planar or av.AudioResampler(format="fltp")
+        return [c.to_ndarray() for c in self._planar.resample(frame)]
 
 
 def _decode_soundfile(data: Source, max_duration_s: float, min_duration_s: float) -> DecodedStream:

@@ -70,6 +70,16 @@ def _codec_figures(floor: dict, worker_cpu_s: float, e2e: float, rss_60: float) 
     }
 
 
+def test_several_rounds_give_the_median_of_their_ratios_and_show_the_median_round():
+    floor = {"files": 1, "audio_s": SECONDS, "cpu_s": 1.0, "cpu_s_per_audio_min": 0.6}
+    rounds = [{**_codec_figures(floor, 1.2, e2e, 690.0), "naive": {"tracks_per_s": naive, "audio_s": SECONDS, "cpu_s": 10.0}} for e2e, naive in ((0.36, 0.18), (0.50, 0.20), (0.30, 0.20))]
+    figures = {**{k: run._median_by([r[k] for r in rounds], "tracks_per_s") for k in ("end_to_end", "naive")}, "rounds": rounds}
+    figures.update(decode_floor=floor, worker_triton=rounds[0]["worker_triton"], rss=rounds[0]["rss"])
+    # Per round 2.0, 2.5 and 1.5: the median is 2.0, not the ratio of the median figures (0.36 / 0.20).
+    assert run.ratios(figures)["end_to_end_vs_naive"] == pytest.approx(2.0)
+    assert figures["end_to_end"]["tracks_per_s"] == 0.36 and figures["naive"]["tracks_per_s"] == 0.20
+
+
 def test_results_hold_the_three_ratios_per_codec_and_the_table_shows_every_figure(long_clip):
     floor = run.floor_of([run.decode_floor([long_clip]), run.decode_floor([long_clip])])
     figures = {

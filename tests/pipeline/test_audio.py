@@ -32,6 +32,19 @@ def test_downmix_is_the_channel_mean():
     assert np.abs(wave - expected).max() < 1e-4
 
 
+@pytest.mark.parametrize("channels", [1, 3, 8])
+def test_integer_samples_of_any_layout_downmix_to_the_channel_mean(channels):
+    """16-bit samples go through FFmpeg's converter (planar float below 8 channels, packed from
+    8 on, where PyAV cannot read planar frames)."""
+    signal = (np.random.default_rng(channels).uniform(-0.5, 0.5, (channels, SAMPLE_RATE))).astype(np.float32)
+    buf = io.BytesIO()
+    soundfile.write(buf, signal.T, SAMPLE_RATE, format="WAV", subtype="PCM_16")
+    wave, stream = audio.decode_all(buf.getvalue(), max_duration_s=60)
+    assert stream.decoder == "pyav" and stream.channels == channels
+    expected = (np.round(signal * 32767) / 32768).mean(axis=0)
+    assert np.abs(wave - expected).max() < 1e-4
+
+
 def test_falls_back_to_libsndfile_when_pyav_refuses():
     buf = io.BytesIO()
     soundfile.write(buf, tone(2.0).T, 44_100, format="MAT5", subtype="FLOAT")  # FFmpeg has no MATLAB demuxer

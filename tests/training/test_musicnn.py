@@ -37,6 +37,22 @@ def test_port_matches_the_original_graph_per_tag(fixture, name):
     assert len(meta["labels"]) == 50 and meta["task"] == "tags"
 
 
+@pytest.mark.parametrize("name", ["musicnn_msd", "musicnn_mtt"])
+def test_inference_form_computes_the_same_function(fixture, name):
+    """``for_serving`` pools before ReLU and batch norm and flips the convolutions of the
+    channels whose batch-norm scale is negative (both networks have such channels)."""
+    model, _ = load_checkpoint(REPO / "training" / "weights" / f"{name}.pt")
+    served = model.for_serving()
+    assert any((branch.sign < 0).any() for branch in served.frontend)
+    patches = torch.from_numpy(fixture["patches"])
+    with torch.inference_mode():
+        for x in (patches, patches[:1, :50]):  # the trained length, and a short patch
+            (want_logits, want_embedding), (logits, embedding) = model(x), served(x)
+            assert (logits - want_logits).abs().max() <= 1e-4
+            assert (embedding - want_embedding).abs().max() <= 1e-4
+    assert model.frontend[0].conv.weight.shape[0] == 204  # the trained network is left as it was
+
+
 def test_checkpoint_rebuilds_itself_from_stored_dims():
     _, meta = load_checkpoint(REPO / "training" / "weights" / "musicnn_mtt.pt")
     model = build(meta["arch"], meta["dims"])

@@ -13,10 +13,16 @@
 
 Batch norms use TensorFlow's epsilon (1e-3) so converted weights give the original outputs.
 The forward pass works on any number of frames T >= 1; the pretrained weights saw T = 187.
+
+``Musicnn.for_serving()`` is the same function rearranged for inference (the exporter writes it):
+each front-end branch pools over frequency before its ReLU and batch norm, which is exact
+because both are monotone per channel (see ``_PooledBranch``), so they touch 1/59 of the values;
+on a CPU that and ONNX Runtime's blocked-layout pooling take a patch from about 45 to 34 ms.
 """
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -57,6 +63,47 @@ class _Branch(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.pad(x, (0, 0, *self.time_pad))  # pads time only: frequency is pooled away
         return self.bn(F.relu(self.conv(x))).amax(dim=3)
+
+
+class _PooledBranch(nn.Module):
+    """``_Branch`` rearranged for inference, same outputs: [B, 1, T, F] -> [B, C, T].
+
+    A branch computes max_f(a * relu(z) + c) per channel, z the convolution, (a, c) the batch
+    norm's scale and shift. ReLU is monotone, so for a >= 0 that is a * relu(max_f z) + c, and
+    for a < 0 it is a * relu(min_f z) + c = a * relu(-max_f(-z)) + c: the convolution of the
+    a < 0 channels is negated and the sign s restores it after the max. The max is a MaxPool
+    over the whole frequency axis with the filter count rounded up to a multiple of 16 (zero
+    filters, cut off after): ONNX Runtime's CPU pooling keeps the convolution's blocked layout
+    (16 channels a block) only for such counts, which saves reordering the largest tensor of
+    the network. The time padding stays before the convolution, as in ``_Branch``.
+    """
+
+    _CHANNEL_BLOCK = 16
+
+    def __init__(self, branch: _Branch, n_mels: int) -> None:
+        super().__init__()
+        bn, conv = branch.bn, branch.conv
+        with torch.no_grad():
+            scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+            shift = bn.bias - bn.running_mean * scale
+            sign = torch.where(scale < 0, -1.0, 1.0)
+            self.channels = conv.out_channels
+            padded = -(-self.channels // self._CHANNEL_BLOCK) * self._CHANNEL_BLOCK
+            self.conv = nn.Conv2d(1, padded, conv.kernel_size)
+            self.conv.weight.zero_()
+            self.conv.bias.zero_()
+            self.conv.weight[: self.channels] = conv.weight * sign[:, None, None, None]
+            self.conv.bias[: self.channels] = conv.bias * sign
+        self.time_pad = branch.time_pad
+        self.freq_out = n_mels - conv.kernel_size[1] + 1  # "valid" in frequency
+        self.register_buffer("sign", sign[None, :, None])
+        self.register_buffer("scale", scale[None, :, None])
+        self.register_buffer("shift", shift[None, :, None])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.conv(F.pad(x, (0, 0, *self.time_pad)))  # [B, C_padded, T, F_out]
+        peak = F.max_pool2d(z, (1, self.freq_out)).flatten(2)[:, : self.channels]  # [B, C, T]
+        return self.scale * F.relu(self.sign * peak) + self.shift
 
 
 class _MidendLayer(nn.Module):
@@ -106,6 +153,13 @@ class Musicnn(nn.Module):
         self.dense_bn = nn.BatchNorm1d(dims.embedding_dim, eps=_TF_BN_EPS)
         self.classifier = nn.Linear(dims.embedding_dim, dims.n_classes)
         self.dropout = nn.Dropout(dims.dropout)
+
+    def for_serving(self) -> Musicnn:
+        """A copy for inference (eval mode) computing the same function with less work: see
+        ``_PooledBranch``. Its outputs equal this network's to float rounding (export checks)."""
+        served = copy.deepcopy(self).eval()
+        served.frontend = nn.ModuleList([_PooledBranch(b, self.dims.n_mels) for b in self.frontend])
+        return served
 
     def forward(self, mel: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = self.input_bn(mel.unsqueeze(1))  # [B, 1, T, F]
