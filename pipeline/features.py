@@ -82,6 +82,15 @@ def _power_mel(window: torch.Tensor) -> torch.Tensor:
     return power.addcmul_(spec.imag, spec.imag).T @ fbank
 
 
+def log_mel_max() -> float:
+    """The largest log-mel value a signal within [-1, 1] can give: every sample at full scale in
+    phase with one bin, |X|^2 <= (sum of the window)^2, times the band of largest filter area.
+    Inference forms use it to bound activations (``Musicnn.for_serving``)."""
+    window, fbank = _mel_basis()
+    power = float(window.sum()) ** 2 * float(fbank.sum(dim=0).max())
+    return float(log_compress(np.float32(power)))
+
+
 def log_compress(mel: np.ndarray) -> np.ndarray:
     """``log10(1 + 10000 x)`` in float32. mel: power spectrogram, any shape."""
     return np.log10(np.float32(1.0) + np.float32(LOG_SCALE) * mel, dtype=np.float32)

@@ -38,7 +38,7 @@ from google.protobuf import text_format
 from torch import nn
 from tritonclient.grpc import model_config_pb2 as pb
 
-from pipeline.features import N_MELS, PATCH_FRAMES
+from pipeline.features import N_MELS, PATCH_FRAMES, log_mel_max
 from pipeline.model_meta import EMBEDDING, META_PARAMETER, SCORES, ModelMeta, Network
 from training.models import load_checkpoint
 
@@ -88,7 +88,7 @@ class _Serving(nn.Module):
 def for_serving(serving: _Serving) -> _Serving:
     """The same entry with each network in its inference form where it has one
     (``Musicnn.for_serving``: the same function with less work); others as they are."""
-    nets = [net.for_serving() if hasattr(net, "for_serving") else net for net in serving.nets]
+    nets = [net.for_serving(log_mel_max()) if hasattr(net, "for_serving") else net for net in serving.nets]
     return _Serving(nets, serving.splits).eval()
 
 

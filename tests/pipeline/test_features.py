@@ -74,3 +74,13 @@ def test_frontend_constants_are_consistent():
     c = F.frontend_constants()
     assert c["patch_frames"] * c["hop_length"] / c["sample_rate"] == pytest.approx(F.PATCH_SECONDS)
     assert F.PATCH_SECONDS == pytest.approx(2.992)
+
+
+def test_log_mel_max_bounds_the_loudest_signals():
+    """Full-scale square waves and clipped noise (the most energy a [-1, 1] signal can put in a
+    band) stay under the bound the inference form relies on, and come within a few units of it."""
+    t = np.arange(F.SAMPLE_RATE) / F.SAMPLE_RATE
+    loud = [np.sign(np.sin(2 * np.pi * f * t)) for f in (62.5, 440.0, 3000.0)]
+    loud.append(np.clip(np.random.default_rng(0).normal(0, 10, len(t)), -1, 1))
+    peak = max(float(F.log_mel(s.astype(np.float32)).max()) for s in loud)
+    assert F.log_mel_max() - 2 < peak <= F.log_mel_max()

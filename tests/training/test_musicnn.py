@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from pipeline.features import log_mel_max
 from training.models import build, load_checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
@@ -42,8 +43,9 @@ def test_inference_form_computes_the_same_function(fixture, name):
     """``for_serving`` pools before ReLU and batch norm and flips the convolutions of the
     channels whose batch-norm scale is negative (both networks have such channels)."""
     model, _ = load_checkpoint(REPO / "training" / "weights" / f"{name}.pt")
-    served = model.for_serving()
+    served = model.for_serving(log_mel_max())
     assert any((branch.sign < 0).any() for branch in served.frontend)
+    assert any(branch.dead_shift.shape[1] for branch in served.frontend)  # constant channels too
     patches = torch.from_numpy(fixture["patches"])
     with torch.inference_mode():
         for x in (patches, patches[:1, :50]):  # the trained length, and a short patch
