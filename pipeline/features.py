@@ -73,13 +73,15 @@ def _mel_basis() -> tuple[torch.Tensor, torch.Tensor]:
 def _power_mel(window: torch.Tensor) -> torch.Tensor:
     """samples [(k - 1) * HOP_LENGTH + N_FFT] -> mel power [k, N_MELS], no padding (the
     streaming code below adds librosa's centre padding itself, so a frame never depends on
-    where the chunk boundaries fall). torchaudio's MelSpectrogram with ``power=2``, computing
-    |X|^2 as re^2 + im^2, in place, rather than squaring a square root (1.1 ms per 1,000
-    frames instead of 2.0)."""
+    where the chunk boundaries fall). torchaudio's MelSpectrogram with ``power=2``, the same
+    numbers computed in a cheaper order: the frames are windowed and transformed row by row
+    (``torch.stft`` returns [bins, k], whose real and imaginary parts are strided views and
+    whose transpose the filterbank product then reads across), and |X|^2 is re^2 + im^2 in
+    place rather than the square of a square root (1.2 ms per 1,000 frames against 2.5)."""
     hann, fbank = _mel_basis()
-    spec = torch.stft(window, N_FFT, HOP_LENGTH, window=hann, center=False, return_complex=True)  # [bins, k]
+    spec = torch.fft.rfft(window.unfold(0, N_FFT, HOP_LENGTH) * hann)  # [k, bins]
     power = spec.real.square()
-    return power.addcmul_(spec.imag, spec.imag).T @ fbank
+    return power.addcmul_(spec.imag, spec.imag) @ fbank
 
 
 def log_mel_max() -> float:

@@ -66,6 +66,10 @@ class FitConfig:
     holdout_groups: list[str] = field(default_factory=list)  # packages/albums of the agreement report
     embedding_weight: float = 0.5  # weight of the embedding term against the logits term
     teacher_workers: int = 2  # processes computing the teacher's outputs
+    # arch musicnn_lite: the teacher's trained networks (PyTorch checkpoints, in the entry's
+    # network order) it is made from, and whether their filters stay as they are
+    teacher_checkpoints: list[str] = field(default_factory=list)
+    frozen_filters: bool = False
     # machinery
     device: str = "auto"  # "auto" (CUDA when present), "cpu", "cuda", "cuda:1", ...
     amp: bool = True  # mixed precision on CUDA (bf16 where supported, else fp16 with scaling)

@@ -59,12 +59,14 @@ from training.config import FitConfig
 from training.data import Track, debian_music, hash_split
 from training.data.cache import FeatureCache
 from training.data.folders import list_unlabelled
-from training.fit import open_cache, setup_runtime, train
-from training.models import load_checkpoint
+from training.fit import DistillLoss, open_cache, setup_runtime, train
+from training.models import build, load_checkpoint
+from training.models.musicnn_lite import freeze_filters, load_teachers
 from training.teacher import Teacher, teacher_outputs
 
 DEBIAN = "debian"
 _P_CLIP = 1e-6  # teacher probabilities are clipped here before the logit
+_SAME_TEACHER_TOL = 1e-3  # most a teacher checkpoint's score may differ from the served entry's
 
 
 # -- the music and its split -----------------------------------------------------------------
@@ -147,21 +149,26 @@ class TeacherPatches(Dataset):
         return np.concatenate(self.targets)
 
 
-class DistillLoss(nn.Module):
-    """MSE of [logits | embedding] against the teacher's, each column divided by the teacher's
-    standard deviation on the training patches; the embedding part weighted ``embedding_weight``."""
-
-    def __init__(self, targets: np.ndarray, n_labels: int, embedding_weight: float) -> None:
-        super().__init__()
-        spread = np.maximum(targets.std(axis=0), 1e-3)
-        weight = np.ones(targets.shape[1], np.float32)
-        if targets.shape[1] > n_labels:
-            weight[n_labels:] = embedding_weight * n_labels / (targets.shape[1] - n_labels)
-        self.register_buffer("scale", torch.tensor(1 / spread, dtype=torch.float32))
-        self.register_buffer("weight", torch.tensor(weight / weight[:n_labels].sum()))
-
-    def forward(self, out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return ((((out - target) * self.scale) ** 2) * self.weight).sum(dim=1).mean()
+def made_from_teacher(cfg: FitConfig, patches: TeacherPatches, dims: dict[str, Any], n_labels: int, sample: int = 512) -> nn.Module:
+    """arch ``musicnn_lite``: the student made from the teacher's own networks
+    (``teacher_checkpoints``) on ``sample`` training patches spread over the tracks, after
+    checking that those networks compute the served teacher's scores."""
+    if not cfg.teacher_checkpoints:
+        raise ValueError("arch musicnn_lite is made from the teacher's networks: set teacher_checkpoints (their PyTorch checkpoints, in the entry's network order)")
+    nets = [load_checkpoint(Path(p) if Path(p).is_absolute() else REPO_ROOT / p)[0] for p in cfg.teacher_checkpoints]
+    index = np.linspace(0, len(patches) - 1, min(sample, len(patches))).astype(int)
+    mel, target = (torch.stack(t) for t in zip(*(patches[i] for i in index)))
+    with torch.no_grad():
+        logits = torch.cat([net(mel)[0] for net in nets], dim=1)
+    if logits.shape[1] != n_labels:
+        raise ValueError(f"teacher_checkpoints {cfg.teacher_checkpoints} give {logits.shape[1]} scores, the served teacher {cfg.teacher} {n_labels}")
+    gap = float((torch.sigmoid(logits) - torch.sigmoid(target[:, :n_labels])).abs().max())
+    if gap > _SAME_TEACHER_TOL:
+        raise ValueError(f"teacher_checkpoints {cfg.teacher_checkpoints} do not compute the served teacher {cfg.teacher}'s scores (largest difference {gap:.2g} on {len(index)} patches)")
+    model = load_teachers(build(cfg.arch, dims), nets, mel)
+    if cfg.frozen_filters:
+        freeze_filters(model)
+    return model
 
 
 # -- agreement -------------------------------------------------------------------------------
@@ -262,10 +269,12 @@ def distill(cfg: FitConfig, source: str = DEBIAN, *, repository: Path = REPO_ROO
         **cfg.dims,
     }
     networks = [{"name": n.name, "labels": list(n.labels), "embedding_dim": n.embedding_dim} for n in meta.networks]
+    start = made_from_teacher(cfg, train_ds, {**dims, "n_classes": n_labels, "task": "tags"}, n_labels) if cfg.arch == "musicnn_lite" else None
     best = train(
         replace(cfg, dims=dims), rt, "tags", labels, train_ds, val_ds, loss_fn,
         source=f"distilled from {cfg.teacher} ({meta.served_version}) on {source}",
         with_embedding=True, metrics=val_metrics, extra={"networks": networks, "teacher": {"name": cfg.teacher, "version": meta.served_version, "onnx_sha256": teacher.tag}},
+        model=start,
     )  # fmt: skip
 
     model, ckpt = load_checkpoint(best)

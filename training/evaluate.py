@@ -35,8 +35,7 @@ from training.config import from_dict  # noqa: E402
 from training.data import Catalog, Track  # noqa: E402
 from training.data.cache import FeatureCache  # noqa: E402
 from training.data.patches import serving_patches, step_targets  # noqa: E402
-from training.export import _Serving, activation  # noqa: E402
-from training.models import load_checkpoint  # noqa: E402
+from training.models import activation, load_checkpoint  # noqa: E402
 
 #: The prototype's binary tasks on Jamendo mood/theme tags.
 BINARY_TASKS = (("relaxing", "energetic"), ("happy", "sad"))
@@ -212,6 +211,8 @@ def evaluate(checkpoint: Path, out_dir: Path, overrides: dict[str, Any] | None =
     if tuple(catalog.labels) != tuple(ckpt["labels"]):
         raise ValueError(f"{checkpoint} has labels {ckpt['labels'][:5]}..., the data set {catalog.labels[:5]}...")
     cache = open_cache(cfg)
+    from training.export import _Serving  # writing entries needs Triton's client; training does not
+
     serving = _Serving([model]).eval()
     task, labels = ckpt["task"], tuple(ckpt["labels"])
     splits = {}

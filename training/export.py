@@ -40,7 +40,7 @@ from tritonclient.grpc import model_config_pb2 as pb
 
 from pipeline.features import N_MELS, PATCH_FRAMES, log_mel_max
 from pipeline.model_meta import EMBEDDING, META_PARAMETER, SCORES, ModelMeta, Network
-from training.models import load_checkpoint
+from training.models import activation, load_checkpoint
 
 PARITY_TOL = 1e-5
 INPUT = "mel"
@@ -48,13 +48,6 @@ _CPU_MODEL = Path(__file__).with_name("export_assets") / "triton_cpu_model.py"
 _OPSET = 17
 #: Model instances in the CPU config (configs/cpu.pbtxt): the embedded stack's laptop default.
 CPU_INSTANCES = 2
-
-
-def activation(task: str, out: torch.Tensor) -> torch.Tensor:
-    """Raw model outputs [B, n_labels] -> served scores: softmax for classes, sigmoid otherwise.
-    V/A targets are trained scaled to [0, 1] through the same sigmoid, so every served score is
-    in [0, 1] as the output event's schema requires."""
-    return torch.softmax(out, dim=-1) if task == "classes" else torch.sigmoid(out)
 
 
 class _Serving(nn.Module):

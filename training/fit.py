@@ -141,6 +141,23 @@ def make_loss(task: str, train_targets: np.ndarray | None, n_labels: int, weight
     return lambda out, target: F.mse_loss(torch.sigmoid(out), target)
 
 
+class DistillLoss(nn.Module):
+    """MSE of [logits | embedding] against the teacher's, each column divided by the teacher's
+    standard deviation on the training patches; the embedding part weighted ``embedding_weight``."""
+
+    def __init__(self, targets: np.ndarray, n_labels: int, embedding_weight: float) -> None:
+        super().__init__()
+        spread = np.maximum(targets.std(axis=0), 1e-3)
+        weight = np.ones(targets.shape[1], np.float32)
+        if targets.shape[1] > n_labels:
+            weight[n_labels:] = embedding_weight * n_labels / (targets.shape[1] - n_labels)
+        self.register_buffer("scale", torch.tensor(1 / spread, dtype=torch.float32))
+        self.register_buffer("weight", torch.tensor(weight / weight[:n_labels].sum()))
+
+    def forward(self, out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return ((((out - target) * self.scale) ** 2) * self.weight).sum(dim=1).mean()
+
+
 def spec_augment(mel: torch.Tensor, cfg: FitConfig) -> torch.Tensor:
     """SpecAugment-style masking: mel [B, T, F] with random bands and spans set to silence (0)."""
     b, t, f = mel.shape
@@ -190,16 +207,18 @@ def fit(cfg: FitConfig) -> Path:
 def train(
     cfg: FitConfig, rt: Runtime, task: str, labels: tuple[str, ...], train_ds: Dataset, val_ds: Dataset, loss_fn: LossFn, source: str,
     *, with_embedding: bool = False, metrics: Callable[[np.ndarray, np.ndarray], dict[str, float]] | None = None, extra: dict[str, Any] | None = None,
+    model: nn.Module | None = None,
 ) -> Path:
     """The loop shared by ``fit`` and ``distill``: items are (mel [T, F], target).
 
     ``with_embedding``: the loss sees [outputs | embedding] (a student matching a teacher's
     embedding too); ``metrics`` replaces the task's validation metrics (it gets what the loss
-    saw and the targets); ``extra`` goes into every checkpoint."""
+    saw and the targets); ``extra`` goes into every checkpoint; ``model``: start from this one
+    (of ``cfg.arch`` and ``cfg.dims``; its frozen parameters stay frozen) instead of a fresh one."""
     out_dir = Path(cfg.out_dir)
     version = cfg.version or datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
-    model = build(cfg.arch, {**cfg.dims, "n_classes": len(labels), "task": task}).to(rt.device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    model = (model or build(cfg.arch, {**cfg.dims, "n_classes": len(labels), "task": task})).to(rt.device)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay)
     if cfg.schedule == "cosine":
         scheduler: Any = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, cfg.epochs))
     else:

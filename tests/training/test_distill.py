@@ -20,7 +20,8 @@ from training.cli import main
 from training.config import from_dict
 from training.data import Track
 from training.data.cache import FeatureCache
-from training.distill import DistillLoss, compare, distillation_set, split_by_group, teacher_logits
+from training.distill import compare, distillation_set, split_by_group, teacher_logits
+from training.fit import DistillLoss
 from training.models import build, load_checkpoint
 from training.teacher import TEACHER_HOP, Teacher, patch_starts, teacher_outputs
 
@@ -33,14 +34,27 @@ def repository(tmp_path):
     return repo
 
 
-def test_distill_exports_a_calibrated_student_with_the_teachers_outputs(unlabelled, mel_cache, repository, tmp_path):
-    out = tmp_path / "student"
-    args = ["distill", str(unlabelled), "--repository", str(repository), "--export"]
-    options = {"arch": "student", "name": "musicnn_student", "version": "student-test", "epochs": 2, "batch_size": 8, "cache_dir": str(mel_cache), "out_dir": str(out), "progress": False, "teacher_workers": 1}
-    options |= {"validation_groups": ["album0"], "holdout_groups": ["album1"], "time_shift": False, "freq_masks": 0, "time_masks": 0}
+#: The shipped CPU tier (musicnn's networks pruned, made from the teacher's checkpoints, filters
+#: frozen) and the small trunk trained from scratch.
+STUDENTS = {
+    "musicnn_lite": ({"channels": [[4, 4, 2, 2, 2], [4, 4, 2, 2, 2]]}, {"teacher_checkpoints": ["training/weights/musicnn_msd.pt", "training/weights/musicnn_mtt.pt"], "frozen_filters": True}),
+    "student": (TINY_DIMS["student"], {}),
+}
+
+
+def _distill_args(source, repository, out, arch, cache, **extra):
+    dims, arch_options = STUDENTS[arch]
+    args = ["distill", str(source), "--repository", str(repository), "--export"]
+    options = {"arch": arch, "name": "musicnn_student", "version": "student-test", "epochs": 2, "batch_size": 8, "cache_dir": str(cache), "out_dir": str(out), "progress": False, "teacher_workers": 1}
+    options |= {"validation_groups": ["album0"], "holdout_groups": ["album1"], "time_shift": False, "freq_masks": 0, "time_masks": 0} | arch_options | extra
     args += [a for k, v in options.items() for a in ("--set", f"{k}={json.dumps(v)}")]
-    args += [a for k, v in TINY_DIMS["student"].items() for a in ("--set", f"dims.{k}={json.dumps(v)}")]
-    assert main(args) == 0
+    return args + [a for k, v in dims.items() for a in ("--set", f"dims.{k}={json.dumps(v)}")]
+
+
+@pytest.mark.parametrize("arch", sorted(STUDENTS))
+def test_distill_exports_a_calibrated_student_with_the_teachers_outputs(unlabelled, mel_cache, repository, tmp_path, arch):
+    out = tmp_path / "student"
+    assert main(_distill_args(unlabelled, repository, out, arch, mel_cache)) == 0
     report = json.loads((out / "distill_report.json").read_text())
     assert report["groups"] == {"train": ["album2"], "validation": ["album0"], "test": ["album1"]}
     assert report["tracks"] == {"train": 3, "validation": 4, "test": 3} and report["epochs_run"] == 2
@@ -68,6 +82,25 @@ def test_distill_exports_a_calibrated_student_with_the_teachers_outputs(unlabell
     served = OnnxScorer(repository, "musicnn_student").score_sync(x)
     np.testing.assert_allclose(served["musicnn_mtt"].scores, torch.sigmoid(logits[:, 50:]).numpy(), atol=1e-5)
     np.testing.assert_allclose(served["musicnn_mtt"].embedding, embedding[:, 200:].numpy(), atol=1e-5)
+
+
+def test_the_lite_student_starts_as_the_teachers_networks_and_keeps_their_filters(unlabelled, mel_cache, repository, tmp_path):
+    out = tmp_path / "lite"
+    assert main(_distill_args(unlabelled, repository, out, "musicnn_lite", mel_cache, epochs=1)) == 0
+    trained, _ = load_checkpoint(out / "best.pt")
+    teacher, _ = load_checkpoint(REPO_ROOT / "training" / "weights" / "musicnn_mtt.pt")
+    kept = trained.nets[1].frontend[0].mix.weight  # 4 of the teacher's 204 timbral filters, signed
+    rows = teacher.frontend[0].conv.weight.flatten(1)
+    for row in kept.flatten(1):
+        assert torch.isclose(row.abs(), rows.abs(), atol=1e-6).all(dim=1).any()
+
+
+def test_teacher_checkpoints_that_are_not_the_served_teacher_are_refused(unlabelled, mel_cache, repository, tmp_path):
+    swapped = ["training/weights/musicnn_mtt.pt", "training/weights/musicnn_msd.pt"]
+    with pytest.raises(ValueError, match="do not compute the served teacher"):
+        main(_distill_args(unlabelled, repository, tmp_path / "x", "musicnn_lite", mel_cache, teacher_checkpoints=swapped))
+    with pytest.raises(ValueError, match="set teacher_checkpoints"):
+        main(_distill_args(unlabelled, repository, tmp_path / "y", "musicnn_lite", mel_cache, teacher_checkpoints=[]))
 
 
 def test_teacher_outputs_are_the_served_models_on_the_grid_and_halfway_and_cached_once(unlabelled, mel_cache):

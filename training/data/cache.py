@@ -19,12 +19,12 @@ import os
 from pathlib import Path
 from typing import Any
 
-import botocore.exceptions
 import numpy as np
 
-from pipeline import audio, features
+# The decoders and the S3 client are imported where audio is read, not here: training on frames
+# already in the cache needs neither (a GPU machine may have no FFmpeg libraries or boto3).
+from pipeline import features
 from pipeline.errors import TrackError
-from pipeline.storage import ObjectRef, fetch, make_s3_client, translate_s3_error
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +112,10 @@ class FeatureCache:
 
     def _stamp(self, source: str) -> str:
         if source.startswith("s3://"):
+            import botocore.exceptions
+
+            from pipeline.storage import translate_s3_error
+
             bucket, _, key = source[5:].partition("/")
             try:
                 head = self._client().head_object(Bucket=bucket, Key=key)
@@ -123,18 +127,24 @@ class FeatureCache:
 
     def _read(self, source: str) -> bytes:
         if source.startswith("s3://"):
+            from pipeline.storage import ObjectRef, fetch
+
             bucket, _, key = source[5:].partition("/")
             return fetch(ObjectRef("s3", bucket, key), client=self._client(), max_bytes=MAX_FILE_BYTES)
         return Path(source).read_bytes()
 
     def _client(self) -> Any:
         if self._s3 is None:
+            from pipeline.storage import make_s3_client
+
             self._s3 = make_s3_client()
         return self._s3
 
 
 def compute_frames(data: bytes, max_duration_s: float) -> np.ndarray:
     """Encoded audio -> [n_frames >= PATCH_FRAMES, N_MELS] float32 log-mel (the serving frontend)."""
+    from pipeline import audio
+
     stream = audio.decode(data, max_duration_s=max_duration_s)
     mel = features.LogMelStream()
     # LogMelStream gathers the decoder's small chunks itself before each spectrogram call.

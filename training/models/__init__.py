@@ -27,6 +27,7 @@ from pipeline.features import frontend_constants
 from training.models.convgruformer import ConvGRUFormer, ConvGRUFormerDims
 from training.models.lstm_va import LSTMVA, LSTMVADims
 from training.models.musicnn import Musicnn, MusicnnDims
+from training.models.musicnn_lite import MusicnnLite, MusicnnLiteDims
 from training.models.resnet18 import ResNet18, ResNet18Dims
 from training.models.resnet_va import ResNetVA, ResNetVADims
 from training.models.student import Student, StudentDims
@@ -40,8 +41,16 @@ ARCHITECTURES: dict[str, tuple[type[nn.Module], type]] = {
     "lstm_va": (LSTMVA, LSTMVADims),
     "resnet18": (ResNet18, ResNet18Dims),
     "student": (Student, StudentDims),
+    "musicnn_lite": (MusicnnLite, MusicnnLiteDims),
 }
 TASKS = ("tags", "classes", "va", "va_steps")
+
+
+def activation(task: str, out: torch.Tensor) -> torch.Tensor:
+    """Raw model outputs [B, n_labels] -> served scores: softmax for classes, sigmoid otherwise.
+    V/A targets are trained scaled to [0, 1] through the same sigmoid, so every served score is
+    in [0, 1] as the output event's schema requires."""
+    return torch.softmax(out, dim=-1) if task == "classes" else torch.sigmoid(out)
 
 
 def build(arch: str, dims: dict[str, Any] | None = None) -> nn.Module:
