@@ -45,7 +45,7 @@ def test_inference_form_computes_the_same_function(fixture, name):
     model, _ = load_checkpoint(REPO / "training" / "weights" / f"{name}.pt")
     served = model.for_serving(log_mel_max())
     assert any((branch.sign < 0).any() for branch in served.frontend)
-    assert any(branch.dead_shift.shape[1] for branch in served.frontend)  # constant channels too
+    assert any(branch.dead_value.shape[1] for branch in served.frontend)  # constant channels too
     patches = torch.from_numpy(fixture["patches"])
     with torch.inference_mode():
         for x in (patches, patches[:1, :50]):  # the trained length, and a short patch
@@ -53,6 +53,19 @@ def test_inference_form_computes_the_same_function(fixture, name):
             assert (logits - want_logits).abs().max() <= 1e-4
             assert (embedding - want_embedding).abs().max() <= 1e-4
     assert model.frontend[0].conv.weight.shape[0] == 204  # the trained network is left as it was
+
+
+def test_the_inference_form_convolves_only_the_filters_the_input_can_move(fixture):
+    """The MSD network's weights are zero in most of its filters: those channels are the
+    constant a * relu(bias) + c, exactly, for every input the frontend can give (the extremes
+    included), and the served form convolves 23, 14, 3, 7 and 17 filters of 204, 204, 51, 51, 51."""
+    model, _ = load_checkpoint(REPO / "training" / "weights" / "musicnn_msd.pt")
+    served = model.for_serving(log_mel_max())
+    assert [branch.channels for branch in served.frontend] == [23, 14, 3, 7, 17]
+    extremes = torch.stack([torch.zeros(187, 96), torch.full((187, 96), log_mel_max()), torch.from_numpy(fixture["patches"][0])])
+    with torch.inference_mode():
+        (want, _), (got, _) = model(extremes), served(extremes)
+    assert (got - want).abs().max() <= 1e-4
 
 
 def test_checkpoint_rebuilds_itself_from_stored_dims():

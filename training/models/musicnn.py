@@ -78,9 +78,11 @@ class _PooledBranch(nn.Module):
     (16 channels a block) only for such counts, which saves reordering the largest tensor of
     the network. The time padding stays before the convolution, as in ``_Branch``.
 
-    A channel whose batch norm scales it to nothing (|a| * the largest |z| any input within
-    ``input_max`` can give < ``DEAD_TOLERANCE``; training left many of musicnn's so) outputs its
-    shift c whatever the input: it is not convolved, its constant is put back in its place.
+    A channel the input cannot move (|a| times the most its weights can move z away from the
+    bias for inputs within ``input_max`` < ``DEAD_TOLERANCE``) outputs a * relu(bias) + c
+    whatever the input: it is not convolved, its constant is put back in its place. Training
+    left most of musicnn's filters so: the MSD network's weights are zero in 180 of its 204 and
+    190 of its 204 timbral filters (the batch norm's scale of many others is near zero too).
     """
 
     _CHANNEL_BLOCK = 16
@@ -92,9 +94,11 @@ class _PooledBranch(nn.Module):
         with torch.no_grad():
             scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
             shift = bn.bias - bn.running_mean * scale
-            z_max = conv.weight.flatten(1).abs().sum(dim=1) * input_max + conv.bias.abs()
-            live = (scale.abs() * z_max >= self.DEAD_TOLERANCE).nonzero().flatten()
-            dead = (scale.abs() * z_max < self.DEAD_TOLERANCE).nonzero().flatten()
+            # The most the input can move a channel's convolution away from its bias, and so
+            # (ReLU and the max being 1-Lipschitz) the most it can move the channel's output.
+            reach = scale.abs() * conv.weight.flatten(1).abs().sum(dim=1) * input_max
+            live = (reach >= self.DEAD_TOLERANCE).nonzero().flatten()
+            dead = (reach < self.DEAD_TOLERANCE).nonzero().flatten()
             sign = torch.where(scale[live] < 0, -1.0, 1.0)
             self.channels = len(live)
             padded = -(-self.channels // self._CHANNEL_BLOCK) * self._CHANNEL_BLOCK
@@ -108,7 +112,8 @@ class _PooledBranch(nn.Module):
         self.register_buffer("sign", sign[None, :, None])
         self.register_buffer("scale", scale[live][None, :, None])
         self.register_buffer("shift", shift[live][None, :, None])
-        self.register_buffer("dead_shift", shift[dead][None, :, None])
+        # what a constant channel outputs: its batch norm of ReLU(bias), the input's part nil
+        self.register_buffer("dead_value", (scale[dead] * F.relu(conv.bias[dead]) + shift[dead]).detach()[None, :, None])
         # Computed channels first, then the constant ones: this puts them back in order.
         self.register_buffer("order", torch.argsort(torch.cat([live, dead])))
 
@@ -116,9 +121,9 @@ class _PooledBranch(nn.Module):
         z = self.conv(F.pad(x, (0, 0, *self.time_pad)))  # [B, C_padded, T, F_out]
         peak = F.max_pool2d(z, (1, self.freq_out)).flatten(2)[:, : self.channels]  # [B, C_live, T]
         out = self.scale * F.relu(self.sign * peak) + self.shift
-        if not self.dead_shift.shape[1]:
+        if not self.dead_value.shape[1]:
             return out
-        constant = self.dead_shift.expand(out.shape[0], -1, out.shape[2])
+        constant = self.dead_value.expand(out.shape[0], -1, out.shape[2])
         return torch.cat([out, constant], dim=1)[:, self.order]
 
 
