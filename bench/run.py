@@ -59,8 +59,8 @@ BUCKET = "moodstream-bench"
 MODEL = "musicnn"  # both networks in one pass, as the worker serves them by default
 STUDENT = "musicnn_student"  # its distilled CPU tier (training/distill.py), when exported
 CACHE = Path(os.environ.get("MOODSTREAM_BENCH_CACHE", Path.home() / ".cache" / "moodstream" / "bench"))
-LONG_TRACKS_MIN = (3, 60)
-REPEATS = 3  # rounds per codec: medians of three, one noisy round cannot decide a ratio  # minutes of the two tracks the memory figure compares
+LONG_TRACKS_MIN = (3, 60)  # minutes of the two tracks the memory figure compares
+REPEATS = 3  # rounds per codec: medians of three, one noisy round cannot decide a ratio
 
 
 def decode_floor(files: list[Path]) -> dict:

@@ -37,7 +37,7 @@ def repository(tmp_path):
 #: The shipped CPU tier (musicnn's networks pruned, made from the teacher's checkpoints, filters
 #: frozen) and the small trunk trained from scratch.
 STUDENTS = {
-    "musicnn_lite": ({"channels": [[4, 4, 2, 2, 2], [4, 4, 2, 2, 2]]}, {"teacher_checkpoints": ["training/weights/musicnn_msd.pt", "training/weights/musicnn_mtt.pt"], "frozen_filters": True}),
+    "musicnn_lite": ({"channels": [[4, 4, 2, 2, 2], [4, 4, 2, 2, 2]], "frontend_stride": [2, 2]}, {"teacher_checkpoints": ["training/weights/musicnn_msd.pt", "training/weights/musicnn_mtt.pt"], "frozen_filters": True}),
     "student": (TINY_DIMS["student"], {}),
 }
 

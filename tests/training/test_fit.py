@@ -205,7 +205,7 @@ def test_shipped_configs_load():
     assert len(shipped) == 5
     for path in shipped:
         cfg = load_config(path)
-        if cfg.arch == "student":  # a distillation recipe: `training distill`, not `fit`
-            assert cfg.teacher and cfg.validation_groups and cfg.holdout_groups, path.name
+        if cfg.holdout_groups:  # a distillation recipe: `training distill`, not `fit`
+            assert cfg.arch in ("student", "musicnn_lite") and cfg.validation_groups, path.name
             continue
         assert cfg.arch in CASES and CASES[cfg.arch][0] == cfg.data, path.name

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from training.models import build, load_checkpoint, save_checkpoint
 from training.models.musicnn_lite import freeze_filters, load_teachers
@@ -64,6 +65,22 @@ def test_pruned_filters_become_constants_folded_downstream(teachers, patches):
     assert model.nets[0].midend[0].conv.weight.shape[1] == 112
     assert (torch.sigmoid(logits[:, :50]) - torch.sigmoid(want[:, :50])).abs().max() < 0.05
     assert (logits[:, 50:] - want[:, 50:]).abs().max() < 1e-4  # the MTT network as it was
+
+
+def test_strided_filters_see_every_other_frame_and_band_and_keep_the_frames(teachers, patches):
+    dims = {"channels": [[16, 16, 16, 16, 16], FULL], "frontend_stride": [2, 2]}
+    strided = load_teachers(build("musicnn_lite", dims), teachers, patches)
+    exact = load_teachers(build("musicnn_lite", {**dims, "frontend_stride": [1, 1]}), teachers, patches)
+    want, _ = _teacher_outputs(teachers, patches)
+    with torch.inference_mode():
+        x = strided.nets[1].input_affine(patches.unsqueeze(1))
+        branch = strided.nets[1].frontend[0]
+        assert branch(x).shape == (6, 204, 187) and branch.mix(F.pad(x, (0, 0, 3, 3))).shape == (6, 204, 94, 30)  # of 187 frames, 59 bands
+        close = (torch.sigmoid(exact(patches)[0]) - torch.sigmoid(want)).abs().mean()
+        rough = (torch.sigmoid(strided(patches)[0]) - torch.sigmoid(want)).abs().mean()
+    assert close < rough < 0.1  # an approximation of the teacher, before any training
+    with pytest.raises(ValueError, match="frontend_stride"):
+        build("musicnn_lite", {"frontend_stride": [0, 2]})
 
 
 def test_frozen_filters_take_no_gradient_and_the_rest_trains(teachers, patches):

@@ -52,6 +52,10 @@ class MusicnnLiteDims:
     #: kept (at most musicnn's 204, 204, 51, 51, 51) and the rank of their factorisation (0: none)
     channels: tuple[tuple[int, ...], ...] = (_FULL, _FULL)
     ranks: tuple[tuple[int, ...], ...] = ((0,) * 5, (0,) * 5)
+    #: (time, frequency) step of the front-end convolutions: (2, 2) computes a quarter of their
+    #: positions (the max over frequency then looks at every other one, and every frame takes
+    #: its nearest computed one)
+    frontend_stride: tuple[int, int] = (1, 1)
     dropout: float = 0.0  # before the dense layers, training only
 
 
@@ -78,22 +82,27 @@ class _LiteBranch(nn.Module):
     """[B, 1, T, F] (after the input affine) -> [B, channels, T]: conv (factorised when rank > 0),
     max over frequency, signed ReLU, affine."""
 
-    def __init__(self, channels: int, rank: int, kernel: tuple[int, int], time_pad: tuple[int, int]) -> None:
+    def __init__(self, channels: int, rank: int, kernel: tuple[int, int], time_pad: tuple[int, int], stride: tuple[int, int] = (1, 1)) -> None:
         super().__init__()
         self.time_pad = time_pad
-        self.freq_out = GEOMETRY.n_mels - kernel[1] + 1  # "valid" in frequency
-        self.basis = nn.Conv2d(1, rank, kernel, bias=False) if rank else None
-        self.mix = nn.Conv2d(rank, channels, 1) if rank else nn.Conv2d(1, channels, kernel)
+        self.time_stride = stride[0]
+        self.freq_out = (GEOMETRY.n_mels - kernel[1]) // stride[1] + 1  # "valid" in frequency
+        self.basis = nn.Conv2d(1, rank, kernel, stride, bias=False) if rank else None
+        self.mix = nn.Conv2d(rank, channels, 1) if rank else nn.Conv2d(1, channels, kernel, stride)
         # -1 where the teacher's batch-norm scale is negative: the filter is negated so that the
         # max over frequency is its min, and the sign put back after it (musicnn._PooledBranch)
         self.register_buffer("sign", torch.ones(1, channels, 1))
         self.affine = _Affine(channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        frames = x.shape[2]
         x = F.pad(x, (0, 0, *self.time_pad))
-        z = self.mix(self.basis(x)) if self.basis is not None else self.mix(x)  # [B, C, T, F_out]
-        peak = F.max_pool2d(z, (1, self.freq_out)).flatten(2)  # [B, C, T]
-        return self.affine(F.relu(self.sign * peak))
+        z = self.mix(self.basis(x)) if self.basis is not None else self.mix(x)  # [B, C, T / s_t, F_out]
+        peak = F.max_pool2d(z, (1, self.freq_out)).flatten(2)  # [B, C, T / s_t]
+        out = self.affine(F.relu(self.sign * peak))
+        if self.time_stride > 1:  # every frame takes its nearest computed one
+            out = F.interpolate(out, size=frames, mode="nearest")
+        return out  # [B, C, T]
 
 
 class _LiteMidend(nn.Module):
@@ -112,7 +121,7 @@ class _LiteMidend(nn.Module):
 class LiteNetwork(nn.Module):
     """One imitated network: mel [B, T, 96] -> (logits [B, n_labels], embedding [B, 200])."""
 
-    def __init__(self, channels: Sequence[int], ranks: Sequence[int], n_labels: int, embedding_dim: int, dropout: float) -> None:
+    def __init__(self, channels: Sequence[int], ranks: Sequence[int], n_labels: int, embedding_dim: int, dropout: float, stride: tuple[int, int] = (1, 1)) -> None:
         super().__init__()
         g = GEOMETRY
         if len(channels) != len(_FULL) or len(ranks) != len(_FULL):
@@ -125,7 +134,7 @@ class LiteNetwork(nn.Module):
         if any(not 0 <= r <= min(c, kt * kf) for r, c, ((kt, kf), _) in zip(ranks, channels, kernels)):
             raise ValueError(f"ranks {tuple(ranks)} must be within 0..min(filters, kernel size) per branch (0: not factorised)")
         self.input_affine = _Affine(1)
-        self.frontend = nn.ModuleList([_LiteBranch(c, r, k, p) for c, r, (k, p) in zip(channels, ranks, kernels)])
+        self.frontend = nn.ModuleList([_LiteBranch(c, r, k, p, stride) for c, r, (k, p) in zip(channels, ranks, kernels)])
         front, m = sum(channels), g.midend_filters
         self.midend = nn.ModuleList([_LiteMidend(front, m, g.midend_width)] + [_LiteMidend(m, m, g.midend_width) for _ in range(2)])
         self.dense = nn.Linear(2 * (front + 3 * m), embedding_dim)
@@ -156,10 +165,13 @@ class MusicnnLite(nn.Module):
         counts = (len(dims.label_counts), len(dims.embedding_dims), len(channels), len(ranks))
         if len(set(counts)) != 1 or sum(dims.label_counts) != dims.n_classes:
             raise ValueError(f"label_counts {dims.label_counts} (summing to n_classes {dims.n_classes}), embedding_dims, channels and ranks need one entry per imitated network")
-        self.dims = MusicnnLiteDims(dims.n_classes, dims.task, tuple(dims.label_counts), tuple(dims.embedding_dims), channels, ranks, dims.dropout)
+        stride = tuple(dims.frontend_stride)
+        if len(stride) != 2 or min(stride) < 1:
+            raise ValueError(f"frontend_stride {stride} must be (time, frequency) steps >= 1")
+        self.dims = MusicnnLiteDims(dims.n_classes, dims.task, tuple(dims.label_counts), tuple(dims.embedding_dims), channels, ranks, stride, dims.dropout)
         self.task = dims.task
         self.nets = nn.ModuleList(
-            [LiteNetwork(c, r, n, e, dims.dropout) for c, r, n, e in zip(channels, ranks, dims.label_counts, dims.embedding_dims)]
+            [LiteNetwork(c, r, n, e, dims.dropout, stride) for c, r, n, e in zip(channels, ranks, dims.label_counts, dims.embedding_dims)]
         )
 
     def forward(self, mel: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
