@@ -70,6 +70,9 @@ class FitConfig:
     # network order) it is made from, and whether their filters stay as they are
     teacher_checkpoints: list[str] = field(default_factory=list)
     frozen_filters: bool = False
+    # from this epoch on every parameter trains, those frozen at the start too (0: never): the
+    # frozen phase is cheap and gets the student near the teacher; the filters then adapt
+    unfreeze_epoch: int = 0
     # machinery
     device: str = "auto"  # "auto" (CUDA when present), "cpu", "cuda", "cuda:1", ...
     amp: bool = True  # mixed precision on CUDA (bf16 where supported, else fp16 with scaling)
@@ -123,6 +126,8 @@ def from_dict(values: dict[str, Any]) -> FitConfig:
         raise ValueError(f"data must be one of {DATASETS}, got {cfg.data!r}")
     if cfg.schedule not in ("plateau", "cosine"):
         raise ValueError(f"schedule must be plateau or cosine, got {cfg.schedule!r}")
+    if cfg.unfreeze_epoch < 0:
+        raise ValueError(f"unfreeze_epoch must be >= 0 (0: frozen parameters stay frozen), got {cfg.unfreeze_epoch}")
     return cfg
 
 

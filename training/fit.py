@@ -214,11 +214,16 @@ def train(
     ``with_embedding``: the loss sees [outputs | embedding] (a student matching a teacher's
     embedding too); ``metrics`` replaces the task's validation metrics (it gets what the loss
     saw and the targets); ``extra`` goes into every checkpoint; ``model``: start from this one
-    (of ``cfg.arch`` and ``cfg.dims``; its frozen parameters stay frozen) instead of a fresh one."""
+    (of ``cfg.arch`` and ``cfg.dims``; its frozen parameters stay frozen until
+    ``cfg.unfreeze_epoch``) instead of a fresh one."""
     out_dir = Path(cfg.out_dir)
     version = cfg.version or datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
     model = (model or build(cfg.arch, {**cfg.dims, "n_classes": len(labels), "task": task})).to(rt.device)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.unfreeze_epoch and rt.world > 1:
+        raise ValueError("unfreeze_epoch needs a single process: DistributedDataParallel fixes the trained parameters when it wraps the model")
+    # Frozen parameters are in the optimizer too (without a gradient AdamW leaves them alone):
+    # unfreezing them later keeps one parameter group, one schedule and a resumable state.
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     if cfg.schedule == "cosine":
         scheduler: Any = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, cfg.epochs))
     else:
@@ -250,6 +255,8 @@ def train(
     for epoch in range(start_epoch, cfg.epochs):
         if sampler is not None:
             sampler.set_epoch(epoch)
+        if cfg.unfreeze_epoch and epoch >= cfg.unfreeze_epoch:
+            model.requires_grad_(True)
         train_loss = _train_epoch(net, train_dl, loss_fn, optimizer, scaler, cfg, rt, epoch, with_embedding)
         val_loss, pred, true = _validate(model, val_dl, loss_fn, rt, with_embedding)
         if cfg.schedule == "cosine":

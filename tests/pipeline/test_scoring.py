@@ -121,18 +121,22 @@ async def test_the_student_serves_through_triton_as_in_process_with_calibrated_m
     with EmbeddedStack(model_repository=REPO / "triton_models", log_dir=tmp_path, models=[STUDENT]) as stack:
         scorer = await TritonScorer.connect(stack.triton_grpc_url, STUDENT)
         try:
+            shared = []
             for served, expected in clips:
                 remote = await scorer.score(served)
                 assert set(remote) == set(NETWORKS) and scorer.meta.served_version == local.meta.served_version
                 assert max_diff(remote, {n: (o.scores, o.embedding) for n, o in local.score_sync(served).items()}) <= TOLERANCE
-                # It imitates the teacher: at least 2 of the teacher's top-5 tags of the clip are
-                # in its own top 5 (2.8 on average on held-out music, README; a ranking that
-                # knew nothing of the teacher would share 0.5 of 50 tags).
+                # It imitates the teacher: of the teacher's top-5 tags of a clip, at least 3 are
+                # in its own top 5, 4 on average (4.4 on held-out music, README; the clips come
+                # from a held-out package; a ranking that knew nothing of the teacher would
+                # share 0.5 of 50 tags).
                 for network in NETWORKS:
                     mine = set(np.argsort(-remote[network].scores.mean(axis=0))[:5])
                     teacher = set(np.argsort(-expected[network][0].mean(axis=0))[:5])
-                    assert len(mine & teacher) >= 2, network
+                    shared.append(len(mine & teacher))
+                    assert shared[-1] >= 3, network
                 view = mood_view(taxonomy, {n: o.scores.mean(axis=0) for n, o in remote.items()})
                 assert taxonomy.source == "tags" and view.leading_mood["mood"] in view.moods
+            assert np.mean(shared) >= 4, shared
         finally:
             await scorer.close()

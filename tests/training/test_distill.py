@@ -95,6 +95,17 @@ def test_the_lite_student_starts_as_the_teachers_networks_and_keeps_their_filter
         assert torch.isclose(row.abs(), rows.abs(), atol=1e-6).all(dim=1).any()
 
 
+def test_from_unfreeze_epoch_on_the_filters_train_too(unlabelled, mel_cache, repository, tmp_path):
+    out = tmp_path / "lite"
+    assert main(_distill_args(unlabelled, repository, out, "musicnn_lite", mel_cache, unfreeze_epoch=1, early_stopping=0)) == 0
+    trained, ckpt = load_checkpoint(out / "last.pt")
+    teacher, _ = load_checkpoint(REPO_ROOT / "training" / "weights" / "musicnn_mtt.pt")
+    rows = teacher.frontend[0].conv.weight.flatten(1)
+    kept = trained.nets[1].frontend[0].mix.weight.flatten(1)
+    assert ckpt["epoch"] == 1 and ckpt["config"]["unfreeze_epoch"] == 1
+    assert not any(bool(torch.isclose(row.abs(), rows.abs(), atol=1e-6).all(dim=1).any()) for row in kept)  # every kept filter moved
+
+
 def test_teacher_checkpoints_that_are_not_the_served_teacher_are_refused(unlabelled, mel_cache, repository, tmp_path):
     swapped = ["training/weights/musicnn_mtt.pt", "training/weights/musicnn_msd.pt"]
     with pytest.raises(ValueError, match="do not compute the served teacher"):

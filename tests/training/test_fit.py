@@ -164,6 +164,8 @@ def test_config_file_and_overrides(tmp_path):
         load_config(None, ["epochs=many"])
     with pytest.raises(ValueError, match="data must be"):
         load_config(None, ["data=imagenet"])
+    with pytest.raises(ValueError, match="unfreeze_epoch must be >= 0"):
+        load_config(None, ["unfreeze_epoch=-1"])
 
 
 def test_class_and_tag_weighting():

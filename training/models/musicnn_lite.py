@@ -6,11 +6,11 @@ front-end filters, which are where musicnn spends 90 % of its arithmetic:
     mel patch [B, T, 96] -> input affine (the teacher's input batch norm)
       -> front-end branch b (timbral 7x38, 7x67; temporal 128x1, 64x1, 32x1, as musicnn's):
            conv to ``ranks[b]`` basis maps, then 1x1 to ``channels[b]`` filters: a rank-r
-           factorisation of the teacher's filters (rank 0: one conv straight to the filters)
-                                                                      -> [B, C_b, T, F_b]
+           factorisation of the teacher's filters (rank 0: one conv straight to the filters),
+           at every ``frontend_stride``-th frame and band             -> [B, C_b, T/s_t, F_b/s_f]
            max over frequency, signed ReLU, per-channel affine (the teacher's batch norm; see
-           musicnn's ``_PooledBranch`` for why pooling first and the sign are exact)
-                                                                      -> [B, C_b, T]
+           musicnn's ``_PooledBranch`` for why pooling first and the sign are exact), each
+           frame taking its nearest computed one                      -> [B, C_b, T]
       -> mid-end: musicnn's three 7-wide convs over time (ReLU, affine), 2nd and 3rd residual
       -> back-end: max and mean over time -> dense 200 (the teacher's pooling batch norm folded
          in) -> ReLU -> affine (its dense batch norm: the embedding [B, 200]) -> dense (logits)
