@@ -97,8 +97,8 @@ class _PooledBranch(nn.Module):
             # The most the input can move a channel's convolution away from its bias, and so
             # (ReLU and the max being 1-Lipschitz) the most it can move the channel's output.
             reach = scale.abs() * conv.weight.flatten(1).abs().sum(dim=1) * input_max
-            live = (reach >= self.DEAD_TOLERANCE).nonzero().flatten()
-            dead = (reach < self.DEAD_TOLERANCE).nonzero().flatten()
+            moves = reach >= self.DEAD_TOLERANCE
+            live, dead = moves.nonzero().flatten(), (~moves).nonzero().flatten()
             sign = torch.where(scale[live] < 0, -1.0, 1.0)
             self.channels = len(live)
             padded = -(-self.channels // self._CHANNEL_BLOCK) * self._CHANNEL_BLOCK

@@ -82,7 +82,7 @@ class _LiteBranch(nn.Module):
     """[B, 1, T, F] (after the input affine) -> [B, channels, T]: conv (factorised when rank > 0),
     max over frequency, signed ReLU, affine."""
 
-    def __init__(self, channels: int, rank: int, kernel: tuple[int, int], time_pad: tuple[int, int], stride: tuple[int, int] = (1, 1)) -> None:
+    def __init__(self, channels: int, rank: int, kernel: tuple[int, int], time_pad: tuple[int, int], stride: tuple[int, int]) -> None:
         super().__init__()
         self.time_pad = time_pad
         self.time_stride = stride[0]
@@ -121,7 +121,7 @@ class _LiteMidend(nn.Module):
 class LiteNetwork(nn.Module):
     """One imitated network: mel [B, T, 96] -> (logits [B, n_labels], embedding [B, 200])."""
 
-    def __init__(self, channels: Sequence[int], ranks: Sequence[int], n_labels: int, embedding_dim: int, dropout: float, stride: tuple[int, int] = (1, 1)) -> None:
+    def __init__(self, channels: Sequence[int], ranks: Sequence[int], n_labels: int, embedding_dim: int, dropout: float, stride: tuple[int, int]) -> None:
         super().__init__()
         g = GEOMETRY
         if len(channels) != len(_FULL) or len(ranks) != len(_FULL):
