@@ -5,8 +5,8 @@ boto3 reads endpoint, region and credentials from the standard AWS environment
 identity tokens, instance roles), so credentials never pass through moodstream's code or logs.
 
 Only buckets on the allow-list can be read, and keys with path tricks are refused before any
-request is made. The object's size is checked with HEAD before its body is read, and again on
-the GET's headers (an object can be replaced by a larger one between the two calls).
+request is made. One GET per object: its size is checked on the response's headers, before
+the body is read (an object over the cap is never downloaded).
 Throttling, 5xx and connection errors are retried by botocore's standard retry mode with
 backoff; when those retries are spent the error is :class:`ServiceUnavailable` (the worker
 waits and tries again) rather than a dead letter. This module is the one place botocore
@@ -174,10 +174,12 @@ def fetch(ref: ObjectRef, *, client: Any, max_bytes: int) -> bytes:
     if ref.scheme == "file":
         return _read_file(ref.key, max_bytes)
     try:
-        _check_size(_head_size(client, ref), max_bytes, ref)
+        # One GET, no HEAD first: the size is in the response's headers, so an object over the
+        # cap is refused before its body is read (the connection is dropped unread). A HEAD
+        # would cost a second request per track, and its errors carry no code (a denied object
+        # and a bad credential both read "403"); a GET's error names the cause.
         response = client.get_object(Bucket=ref.bucket, Key=ref.key)
         with closing(response["Body"]) as body:
-            # Replaced by a larger object since the HEAD: refused before its body is read.
             # botocore then reads exactly ContentLength bytes (a short body is an error).
             _check_size(response["ContentLength"], max_bytes, ref)
             return body.read()
@@ -190,19 +192,6 @@ def fetch(ref: ObjectRef, *, client: Any, max_bytes: int) -> bytes:
 async def fetch_async(ref: ObjectRef, *, client: Any, max_bytes: int) -> bytes:
     """:func:`fetch` in a thread, so the event loop keeps serving the other tracks."""
     return await asyncio.to_thread(fetch, ref, client=client, max_bytes=max_bytes)
-
-
-def _head_size(client: Any, ref: ObjectRef) -> int:
-    """The object's size in bytes, from HEAD."""
-    try:
-        return int(client.head_object(Bucket=ref.bucket, Key=ref.key)["ContentLength"])
-    except botocore.exceptions.ClientError as exc:
-        if _error_code(exc) != "403":
-            raise
-        # A HEAD error has no body, so a bad credential and a denied object both read "403".
-        # A one-byte GET is refused with the real code; its error is the one worth reporting.
-        client.get_object(Bucket=ref.bucket, Key=ref.key, Range="bytes=0-0")["Body"].close()
-        raise
 
 
 def _check_size(size: int, max_bytes: int, ref: ObjectRef) -> None:

@@ -32,7 +32,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from pipeline import events, features, metrics, storage
+from pipeline import events, features, handoff, metrics, storage
 from pipeline.errors import InferenceFailed, ServiceUnavailable, TrackError, Undecodable
 from pipeline.scoring import Outputs, Scorer
 from pipeline.tagging import Analysis, analyse, finite, track_moods
@@ -153,7 +153,8 @@ class Worker:
     async def _analyse(self, track: _Track) -> None:
         loop = asyncio.get_running_loop()
         try:
-            track.analysis = await loop.run_in_executor(self.pool, _analyse_job, track.data, self.config)
+            with handoff.send(track.data) as data:
+                track.analysis = handoff.receive(*await loop.run_in_executor(self.pool, _analyse_job, data, self.config))
         except TrackError as exc:
             track.error = exc
             return
@@ -253,9 +254,12 @@ def freeze_startup_objects() -> None:
     gc.freeze()
 
 
-def _analyse_job(data: bytes, config: WorkerConfig) -> Analysis:
-    """Runs in a pool process; TrackErrors pickle back to the event loop as they are."""
-    return analyse(data, max_duration_s=config.max_duration_s, min_duration_s=config.min_duration_s, excerpts=config.excerpts, excerpt_s=config.excerpt_s)
+def _analyse_job(data: bytes | handoff.SharedBytes, config: WorkerConfig) -> tuple[Analysis, handoff.SharedPatches | None]:
+    """Runs in a pool process; TrackErrors pickle back to the event loop as they are. The file
+    comes in and the patches go back through shared memory (pipeline/handoff.py)."""
+    with handoff.opened(data) as source:
+        analysis = analyse(source, max_duration_s=config.max_duration_s, min_duration_s=config.min_duration_s, excerpts=config.excerpts, excerpt_s=config.excerpt_s)
+    return handoff.share(analysis)
 
 
 async def _until_available(service: str, call: Callable[[], Awaitable[Any]], backoff_max_s: float) -> Any:

@@ -145,6 +145,19 @@ def test_worker_drains_and_keeps_its_group_membership(objects):
     assert not any("PASSWORD" in key or "SECRET" in key for key in config["data"])
 
 
+def test_worker_hands_patches_over_in_a_memory_backed_dev_shm(objects):
+    from pipeline.handoff import MAX_SHARED_BYTES
+
+    pod = one(objects, "Deployment", "moodstream-worker")["spec"]["template"]["spec"]
+    [worker] = pod["containers"]
+    [shm] = [v for v in pod["volumes"] if v["name"] == "shm"]
+    assert {"name": "shm", "mountPath": "/dev/shm"} in worker["volumeMounts"]
+    assert shm["emptyDir"]["medium"] == "Memory"
+    # Each decoding process may leave one block while it starts the next track's.
+    decode_workers = int(one_generated(objects, "moodstream-worker")["data"]["MOODSTREAM_DECODE_WORKERS"])
+    assert _bytes(shm["emptyDir"]["sizeLimit"]) >= 2 * decode_workers * MAX_SHARED_BYTES
+
+
 def one_generated(objects: list[dict], prefix: str) -> dict:
     [config] = [o for o in of_kind(objects, "ConfigMap") if o["metadata"]["name"].startswith(prefix + "-")]
     return config

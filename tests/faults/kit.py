@@ -289,9 +289,17 @@ class S3FaultProxy:
                 # A HEAD answer has no body but states the object's length.
                 self.send_header("Content-Length", resp.getheader("Content-Length", "0") if self.command == "HEAD" else str(len(data)))
                 self.end_headers()
-                if self.command != "HEAD":
-                    self.wfile.write(data)
                 conn.close()
+                if self.command == "HEAD":
+                    return
+                for start in range(0, len(data), 1 << 16):
+                    try:
+                        self.wfile.write(data[start : start + (1 << 16)])
+                    except (BrokenPipeError, ConnectionResetError):
+                        # The client stopped reading (an object refused on its headers).
+                        proxy._log(self.command, self.path, f"client hung up after {start} of {len(data)} bytes")
+                        self.close_connection = True
+                        return
 
             def _error(self, status: int, code: str) -> None:
                 xml = f'<?xml version="1.0" encoding="UTF-8"?><Error><Code>{code}</Code><Message>injected by the test</Message></Error>'.encode()

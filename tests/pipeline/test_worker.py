@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from conftest import encode, tone
-from pipeline import events
+from pipeline import events, handoff
 from pipeline.errors import InferenceFailed, ServiceUnavailable
 from pipeline.scoring import OnnxScorer
 from pipeline.settings import REPO_ROOT
@@ -102,10 +102,13 @@ def test_an_outage_pauses_the_batch_instead_of_dead_lettering(scorer, example_cl
 
 
 class CrashingPool(ProcessPoolExecutor):
-    """A real process pool whose process dies on any object starting with b"CRASH"."""
+    """A real process pool whose process dies on any object starting with b"CRASH" (handed
+    over in shared memory, as the worker does, or as bytes)."""
 
     def submit(self, fn, data, *args):
-        if data.startswith(b"CRASH"):
+        with handoff.opened(data) as content:
+            crash = bytes(content[:5]) == b"CRASH"
+        if crash:
             return super().submit(os._exit, 1)
         return super().submit(fn, data, *args)
 
