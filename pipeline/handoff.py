@@ -53,10 +53,15 @@ def _new_block(size: int) -> shared_memory.SharedMemory | None:
         if hasattr(os, "posix_fallocate"):
             os.posix_fallocate(block._fd, 0, size)  # noqa: SLF001 - the block's file, not exposed otherwise
     except OSError:
-        block.close()
-        block.unlink()
+        _remove(block)
         return None
     return block
+
+
+def _remove(block: shared_memory.SharedMemory) -> None:
+    """Unmap ``block`` here and remove it everywhere (mappings elsewhere stay valid until closed)."""
+    block.close()
+    block.unlink()
 
 
 # --- the encoded file, event loop -> decoding process -------------------------------------------
@@ -82,8 +87,7 @@ def send(data: bytes) -> Iterator[bytes | SharedBytes]:
         block.buf[: len(data)] = data
         yield SharedBytes(block.name, len(data))
     finally:
-        block.close()
-        block.unlink()
+        _remove(block)
 
 
 @contextmanager
@@ -129,16 +133,13 @@ class SharedPatches:
         try:
             return np.ndarray(self.shape, np.float32, buffer=block.buf).copy()
         finally:
-            block.close()
-            block.unlink()
+            _remove(block)
 
     def __del__(self) -> None:
         if getattr(self, "_owner", False):
             self._owner = False
             try:
-                block = shared_memory.SharedMemory(name=self.name)
-                block.close()
-                block.unlink()
+                _remove(shared_memory.SharedMemory(name=self.name))
             except Exception:  # noqa: BLE001 - already gone, or the interpreter is shutting down
                 pass
 
