@@ -40,6 +40,12 @@ FRAMES_PER_SECOND = SAMPLE_RATE / HOP_LENGTH  # 62.5 frames/s
 PATCH_SECONDS = PATCH_FRAMES / FRAMES_PER_SECOND  # 2.992 s of audio per patch
 PATCH_SHAPE = (PATCH_FRAMES, N_MELS)  # the model input, per patch: [time, mel]
 
+#: Mel bands per block of the filterbank product. A band's triangle spans a few neighbouring
+#: bins (2 to 15 of the 257), so each block of bands is multiplied with just the bins it spans:
+#: 4,256 products a frame instead of 24,672, 0.19 ms per 1,000 frames against 0.53 measured
+#: here, the same sums but for the zeros.
+_MEL_BLOCK = 16
+
 #: Samples per chunk the spectrogram is computed on (about 16 s): large enough to amortise
 #: the STFT call, small enough to keep the working set a few megabytes.
 _CHUNK_FRAMES = 1000
@@ -70,6 +76,19 @@ def _mel_basis() -> tuple[torch.Tensor, torch.Tensor]:
     return window, fbank
 
 
+@lru_cache(maxsize=1)
+def _mel_blocks() -> tuple[tuple[slice, torch.Tensor], ...]:
+    """Per block of ``_MEL_BLOCK`` bands: (the bins it spans, its filters [those bins, bands])."""
+    _, fbank = _mel_basis()
+    blocks = []
+    for first in range(0, N_MELS, _MEL_BLOCK):
+        filters = fbank[:, first : first + _MEL_BLOCK]
+        spanned = filters.ne(0).any(dim=1).nonzero().flatten()
+        bins = slice(int(spanned[0]), int(spanned[-1]) + 1) if len(spanned) else slice(0, 0)
+        blocks.append((bins, filters[bins].contiguous()))
+    return tuple(blocks)
+
+
 def _power_mel(window: torch.Tensor) -> torch.Tensor:
     """samples [(k - 1) * HOP_LENGTH + N_FFT] -> mel power [k, N_MELS], no padding (the
     streaming code below adds librosa's centre padding itself, so a frame never depends on
@@ -77,11 +96,12 @@ def _power_mel(window: torch.Tensor) -> torch.Tensor:
     numbers computed in a cheaper order: the frames are windowed and transformed row by row
     (``torch.stft`` returns [bins, k], whose real and imaginary parts are strided views and
     whose transpose the filterbank product then reads across), and |X|^2 is re^2 + im^2 in
-    place rather than the square of a square root (1.2 ms per 1,000 frames against 2.5)."""
-    hann, fbank = _mel_basis()
+    place rather than the square of a square root (1.2 ms per 1,000 frames against 2.5), and the
+    filterbank is applied block by block to the bins each block of bands spans (``_MEL_BLOCK``)."""
+    hann, _ = _mel_basis()
     spec = torch.fft.rfft(window.unfold(0, N_FFT, HOP_LENGTH) * hann)  # [k, bins]
-    power = spec.real.square()
-    return power.addcmul_(spec.imag, spec.imag) @ fbank
+    power = spec.real.square().addcmul_(spec.imag, spec.imag)
+    return torch.cat([power[:, bins] @ filters for bins, filters in _mel_blocks()], dim=1)
 
 
 def log_mel_max() -> float:

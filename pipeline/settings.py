@@ -151,6 +151,11 @@ class Settings(BaseSettings):
     triton_max_attempts: int = Field(
         4, ge=1, le=20, description="Attempts per Triton request before the outage handling."
     )
+    triton_shared_memory: bool = Field(
+        True,
+        description="Hand the worker's patches to Triton through this host's shared memory when the server can open it "
+        "(it runs beside the worker); a server that cannot is detected on the first track and the requests carry them.",
+    )
     max_patches_per_request: int = Field(
         64, ge=1, description="Most patches in one inference request (the model's max batch)."
     )

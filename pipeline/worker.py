@@ -73,6 +73,7 @@ class _Track:
     data: bytes | None = None
     crashed: bool = False  # its decoding process died (a decoder crash, or killed for memory)
     analysis: Analysis | None = None
+    shared: handoff.SharedPatches | None = None  # the block the analysis's patches are mapped from
     outputs: Outputs | None = None  # every network's scores and embeddings, per patch
     error: TrackError | None = None
     latency_ms: dict[str, float] = field(default_factory=dict)
@@ -154,7 +155,8 @@ class Worker:
         loop = asyncio.get_running_loop()
         try:
             with handoff.send(track.data) as data:
-                track.analysis = handoff.receive(*await loop.run_in_executor(self.pool, _analyse_job, data, self.config))
+                analysis, track.shared = await loop.run_in_executor(self.pool, _analyse_job, data, self.config)
+            track.analysis = handoff.receive(analysis, track.shared)
         except TrackError as exc:
             track.error = exc
             return
@@ -197,13 +199,18 @@ class Worker:
     async def _score(self, track: _Track) -> None:
         """Every network's outputs for the track's patches into ``track.outputs``, or its error."""
         patches = track.analysis.patches.patches
+        shm_key = track.shared.key if track.shared is not None else None
         metrics.BATCH_PATCHES.observe(len(patches))
         start = time.perf_counter()
         try:
-            outputs = await _until_available("triton", lambda: self.scorer.score(patches), self.config.outage_backoff_max_s)
+            outputs = await _until_available("triton", lambda: self.scorer.score(patches, shm_key=shm_key), self.config.outage_backoff_max_s)
         except InferenceFailed as exc:
             track.error = exc
             return
+        finally:
+            if track.shared is not None:  # scored or failed, nothing opens the block by name again
+                track.shared.release()
+                track.shared = None
         elapsed = time.perf_counter() - start
         metrics.STAGE_SECONDS.labels("inference").observe(elapsed)
         track.latency_ms["inference"] = round(elapsed * 1000, 1)

@@ -84,3 +84,20 @@ def test_log_mel_max_bounds_the_loudest_signals():
     loud.append(np.clip(np.random.default_rng(0).normal(0, 10, len(t)), -1, 1))
     peak = max(float(F.log_mel(s.astype(np.float32)).max()) for s in loud)
     assert F.log_mel_max() - 2 < peak <= F.log_mel_max()
+
+
+def test_the_filterbank_applied_by_blocks_of_bands_equals_the_whole_product():
+    import torch
+
+    window, fbank = F._mel_basis()
+    blocks = F._mel_blocks()
+    # Every non-zero filter weight lies in the bins its block spans.
+    covered = torch.zeros_like(fbank, dtype=torch.bool)
+    for i, (bins, filters) in enumerate(blocks):
+        covered[bins, i * F._MEL_BLOCK : i * F._MEL_BLOCK + filters.shape[1]] = True
+        assert bins.stop - bins.start < fbank.shape[0] // 2  # a block spans a part of the bins, not all
+    assert not (fbank.ne(0) & ~covered).any()
+    samples = torch.from_numpy(np.random.default_rng(0).uniform(-1, 1, 999 * F.HOP_LENGTH + F.N_FFT).astype(np.float32))
+    spec = torch.fft.rfft(samples.unfold(0, F.N_FFT, F.HOP_LENGTH) * window)
+    whole = (spec.abs() ** 2) @ fbank
+    np.testing.assert_allclose(F._power_mel(samples).numpy(), whole.numpy(), rtol=1e-4, atol=1e-6 * float(whole.max()))

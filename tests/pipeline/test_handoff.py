@@ -34,19 +34,25 @@ def pool():
         yield pool
 
 
-def test_patches_come_back_equal_and_the_block_is_removed(pool):
+def test_patches_come_back_equal_and_the_block_is_removed_on_release(pool):
     data = encode(tone(20.0), "mp3")
     analysis, shared = pool.submit(_analyse_job, data, CONFIG).result()
     assert shared is not None and shared.shape == (6, 187, 96) and exists(shared.name)
+    assert shared.key == "/" + shared.name and shared.nbytes == 6 * 187 * 96 * 4
     assert analysis.patches.patches.shape == (0, 187, 96)  # nothing big went through the pipe
     received = handoff.receive(analysis, shared)
     direct = analyse(data, max_duration_s=CONFIG.max_duration_s, min_duration_s=CONFIG.min_duration_s)
     np.testing.assert_array_equal(received.patches.patches, direct.patches.patches)
     np.testing.assert_array_equal(received.patches.patch_starts_s, direct.patches.patch_starts_s)
     assert received.duration_s == direct.duration_s
+    assert exists(shared.name)  # mapped, not copied: the name stays for a Triton server to open
+    shared.release()
     assert not exists(shared.name)
-    with pytest.raises(RuntimeError, match="taken"):
-        shared.take()
+    # The mapping outlives the name for as long as the array does.
+    np.testing.assert_array_equal(received.patches.patches, direct.patches.patches)
+    with pytest.raises(RuntimeError, match="released"):
+        shared.view()
+    shared.release()  # once is enough; again is harmless
 
 
 def test_the_file_goes_in_through_shared_memory_and_its_block_is_removed_after_the_job(pool):
@@ -62,24 +68,29 @@ def test_the_file_goes_in_through_shared_memory_and_its_block_is_removed_after_t
     assert not exists(sent.name)
 
 
-def test_a_handle_dropped_untaken_removes_its_block(pool):
-    _, shared = pool.submit(_analyse_job, encode(tone(5.0), "wav"), CONFIG).result()
-    name = shared.name
-    assert exists(name)
-    del shared  # a cancelled batch: nobody takes the result
-    assert not exists(name)
+def test_a_dropped_handle_removes_its_block_viewed_or_not(pool):
+    for view in (False, True):
+        analysis, shared = pool.submit(_analyse_job, encode(tone(5.0), "wav"), CONFIG).result()
+        name = shared.name
+        received = handoff.receive(analysis, shared) if view else None
+        assert exists(name)
+        del shared  # a cancelled batch: nobody scores the track
+        assert not exists(name)
+        assert received is None or received.patches.patches.shape == (1, 187, 96)
 
 
-def test_the_sending_side_neither_takes_nor_removes():
+def test_the_sending_side_neither_views_nor_removes():
     analysis = analyse(encode(tone(5.0), "wav"), max_duration_s=60, min_duration_s=1)
     _, shared = handoff.share(analysis)
     with pytest.raises(RuntimeError, match="process that receives"):
-        shared.take()
+        shared.view()
     name = shared.name
+    shared.release()  # not the sender's to remove
     received = pickle.loads(pickle.dumps(shared))  # as the pool delivers it
     del shared
     assert exists(name)
-    np.testing.assert_array_equal(received.take(), analysis.patches.patches)
+    np.testing.assert_array_equal(received.view(), analysis.patches.patches)
+    received.release()
     assert not exists(name)
 
 

@@ -10,6 +10,7 @@ network's eager PyTorch checkpoint alone on all patches at once.
 from __future__ import annotations
 
 import urllib.request
+from multiprocessing import shared_memory
 
 import numpy as np
 import pytest
@@ -107,6 +108,32 @@ async def test_triton_cpu_model_scores_equal_the_reference_with_one_request_per_
                     assert set(one) == set(NETWORKS) and all(len(o.scores) == len(batch) for o in one.values())
             finally:
                 await scorer.close()
+
+
+@pytest.mark.integration
+async def test_triton_reads_patches_from_shared_memory_and_falls_back_when_it_cannot(clips, tmp_path):
+    served, expected = clips[0]
+    block = shared_memory.SharedMemory(create=True, size=served.nbytes)
+    try:
+        np.ndarray(served.shape, np.float32, buffer=block.buf)[...] = served
+        with EmbeddedStack(model_repository=REPO / "triton_models", log_dir=tmp_path, models=["musicnn"]) as stack:
+            scorer = await TritonScorer.connect(stack.triton_grpc_url, "musicnn", max_patches=4)
+            try:
+                # The server reads the block: the array handed over only gives the shape.
+                outputs = await scorer.score(np.zeros_like(served), shm_key="/" + block.name)
+                assert max_diff(outputs, expected) <= TOLERANCE and scorer.shared_memory
+                assert len(served) > scorer.max_batch  # several requests, each at its offset
+                status = await scorer._client.get_system_shared_memory_status(as_json=True)
+                assert not status.get("regions")  # unregistered once scored
+                # A block the server cannot open (as on another host): the requests carry the
+                # patches, from now on.
+                outputs = await scorer.score(served, shm_key="/moodstream-no-such-block")
+                assert max_diff(outputs, expected) <= TOLERANCE and not scorer.shared_memory
+            finally:
+                await scorer.close()
+    finally:
+        block.close()
+        block.unlink()
 
 
 STUDENT = "musicnn_student"  # the distilled CPU tier (training/distill.py), same outputs as musicnn

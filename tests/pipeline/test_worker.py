@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import multiprocessing
+from multiprocessing import shared_memory
 import os
 from concurrent.futures import ProcessPoolExecutor
 
@@ -49,11 +50,11 @@ class FlakyScorer:
         self.inner, self.outages, self.calls = inner, outages, 0
         self.meta = inner.meta
 
-    async def score(self, patches):
+    async def score(self, patches, shm_key=None):
         self.calls += 1
         if self.calls <= self.outages:
             raise ServiceUnavailable("Triton down")
-        return await self.inner.score(patches)
+        return await self.inner.score(patches, shm_key=shm_key)
 
 
 @pytest.fixture(scope="module")
@@ -94,6 +95,34 @@ def test_batch_scores_every_track_in_one_call_and_matches_tagging_alone(scorer, 
     assert outputs["a"]["leading_mood"]["mood"] is not None and set(outputs["a"]["embeddings"]) == {"musicnn_msd", "musicnn_mtt"}
 
 
+class KeyReadingScorer:
+    """Wraps a real scorer; reads each shared-memory key it is given, as Triton would open it,
+    and keeps what the block held beside the patches it came with."""
+
+    def __init__(self, inner):
+        self.inner, self.meta, self.seen = inner, inner.meta, []
+
+    async def score(self, patches, shm_key=None):
+        block = shared_memory.SharedMemory(name=shm_key.lstrip("/"))
+        try:
+            self.seen.append((shm_key, np.array(patches), np.ndarray(patches.shape, np.float32, buffer=block.buf).copy()))
+        finally:
+            block.close()
+        return await self.inner.score(patches, shm_key=shm_key)
+
+
+def test_the_scorer_gets_the_patches_block_by_key_and_no_block_outlives_the_batch(example_clips):
+    # A scorer of its own: two tracks score concurrently, which binds its lock to this test's loop.
+    reader = KeyReadingScorer(OnnxScorer(REPO_ROOT / "triton_models", "musicnn"))
+    result = asyncio.run(make_worker(reader, Recorder()).process([announce("a", example_clips[0]), announce("b", example_clips[1])]))
+    assert result.outputs == 2 and len(reader.seen) == 2
+    for key, patches, in_block in reader.seen:
+        assert len(patches) > 0
+        np.testing.assert_array_equal(in_block, patches)
+        with pytest.raises(FileNotFoundError):
+            shared_memory.SharedMemory(name=key.lstrip("/"))
+
+
 def test_an_outage_pauses_the_batch_instead_of_dead_lettering(scorer, example_clips):
     flaky = FlakyScorer(scorer, outages=3)
     publish = Recorder()
@@ -107,7 +136,7 @@ class CrashingPool(ProcessPoolExecutor):
 
     def submit(self, fn, data, *args):
         with handoff.opened(data) as content:
-            crash = bytes(content[:5]) == b"CRASH"
+            crash = (content[:5] if isinstance(content, bytes) else content.read(5)) == b"CRASH"
         if crash:
             return super().submit(os._exit, 1)
         return super().submit(fn, data, *args)
@@ -132,11 +161,11 @@ class RejectingScorer:
     def __init__(self, inner):
         self.inner, self.meta, self.calls = inner, inner.meta, 0
 
-    async def score(self, patches):
+    async def score(self, patches, shm_key=None):
         self.calls += 1
         if any(not p.any() for p in patches):
             raise InferenceFailed("request rejected")
-        return await self.inner.score(patches)
+        return await self.inner.score(patches, shm_key=shm_key)
 
 
 def test_a_track_the_model_server_rejects_costs_only_that_track(scorer, example_clips, tmp_path):
