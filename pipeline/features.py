@@ -193,13 +193,20 @@ class PatchStream:
         self._emitted = 0
 
     def push(self, frames: np.ndarray) -> np.ndarray:
-        """frames: [k, N_MELS] -> the patches now complete, [p, PATCH_FRAMES, N_MELS]."""
+        """frames: [k, N_MELS] -> the patches now complete, [p, PATCH_FRAMES, N_MELS] (a
+        read-only view, valid for as long as the caller keeps it)."""
+        if not len(frames):  # most decoder chunks complete no spectrogram chunk: nothing to copy
+            return np.empty((0, *PATCH_SHAPE), np.float32)
         self._frames = np.concatenate([self._frames, frames])
         n = 0 if len(self._frames) < PATCH_FRAMES else 1 + (len(self._frames) - PATCH_FRAMES) // self.hop_frames
         if n == 0:
             return np.empty((0, *PATCH_SHAPE), np.float32)
-        starts = np.arange(n) * self.hop_frames
-        patches = np.stack([self._frames[s : s + PATCH_FRAMES] for s in starts])
+        # Views of the frames, not copies: the caller copies them once, where they are kept.
+        if self.hop_frames == PATCH_FRAMES:
+            patches = self._frames[: n * PATCH_FRAMES].reshape(n, *PATCH_SHAPE)
+        else:
+            windows = np.lib.stride_tricks.sliding_window_view(self._frames, PATCH_FRAMES, axis=0)  # [k, N_MELS, PATCH_FRAMES]
+            patches = windows[: (n - 1) * self.hop_frames + 1 : self.hop_frames].transpose(0, 2, 1)
         self._frames = self._frames[n * self.hop_frames :]
         self._emitted += n
         return patches
@@ -258,6 +265,8 @@ class _PatchSink:
         self._overflow: list[np.ndarray] = []
 
     def add(self, patches: np.ndarray) -> None:
+        if not len(patches):
+            return
         room = len(self._buffer) - self._filled
         head = patches[:room]
         self._buffer[self._filled : self._filled + len(head)] = head
