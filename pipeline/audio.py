@@ -30,10 +30,9 @@ _SF_BLOCK = 65_536
 #: Source samples downmixed and resampled per call (about 0.7 s at 48 kHz).
 _GROUP_SAMPLES = 32_768
 
-#: Encoded audio: the bytes themselves (an S3 object; a view of them in shared memory), or a
-#: seekable binary file opened by the caller (a local file: read as decoding goes, so memory
-#: does not grow with the file's size).
-Source = bytes | memoryview | BinaryIO
+#: Encoded audio: the bytes themselves (an S3 object), or a seekable binary file opened by the
+#: caller (a local file: read as decoding goes, so memory does not grow with the file's size).
+Source = bytes | BinaryIO
 
 
 def _reader(data: Source) -> BinaryIO:

@@ -84,7 +84,7 @@ def _mel_blocks() -> tuple[tuple[slice, torch.Tensor], ...]:
     for first in range(0, N_MELS, _MEL_BLOCK):
         filters = fbank[:, first : first + _MEL_BLOCK]
         spanned = filters.ne(0).any(dim=1).nonzero().flatten()
-        bins = slice(int(spanned[0]), int(spanned[-1]) + 1) if len(spanned) else slice(0, 0)
+        bins = slice(int(spanned[0]), int(spanned[-1]) + 1)
         blocks.append((bins, filters[bins].contiguous()))
     return tuple(blocks)
 
@@ -268,8 +268,6 @@ class _PatchSink:
         self._overflow: list[np.ndarray] = []
 
     def add(self, patches: np.ndarray) -> None:
-        if not len(patches):
-            return
         room = len(self._buffer) - self._filled
         head = patches[:room]
         self._buffer[self._filled : self._filled + len(head)] = head

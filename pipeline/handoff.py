@@ -27,10 +27,10 @@ from __future__ import annotations
 import mmap
 import os
 from collections.abc import Iterator
-from typing import BinaryIO
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from multiprocessing import shared_memory
+from typing import BinaryIO
 
 import numpy as np
 
@@ -171,7 +171,7 @@ class SharedPatches:
         if getattr(self, "_owner", False):
             self._owner = False
             try:
-                shared_memory.SharedMemory(name=self.name).unlink()
+                _remove(shared_memory.SharedMemory(name=self.name))
             except FileNotFoundError:
                 pass
 

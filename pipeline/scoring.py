@@ -185,8 +185,7 @@ class TritonScorer:
             outputs = await self._score_shared(patches, shm_key)
             if outputs is not None:
                 return outputs
-        requests = [_infer_request(self.meta.name, self.version, self.meta.outputs, chunk) for chunk in _chunks(patches, self.max_batch)]
-        return concat_outputs(self.meta, list(await asyncio.gather(*(self._infer(r) for r in requests))))
+        return await self._infer_chunks(patches)
 
     async def ready(self) -> bool:
         """Whether the server and the model answer now (one quick call, no retries)."""
@@ -208,12 +207,7 @@ class TritonScorer:
             log.warning("Triton at %s cannot read this host's shared memory (%s): the patches go in the requests from now on", self.url, exc)
             return None
         try:
-            per_patch = patches[0].nbytes
-            requests = [
-                _infer_request(self.meta.name, self.version, self.meta.outputs, chunk, region=(region, start * per_patch))
-                for start, chunk in zip(range(0, len(patches), self.max_batch), _chunks(patches, self.max_batch))
-            ]
-            return concat_outputs(self.meta, list(await asyncio.gather(*(self._infer(r) for r in requests))))
+            return await self._infer_chunks(patches, region)
         except InferenceFailed as exc:
             log.warning("Triton rejected a request naming shared-memory region %s (%s); sending the patches instead", region, exc)
             return None
@@ -222,6 +216,15 @@ class TritonScorer:
                 await self._client.unregister_system_shared_memory(region, client_timeout=self.timeout_s)
             except InferenceServerException as exc:  # a server gone or restarted holds no region
                 log.debug("unregistering %s: %s", region, exc)
+
+    async def _infer_chunks(self, patches: np.ndarray, region: str | None = None) -> Outputs:
+        """``patches`` in requests of at most ``max_batch``, sent at once; with ``region`` (a
+        registered shared-memory region holding them) each request names its part of it."""
+        requests = [
+            _infer_request(self.meta.name, self.version, self.meta.outputs, chunk, region=None if region is None else (region, start * chunk[0].nbytes))
+            for start, chunk in zip(range(0, len(patches), self.max_batch), _chunks(patches, self.max_batch))
+        ]
+        return concat_outputs(self.meta, list(await asyncio.gather(*(self._infer(r) for r in requests))))
 
     async def _infer(self, request: bytes) -> Outputs:
         """One serialized request (see :func:`_infer_request`): every network's outputs back."""
