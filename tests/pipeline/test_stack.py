@@ -351,6 +351,20 @@ def test_triton_addresses_need_a_model_repository(tmp_path):
         stack.start_triton()
 
 
+@pytest.mark.parametrize(("cores", "workers"), [({0}, "1"), ({0, 1}, "1"), (set(range(8)), "4")])
+def test_a_worker_beside_triton_decodes_on_half_the_cores(tmp_path, monkeypatch, cores, workers):
+    monkeypatch.delenv("MOODSTREAM_DECODE_WORKERS", raising=False)
+    monkeypatch.setattr("pipeline.stack.os.sched_getaffinity", lambda pid: cores)
+    assert EmbeddedStack(model_repository=tmp_path, log_dir=tmp_path).env()["MOODSTREAM_DECODE_WORKERS"] == workers
+
+
+def test_decode_workers_set_by_the_user_win_and_without_triton_none_are_set(tmp_path, monkeypatch):
+    monkeypatch.setenv("MOODSTREAM_DECODE_WORKERS", "3")
+    assert EmbeddedStack(model_repository=tmp_path, log_dir=tmp_path).env()["MOODSTREAM_DECODE_WORKERS"] == "3"
+    monkeypatch.delenv("MOODSTREAM_DECODE_WORKERS")
+    assert "MOODSTREAM_DECODE_WORKERS" not in EmbeddedStack(model_repository=None, log_dir=tmp_path).env()
+
+
 # --- the Kafka front's ApiVersions normalisation ------------------------------------------------
 
 #: Tansu 0.6.0's ApiVersions v3 response (correlation id 1 on), as captured from the broker.
