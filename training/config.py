@@ -46,6 +46,10 @@ class FitConfig:
     weight_decay: float = 1e-4
     grad_clip: float = 5.0  # max gradient norm (0: off)
     schedule: str = "plateau"  # "plateau" (ReduceLROnPlateau on validation loss) or "cosine"
+    # cosine: cycles of these many epochs (summing to epochs), each a warm restart annealed to 0
+    # (empty: one cycle of epochs); cycle k starts at lr x restart_lr_factor^k
+    cosine_cycles: list[int] = field(default_factory=list)
+    restart_lr_factor: float = 1.0
     plateau_patience: int = 2  # epochs
     plateau_factor: float = 0.5
     early_stopping: int = 6  # epochs without a better validation loss before stopping (0: off)
@@ -126,6 +130,10 @@ def from_dict(values: dict[str, Any]) -> FitConfig:
         raise ValueError(f"data must be one of {DATASETS}, got {cfg.data!r}")
     if cfg.schedule not in ("plateau", "cosine"):
         raise ValueError(f"schedule must be plateau or cosine, got {cfg.schedule!r}")
+    if cfg.cosine_cycles and (sum(cfg.cosine_cycles) != cfg.epochs or min(cfg.cosine_cycles) < 1):
+        raise ValueError(f"cosine_cycles {cfg.cosine_cycles} must be epochs >= 1 each that add up to epochs ({cfg.epochs})")
+    if not 0 < cfg.restart_lr_factor <= 1:
+        raise ValueError(f"restart_lr_factor must be in (0, 1], got {cfg.restart_lr_factor}")
     if cfg.unfreeze_epoch < 0:
         raise ValueError(f"unfreeze_epoch must be >= 0 (0: frozen parameters stay frozen), got {cfg.unfreeze_epoch}")
     return cfg

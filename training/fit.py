@@ -14,6 +14,7 @@ writes checkpoints and logs.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -224,10 +225,6 @@ def train(
     # Frozen parameters are in the optimizer too (without a gradient AdamW leaves them alone):
     # unfreezing them later keeps one parameter group, one schedule and a resumable state.
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    if cfg.schedule == "cosine":
-        scheduler: Any = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, cfg.epochs))
-    else:
-        scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=cfg.plateau_factor, patience=cfg.plateau_patience)
     scaler = torch.amp.GradScaler("cuda", enabled=rt.amp_dtype == torch.float16)
 
     start_epoch, best, stale = 0, math.inf, 0
@@ -235,12 +232,14 @@ def train(
         resumed, ckpt = load_checkpoint(Path(cfg.resume))
         model.load_state_dict(resumed.state_dict())
         optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
         if ckpt.get("scaler"):  # fp16 runs: the loss scale found so far, not 2^16 again
             scaler.load_state_dict(ckpt["scaler"])
         start_epoch, best, stale = ckpt["epoch"] + 1, ckpt["best_val_loss"], ckpt["stale_epochs"]
-        version = ckpt["version"]  # a resumed run is the same model
+        version = cfg.version or ckpt["version"]  # a resumed run is the same model unless named
         log.info("resumed %s at epoch %d", cfg.resume, start_epoch)
+    scheduler = _scheduler(cfg, optimizer, start_epoch)
+    if cfg.resume and cfg.schedule == "plateau":
+        scheduler.load_state_dict(ckpt["scheduler"])
 
     net: nn.Module = model
     if rt.world > 1:
@@ -286,6 +285,26 @@ def train(
         dist.barrier()
         dist.destroy_process_group()
     return out_dir / "best.pt"
+
+
+def cosine_factor(epoch: int, cycles: list[int], restart_factor: float) -> float:
+    """Learning rate of ``epoch`` over the configured one: a cosine from 1 to 0 over each of
+    ``cycles`` (epochs), cycle k scaled by ``restart_factor``^k (warm restarts)."""
+    for k, length in enumerate(cycles):
+        if epoch < length:
+            return restart_factor**k * (1 + math.cos(math.pi * epoch / length)) / 2
+        epoch -= length
+    return 0.0
+
+
+def _scheduler(cfg: FitConfig, optimizer: torch.optim.Optimizer, start_epoch: int) -> Any:
+    """cosine: a function of the epoch (:func:`cosine_factor`), computed again on resume rather
+    than loaded, so a finished run can be resumed with a cycle more; plateau: ReduceLROnPlateau,
+    whose state the caller loads on resume."""
+    if cfg.schedule == "cosine":
+        factor = functools.partial(cosine_factor, cycles=cfg.cosine_cycles or [max(1, cfg.epochs)], restart_factor=cfg.restart_lr_factor)
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, factor, last_epoch=start_epoch - 1)
+    return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=cfg.plateau_factor, patience=cfg.plateau_patience)
 
 
 def _seen(outputs: tuple[torch.Tensor, torch.Tensor], with_embedding: bool) -> torch.Tensor:

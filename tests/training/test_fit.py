@@ -22,7 +22,7 @@ from training.cli import main
 from training.config import FitConfig, from_dict, load_config
 from training.evaluate import evaluate
 from training.export import export
-from training.fit import fit, make_loss, mixup, spec_augment
+from training.fit import _scheduler, cosine_factor, fit, make_loss, mixup, spec_augment
 from training.models import load_checkpoint
 
 # architecture -> (data option, fixture, expected task)
@@ -166,6 +166,35 @@ def test_config_file_and_overrides(tmp_path):
         load_config(None, ["data=imagenet"])
     with pytest.raises(ValueError, match="unfreeze_epoch must be >= 0"):
         load_config(None, ["unfreeze_epoch=-1"])
+    with pytest.raises(ValueError, match="add up to epochs"):
+        load_config(None, ["epochs=12", "cosine_cycles=[10, 3]"])
+    with pytest.raises(ValueError, match="restart_lr_factor"):
+        load_config(None, ["restart_lr_factor=0"])
+
+
+def test_cosine_cycles_restart_lower_and_anneal_to_zero():
+    f = [cosine_factor(e, [4, 2], 0.5) for e in range(7)]
+    np.testing.assert_allclose(f, [1, (1 + np.cos(np.pi / 4)) / 2, 0.5, (1 + np.cos(3 * np.pi / 4)) / 2, 0.5, 0.25, 0], atol=1e-12)
+
+
+def test_a_finished_cosine_run_resumed_with_a_cycle_more_restarts_it():
+    """The shape of a resumed run: the optimizer state of the last epoch, a config with one
+    cycle more; its first epoch runs at lr x restart_lr_factor, whatever the saved schedule."""
+    cfg = FitConfig(schedule="cosine", epochs=4, lr=0.1)
+    done = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))], lr=cfg.lr)
+    scheduler = _scheduler(cfg, done, 0)
+    seen = []
+    for _ in range(cfg.epochs):
+        seen.append(done.param_groups[0]["lr"])
+        done.param_groups[0]["params"][0].grad = torch.ones(2)
+        done.step()
+        scheduler.step()
+    np.testing.assert_allclose(seen, [0.1 * cosine_factor(e, [4], 1.0) for e in range(4)])
+    longer = FitConfig(schedule="cosine", epochs=6, lr=0.1, cosine_cycles=[4, 2], restart_lr_factor=0.3)
+    resumed = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))], lr=longer.lr)
+    resumed.load_state_dict(done.state_dict())
+    _scheduler(longer, resumed, 4)
+    assert resumed.param_groups[0]["lr"] == pytest.approx(0.03)
 
 
 def test_class_and_tag_weighting():
