@@ -184,7 +184,7 @@ class EmbeddedStack:
 
         Triton runs the models on the same cores (``configs/cpu.pbtxt``: two instances of one
         thread each), and decoding processes beyond the cores it leaves only take turns with it:
-        on 2 cores, the worker path used 6-8 % less CPU a track with one decoding process than
+        on 2 cores, the worker path used 5-8 % less CPU a track with one decoding process than
         with two, in the same wall time (Triton sets the pace)."""
         return max(1, len(os.sched_getaffinity(0)) // 2)
 
