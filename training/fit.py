@@ -227,19 +227,17 @@ def train(
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scaler = torch.amp.GradScaler("cuda", enabled=rt.amp_dtype == torch.float16)
 
-    start_epoch, best, stale = 0, math.inf, 0
+    start_epoch, best, stale, saved_schedule = 0, math.inf, 0, None
     if cfg.resume:
         resumed, ckpt = load_checkpoint(Path(cfg.resume))
         model.load_state_dict(resumed.state_dict())
         optimizer.load_state_dict(ckpt["optimizer"])
         if ckpt.get("scaler"):  # fp16 runs: the loss scale found so far, not 2^16 again
             scaler.load_state_dict(ckpt["scaler"])
-        start_epoch, best, stale = ckpt["epoch"] + 1, ckpt["best_val_loss"], ckpt["stale_epochs"]
+        start_epoch, best, stale, saved_schedule = ckpt["epoch"] + 1, ckpt["best_val_loss"], ckpt["stale_epochs"], ckpt["scheduler"]
         version = cfg.version or ckpt["version"]  # a resumed run is the same model unless named
         log.info("resumed %s at epoch %d", cfg.resume, start_epoch)
-    scheduler = _scheduler(cfg, optimizer, start_epoch)
-    if cfg.resume and cfg.schedule == "plateau":
-        scheduler.load_state_dict(ckpt["scheduler"])
+    scheduler = _scheduler(cfg, optimizer, start_epoch, saved_schedule)
 
     net: nn.Module = model
     if rt.world > 1:
@@ -297,14 +295,18 @@ def cosine_factor(epoch: int, cycles: list[int], restart_factor: float) -> float
     return 0.0
 
 
-def _scheduler(cfg: FitConfig, optimizer: torch.optim.Optimizer, start_epoch: int) -> Any:
-    """cosine: a function of the epoch (:func:`cosine_factor`), computed again on resume rather
-    than loaded, so a finished run can be resumed with a cycle more; plateau: ReduceLROnPlateau,
-    whose state the caller loads on resume."""
+def _scheduler(cfg: FitConfig, optimizer: torch.optim.Optimizer, start_epoch: int, saved: dict[str, Any] | None = None) -> Any:
+    """The schedule from ``start_epoch`` on. cosine: a function of the epoch
+    (:func:`cosine_factor`), computed again on resume rather than loaded, so a finished run can
+    be resumed with a cycle more; plateau: ReduceLROnPlateau, continuing from its ``saved``
+    state (a resumed checkpoint's) when given."""
     if cfg.schedule == "cosine":
         factor = functools.partial(cosine_factor, cycles=cfg.cosine_cycles or [max(1, cfg.epochs)], restart_factor=cfg.restart_lr_factor)
         return torch.optim.lr_scheduler.LambdaLR(optimizer, factor, last_epoch=start_epoch - 1)
-    return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=cfg.plateau_factor, patience=cfg.plateau_patience)
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=cfg.plateau_factor, patience=cfg.plateau_patience)
+    if saved is not None:
+        scheduler.load_state_dict(saved)
+    return scheduler
 
 
 def _seen(outputs: tuple[torch.Tensor, torch.Tensor], with_embedding: bool) -> torch.Tensor:
