@@ -69,6 +69,9 @@ class FitConfig:
     validation_groups: list[str] = field(default_factory=list)  # packages/albums for early stopping
     holdout_groups: list[str] = field(default_factory=list)  # packages/albums of the agreement report
     embedding_weight: float = 0.5  # weight of the embedding term against the logits term
+    # weight of each tag that moods.toml makes a mood family member (the tags the leading mood is
+    # read from) in the logits term, against 1 for every other tag
+    mood_tag_weight: float = 1.0
     teacher_workers: int = 2  # processes computing the teacher's outputs
     # arch musicnn_lite: the teacher's trained networks (PyTorch checkpoints, in the entry's
     # network order) it is made from, and whether their filters stay as they are
@@ -134,6 +137,8 @@ def from_dict(values: dict[str, Any]) -> FitConfig:
         raise ValueError(f"cosine_cycles {cfg.cosine_cycles} must be epochs >= 1 each that add up to epochs ({cfg.epochs})")
     if not 0 < cfg.restart_lr_factor <= 1:
         raise ValueError(f"restart_lr_factor must be in (0, 1], got {cfg.restart_lr_factor}")
+    if cfg.mood_tag_weight <= 0:
+        raise ValueError(f"mood_tag_weight must be > 0 (1: mood tags weigh as much as the others), got {cfg.mood_tag_weight}")
     if cfg.unfreeze_epoch < 0:
         raise ValueError(f"unfreeze_epoch must be >= 0 (0: frozen parameters stay frozen), got {cfg.unfreeze_epoch}")
     return cfg

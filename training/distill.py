@@ -10,6 +10,7 @@
     -> the student (``arch``; ``student`` by default: every network's tags and embeddings from one
        trunk) trains in the loop ``fit`` uses on every training patch each epoch, with the loss
            MSE of the logits against the teacher's logits, each tag scaled by the teacher's spread
+           (the tags moods.toml reads moods from weighted ``mood_tag_weight``, the others 1)
            + ``embedding_weight`` x MSE of the embeddings, each dimension likewise scaled
        (logit matching: a tag the teacher scores 0.001 to 0.02 is ranked as carefully as one it
        scores 0.1 to 0.9; a BCE on probabilities barely sees the former)
@@ -112,6 +113,19 @@ def split_by_group(tracks: list[Track], cfg: FitConfig) -> dict[str, list[Track]
 
 
 # -- targets, data set, loss -----------------------------------------------------------------
+
+
+def mood_tag_weights(meta: Any, weight: float, moods_file: Path = DEFAULT_MOODS_FILE) -> np.ndarray:
+    """[n_labels of all ``meta``'s networks, in order]: ``weight`` for each tag that
+    ``moods_file`` makes a mood family member, 1 for the others."""
+    taxonomy = load_taxonomy(meta, moods_file, calibrated=False)
+    counts = [len(n.labels) for n in meta.networks]
+    offset = dict(zip((n.name for n in meta.networks), np.cumsum([0] + counts)))
+    weights = np.ones(sum(counts), np.float32)
+    for family in taxonomy.families:
+        for member in family.members:
+            weights[offset[member.network] + member.column] = weight
+    return weights
 
 
 def teacher_logits(probabilities: np.ndarray) -> np.ndarray:
@@ -254,7 +268,7 @@ def distill(cfg: FitConfig, source: str = DEBIAN, *, repository: Path = REPO_ROO
     labels = tuple(f"{n.name}:{label}" for n in meta.networks for label in n.labels)
     train_ds = TeacherPatches(splits["train"], cache, outputs, meta.outputs, grid_only=False)
     val_ds = TeacherPatches(splits["validation"], cache, outputs, meta.outputs, grid_only=True)
-    loss_fn = DistillLoss(train_ds.all_targets(), len(labels), cfg.embedding_weight).to(rt.device)
+    loss_fn = DistillLoss(train_ds.all_targets(), len(labels), cfg.embedding_weight, mood_tag_weights(meta, cfg.mood_tag_weight)).to(rt.device)
     score_names = [n.scores_output for n in meta.networks]
     n_labels = len(labels)
 

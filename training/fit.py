@@ -144,14 +144,20 @@ def make_loss(task: str, train_targets: np.ndarray | None, n_labels: int, weight
 
 class DistillLoss(nn.Module):
     """MSE of [logits | embedding] against the teacher's, each column divided by the teacher's
-    standard deviation on the training patches; the embedding part weighted ``embedding_weight``."""
+    standard deviation on the training patches. Tag i weighs ``label_weight[i]`` (default 1); the
+    embedding term as a whole weighs ``embedding_weight`` x the tags' total, spread evenly over
+    its dimensions; the weights are scaled so the tags' add up to 1."""
 
-    def __init__(self, targets: np.ndarray, n_labels: int, embedding_weight: float) -> None:
+    def __init__(self, targets: np.ndarray, n_labels: int, embedding_weight: float, label_weight: np.ndarray | None = None) -> None:
         super().__init__()
         spread = np.maximum(targets.std(axis=0), 1e-3)
         weight = np.ones(targets.shape[1], np.float32)
+        if label_weight is not None:
+            if label_weight.shape != (n_labels,) or label_weight.min() <= 0:
+                raise ValueError(f"label_weight must be {n_labels} positive weights, got shape {label_weight.shape}")
+            weight[:n_labels] = label_weight
         if targets.shape[1] > n_labels:
-            weight[n_labels:] = embedding_weight * n_labels / (targets.shape[1] - n_labels)
+            weight[n_labels:] = embedding_weight * weight[:n_labels].sum() / (targets.shape[1] - n_labels)
         self.register_buffer("scale", torch.tensor(1 / spread, dtype=torch.float32))
         self.register_buffer("weight", torch.tensor(weight / weight[:n_labels].sum()))
 

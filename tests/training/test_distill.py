@@ -20,7 +20,7 @@ from training.cli import main
 from training.config import from_dict
 from training.data import Track
 from training.data.cache import FeatureCache
-from training.distill import compare, distillation_set, split_by_group, teacher_logits
+from training.distill import compare, distillation_set, mood_tag_weights, split_by_group, teacher_logits
 from training.fit import DistillLoss
 from training.models import build, load_checkpoint
 from training.teacher import TEACHER_HOP, Teacher, patch_starts, teacher_outputs
@@ -172,6 +172,35 @@ def test_the_loss_weighs_every_tag_by_the_teachers_spread():
     assert abs(loss(narrow, zero).item() - loss(wide, zero).item()) < 0.05
     assert loss(zero, zero).item() == 0.0
     np.testing.assert_allclose(teacher_logits(np.array([0.5, 0.0])), [0.0, np.log(1e-6) - np.log1p(-1e-6)], rtol=1e-6)
+
+
+def test_mood_tags_can_weigh_more_without_changing_the_embeddings_share():
+    rng = np.random.default_rng(0)
+    targets = np.repeat(rng.normal(0, 1, (500, 1)), 6, axis=1).astype(np.float32)  # one spread
+    plain = DistillLoss(targets, n_labels=2, embedding_weight=0.5)
+    moody = DistillLoss(targets, n_labels=2, embedding_weight=0.5, label_weight=np.array([3.0, 1.0], np.float32))
+    zero = torch.zeros(1, 6)
+    first, second, embedding = zero.clone(), zero.clone(), zero.clone()
+    first[0, 0], second[0, 1], embedding[0, 2:] = 1.0, 1.0, 1.0
+    assert moody(first, zero).item() == pytest.approx(3 * moody(second, zero).item())
+    assert plain(first, zero).item() == pytest.approx(plain(second, zero).item())
+    # the embedding term keeps its weight against the tags as a whole
+    assert moody.weight[2:].sum().item() == pytest.approx(0.5) and plain.weight[2:].sum().item() == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="label_weight"):
+        DistillLoss(targets, n_labels=2, embedding_weight=0.5, label_weight=np.array([1.0, 0.0], np.float32))
+
+
+def test_mood_tag_weights_mark_the_tags_moods_are_read_from():
+    meta = read_meta(REPO_ROOT / "triton_models", "musicnn")
+    weights = mood_tag_weights(meta, 3.0)
+    labels = [f"{n.name}:{label}" for n in meta.networks for label in n.labels]
+    members = {m.key for f in load_taxonomy(meta, calibrated=False).families for m in f.members}
+    assert weights.shape == (len(labels),)
+    assert {label for label, w in zip(labels, weights) if w == 3.0} == members
+    assert {"musicnn_msd:happy", "musicnn_mtt:metal"} <= members and "musicnn_msd:rock" not in members
+    assert set(weights.tolist()) == {1.0, 3.0}
+    with pytest.raises(ValueError, match="mood_tag_weight"):
+        from_dict({"mood_tag_weight": 0})
 
 
 def test_the_student_gives_every_imitated_networks_tags_and_embedding():
