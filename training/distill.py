@@ -118,14 +118,8 @@ def split_by_group(tracks: list[Track], cfg: FitConfig) -> dict[str, list[Track]
 def mood_tag_weights(meta: Any, weight: float, moods_file: Path = DEFAULT_MOODS_FILE) -> np.ndarray:
     """[n_labels of all ``meta``'s networks, in order]: ``weight`` for each tag that
     ``moods_file`` makes a mood family member, 1 for the others."""
-    taxonomy = load_taxonomy(meta, moods_file, calibrated=False)
-    counts = [len(n.labels) for n in meta.networks]
-    offset = dict(zip((n.name for n in meta.networks), np.cumsum([0] + counts)))
-    weights = np.ones(sum(counts), np.float32)
-    for family in taxonomy.families:
-        for member in family.members:
-            weights[offset[member.network] + member.column] = weight
-    return weights
+    members = {m.key for family in load_taxonomy(meta, moods_file, calibrated=False).families for m in family.members}
+    return np.array([weight if f"{n.name}:{label}" in members else 1.0 for n in meta.networks for label in n.labels], np.float32)
 
 
 def teacher_logits(probabilities: np.ndarray) -> np.ndarray:
