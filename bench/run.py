@@ -1,12 +1,12 @@
 """``make bench``: moodstream against the decode floor and the naive baseline, on real audio in
 every common codec.
 
-    python -m bench.run AUDIO_DIR [--codecs mp3,vorbis,opus,flac,aac] [--repeats 3] [--out bench/results.json] [--limit N]
+    python -m bench.run AUDIO_DIR [--codecs mp3,vorbis,opus,flac,aac] [--repeats 3] [--cpu-repeats 5] [--out bench/results.json] [--limit N]
 
 The tracks of AUDIO_DIR are encoded by the bench itself as MP3, Vorbis, Opus, FLAC and AAC
 (:mod:`bench.codecs`; cached), and each codec is measured on its own, in one run, on the same
-music, in ``--repeats`` rounds of figures 1-4 whose ratios are medians (each figure's method is
-in its docstring below):
+music, in ``--repeats`` rounds of figures 1-4, and ``--cpu-repeats`` rounds of figures 1-2 (the
+CPU ratio), whose ratios are medians (each figure's method is in its docstring below):
 
 1. decode floor          PyAV decode + soxr resampling of each file alone, CPU s per audio minute,
                          measured right before and right after the worker path with Triton
@@ -61,6 +61,12 @@ STUDENT = "musicnn_student"  # its distilled CPU tier (training/distill.py), whe
 CACHE = Path(os.environ.get("MOODSTREAM_BENCH_CACHE", Path.home() / ".cache" / "moodstream" / "bench"))
 LONG_TRACKS_MIN = (3, 60)  # minutes of the two tracks the memory figure compares
 REPEATS = 3  # rounds per codec: medians of three, one noisy round cannot decide a ratio
+#: rounds of the decode floor and the worker path per codec (the first REPEATS of them full
+#: rounds). The CPU ratio is the noisiest figure on a shared 2-core machine: the decoding
+#: processes take turns with a Triton that keeps both cores busy, and one disturbed worker run
+#: moved a codec's ratio from 1.20 to 1.58 (2026-12-05 07:12), two such rounds in three now and
+#: then. A floor-and-worker round costs about 30 s, against 90 s for a full one.
+CPU_REPEATS = 5
 
 
 def decode_floor(files: list[Path]) -> dict:
@@ -282,6 +288,12 @@ def machine() -> dict:
     return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__, "onnxruntime": onnxruntime.__version__, "os": platform.platform()}
 
 
+def _of_rounds(codec: dict, name: str) -> str:
+    """' (r1, r2, ...)': the rounds' own values of a ratio a median was taken of, or nothing."""
+    values = [r[name] for r in codec.get("rounds", []) if name in r]
+    return f" ({', '.join(f'{v:.2f}' for v in values)})" if len(values) > 1 else ""
+
+
 def table(r: dict) -> str:
     """The Markdown tables ``make bench`` prints: per codec, then teacher and student, then the
     analysis window."""
@@ -297,7 +309,7 @@ def table(r: dict) -> str:
             f"| {codec} | {f['decode_floor']['cpu_s_per_audio_min']:.3f} | {f['worker_triton']['cpu_s'] / f['worker_triton']['audio_s'] * 60:.3f} "
             f"| {f['end_to_end']['tracks_per_s']:.3f} (p50 {f['end_to_end']['latency_p50_s']:.0f} s) | {f['naive']['tracks_per_s']:.3f} "
             f"| {rss[str(LONG_TRACKS_MIN[0])]['peak_rss_mb']:.0f} / {rss[str(LONG_TRACKS_MIN[1])]['peak_rss_mb']:.0f} "
-            + "".join(f"| {c[name]:.2f}{marks[name]} " for name in GOALS)
+            + "".join(f"| {c[name]:.2f}{marks[name]}{_of_rounds(c, name)} " for name in GOALS)
             + "|"
         )
     lines.append("| goal | | | | | | " + " | ".join(GOALS.values()) + " |")
@@ -313,19 +325,22 @@ def table(r: dict) -> str:
             lines.append(f"| {name} | {row['cpu_saving']:.0%} less | top-5 overlap {row['top5_overlap']:.0%}, max |Δscore| {row['max_abs_diff']:.3f} |")
     lines += ["", "all goals met on every codec" if r["goals_met"] else "goals missed: " + ", ".join(f"{codec} {name}" for codec, c in r["codecs"].items() for name in GOALS if not c["met"][name])]
     return "\n".join(lines)
-async def codec_figures(stack: EmbeddedStack, files: list[Path], codec: str, env: dict[str, str], log_dir: Path, repeats: int = 1) -> dict:
-    """Every per-codec figure on ``files`` (one codec), ``repeats`` rounds of floor, worker path,
-    end to end and naive in turn (each round on its own uploads, so track ids are new): the
-    ratios are the medians of each round's own, so a drift of this shared machine's speed moves
-    both sides of a ratio alike. The figures shown are the median round's of each."""
-    rounds = [await _round(stack, files, f"{codec}-{r}", env, log_dir) for r in range(repeats)]
+
+
+async def codec_figures(stack: EmbeddedStack, files: list[Path], codec: str, env: dict[str, str], log_dir: Path, repeats: int = 1, cpu_repeats: int = 0) -> dict:
+    """Every per-codec figure on ``files`` (one codec): ``repeats`` rounds of floor, worker path,
+    end to end and naive in turn, then floor and worker path alone up to ``cpu_repeats`` rounds
+    (each round on its own uploads, so track ids are new). The ratios are the medians of each
+    round's own, so a drift of this shared machine's speed moves both sides of a ratio alike. The
+    figures shown are the median round's of each."""
+    rounds = [await _round(stack, files, f"{codec}-{r}", env, log_dir, full=r < repeats) for r in range(max(repeats, cpu_repeats))]
     figures: dict = {"rounds": rounds}
     for key, figure in (("decode_floor", "cpu_s"), ("worker_triton", "cpu_s"), ("end_to_end", "tracks_per_s"), ("naive", "tracks_per_s")):
-        figures[key] = _median_by([r[key] for r in rounds], figure)
+        figures[key] = _median_by([r[key] for r in rounds if key in r], figure)
     return figures
 
 
-async def _round(stack: EmbeddedStack, files: list[Path], name: str, env: dict[str, str], log_dir: Path) -> dict:
+async def _round(stack: EmbeddedStack, files: list[Path], name: str, env: dict[str, str], log_dir: Path, full: bool = True) -> dict:
     figures: dict = {}
     objects, announcements = _announced(stack, files, f"bench-{name}", log_dir)
     # The floor is measured right before and right after the worker path it is compared with,
@@ -336,6 +351,8 @@ async def _round(stack: EmbeddedStack, files: list[Path], name: str, env: dict[s
     figures["worker_triton"]["triton_cpu_s"] = _group_cpu_s(stack.triton_pid) - triton_cpu
     figures["decode_floor"] = floor_of([*floors, decode_floor(files)])
     print(f"{name}: decode floor {figures['decode_floor']}\n{name}: worker path {figures['worker_triton']}", file=sys.stderr)
+    if not full:
+        return figures
     # The warm-up track is the first file again under its own key (its own track id).
     (warmup,) = upload(stack, files[:1], files[0].parent, bucket=BUCKET, prefix=f"warmup-{name}")
     figures["end_to_end"] = await end_to_end(stack, objects, warmup, env, log_dir)
@@ -397,7 +414,7 @@ async def main_async(args: argparse.Namespace) -> dict:
             env = {**os.environ, **stack.env(), "MOODSTREAM_MODEL": MODEL, "MOODSTREAM_ALLOWED_BUCKETS": BUCKET, "MOODSTREAM_METRICS_PORT": "0"}
             stack.create_topics([s.input_topic, s.output_topic, s.dlq_topic])
             for codec in codecs:
-                figures["codecs"][codec] = await codec_figures(stack, encoded[codec], codec, env, log_dir, args.repeats)
+                figures["codecs"][codec] = await codec_figures(stack, encoded[codec], codec, env, log_dir, args.repeats, args.cpu_repeats)
                 figures["codecs"][codec]["rss"] = {str(m): peak_rss(p, dict(os.environ)) for m, p in long[codec].items()}
                 print(f"{codec}: rss {figures['codecs'][codec]['rss']}", file=sys.stderr)
             for model in tiers:
@@ -412,18 +429,25 @@ GOALS = {"end_to_end_vs_naive": ">= 1.8", "worker_cpu_vs_decode_floor": "<= 1.3"
 
 def ratios(f: dict) -> dict[str, float]:
     """The three ratios the goals are stated in, from one codec's figures: with several rounds,
-    the median of each round's ratios (the memory figure is measured once)."""
-    if len(f.get("rounds", [])) > 1:
-        per_round = [ratios({**r, "rss": f["rss"]}) for r in f["rounds"]]
-        return {name: statistics.median(r[name] for r in per_round) for name in per_round[0]}
-    floor_per_track = f["decode_floor"]["cpu_s"] / f["decode_floor"]["files"]
-    worker_per_track = f["worker_triton"]["cpu_s"] / f["worker_triton"]["tracks"]
+    the median of the ratios of the rounds that measured it (the memory figure is measured once)."""
+    rounds = f.get("rounds", [])
+    per_round = [round_ratios(r) for r in rounds] if len(rounds) > 1 else [round_ratios(f)]
     rss = f["rss"]
     return {
-        "end_to_end_vs_naive": f["end_to_end"]["tracks_per_s"] / f["naive"]["tracks_per_s"],
-        "worker_cpu_vs_decode_floor": worker_per_track / floor_per_track,
+        "end_to_end_vs_naive": statistics.median(r["end_to_end_vs_naive"] for r in per_round if "end_to_end_vs_naive" in r),
+        "worker_cpu_vs_decode_floor": statistics.median(r["worker_cpu_vs_decode_floor"] for r in per_round),
         "rss_60min_vs_3min": rss[str(LONG_TRACKS_MIN[1])]["peak_rss_mb"] / rss[str(LONG_TRACKS_MIN[0])]["peak_rss_mb"],
     }
+
+
+def round_ratios(f: dict) -> dict[str, float]:
+    """The throughput and CPU ratios of one round (only the CPU one for a floor-and-worker round)."""
+    floor_per_track = f["decode_floor"]["cpu_s"] / f["decode_floor"]["files"]
+    worker_per_track = f["worker_triton"]["cpu_s"] / f["worker_triton"]["tracks"]
+    out = {"worker_cpu_vs_decode_floor": worker_per_track / floor_per_track}
+    if "end_to_end" in f:
+        out["end_to_end_vs_naive"] = f["end_to_end"]["tracks_per_s"] / f["naive"]["tracks_per_s"]
+    return out
 
 
 def _met(name: str, value: float) -> bool:
@@ -437,7 +461,8 @@ def summarise(figures: dict, audio_dir: Path, tiers_codec: str = "") -> dict:
     codecs = {}
     for codec, f in figures["codecs"].items():
         r = ratios(f)
-        codecs[codec] = {**r, "met": {name: _met(name, v) for name, v in r.items()}, "figures": f}
+        rounds = [round_ratios(x) for x in f.get("rounds", [])]
+        codecs[codec] = {**r, "met": {name: _met(name, v) for name, v in r.items()}, "rounds": rounds, "figures": f}
     return {
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "machine": machine(),
@@ -459,7 +484,10 @@ def main() -> int:
     parser.add_argument("--codecs", type=_codecs, default=list(CODECS), help=f"comma-separated, from {','.join(CODECS)} (default: all)")
     parser.add_argument("--limit", type=int, default=0, help="use only the first N files (quick checks)")
     parser.add_argument("--repeats", type=int, default=REPEATS, help=f"rounds of floor, worker path, end to end and naive per codec; the ratios are their medians (default {REPEATS})")
+    parser.add_argument("--cpu-repeats", type=int, default=CPU_REPEATS, help=f"rounds of floor and worker path per codec, the full rounds included (default {CPU_REPEATS})")
     args = parser.parse_args()
+    if args.repeats < 1 or args.cpu_repeats < 0:
+        parser.error(f"--repeats must be at least 1 and --cpu-repeats at least 0, got {args.repeats} and {args.cpu_repeats}")
     result = asyncio.run(main_async(args))
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(table(result))

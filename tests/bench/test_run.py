@@ -5,6 +5,7 @@ full `make bench` takes a quarter of an hour; these make sure it does not fail a
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import soundfile
@@ -78,6 +79,22 @@ def test_several_rounds_give_the_median_of_their_ratios_and_show_the_median_roun
     # Per round 2.0, 2.5 and 1.5: the median is 2.0, not the ratio of the median figures (0.36 / 0.20).
     assert run.ratios(figures)["end_to_end_vs_naive"] == pytest.approx(2.0)
     assert figures["end_to_end"]["tracks_per_s"] == 0.36 and figures["naive"]["tracks_per_s"] == 0.20
+
+
+def test_floor_and_worker_rounds_count_in_the_cpu_ratio_only():
+    floor = {"files": 1, "audio_s": SECONDS, "cpu_s": 1.0, "cpu_s_per_audio_min": 0.6}
+    full = [_codec_figures(floor, cpu, e2e, 690.0) for cpu, e2e in ((1.25, 0.36), (1.58, 0.54), (1.31, 0.27))]
+    cpu_only = [{"decode_floor": floor, "worker_triton": {"tracks": 1, "audio_s": SECONDS, "cpu_s": cpu}} for cpu in (1.20, 1.22)]
+    figures = {"rounds": full + cpu_only, "rss": full[0]["rss"]}
+    ratios = run.ratios(figures)
+    # CPU: the median of five rounds (1.25, 1.58, 1.31, 1.20, 1.22), where the three full rounds
+    # alone would give 1.31; throughput: of the three full rounds (2.0, 3.0, 1.5).
+    assert ratios["worker_cpu_vs_decode_floor"] == pytest.approx(1.25)
+    assert ratios["end_to_end_vs_naive"] == pytest.approx(2.0)
+    results = run.summarise({"codecs": {"vorbis": {**figures, **{k: full[0][k] for k in ("decode_floor", "worker_triton", "end_to_end", "naive")}}}}, Path("music"))
+    vorbis = results["codecs"]["vorbis"]
+    assert [sorted(r) for r in vorbis["rounds"]] == [["end_to_end_vs_naive", "worker_cpu_vs_decode_floor"]] * 3 + [["worker_cpu_vs_decode_floor"]] * 2
+    assert "| 1.25 (1.25, 1.58, 1.31, 1.20, 1.22) |" in run.table(results) and "| 2.00 (2.00, 3.00, 1.50) |" in run.table(results)
 
 
 def test_results_hold_the_three_ratios_per_codec_and_the_table_shows_every_figure(long_clip):

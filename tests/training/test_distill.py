@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -15,12 +16,12 @@ from pipeline.features import N_MELS, PATCH_FRAMES
 from pipeline.model_meta import read_meta
 from pipeline.scoring import OnnxScorer
 from pipeline.settings import REPO_ROOT
-from pipeline.taxonomy import load_taxonomy
+from pipeline.taxonomy import load_taxonomy, mood_view
 from training.cli import main
 from training.config import from_dict
 from training.data import Track
 from training.data.cache import FeatureCache
-from training.distill import compare, distillation_set, mood_tag_weights, split_by_group, teacher_logits
+from training.distill import NEAR_TIE, compare, distillation_set, mood_agreement, mood_tag_weights, split_by_group, teacher_logits
 from training.fit import DistillLoss
 from training.models import build, load_checkpoint
 from training.teacher import TEACHER_HOP, Teacher, patch_starts, teacher_outputs
@@ -224,3 +225,56 @@ def test_compare_is_perfect_for_the_teacher_itself_and_chance_for_noise():
     noise = compare(rng.random((400, 50)).astype(np.float32), teacher, track_of)
     assert 0.4 < noise["roc_auc_median"] < 0.6 and abs(noise["pearson_r"]) < 0.1 and noise["top5_overlap"] < 0.3
     assert abs(noise["spearman_track"]) < 0.3 and noise["top5_overlap_track"] < 2
+
+
+def test_mood_agreement_reads_the_leading_mood_against_the_teachers_lead_and_its_own_shift():
+    meta = read_meta(REPO_ROOT / "triton_models", "musicnn")
+    taxonomy, teacher = load_taxonomy(meta), SimpleNamespace(meta=meta)
+    rng = np.random.default_rng(0)
+
+    def by_network(row):
+        return {n.name: row[k * 50 : (k + 1) * 50].astype(np.float32) for k, n in enumerate(meta.networks)}
+
+    def view(row):
+        return mood_view(taxonomy, by_network(row))
+
+    def lead(row):
+        scores = sorted(view(row).moods.values(), reverse=True)
+        return scores[0] - scores[1]
+
+    def track_scores():
+        """[100] both networks' tag scores, each mood tag at a random level of the reference's."""
+        row = rng.random(100) * 0.01
+        for k, network in enumerate(meta.networks):
+            for j, label in enumerate(network.labels):
+                quantiles = taxonomy.calibration.tags.get(f"{network.name}:{label}")
+                if quantiles is not None:
+                    row[k * 50 + j] = np.interp(rng.random(), np.linspace(0, 1, len(quantiles)), quantiles)
+        return row
+
+    pool = [track_scores() for _ in range(60)]
+    clear = next(r for r in pool if lead(r) >= 2 * NEAR_TIE)
+    tie = next(r for r in pool if lead(r) < NEAR_TIE)
+
+    def another_mood(row):
+        return next(r for r in pool if view(r).leading_mood["mood"] != view(row).leading_mood["mood"])
+
+    grids = [clear] * 5 + [tie]
+    # Tracks 0-2: the shifted patches score as the grid's; track 3: as a track with another
+    # leading mood; tracks 4-5: no shifted patches at all.
+    shifted = [clear, clear, clear, another_mood(clear), None, None]
+    outputs = {}
+    for i, (grid, shift) in enumerate(zip(grids, shifted)):
+        starts = [0, PATCH_FRAMES] + ([TEACHER_HOP] if shift is not None else [])
+        rows = np.stack([grid, grid] + ([shift] if shift is not None else [])).astype(np.float32)
+        outputs[f"s{i}"] = {"starts": np.array(starts), **{n.scores_output: rows[:, k * 50 : (k + 1) * 50] for k, n in enumerate(meta.networks)}}
+    tracks = [Track(f"t{i}", f"s{i}") for i in range(6)]
+    # The student agrees on tracks 0-3, and gives another leading mood on 4 (the teacher leads
+    # clearly) and 5 (a near-tie).
+    student = {f"s{i}": by_network(row) for i, row in enumerate(grids[:4] + [another_mood(clear), another_mood(tie)])}
+
+    result = mood_agreement(tracks, student, outputs, teacher, taxonomy, taxonomy)
+    assert result["tracks"] == 6 and result["leading_mood_same"] == pytest.approx(4 / 6)
+    assert result["teacher_shifted_same"] == pytest.approx(3 / 4)  # only tracks with shifted patches count
+    assert [(r["track"], r["teacher_lead"]) for r in result["disagreements"]] == [("t4", pytest.approx(lead(clear), abs=1e-4)), ("t5", pytest.approx(lead(tie), abs=1e-4))]
+    assert result["leading_mood_same_teacher_leads"] == {"tracks": 5, "same": pytest.approx(4 / 5), "lead_at_least": NEAR_TIE}
