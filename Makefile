@@ -12,7 +12,7 @@ MUSIC := $(CACHE)/music
 CLIPS := $(CACHE)/clips
 ROLE ?= reference
 
-.PHONY: env link demo test test-fast lock bench music clips tools student
+.PHONY: env link demo test test-fast lock bench music clips tools student agreement
 env: link
 
 # No prerequisites: the directory name is the lock file's hash, and a fresh clone's files are
@@ -52,6 +52,14 @@ clips: env
 student: env
 	$(PY) -m training fetch-music --dest $(MUSIC) --role all
 	$(PY) -m training distill debian --config training/configs/musicnn_student.toml --export
+
+# `make agreement`: the shipped student (triton_models/musicnn_student, as served) against the
+# teacher on the held-out and check music, without training (training/distill.py::agreement);
+# report in runs/musicnn_student/agreement_report.json. Fetches the music and caches the mels and
+# the teacher's outputs first when they are missing; about 35 s here once they are cached.
+agreement: env
+	$(PY) -m training fetch-music --dest $(MUSIC) --role all
+	$(PY) -m training agreement debian --config training/configs/musicnn_student.toml
 
 # `make demo [AUDIO_DIR=folder]`: without AUDIO_DIR, the clips.
 demo: env

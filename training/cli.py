@@ -149,6 +149,24 @@ def _distill(args: argparse.Namespace) -> int:
     return 0
 
 
+def _agreement(args: argparse.Namespace) -> int:
+    import json
+
+    from training.distill import agreement
+
+    cfg = _config(args)
+    try:
+        report = agreement(cfg, args.source, repository=Path(args.repository))
+    except ValueError as exc:
+        raise SystemExit(f"moodstream-train agreement: {exc}") from None
+    out = Path(args.out) if args.out else Path(cfg.out_dir) / "agreement_report.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    print(json.dumps({k: v for k, v in report.items() if k != "skipped"}, indent=1))
+    print(f"written to {out}")
+    return 0
+
+
 def _export(args: argparse.Namespace) -> int:
     from training.export import export
 
@@ -252,6 +270,13 @@ def build_parser() -> argparse.ArgumentParser:
     dis.add_argument("--export", action="store_true", help="export the best checkpoint into the repository, calibrate its moods and compare them with the teacher's")
     _add_config_options(dis)
     dis.set_defaults(func=_distill, resume=None)
+
+    agr = sub.add_parser("agreement", help="a served student against its teacher on the held-out and check music, without training (training/distill.py)")
+    agr.add_argument("source", nargs="?", default="debian", help="as for distill: the music whose split names the held-out groups")
+    agr.add_argument("--repository", default=str(REPO_ROOT / "triton_models"), help="model repository of the teacher and the student (the config's name)")
+    agr.add_argument("--out", help="report file (default: <out_dir>/agreement_report.json)")
+    _add_config_options(agr)
+    agr.set_defaults(func=_agreement, resume=None)
 
     exp = sub.add_parser("export", help="export checkpoints as a Triton model repository entry (several: one graph running each network on the same input)")
     exp.add_argument("checkpoints", nargs="+", metavar="[NETWORK=]CHECKPOINT", help="one checkpoint, or several networks for one entry (named NETWORK=PATH, else by the run's name or the file's stem)")

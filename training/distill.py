@@ -22,6 +22,9 @@ track scores, from the cached frames) and the report adds the mood agreement, on
 groups and on the reserved check packages when they are fetched (scored, never trained or
 tuned on).
 
+``moodstream-train agreement`` computes the same held-out and check figures for a student already
+in the model repository (its served ONNX graph and calibration), without training or exporting.
+
 Agreement figures (student against teacher; the goals are the CPU-tier issue's):
 
     roc_auc_median        per tag, a patch is positive when the teacher scores it above that
@@ -34,6 +37,11 @@ Agreement figures (student against teacher; the goals are the CPU-tier issue's):
     top5_overlap          the same per patch, as a share
     pearson_r             per tag, correlation of patch scores; mean over tags
     leading_mood_same     share of tracks whose leading mood is the teacher's (>= 0.9; export)
+    leading_mood_same_teacher_leads
+                          the same on the tracks where the teacher's first mood leads its
+                          second by at least ``NEAR_TIE`` (the rest are near-ties)
+    teacher_shifted_same  the teacher against itself: its leading mood on the patches half a
+                          patch off the serving grid, against the grid's
 """
 
 from __future__ import annotations
@@ -229,15 +237,20 @@ def student_rows(model: nn.Module, frames: np.ndarray, starts: np.ndarray, batch
     return np.concatenate(logits), np.concatenate(embeddings)
 
 
-def held_out_rows(model: nn.Module, tracks: list[Track], cache: FeatureCache, outputs: dict[str, dict[str, np.ndarray]], score_names: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def held_out_rows(student: nn.Module | Any, tracks: list[Track], cache: FeatureCache, outputs: dict[str, dict[str, np.ndarray]], score_names: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Student and teacher scores [n, n_labels] on the serving grid of ``tracks``, and each
-    patch's track index."""
+    patch's track index. ``student``: a checkpoint's module, or a served model (an
+    :class:`~pipeline.scoring.OnnxScorer`, its networks' scores side by side)."""
     s_rows, t_rows, track_of = [], [], []
     for i, track in enumerate(tracks):
         out = outputs[track.source]
         grid = out["starts"] % PATCH_FRAMES == 0
-        logits, _ = student_rows(model, cache.frames(track.source), out["starts"][grid])
-        s_rows.append(_sigmoid(logits))
+        frames, starts = cache.frames(track.source), out["starts"][grid]
+        if isinstance(student, nn.Module):
+            s_rows.append(_sigmoid(student_rows(student, frames, starts)[0]))
+        else:
+            scored = student.score_sync(np.stack([frames[s : s + PATCH_FRAMES] for s in starts]).astype(np.float32))
+            s_rows.append(np.concatenate([scored[n.name].scores for n in student.meta.networks], axis=1))
         t_rows.append(np.concatenate([out[n][grid] for n in score_names], axis=1))
         track_of += [i] * int(grid.sum())
     return np.concatenate(s_rows), np.concatenate(t_rows), np.array(track_of)
@@ -340,6 +353,45 @@ def export_student(best: Path, cfg: FitConfig, splits: dict[str, list[Track]], r
         result["check"] = {"packages": sorted({group_of(t) for t in check}), "tracks": len(check), **compare(s_rows, t_rows, track_of)}
         result["moods_check"] = mood_agreement(check, check_scores, check_outputs, teacher, student_tax, teacher_tax)
     return result
+
+
+def agreement(cfg: FitConfig, source: str = DEBIAN, *, repository: Path = REPO_ROOT / "triton_models") -> dict[str, Any]:
+    """The served student ``cfg.name`` (the ONNX graph in ``repository`` that Triton and
+    onnxruntime run, with its calibration) against its teacher ``cfg.teacher``, on the held-out
+    groups of ``cfg``'s split and on the reserved check packages when they are fetched: the
+    report's ``held_out``, ``moods_held_out``, ``check`` and ``moods_check``, without training or
+    exporting anything. Mels and teacher outputs come from the cache (computed once if missing)."""
+    from pipeline.scoring import OnnxScorer
+
+    if not cfg.name or not (repository / cfg.name / "config.pbtxt").is_file():
+        raise ValueError(f"agreement: no student {cfg.name!r} in {repository}; name an exported student with the config's `name` (e.g. --config training/configs/musicnn_student.toml)")
+    cache = open_cache(cfg)
+    teacher = Teacher.from_repository(repository, cfg.teacher)
+    student = OnnxScorer(repository, cfg.name)
+    tracks = distillation_set(source)
+    outputs, failed = teacher_outputs([t.source for t in tracks], cache, teacher, workers=cfg.teacher_workers, progress=cfg.progress)
+    splits = split_by_group([t for t in tracks if t.source not in failed], cfg)
+    sets = {"held_out": (splits["test"], outputs)}
+    if source == DEBIAN and debian_music.audio_files(debian_music.DEFAULT_DEST, "check"):
+        check = distillation_set(DEBIAN, role="check")
+        check_outputs, check_failed = teacher_outputs([t.source for t in check], cache, teacher, workers=cfg.teacher_workers, progress=cfg.progress)
+        sets["check"] = ([t for t in check if t.source not in check_failed], check_outputs)
+        failed = {**failed, **check_failed}
+    student_tax, teacher_tax = load_taxonomy(student.meta), load_taxonomy(teacher.meta)
+    score_names = [n.scores_output for n in teacher.meta.networks]
+    report: dict[str, Any] = {
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
+        "source": source,
+        "teacher": {"name": cfg.teacher, "version": teacher.meta.served_version},
+        "student": {"name": cfg.name, "version": student.meta.served_version, "onnx": str(student.path)},
+        "skipped": failed,
+    }
+    for key, (group, outs) in sets.items():
+        s_rows, t_rows, track_of = held_out_rows(student, group, cache, outs, score_names)
+        scores = {t.source: _by_network(s_rows[track_of == i].mean(axis=0), student.meta) for i, t in enumerate(group)}
+        report[key] = {"groups": sorted({group_of(t) for t in group}), "tracks": len(group), **compare(s_rows, t_rows, track_of)}
+        report[f"moods_{key}"] = mood_agreement(group, scores, outs, teacher, student_tax, teacher_tax)
+    return report
 
 
 def _student_track(model: nn.Module, cache: FeatureCache, source: str, out: dict[str, np.ndarray], meta: Any) -> dict[str, np.ndarray]:

@@ -84,6 +84,22 @@ def test_distill_exports_a_calibrated_student_with_the_teachers_outputs(unlabell
     np.testing.assert_allclose(served["musicnn_mtt"].scores, torch.sigmoid(logits[:, 50:]).numpy(), atol=1e-5)
     np.testing.assert_allclose(served["musicnn_mtt"].embedding, embedding[:, 200:].numpy(), atol=1e-5)
 
+    # `agreement` scores the served graph on the same held-out tracks without training: the
+    # report's figures again (the graph is the checkpoint's to float rounding, which can reorder
+    # the near-equal scores of a 2-epoch student on 3 tracks: a ROC-AUC moved by 0.002).
+    agreement_args = [a if a != "distill" else "agreement" for a in _distill_args(unlabelled, repository, out, arch, mel_cache) if a != "--export"]
+    assert main([*agreement_args, "--out", str(tmp_path / "agreement.json")]) == 0
+    again = json.loads((tmp_path / "agreement.json").read_text())
+    assert again["student"]["name"] == "musicnn_student" and again["held_out"]["tracks"] == 3
+    for key in ("roc_auc_median", "spearman_track", "top5_overlap_track"):
+        assert again["held_out"][key] == pytest.approx(report["held_out"][key], abs=0.01), key
+    assert again["moods_held_out"]["leading_mood_same"] == report["moods_held_out"]["leading_mood_same"]
+
+
+def test_agreement_refuses_a_student_the_repository_lacks(repository, tmp_path):
+    with pytest.raises(SystemExit, match="no student 'nobody'"):
+        main(["agreement", "--repository", str(repository), "--set", "name=\"nobody\"", "--set", f"out_dir={json.dumps(str(tmp_path))}"])
+
 
 def _teachers_filters(student) -> list[bool]:
     """Per filter the student's MTT network keeps in its first timbral branch (signed): whether
