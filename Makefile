@@ -56,7 +56,7 @@ student: env
 # `make agreement`: the shipped student (triton_models/musicnn_student, as served) against the
 # teacher on the held-out and check music, without training (training/distill.py::agreement);
 # report in runs/musicnn_student/agreement_report.json. Fetches the music and caches the mels and
-# the teacher's outputs first when they are missing; about 35 s here once they are cached.
+# the teacher's outputs first when they are missing; 39 s here once they are cached.
 agreement: env
 	$(PY) -m training fetch-music --dest $(MUSIC) --role all
 	$(PY) -m training agreement debian --config training/configs/musicnn_student.toml

@@ -344,15 +344,29 @@ def export_student(best: Path, cfg: FitConfig, splits: dict[str, list[Track]], r
     student_tax = load_taxonomy(read_meta(repository, name))
     teacher_tax = load_taxonomy(teacher.meta)
     result["moods_held_out"] = mood_agreement(splits["test"], scores, outputs, teacher, student_tax, teacher_tax)
-    check = distillation_set(DEBIAN, role="check") if check and debian_music.audio_files(debian_music.DEFAULT_DEST, "check") else []
+    check, check_outputs, _ = _check_set(cfg, cache, teacher) if check else ([], {}, {})
     if check:
-        check_outputs, _ = teacher_outputs([t.source for t in check], cache, teacher, workers=cfg.teacher_workers, progress=cfg.progress)
-        check = [t for t in check if t.source in check_outputs]
-        s_rows, t_rows, track_of = held_out_rows(model, check, cache, check_outputs, [n.scores_output for n in teacher.meta.networks])
-        check_scores = {t.source: _by_network(s_rows[track_of == i].mean(axis=0), meta) for i, t in enumerate(check)}
-        result["check"] = {"packages": sorted({group_of(t) for t in check}), "tracks": len(check), **compare(s_rows, t_rows, track_of)}
-        result["moods_check"] = mood_agreement(check, check_scores, check_outputs, teacher, student_tax, teacher_tax)
+        figures, result["moods_check"] = _group_agreement(model, meta, check, cache, check_outputs, teacher, student_tax, teacher_tax)
+        result["check"] = {"packages": sorted({group_of(t) for t in check}), **figures}
     return result
+
+
+def _check_set(cfg: FitConfig, cache: FeatureCache, teacher: Teacher) -> tuple[list[Track], dict[str, dict[str, np.ndarray]], dict[str, str]]:
+    """The reserved check packages' tracks with the teacher's outputs, and those skipped (source
+    -> reason); nothing when they are not fetched."""
+    if not debian_music.audio_files(debian_music.DEFAULT_DEST, "check"):
+        return [], {}, {}
+    check = distillation_set(DEBIAN, role="check")
+    outputs, failed = teacher_outputs([t.source for t in check], cache, teacher, workers=cfg.teacher_workers, progress=cfg.progress)
+    return [t for t in check if t.source not in failed], outputs, failed
+
+
+def _group_agreement(student: nn.Module | Any, meta: Any, group: list[Track], cache: FeatureCache, outputs: dict[str, dict[str, np.ndarray]], teacher: Teacher, student_tax: Any, teacher_tax: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(tag figures, mood figures) of ``student`` (see :func:`held_out_rows`; ``meta`` its
+    networks) against the teacher on ``group``."""
+    s_rows, t_rows, track_of = held_out_rows(student, group, cache, outputs, [n.scores_output for n in teacher.meta.networks])
+    scores = {t.source: _by_network(s_rows[track_of == i].mean(axis=0), meta) for i, t in enumerate(group)}
+    return {"tracks": len(group), **compare(s_rows, t_rows, track_of)}, mood_agreement(group, scores, outputs, teacher, student_tax, teacher_tax)
 
 
 def agreement(cfg: FitConfig, source: str = DEBIAN, *, repository: Path = REPO_ROOT / "triton_models") -> dict[str, Any]:
@@ -372,25 +386,20 @@ def agreement(cfg: FitConfig, source: str = DEBIAN, *, repository: Path = REPO_R
     outputs, failed = teacher_outputs([t.source for t in tracks], cache, teacher, workers=cfg.teacher_workers, progress=cfg.progress)
     splits = split_by_group([t for t in tracks if t.source not in failed], cfg)
     sets = {"held_out": (splits["test"], outputs)}
-    if source == DEBIAN and debian_music.audio_files(debian_music.DEFAULT_DEST, "check"):
-        check = distillation_set(DEBIAN, role="check")
-        check_outputs, check_failed = teacher_outputs([t.source for t in check], cache, teacher, workers=cfg.teacher_workers, progress=cfg.progress)
-        sets["check"] = ([t for t in check if t.source not in check_failed], check_outputs)
-        failed = {**failed, **check_failed}
+    check, check_outputs, check_failed = _check_set(cfg, cache, teacher) if source == DEBIAN else ([], {}, {})
+    if check:
+        sets["check"] = (check, check_outputs)
     student_tax, teacher_tax = load_taxonomy(student.meta), load_taxonomy(teacher.meta)
-    score_names = [n.scores_output for n in teacher.meta.networks]
     report: dict[str, Any] = {
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
         "source": source,
         "teacher": {"name": cfg.teacher, "version": teacher.meta.served_version},
         "student": {"name": cfg.name, "version": student.meta.served_version, "onnx": str(student.path)},
-        "skipped": failed,
+        "skipped": {**failed, **check_failed},
     }
     for key, (group, outs) in sets.items():
-        s_rows, t_rows, track_of = held_out_rows(student, group, cache, outs, score_names)
-        scores = {t.source: _by_network(s_rows[track_of == i].mean(axis=0), student.meta) for i, t in enumerate(group)}
-        report[key] = {"groups": sorted({group_of(t) for t in group}), "tracks": len(group), **compare(s_rows, t_rows, track_of)}
-        report[f"moods_{key}"] = mood_agreement(group, scores, outs, teacher, student_tax, teacher_tax)
+        figures, report[f"moods_{key}"] = _group_agreement(student, student.meta, group, cache, outs, teacher, student_tax, teacher_tax)
+        report[key] = {"groups": sorted({group_of(t) for t in group}), **figures}
     return report
 
 
