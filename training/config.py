@@ -68,6 +68,10 @@ class FitConfig:
     teacher: str = "musicnn"  # the served entry (model repository) whose outputs the student learns
     validation_groups: list[str] = field(default_factory=list)  # packages/albums for early stopping
     holdout_groups: list[str] = field(default_factory=list)  # packages/albums of the agreement report
+    # the validation groups are trained on too, for exactly `epochs` (a count chosen on them in a
+    # run without refit): the last epoch is the model, no early stopping; the validation figures
+    # printed are then on music the student learns from
+    refit: bool = False
     embedding_weight: float = 0.5  # weight of the embedding term against the logits term
     # weight of each tag that moods.toml makes a mood family member (the tags the leading mood is
     # read from) in the logits term, against 1 for every other tag
@@ -139,6 +143,8 @@ def from_dict(values: dict[str, Any]) -> FitConfig:
         raise ValueError(f"restart_lr_factor must be in (0, 1], got {cfg.restart_lr_factor}")
     if cfg.mood_tag_weight <= 0:
         raise ValueError(f"mood_tag_weight must be > 0 (1: mood tags weigh as much as the others), got {cfg.mood_tag_weight}")
+    if cfg.refit and cfg.schedule != "cosine":
+        raise ValueError("refit trains on the validation groups, so no schedule may follow their loss: use schedule = \"cosine\"")
     if cfg.unfreeze_epoch < 0:
         raise ValueError(f"unfreeze_epoch must be >= 0 (0: frozen parameters stay frozen), got {cfg.unfreeze_epoch}")
     return cfg

@@ -4,7 +4,8 @@
     training/data/debian_music.toml, fetched by ``make music``), a folder or an s3:// prefix
     -> groups: the package (Debian) or the album (a folder's first-level subfolder); validation
        and held-out groups (``validation_groups``, ``holdout_groups``, else a hash split of the
-       groups) are never trained on, so the held-out music is unlike the training music
+       groups) are never trained on, so the held-out music is unlike the training music; with
+       ``refit`` the validation groups are trained on too, for a fixed number of epochs
     -> mel cache and the teacher's outputs (every network's scores and embedding) on patches every
        ``TEACHER_HOP`` frames, computed once (:mod:`training.teacher`)
     -> the student (``arch``; ``student`` by default: every network's tags and embeddings from one
@@ -273,7 +274,7 @@ def distill(cfg: FitConfig, source: str = DEBIAN, *, repository: Path = REPO_ROO
     splits = split_by_group(tracks, cfg)
     meta = teacher.meta
     labels = tuple(f"{n.name}:{label}" for n in meta.networks for label in n.labels)
-    train_ds = TeacherPatches(splits["train"], cache, outputs, meta.outputs, grid_only=False)
+    train_ds = TeacherPatches(splits["train"] + (splits["validation"] if cfg.refit else []), cache, outputs, meta.outputs, grid_only=False)
     val_ds = TeacherPatches(splits["validation"], cache, outputs, meta.outputs, grid_only=True)
     loss_fn = DistillLoss(train_ds.all_targets(), len(labels), cfg.embedding_weight, mood_tag_weights(meta, cfg.mood_tag_weight)).to(rt.device)
     score_names = [n.scores_output for n in meta.networks]
@@ -305,6 +306,7 @@ def distill(cfg: FitConfig, source: str = DEBIAN, *, repository: Path = REPO_ROO
         "source": source,
         "teacher": {"name": cfg.teacher, "version": meta.served_version},
         "student": {"checkpoint": str(best), "arch": cfg.arch, "dims": ckpt["dims"], "version": ckpt["version"], "best_epoch": ckpt["epoch"], "parameters": sum(p.numel() for p in model.parameters())},
+        "refit": cfg.refit,
         "groups": {k: sorted({group_of(t) for t in v}) for k, v in splits.items()},
         "tracks": {k: len(v) for k, v in splits.items()},
         "patches": {"train": len(train_ds), "validation": len(val_ds), "held_out": len(track_of)},

@@ -266,7 +266,8 @@ def train(
             scheduler.step()
         else:
             scheduler.step(val_loss)
-        improved = val_loss < best - cfg.min_delta
+        # a refit's validation music is in its training set: its loss chooses nothing
+        improved = cfg.refit or val_loss < best - cfg.min_delta
         best, stale = (val_loss, 0) if improved else (best, stale + 1)
         if rt.main:
             scalars = _log_epoch(writer, epoch, train_loss, val_loss, optimizer, task, labels, pred, true, metrics)
@@ -274,7 +275,7 @@ def train(
             save_checkpoint(out_dir / "last.pt", model, arch=cfg.arch, labels=list(labels), version=version, source=source, **(extra or {}), **state)
             if improved:
                 shutil.copyfile(out_dir / "last.pt", out_dir / "best.pt")
-            print(f"epoch {epoch}: train loss {train_loss:.4f}, validation loss {val_loss:.4f}" + ("  (best)" if improved else "") + "".join(f", {k} {v:.4f}" for k, v in scalars.items()), flush=True)
+            print(f"epoch {epoch}: train loss {train_loss:.4f}, validation loss {val_loss:.4f}" + ("  (refit: kept)" if cfg.refit else "  (best)" if improved else "") + "".join(f", {k} {v:.4f}" for k, v in scalars.items()), flush=True)
         if cfg.early_stopping and stale >= cfg.early_stopping:
             if rt.main:
                 print(f"early stopping: no better validation loss for {stale} epochs", flush=True)

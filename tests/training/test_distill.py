@@ -101,6 +101,23 @@ def test_agreement_refuses_a_student_the_repository_lacks(repository, tmp_path):
         main(["agreement", "--repository", str(repository), "--set", "name=\"nobody\"", "--set", f"out_dir={json.dumps(str(tmp_path))}"])
 
 
+def test_a_refit_trains_on_the_validation_groups_too_and_keeps_its_last_epoch(unlabelled, mel_cache, repository, tmp_path):
+    with pytest.raises(ValueError, match="use schedule"):
+        from_dict({"refit": True})
+    out = tmp_path / "refit"
+    args = _distill_args(unlabelled, repository, out, "student", mel_cache, refit=True, schedule="cosine", lr=0.05, early_stopping=1)
+    assert main([a for a in args if a != "--export"]) == 0
+    report = json.loads((out / "distill_report.json").read_text())
+    assert report["refit"] and report["groups"]["validation"] == ["album0"] and report["epochs_run"] == 2
+    # every patch of the training and the validation album, on the grid and halfway
+    cache = FeatureCache(mel_cache, max_duration_s=600.0)
+    trained = [t for t in distillation_set(str(unlabelled)) if t.key.split("/")[0] in ("album0", "album2")]
+    assert report["patches"]["train"] == sum(len(patch_starts(len(cache.frames(t.source)))) for t in trained)
+    # the last epoch is the model, whatever the validation loss did
+    assert torch.load(out / "best.pt", map_location="cpu", weights_only=False)["epoch"] == 1
+    assert (out / "best.pt").read_bytes() == (out / "last.pt").read_bytes()
+
+
 def _teachers_filters(student) -> list[bool]:
     """Per filter the student's MTT network keeps in its first timbral branch (signed): whether
     it is still one of the teacher's 204."""
