@@ -250,7 +250,7 @@ def held_out_rows(student: nn.Module | Any, tracks: list[Track], cache: FeatureC
         if isinstance(student, nn.Module):
             s_rows.append(_sigmoid(student_rows(student, frames, starts)[0]))
         else:
-            scored = student.score_sync(np.stack([frames[s : s + PATCH_FRAMES] for s in starts]).astype(np.float32))
+            scored = student.score_sync(np.stack([frames[s : s + PATCH_FRAMES] for s in starts]))  # float32, as cached
             s_rows.append(np.concatenate([scored[n.name].scores for n in student.meta.networks], axis=1))
         t_rows.append(np.concatenate([out[n][grid] for n in score_names], axis=1))
         track_of += [i] * int(grid.sum())
