@@ -37,7 +37,7 @@ link: $(MAIN_ENV)/.ready $(STUB_ENV)/.ready
 	ln -sfn $(STUB_ENV) .venv-triton
 
 # Debian's music packages (training/data/debian_music.toml) are the one way audio comes into
-# the cache: `make music [ROLE=reference|check|all]` fetches the list, `make clips` the three
+# the cache: `make music [ROLE=reference|distill|check|all]` fetches the list, `make clips` the three
 # 30-s excerpts the demo and the tests use (one 36 MB package, once; then a no-op in a second).
 music: env
 	$(PY) -m training fetch-music --dest $(MUSIC) --role $(ROLE)
@@ -46,7 +46,7 @@ clips: env
 	$(PY) -m training fetch-music --dest $(MUSIC) --clips $(CLIPS) >/dev/null
 
 # `make student`: the CPU tier from nothing (training/configs/musicnn_student.toml): fetches the
-# reference and check music, caches mels and the teacher's outputs, trains, exports into
+# reference, distill and check music, caches mels and the teacher's outputs, trains, exports into
 # triton_models/musicnn_student with its mood calibration, and writes the agreement report
 # (runs/musicnn_student/distill_report.json). About 2 hours on 2 CPU cores, plus the download.
 student: env
@@ -58,7 +58,8 @@ student: env
 # report in runs/musicnn_student/agreement_report.json. Fetches the music and caches the mels and
 # the teacher's outputs first when they are missing; 39 s here once they are cached.
 agreement: env
-	$(PY) -m training fetch-music --dest $(MUSIC) --role all
+	$(PY) -m training fetch-music --dest $(MUSIC) --role reference
+	$(PY) -m training fetch-music --dest $(MUSIC) --role check
 	$(PY) -m training agreement debian --config training/configs/musicnn_student.toml
 
 # `make demo [AUDIO_DIR=folder]`: without AUDIO_DIR, the clips.

@@ -72,6 +72,9 @@ class FitConfig:
     # run without refit): the last epoch is the model, no early stopping; the validation figures
     # printed are then on music the student learns from
     refit: bool = False
+    # source debian: the fetched packages of the `distill` role (training/data/debian_music.toml:
+    # student training music only, never calibration) train too; they are never validation or held out
+    distill_music: bool = False
     embedding_weight: float = 0.5  # weight of the embedding term against the logits term
     # weight of each tag that moods.toml makes a mood family member (the tags the leading mood is
     # read from) in the logits term, against 1 for every other tag

@@ -1,7 +1,9 @@
 """``moodstream-train distill``: a small student learns a served teacher's outputs on unlabelled music.
 
     unlabelled music: Debian's reference packages (``debian``, the default: the list in
-    training/data/debian_music.toml, fetched by ``make music``), a folder or an s3:// prefix
+    training/data/debian_music.toml, fetched by ``make music``), a folder or an s3:// prefix;
+    with ``distill_music`` Debian's distill-role packages too, as training groups only (they
+    are not the calibration reference)
     -> groups: the package (Debian) or the album (a folder's first-level subfolder); validation
        and held-out groups (``validation_groups``, ``holdout_groups``, else a hash split of the
        groups) are never trained on, so the held-out music is unlike the training music; with
@@ -82,11 +84,12 @@ _SAME_TEACHER_TOL = 1e-3  # most a teacher checkpoint's score may differ from th
 # -- the music and its split -----------------------------------------------------------------
 
 
-def distillation_set(source: str, *, role: str = "reference", music_dir: Path = debian_music.DEFAULT_DEST) -> list[Track]:
+def distillation_set(source: str, *, role: str = "reference", music_dir: Path | None = None) -> list[Track]:
     """Tracks keyed "<group>/<path in group>": ``debian`` (the fetched packages of ``role``), a
     folder or an s3:// prefix (group: the first folder below it). Training sources never hold
     the reserved check packages (ValueError)."""
     if source == DEBIAN:
+        music_dir = debian_music.DEFAULT_DEST if music_dir is None else music_dir
         files = debian_music.audio_files(music_dir, role)
         if not files:
             raise ValueError(f"no fetched Debian music of role {role!r} under {music_dir}; run `make music ROLE={role}`")
@@ -97,6 +100,20 @@ def distillation_set(source: str, *, role: str = "reference", music_dir: Path = 
         if reserved:
             raise ValueError(f"{source}: {len(reserved)} files belong to packages reserved as the independent check ({sorted(debian_music.RESERVED)}), e.g. {reserved[0].source}")
     return tracks
+
+
+def _distill_music(cfg: FitConfig, source: str) -> list[Track]:
+    """The ``distill``-role packages' tracks when ``cfg.distill_music`` (training only: they are
+    not the calibration reference, and never validation or held out)."""
+    if not cfg.distill_music:
+        return []
+    if source != DEBIAN:
+        raise ValueError(f"distill_music adds Debian's distill-role packages to the Debian reference music; source {source!r} is not {DEBIAN!r}")
+    extra = distillation_set(source, role="distill")
+    named = {group_of(t) for t in extra} & (set(cfg.validation_groups) | set(cfg.holdout_groups))
+    if named:
+        raise ValueError(f"{sorted(named)}: distill-role packages only train; name reference packages as validation or held-out groups")
+    return extra
 
 
 def group_of(track: Track) -> str:
@@ -269,9 +286,11 @@ def distill(cfg: FitConfig, source: str = DEBIAN, *, repository: Path = REPO_ROO
     cache = open_cache(cfg)
     teacher = Teacher.from_repository(repository, cfg.teacher)
     tracks = distillation_set(source)
-    outputs, failed = teacher_outputs([t.source for t in tracks], cache, teacher, workers=cfg.teacher_workers, progress=cfg.progress)
+    extra = _distill_music(cfg, source)
+    outputs, failed = teacher_outputs([t.source for t in tracks + extra], cache, teacher, workers=cfg.teacher_workers, progress=cfg.progress)
     tracks = [t for t in tracks if t.source not in failed]
     splits = split_by_group(tracks, cfg)
+    splits["train"] += [t for t in extra if t.source not in failed]
     meta = teacher.meta
     labels = tuple(f"{n.name}:{label}" for n in meta.networks for label in n.labels)
     train_ds = TeacherPatches(splits["train"] + (splits["validation"] if cfg.refit else []), cache, outputs, meta.outputs, grid_only=False)
@@ -307,6 +326,7 @@ def distill(cfg: FitConfig, source: str = DEBIAN, *, repository: Path = REPO_ROO
         "teacher": {"name": cfg.teacher, "version": meta.served_version},
         "student": {"checkpoint": str(best), "arch": cfg.arch, "dims": ckpt["dims"], "version": ckpt["version"], "best_epoch": ckpt["epoch"], "parameters": sum(p.numel() for p in model.parameters())},
         "refit": cfg.refit,
+        "distill_music": cfg.distill_music,
         "groups": {k: sorted({group_of(t) for t in v}) for k, v in splits.items()},
         "tracks": {k: len(v) for k, v in splits.items()},
         "patches": {"train": len(train_ds), "validation": len(val_ds), "held_out": len(track_of)},

@@ -19,7 +19,7 @@ from pipeline.settings import REPO_ROOT
 from pipeline.taxonomy import load_taxonomy, mood_view
 from training.cli import main
 from training.config import from_dict
-from training.data import Track
+from training.data import Track, debian_music
 from training.data.cache import FeatureCache
 from training.distill import NEAR_TIE, compare, distillation_set, mood_agreement, mood_tag_weights, split_by_group, teacher_logits
 from training.fit import DistillLoss
@@ -116,6 +116,36 @@ def test_a_refit_trains_on_the_validation_groups_too_and_keeps_its_last_epoch(un
     # the last epoch is the model, whatever the validation loss did
     assert torch.load(out / "best.pt", map_location="cpu", weights_only=False)["epoch"] == 1
     assert (out / "best.pt").read_bytes() == (out / "last.pt").read_bytes()
+
+
+def test_distill_music_trains_the_student_only_never_the_calibration_validation_or_held_out(unlabelled, mel_cache, repository, tmp_path, monkeypatch):
+    """Debian's ``distill``-role packages join the training packages; the calibration reference,
+    the validation and the held-out music stay the reference packages'."""
+    music = tmp_path / "music"
+    entries = []
+    for role, package, album in (("reference", "val", "album0"), ("reference", "held", "album1"), ("reference", "tunes", "album2"), ("distill", "extra", "album0")):
+        shutil.copytree(unlabelled / album, music / role / package / "music")
+        (music / role / package / debian_music.READY).write_text("test\n")
+        entries.append(f'[[package]]\nname = "{package}"\nrole = "{role}"\ngenre = "test"\nmusic = ["music"]\n')
+    (tmp_path / "list.toml").write_text("\n".join(entries))
+    monkeypatch.setattr(debian_music, "LIST", tmp_path / "list.toml")
+    monkeypatch.setattr(debian_music, "DEFAULT_DEST", music)
+    out = tmp_path / "student"
+    groups = {"validation_groups": ["val"], "holdout_groups": ["held"]}
+    assert main(_distill_args("debian", repository, out, "student", mel_cache, distill_music=True, **groups)) == 0
+    report = json.loads((out / "distill_report.json").read_text())
+    assert report["distill_music"] and report["groups"] == {"train": ["extra", "tunes"], "validation": ["val"], "test": ["held"]}
+    assert report["tracks"] == {"train": 7, "validation": 4, "test": 3}
+    cache = FeatureCache(mel_cache, max_duration_s=600.0)
+    trained = [t for role, package in (("reference", "tunes"), ("distill", "extra")) for t in (music / role / package / "music").iterdir()]
+    assert report["patches"]["train"] == sum(len(patch_starts(len(cache.frames(str(t))))) for t in trained)
+    # the student's calibration is over the reference packages' 10 tracks, as the teacher's
+    assert load_taxonomy(read_meta(repository, "musicnn_student")).calibration.tracks == 10
+
+    with pytest.raises(ValueError, match="distill-role packages only train"):
+        main(_distill_args("debian", repository, out, "student", mel_cache, distill_music=True, validation_groups=["extra"], holdout_groups=["held"]))
+    with pytest.raises(ValueError, match="is not 'debian'"):
+        main(_distill_args(unlabelled, repository, out, "student", mel_cache, distill_music=True))
 
 
 def _teachers_filters(student) -> list[bool]:

@@ -3,9 +3,12 @@
 The list lives in ``debian_music.toml`` beside this module: per package its role, a genre
 description, the folders inside the package that hold its music (not its sound effects), zip
 archives to unpack (Quake-style ``.pk3`` files of some games), and what was measured on the
-fetched files (tracks, minutes, codec). Two roles:
+fetched files (tracks, minutes, codec). Three roles:
 
     reference  music for calibration, training, threshold choice and tuning
+    distill    more music for training a student only (game data packages whose music is a
+               small part of a large download): not in the calibration reference, so adding
+               it moved no model's calibration or mood figures
     check      reserved as an independent check set: never used for calibration, training,
                threshold choice or tuning of any kind (:data:`RESERVED`; loading enforces it)
 
@@ -34,7 +37,7 @@ from pipeline.demo import audio_files as _folder_audio_files
 from pipeline.storage import AUDIO_EXTENSIONS
 
 LIST = Path(__file__).with_suffix(".toml")
-ROLES = ("reference", "check")
+ROLES = ("reference", "distill", "check")
 #: The independent check set. Nothing may tune on these; :func:`load` refuses another role for them.
 RESERVED = frozenset({"singularity-music", "asc-music", "hyperrogue-music"})
 DEFAULT_DEST = Path.home() / ".cache" / "moodstream" / "music"
@@ -72,9 +75,10 @@ class Clip:
     seconds: float
 
 
-def load(path: Path = LIST) -> list[Package]:
+def load(path: Path | None = None) -> list[Package]:
     """The packages of the list, in its order; raises ValueError on an unknown role or a reserved
     package given any role but ``check`` (or another package given ``check``)."""
+    path = LIST if path is None else path
     data = tomllib.loads(Path(path).read_text())
     packages = [Package(**{**p, "music": tuple(p["music"]), "unzip": tuple(p.get("unzip", ()))}) for p in data["package"]]
     for p in packages:
@@ -85,8 +89,8 @@ def load(path: Path = LIST) -> list[Package]:
     return packages
 
 
-def load_clips(path: Path = LIST) -> list[Clip]:
-    return [Clip(**c) for c in tomllib.loads(Path(path).read_text()).get("clip", [])]
+def load_clips(path: Path | None = None) -> list[Clip]:
+    return [Clip(**c) for c in tomllib.loads(Path(LIST if path is None else path).read_text()).get("clip", [])]
 
 
 def select(packages: list[Package], roles: tuple[str, ...] = ROLES, names: tuple[str, ...] = ()) -> list[Package]:
