@@ -248,7 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
         "The check role (singularity-music, asc-music, hyperrogue-music) is reserved: never for calibration, training or tuning.",
     )
     fm.add_argument("--dest", default="~/.cache/moodstream/music", help="cache folder (default: %(default)s)")
-    fm.add_argument("--role", choices=["reference", "distill", "check", "all"], default="reference", help="default: %(default)s (distill: student training music only, 1.6 GB)")
+    fm.add_argument("--role", choices=["reference", "distill", "check", "all"], default="reference", help="default: %(default)s (distill: student training music only)")
     fm.add_argument("--package", action="append", default=[], metavar="NAME", help="only this package of the list (any role); repeatable")
     fm.add_argument("--clips", metavar="DIR", help="instead: write the list's clips (30-s excerpts for the tests and the demo) into DIR")
     fm.set_defaults(func=_fetch_music)
