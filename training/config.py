@@ -11,6 +11,7 @@ sees this object: :func:`training.models.build` gets only the dims.
 
 from __future__ import annotations
 
+import re
 import tomllib
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -19,6 +20,7 @@ from typing import Any
 import yaml
 
 DATASETS = ("jamendo", "deam", "deam_dynamic", "folders")
+_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
 
 
 @dataclass
@@ -79,6 +81,14 @@ class FitConfig:
     # weight of each tag that moods.toml makes a mood family member (the tags the leading mood is
     # read from) in the logits term, against 1 for every other tag
     mood_tag_weight: float = 1.0
+    # the mood stage after the main loop (training/mood_stage.py): epochs over whole training
+    # tracks, the patch loss + mood_weight x a KL between the teacher's and the student's family
+    # scores at mood_temperature (0 epochs: no stage)
+    mood_epochs: int = 0
+    mood_lr: float = 1e-4
+    mood_weight: float = 1.0
+    mood_temperature: float = 0.05
+    mood_tracks_per_step: int = 4
     teacher_workers: int = 2  # processes computing the teacher's outputs
     # arch musicnn_lite: the teacher's trained networks (PyTorch checkpoints, in the entry's
     # network order) it is made from, and whether their filters stay as they are
@@ -134,6 +144,8 @@ def from_dict(values: dict[str, Any]) -> FitConfig:
             raise ValueError(f"{f.name} must be true or false, got {value!r}")
         if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
             setattr(cfg, f.name, float(value))
+        elif isinstance(default, float) and isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
+            setattr(cfg, f.name, float(value))  # YAML reads 5e-5 (no dot) as a string
         elif isinstance(default, (int, float, str, dict, list)) and not isinstance(value, type(default)):
             raise ValueError(f"{f.name} must be {type(default).__name__}, got {value!r}")
     if cfg.data not in DATASETS:
@@ -146,6 +158,8 @@ def from_dict(values: dict[str, Any]) -> FitConfig:
         raise ValueError(f"restart_lr_factor must be in (0, 1], got {cfg.restart_lr_factor}")
     if cfg.mood_tag_weight <= 0:
         raise ValueError(f"mood_tag_weight must be > 0 (1: mood tags weigh as much as the others), got {cfg.mood_tag_weight}")
+    if cfg.mood_epochs < 0 or cfg.mood_tracks_per_step < 1 or cfg.mood_temperature <= 0 or cfg.mood_weight < 0 or cfg.mood_lr <= 0:
+        raise ValueError(f"the mood stage needs mood_epochs >= 0, mood_tracks_per_step >= 1, mood_temperature > 0, mood_weight >= 0 and mood_lr > 0; got {cfg.mood_epochs}, {cfg.mood_tracks_per_step}, {cfg.mood_temperature}, {cfg.mood_weight}, {cfg.mood_lr}")
     if cfg.refit and cfg.schedule != "cosine":
         raise ValueError("refit trains on the validation groups, so no schedule may follow their loss: use schedule = \"cosine\"")
     if cfg.unfreeze_epoch < 0:

@@ -17,6 +17,9 @@
            + ``embedding_weight`` x MSE of the embeddings, each dimension likewise scaled
        (logit matching: a tag the teacher scores 0.001 to 0.02 is ranked as carefully as one it
        scores 0.1 to 0.9; a BCE on probabilities barely sees the former)
+    -> with ``mood_epochs``, the mood stage (:mod:`training.mood_stage`): epochs over whole
+       training tracks that add the families' order to the loss; its model (``mood.pt``) is the
+       one reported and exported
     -> agreement with the teacher on the held-out groups' serving patches -> distill_report.json
 
 With ``--export`` the best checkpoint goes on into the model repository (named ``name``), its
@@ -53,6 +56,7 @@ import json
 import time
 from dataclasses import replace
 from datetime import datetime, timezone
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -66,14 +70,15 @@ from torch.utils.data import Dataset
 from pipeline.features import PATCH_FRAMES
 from pipeline.model_meta import read_meta
 from pipeline.settings import REPO_ROOT
-from pipeline.taxonomy import DEFAULT_MOODS_FILE, load_taxonomy, mood_view
+from pipeline.taxonomy import DEFAULT_MOODS_FILE, Calibration, family_scores, load_taxonomy, mood_view
 from training.config import FitConfig
 from training.data import Track, debian_music, hash_split
 from training.data.cache import FeatureCache
 from training.data.folders import list_unlabelled
-from training.fit import DistillLoss, open_cache, setup_runtime, train
-from training.models import build, load_checkpoint
+from training.fit import DistillLoss, open_cache, setup_runtime, tensorboard_writer, train
+from training.models import build, load_checkpoint, save_checkpoint
 from training.models.musicnn_lite import freeze_filters, load_teachers
+from training.mood_stage import FamilyScores, TrackTarget, tune_moods
 from training.teacher import TEACHER_HOP, Teacher, teacher_outputs
 
 DEBIAN = "debian"
@@ -170,6 +175,7 @@ class TeacherPatches(Dataset):
             target = np.concatenate([teacher_logits(out[s]) for s in scores] + [out[e] for e in embeddings], axis=1)[keep]
             self.targets.append(target.astype(np.float32))
             self.items += [(t, int(s), i) for i, s in enumerate(out["starts"][keep])]
+        self.starts = [out["starts"][out["starts"] % PATCH_FRAMES == 0 if grid_only else slice(None)] for out in (outputs[s] for s in self.sources)]
 
     def __len__(self) -> int:
         return len(self.items)
@@ -178,6 +184,11 @@ class TeacherPatches(Dataset):
         t, start, row = self.items[index]
         mel = np.array(self.cache.frames(self.sources[t])[start : start + PATCH_FRAMES])
         return torch.from_numpy(mel), torch.from_numpy(self.targets[t][row])
+
+    def track_patches(self, t: int) -> torch.Tensor:
+        """[n, PATCH_FRAMES, N_MELS]: every patch of track ``t``, in the order of its targets."""
+        frames = self.cache.frames(self.sources[t])
+        return torch.from_numpy(np.stack([frames[s : s + PATCH_FRAMES] for s in self.starts[t]]).astype(np.float32, copy=False))
 
     def all_targets(self) -> np.ndarray:
         return np.concatenate(self.targets)
@@ -318,6 +329,10 @@ def distill(cfg: FitConfig, source: str = DEBIAN, *, repository: Path = REPO_ROO
         model=start,
     )  # fmt: skip
 
+    mood_figures: list[dict[str, float]] = []
+    if cfg.mood_epochs:
+        trained = splits["train"] + (splits["validation"] if cfg.refit else [])
+        best, mood_figures = mood_stage(best, cfg, trained, tracks, cache, outputs, teacher, loss_fn)
     model, ckpt = load_checkpoint(best)
     s_rows, t_rows, track_of = held_out_rows(model, splits["test"], cache, outputs, score_names)
     report: dict[str, Any] = {
@@ -331,6 +346,7 @@ def distill(cfg: FitConfig, source: str = DEBIAN, *, repository: Path = REPO_ROO
         "tracks": {k: len(v) for k, v in splits.items()},
         "patches": {"train": len(train_ds), "validation": len(val_ds), "held_out": len(track_of)},
         "skipped": failed,
+        "mood_stage": mood_figures,
         "epochs_run": int(torch.load(Path(cfg.out_dir) / "last.pt", map_location="cpu", weights_only=False)["epoch"]) + 1,
         "train_wall_s": round(time.monotonic() - started, 1),
         "held_out": compare(s_rows, t_rows, track_of),
@@ -341,6 +357,42 @@ def distill(cfg: FitConfig, source: str = DEBIAN, *, repository: Path = REPO_ROO
     return report
 
 
+def mood_stage(best: Path, cfg: FitConfig, tracks: list[Track], reference: list[Track], cache: FeatureCache, outputs: dict[str, dict[str, np.ndarray]], teacher: Teacher, loss_fn: nn.Module) -> tuple[Path, list[dict[str, float]]]:
+    """The mood stage (:mod:`training.mood_stage`) from checkpoint ``best`` over ``tracks``,
+    the student's families through its own calibration over ``reference`` at the start:
+    (<out_dir>/mood.pt, the figures of each of its epochs)."""
+    model, ckpt = load_checkpoint(best)
+    grid = TeacherPatches(tracks, cache, outputs, teacher.meta.outputs, grid_only=True)
+    taxonomy = load_taxonomy(teacher.meta)
+    _, calibration = student_calibration(model, teacher.meta, reference, cache, outputs)
+    own = replace(taxonomy, calibration=Calibration.from_json(calibration))
+    targets = [
+        TrackTarget(partial(grid.track_patches, t), torch.from_numpy(grid.targets[t]), torch.from_numpy(family_scores(taxonomy, _teacher_track(outputs[track.source], teacher.meta))))
+        for t, track in enumerate(tracks)
+    ]  # fmt: skip
+    figures: list[dict[str, float]] = []
+    writer = tensorboard_writer(Path(cfg.out_dir))
+
+    def on_epoch(epoch: int, values: dict[str, float]) -> None:
+        figures.append({"epoch": epoch, **{k: round(v, 5) for k, v in values.items()}})
+        for key, value in values.items():
+            writer.add_scalar(f"mood_stage/{key}", value, epoch)
+        print(f"mood epoch {epoch}: patch loss {values['patch_loss']:.4f}, mood loss {values['mood_loss']:.4f}, leading mood as the teacher's on {values['leading_same']:.1%} of {len(targets)} training tracks (as trained)", flush=True)
+
+    tune_moods(
+        model, targets, loss_fn.to("cpu"), FamilyScores(own, teacher.meta.networks), epochs=cfg.mood_epochs, lr=cfg.mood_lr, weight=cfg.mood_weight,
+        temperature=cfg.mood_temperature, tracks_per_step=cfg.mood_tracks_per_step, weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip, seed=cfg.seed,
+        progress=cfg.progress, on_epoch=on_epoch,
+    )  # fmt: skip
+    writer.close()
+    path = Path(cfg.out_dir) / "mood.pt"
+    named = ("arch", "dims", "labels", "task", "frontend", "version", "source", "optimizer", "scheduler", "scaler")
+    # new weights, a new version (unless the run names one): every output event carries it
+    version = cfg.version or f"{ckpt['version']}-mood"
+    save_checkpoint(path, model.eval(), arch=ckpt["arch"], labels=ckpt["labels"], version=version, source=ckpt["source"], **{k: v for k, v in ckpt.items() if k not in named}, mood_stage=figures)
+    return path, figures
+
+
 # -- served like any model ---------------------------------------------------------------------
 
 
@@ -348,19 +400,15 @@ def export_student(best: Path, cfg: FitConfig, splits: dict[str, list[Track]], r
     """Export ``best`` as ``cfg.name``, calibrate its moods over ``reference`` (every group, as
     the teacher's calibration was made), and compare leading moods with the teacher's on the
     held-out groups and on the reserved check packages (when fetched)."""
-    from training.calibrate import TrackSet, calibration_for, write_calibration
+    from training.calibrate import write_calibration
     from training.export import export
 
     exported = export(best, cfg.name or None, repository)
     name = exported.directory.name
     model, _ = load_checkpoint(best)
     meta = read_meta(repository, name)
-    uncalibrated = load_taxonomy(meta, DEFAULT_MOODS_FILE, calibrated=False)
-    scores = {t.source: _student_track(model, cache, t.source, outputs[t.source], meta) for t in reference}
-    files = sorted(scores)
-    trackset = TrackSet(files=files, scores={n.name: np.stack([scores[f][n.name] for f in files]) for n in meta.networks}, embeddings={}, patches=np.zeros(len(files), int))
-    sources = sorted({group_of(t) for t in reference})
-    write_calibration(repository, name, calibration_for(uncalibrated, trackset, sources))
+    scores, calibration = student_calibration(model, meta, reference, cache, outputs)
+    write_calibration(repository, name, calibration)
 
     result: dict[str, Any] = {"exported": {"name": name, "directory": str(exported.directory.relative_to(repository.parent) if exported.directory.is_relative_to(repository.parent) else exported.directory), "parity_max_abs_diff": exported.max_abs_diff}}
     student_tax = load_taxonomy(read_meta(repository, name))
@@ -371,6 +419,18 @@ def export_student(best: Path, cfg: FitConfig, splits: dict[str, list[Track]], r
         figures, result["moods_check"] = _group_agreement(model, meta, check, cache, check_outputs, teacher, student_tax, teacher_tax)
         result["check"] = {"packages": sorted({group_of(t) for t in check}), **figures}
     return result
+
+
+def student_calibration(model: nn.Module, meta: Any, reference: list[Track], cache: FeatureCache, outputs: dict[str, dict[str, np.ndarray]]) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, Any]]:
+    """({source: network -> [n_labels] track scores}, the calibration document) of ``model``
+    (networks as ``meta``'s) over ``reference``, every group, as the teacher's was made."""
+    from training.calibrate import TrackSet, calibration_for
+
+    scores = {t.source: _student_track(model, cache, t.source, outputs[t.source], meta) for t in reference}
+    files = sorted(scores)
+    trackset = TrackSet(files=files, scores={n.name: np.stack([scores[f][n.name] for f in files]) for n in meta.networks}, embeddings={}, patches=np.zeros(len(files), int))
+    uncalibrated = load_taxonomy(meta, DEFAULT_MOODS_FILE, calibrated=False)
+    return scores, calibration_for(uncalibrated, trackset, sorted({group_of(t) for t in reference}))
 
 
 def _check_set(cfg: FitConfig, cache: FeatureCache, teacher: Teacher) -> tuple[list[Track], dict[str, dict[str, np.ndarray]], dict[str, str]]:

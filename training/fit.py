@@ -252,7 +252,7 @@ def train(
     pin = rt.device.type == "cuda"
     train_dl = DataLoader(train_ds, cfg.batch_size, shuffle=sampler is None, sampler=sampler, num_workers=cfg.num_workers, pin_memory=pin, drop_last=len(train_ds) > cfg.batch_size)
     val_dl = DataLoader(val_ds, cfg.batch_size, shuffle=False, num_workers=cfg.num_workers, pin_memory=pin)
-    writer = _writer(out_dir) if rt.main else None
+    writer = tensorboard_writer(out_dir) if rt.main else None
     started = time.monotonic()
 
     for epoch in range(start_epoch, cfg.epochs):
@@ -363,7 +363,8 @@ def _validate(model: nn.Module, loader: DataLoader, loss_fn: LossFn, rt: Runtime
     return total / len(loader.dataset), np.concatenate(outs), np.concatenate(targets)
 
 
-def _writer(out_dir: Path) -> Any:
+def tensorboard_writer(out_dir: Path) -> Any:
+    """TensorBoard logs of a run: <out_dir>/tb."""
     from torch.utils.tensorboard import SummaryWriter
 
     return SummaryWriter(str(out_dir / "tb"))

@@ -162,6 +162,10 @@ def test_config_file_and_overrides(tmp_path):
         load_config(None, ["epoch=3"])
     with pytest.raises(ValueError, match="must be int"):
         load_config(None, ["epochs=many"])
+    # YAML 1.1 reads an exponent without a dot as a string; a float option takes it as the number
+    assert (load_config(None, ["lr=5e-5"]).lr, load_config(None, ["mood_lr=1E-4"]).mood_lr) == (5e-5, 1e-4)
+    with pytest.raises(ValueError, match="lr must be float"):
+        load_config(None, ["lr=fast"])
     with pytest.raises(ValueError, match="data must be"):
         load_config(None, ["data=imagenet"])
     with pytest.raises(ValueError, match="unfreeze_epoch must be >= 0"):
