@@ -112,7 +112,7 @@ def _track_step(model: nn.Module, track: TrackTarget, patch_loss: nn.Module, fam
 def tune_moods(model: nn.Module, tracks: list[TrackTarget], patch_loss: nn.Module, families: FamilyScores, *, epochs: int, lr: float, weight: float, temperature: float, tracks_per_step: int, weight_decay: float, grad_clip: float, seed: int, progress: bool, on_epoch: Callable[[int, dict[str, float]], None]) -> None:
     """Train ``model`` in place for ``epochs`` over ``tracks`` (module doc). After each epoch
     ``on_epoch(epoch, figures)`` gets the epoch's mean patch loss, mood loss and the share of
-    tracks whose leading family (teacher's calibration) was the teacher's, as trained."""
+    tracks whose leading family (through ``families``) was the teacher's, as trained."""
     from tqdm import tqdm
 
     model.eval()  # batch norm keeps its statistics; every parameter trains
