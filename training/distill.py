@@ -166,7 +166,7 @@ class TeacherPatches(Dataset):
     def __init__(self, tracks: list[Track], cache: FeatureCache, outputs: dict[str, dict[str, np.ndarray]], meta_outputs: tuple[str, ...], *, grid_only: bool) -> None:
         self.cache = cache
         self.sources = [t.source for t in tracks]
-        self.targets, self.items = [], []
+        self.targets, self.items, self.starts = [], [], []
         scores = [o for o in meta_outputs if o.endswith("scores")]
         embeddings = [o for o in meta_outputs if o.endswith("embedding")]
         for t, source in enumerate(self.sources):
@@ -174,8 +174,8 @@ class TeacherPatches(Dataset):
             keep = out["starts"] % PATCH_FRAMES == 0 if grid_only else np.ones(len(out["starts"]), bool)
             target = np.concatenate([teacher_logits(out[s]) for s in scores] + [out[e] for e in embeddings], axis=1)[keep]
             self.targets.append(target.astype(np.float32))
-            self.items += [(t, int(s), i) for i, s in enumerate(out["starts"][keep])]
-        self.starts = [out["starts"][out["starts"] % PATCH_FRAMES == 0 if grid_only else slice(None)] for out in (outputs[s] for s in self.sources)]
+            self.starts.append(out["starts"][keep])
+            self.items += [(t, int(s), i) for i, s in enumerate(self.starts[t])]
 
     def __len__(self) -> int:
         return len(self.items)
@@ -492,9 +492,9 @@ def _student_track(model: nn.Module, cache: FeatureCache, source: str, out: dict
 
 
 def _by_network(scores: np.ndarray, meta: Any) -> dict[str, np.ndarray]:
-    """[n_labels of all networks] -> network -> its [n_labels] (the networks' order in ``meta``)."""
+    """[..., n_labels of all networks] -> network -> its [..., n_labels] (the networks' order in ``meta``)."""
     bounds = np.cumsum([0] + [len(n.labels) for n in meta.networks])
-    return {n.name: scores[a:b] for n, a, b in zip(meta.networks, bounds, bounds[1:])}
+    return {n.name: scores[..., a:b] for n, a, b in zip(meta.networks, bounds, bounds[1:])}
 
 
 def _teacher_track(out: dict[str, np.ndarray], meta: Any, phase: int = 0) -> dict[str, np.ndarray] | None:

@@ -67,13 +67,12 @@ class FamilyScores:
             raise ValueError(f"model {taxonomy.model}: the mood stage needs a calibrated taxonomy")
         offset = dict(zip((n.name for n in networks), np.cumsum([0] + [len(n.labels) for n in networks])))
         cal = taxonomy.calibration
-        q = lambda values: torch.tensor(np.asarray(values, np.float64))  # noqa: E731
         self.families = [
             (
                 torch.tensor([int(offset[m.network]) + m.column for m in f.members]),
                 torch.tensor([m.weight for m in f.members], dtype=torch.float64) / sum(m.weight for m in f.members),
-                [q(cal.tags[m.key]) for m in f.members],
-                q(cal.families[f.name]),
+                [torch.as_tensor(cal.tags[m.key], dtype=torch.float64) for m in f.members],
+                torch.as_tensor(cal.families[f.name], dtype=torch.float64),
             )
             for f in taxonomy.families
         ]

@@ -4,9 +4,12 @@ catalog, with synthesised audio whose pitch carries the label (so a model can le
 from __future__ import annotations
 
 import importlib.util
+import shutil
 from pathlib import Path
 
 import pytest
+
+from pipeline.settings import REPO_ROOT
 
 # The suite's conftest (tone, encode) by path: both files are named conftest, so a plain import
 # from here would find this module itself.
@@ -121,3 +124,11 @@ TINY_DIMS = {
     "resnet18": {"widths": [4, 8, 8, 16], "blocks": [1, 1, 1, 1]},
     "student": {"widths": [4, 8, 8, 8], "blocks": [1, 1, 1], "hidden": 16},
 }
+
+
+@pytest.fixture
+def repository(tmp_path) -> Path:
+    """A model repository holding only the teacher (the served musicnn entry)."""
+    repo = tmp_path / "models"
+    shutil.copytree(REPO_ROOT / "triton_models" / "musicnn", repo / "musicnn", ignore=shutil.ignore_patterns("__pycache__"))
+    return repo

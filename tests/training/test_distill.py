@@ -27,14 +27,6 @@ from training.models import build, load_checkpoint
 from training.teacher import TEACHER_HOP, Teacher, patch_starts, teacher_outputs
 
 
-@pytest.fixture
-def repository(tmp_path):
-    """A model repository holding only the teacher (the served musicnn entry)."""
-    repo = tmp_path / "models"
-    shutil.copytree(REPO_ROOT / "triton_models" / "musicnn", repo / "musicnn", ignore=shutil.ignore_patterns("__pycache__"))
-    return repo
-
-
 #: The shipped CPU tier (musicnn's networks pruned, made from the teacher's checkpoints, filters
 #: frozen) and the small trunk trained from scratch.
 STUDENTS = {

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 
 import numpy as np
 import pytest
@@ -18,6 +17,7 @@ from pipeline.settings import REPO_ROOT
 from pipeline.taxonomy import cdf, family_scores, load_taxonomy
 from training.cli import main
 from training.config import from_dict
+from training.distill import _by_network
 from training.fit import DistillLoss
 from training.models import load_checkpoint
 from training.mood_stage import FamilyScores, TrackTarget, mood_loss, torch_cdf, tune_moods
@@ -29,9 +29,10 @@ def served():
     return meta, load_taxonomy(meta)
 
 
-def _by_network(scores: np.ndarray, meta) -> dict[str, np.ndarray]:
-    bounds = np.cumsum([0] + [len(n.labels) for n in meta.networks])
-    return {n.name: scores[..., a:b] for n, a, b in zip(meta.networks, bounds, bounds[1:])}
+def _mood_columns(meta, taxonomy) -> dict[int, str]:
+    """Column (all networks' scores side by side) -> calibration key of each mood tag."""
+    offset = dict(zip((n.name for n in meta.networks), np.cumsum([0] + [len(n.labels) for n in meta.networks])))
+    return {int(offset[m.network]) + m.column: m.key for f in taxonomy.families for m in f.members}
 
 
 def test_torch_cdf_is_the_taxonomys_off_ties():
@@ -48,9 +49,8 @@ def test_family_scores_in_torch_are_the_taxonomys_and_have_gradients(served):
     out = FamilyScores(taxonomy, meta.networks)(scores)
     np.testing.assert_allclose(out.detach().numpy(), family_scores(taxonomy, _by_network(x, meta)), atol=1e-12)
     out.sum().backward()
-    members = {int(np.cumsum([0] + [len(n.labels) for n in meta.networks])[[n.name for n in meta.networks].index(m.network)]) + m.column for f in taxonomy.families for m in f.members}
     moved = set(np.flatnonzero(scores.grad.abs().sum(dim=0).numpy()))
-    assert moved == members  # every mood tag steers its family, no other tag does
+    assert moved == set(_mood_columns(meta, taxonomy))  # every mood tag steers its family, no other tag does
 
 
 def test_the_mood_loss_weighs_the_order_at_the_top_most():
@@ -84,7 +84,7 @@ def test_tune_moods_brings_the_students_leading_moods_to_the_teachers_and_keeps_
     meta, taxonomy = served
     n_labels = sum(len(n.labels) for n in meta.networks)
     families = FamilyScores(taxonomy, meta.networks)
-    curves = {int(np.cumsum([0] + [len(n.labels) for n in meta.networks])[[n.name for n in meta.networks].index(m.network)]) + m.column: taxonomy.calibration.tags[m.key] for f in taxonomy.families for m in f.members}
+    curves = {column: taxonomy.calibration.tags[key] for column, key in _mood_columns(meta, taxonomy).items()}
     rng = np.random.default_rng(0)
     tracks, targets = [], []
     for _ in range(24):
@@ -126,9 +126,7 @@ def test_the_mood_stage_options_are_checked():
             from_dict(bad)
 
 
-def test_distill_with_a_mood_stage_exports_the_stages_model(unlabelled, mel_cache, tmp_path):
-    repository = tmp_path / "models"
-    shutil.copytree(REPO_ROOT / "triton_models" / "musicnn", repository / "musicnn", ignore=shutil.ignore_patterns("__pycache__"))
+def test_distill_with_a_mood_stage_exports_the_stages_model(unlabelled, mel_cache, repository, tmp_path):
     out = tmp_path / "student"
     assert main(_distill_args(unlabelled, repository, out, "student", mel_cache, mood_epochs=2, mood_lr=0.01, mood_tracks_per_step=2, version="")) == 0
     report = json.loads((out / "distill_report.json").read_text())
