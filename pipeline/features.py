@@ -121,6 +121,11 @@ def log_compress(mel: np.ndarray) -> np.ndarray:
     return np.log10(np.float32(1.0) + np.float32(LOG_SCALE) * mel, dtype=np.float32)
 
 
+def log_expand(frames: np.ndarray) -> np.ndarray:
+    """The power spectrogram ``log_compress`` was given, in float32 (its inverse). frames: any shape."""
+    return (np.power(np.float32(10.0), frames, dtype=np.float32) - np.float32(1.0)) / np.float32(LOG_SCALE)
+
+
 class LogMelStream:
     """Turns audio chunks into log-mel frames, as the whole signal would give (to float32 rounding).
 

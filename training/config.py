@@ -81,6 +81,9 @@ class FitConfig:
     # weight of each tag that moods.toml makes a mood family member (the tags the leading mood is
     # read from) in the logits term, against 1 for every other tag
     mood_tag_weight: float = 1.0
+    # a checkpoint whose weights the student starts from (fresh optimizer and schedule; "": made
+    # from the teacher, or fresh); with epochs = 0 the stages after the main loop start from it
+    init: str = ""
     # the mood stage after the main loop (training/mood_stage.py): epochs over whole training
     # tracks, the patch loss + mood_weight x a KL between the teacher's and the student's family
     # scores at mood_temperature (0 epochs: no stage)
@@ -89,6 +92,12 @@ class FitConfig:
     mood_weight: float = 1.0
     mood_temperature: float = 0.05
     mood_tracks_per_step: int = 4
+    # the mix stage after the mood stage (training/distill.py): mix_epochs of the main loop at
+    # mix_lr, filters frozen, over the training patches and mixed_patches mixes of two training
+    # tracks' patches, each with the teacher's outputs on the mix (scored once, cached)
+    mix_epochs: int = 0
+    mix_lr: float = 1e-4
+    mixed_patches: int = 0
     teacher_workers: int = 2  # processes computing the teacher's outputs
     # arch musicnn_lite: the teacher's trained networks (PyTorch checkpoints, in the entry's
     # network order) it is made from, and whether their filters stay as they are
@@ -162,6 +171,12 @@ def from_dict(values: dict[str, Any]) -> FitConfig:
         raise ValueError(f"the mood stage needs mood_epochs >= 0, mood_tracks_per_step >= 1, mood_temperature > 0, mood_weight >= 0 and mood_lr > 0; got {cfg.mood_epochs}, {cfg.mood_tracks_per_step}, {cfg.mood_temperature}, {cfg.mood_weight}, {cfg.mood_lr}")
     if cfg.refit and cfg.schedule != "cosine":
         raise ValueError("refit trains on the validation groups, so no schedule may follow their loss: use schedule = \"cosine\"")
+    if cfg.mix_epochs < 0 or cfg.mix_lr <= 0 or (cfg.mix_epochs > 0) != (cfg.mixed_patches > 0):
+        raise ValueError(f"the mix stage needs mix_epochs >= 0, mix_lr > 0 and mixed_patches > 0 exactly when mix_epochs > 0; got {cfg.mix_epochs}, {cfg.mix_lr}, {cfg.mixed_patches}")
+    if cfg.epochs < 0 or (cfg.epochs == 0 and not cfg.init):
+        raise ValueError(f"epochs must be >= 1, or 0 with init (the checkpoint the stages start from); got {cfg.epochs}")
+    if cfg.init and cfg.resume:
+        raise ValueError("init starts a new run from a checkpoint's weights, resume continues one: set one of them")
     if cfg.unfreeze_epoch < 0:
         raise ValueError(f"unfreeze_epoch must be >= 0 (0: frozen parameters stay frozen), got {cfg.unfreeze_epoch}")
     return cfg

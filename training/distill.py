@@ -17,9 +17,18 @@
            + ``embedding_weight`` x MSE of the embeddings, each dimension likewise scaled
        (logit matching: a tag the teacher scores 0.001 to 0.02 is ranked as carefully as one it
        scores 0.1 to 0.9; a BCE on probabilities barely sees the former)
+       With ``init`` the student starts from that checkpoint's weights (a fresh optimizer and
+       schedule) instead of being made from the teacher; with ``epochs = 0`` as well, the stages
+       below start from it directly.
     -> with ``mood_epochs``, the mood stage (:mod:`training.mood_stage`): epochs over whole
        training tracks that add the families' order to the loss; its model (``mood.pt``) is the
        one reported and exported
+    -> with ``mix_epochs``, the mix stage (:func:`mix_stage`): the main loop again, from the model
+       so far with its filters frozen (``frozen_filters``), over the training patches and
+       ``mixed_patches`` mixes of two training tracks' patches (power weights drawn from
+       ``MIX_WEIGHTS``), each mix's target the teacher's outputs on the mix itself (computed once,
+       :func:`~training.teacher.mixed_outputs`): inputs unlike any one track, and what the
+       teacher says of exactly them; its model (``mix/best.pt``) is the one reported and exported
     -> agreement with the teacher on the held-out groups' serving patches -> distill_report.json
 
 With ``--export`` the best checkpoint goes on into the model repository (named ``name``), its
@@ -58,14 +67,14 @@ from dataclasses import replace
 from datetime import datetime, timezone
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
 from scipy.stats import spearmanr
 from sklearn.metrics import roc_auc_score
 from torch import nn
-from torch.utils.data import Dataset
+from torch.utils.data import ConcatDataset, Dataset
 
 from pipeline.features import PATCH_FRAMES
 from pipeline.model_meta import read_meta
@@ -75,15 +84,17 @@ from training.config import FitConfig
 from training.data import Track, debian_music, hash_split
 from training.data.cache import FeatureCache
 from training.data.folders import list_unlabelled
-from training.fit import DistillLoss, open_cache, setup_runtime, tensorboard_writer, train
+from training.data.patches import mix_frames
+from training.fit import DistillLoss, open_cache, seed_everything, setup_runtime, tensorboard_writer, train
 from training.models import build, load_checkpoint, save_checkpoint
 from training.models.musicnn_lite import freeze_filters, load_teachers
 from training.mood_stage import FamilyScores, TrackTarget, tune_moods
-from training.teacher import TEACHER_HOP, Teacher, teacher_outputs
+from training.teacher import TEACHER_HOP, Teacher, mixed_outputs, teacher_outputs
 
 DEBIAN = "debian"
 _P_CLIP = 1e-6  # teacher probabilities are clipped here before the logit
 _SAME_TEACHER_TOL = 1e-3  # most a teacher checkpoint's score may differ from the served entry's
+MIX_WEIGHTS = (0.2, 0.8)  # power weight of a mix's first patch: uniform in this range
 
 
 # -- the music and its split -----------------------------------------------------------------
@@ -167,13 +178,10 @@ class TeacherPatches(Dataset):
         self.cache = cache
         self.sources = [t.source for t in tracks]
         self.targets, self.items, self.starts = [], [], []
-        scores = [o for o in meta_outputs if o.endswith("scores")]
-        embeddings = [o for o in meta_outputs if o.endswith("embedding")]
         for t, source in enumerate(self.sources):
             out = outputs[source]
             keep = out["starts"] % PATCH_FRAMES == 0 if grid_only else np.ones(len(out["starts"]), bool)
-            target = np.concatenate([teacher_logits(out[s]) for s in scores] + [out[e] for e in embeddings], axis=1)[keep]
-            self.targets.append(target.astype(np.float32))
+            self.targets.append(teacher_targets(out, meta_outputs)[keep])
             self.starts.append(out["starts"][keep])
             self.items += [(t, int(s), i) for i, s in enumerate(self.starts[t])]
 
@@ -192,6 +200,44 @@ class TeacherPatches(Dataset):
 
     def all_targets(self) -> np.ndarray:
         return np.concatenate(self.targets)
+
+
+def teacher_targets(out: dict[str, np.ndarray], meta_outputs: tuple[str, ...]) -> np.ndarray:
+    """[n, n_labels + embedding width]: the teacher's logits of every network, then its
+    embeddings, from its outputs on n patches."""
+    scores = [o for o in meta_outputs if o.endswith("scores")]
+    embeddings = [o for o in meta_outputs if o.endswith("embedding")]
+    return np.concatenate([teacher_logits(out[s]) for s in scores] + [out[e] for e in embeddings], axis=1).astype(np.float32)
+
+
+class MixedPatches(Dataset):
+    """(mel [PATCH_FRAMES, N_MELS], target): mixes of two patches of ``patches``, each with the
+    teacher's targets on the mix. ``count`` pairs are drawn (seeded); those from one track are
+    dropped, so there are a little fewer."""
+
+    def __init__(self, patches: TeacherPatches, count: int, teacher: Teacher, *, seed: int, workers: int = 2, progress: bool = True) -> None:
+        rng = np.random.default_rng(seed)
+        self.patches = patches
+        first = rng.integers(len(patches.items), size=count)
+        second = rng.integers(len(patches.items), size=count)
+        other_track = np.array([patches.items[a][0] != patches.items[b][0] for a, b in zip(first, second)], bool)
+        self.pairs = np.stack([first, second], axis=1)[other_track]
+        if not len(self.pairs):
+            raise ValueError(f"no mix of two tracks among {count} pairs drawn from {len(patches.sources)} track(s): mixes need patches of at least two tracks")
+        self.weights = rng.uniform(*MIX_WEIGHTS, size=len(self.pairs)).astype(np.float32)
+        described = [(*self._where(a), *self._where(b), float(w)) for (a, b), w in zip(self.pairs, self.weights)]
+        self.targets = teacher_targets(mixed_outputs(described, patches.cache, teacher, workers=workers, progress=progress), teacher.meta.outputs)
+
+    def _where(self, item: int) -> tuple[str, int]:
+        t, start, _ = self.patches.items[item]
+        return self.patches.sources[t], start
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        (a, _), (b, _) = (self.patches[int(i)] for i in self.pairs[index])
+        return torch.from_numpy(mix_frames(a.numpy(), b.numpy(), float(self.weights[index]))), torch.from_numpy(self.targets[index])
 
 
 def made_from_teacher(cfg: FitConfig, patches: TeacherPatches, dims: dict[str, Any], n_labels: int, sample: int = 512) -> nn.Module:
@@ -214,6 +260,20 @@ def made_from_teacher(cfg: FitConfig, patches: TeacherPatches, dims: dict[str, A
     if cfg.frozen_filters:
         freeze_filters(model)
     return model
+
+
+def initial_model(cfg: FitConfig, patches: TeacherPatches, dims: dict[str, Any], n_labels: int) -> nn.Module | None:
+    """The student the main loop starts from: ``init``'s weights (of the same arch and dims,
+    filters frozen again with ``frozen_filters``), else for musicnn_lite one made from the
+    teacher, else None (a fresh ``cfg.arch``)."""
+    if cfg.init:
+        model, ckpt = load_checkpoint(Path(cfg.init))
+        if ckpt["arch"] != cfg.arch or json.dumps({k: ckpt["dims"].get(k) for k in dims}) != json.dumps(dims):
+            raise ValueError(f"init {cfg.init} is a {ckpt['arch']} of dims {ckpt['dims']}, not the configured {cfg.arch} of dims {dims}")
+        if cfg.frozen_filters:
+            freeze_filters(model)
+        return model
+    return made_from_teacher(cfg, patches, dims, n_labels) if cfg.arch == "musicnn_lite" else None
 
 
 # -- agreement -------------------------------------------------------------------------------
@@ -306,6 +366,7 @@ def distill(cfg: FitConfig, source: str = DEBIAN, *, repository: Path = REPO_ROO
     labels = tuple(f"{n.name}:{label}" for n in meta.networks for label in n.labels)
     train_ds = TeacherPatches(splits["train"] + (splits["validation"] if cfg.refit else []), cache, outputs, meta.outputs, grid_only=False)
     val_ds = TeacherPatches(splits["validation"], cache, outputs, meta.outputs, grid_only=True)
+    # the loss scales each output by the teacher's spread over these patches; the mix stage keeps it
     loss_fn = DistillLoss(train_ds.all_targets(), len(labels), cfg.embedding_weight, mood_tag_weights(meta, cfg.mood_tag_weight)).to(rt.device)
     score_names = [n.scores_output for n in meta.networks]
     n_labels = len(labels)
@@ -321,18 +382,27 @@ def distill(cfg: FitConfig, source: str = DEBIAN, *, repository: Path = REPO_ROO
         **cfg.dims,
     }
     networks = [{"name": n.name, "labels": list(n.labels), "embedding_dim": n.embedding_dim} for n in meta.networks]
-    start = made_from_teacher(cfg, train_ds, {**dims, "n_classes": n_labels, "task": "tags"}, n_labels) if cfg.arch == "musicnn_lite" else None
-    best = train(
-        replace(cfg, dims=dims), rt, "tags", labels, train_ds, val_ds, loss_fn,
-        source=f"distilled from {cfg.teacher} ({meta.served_version}) on {source}",
-        with_embedding=True, metrics=val_metrics, extra={"networks": networks, "teacher": {"name": cfg.teacher, "version": meta.served_version, "onnx_sha256": teacher.tag}},
-        model=start,
-    )  # fmt: skip
+
+    def loop(run: FitConfig, train_set: Dataset, model: nn.Module | None) -> Path:
+        """The main loop (:func:`~training.fit.train`) as ``run`` says, on ``train_set``."""
+        return train(
+            run, rt, "tags", labels, train_set, val_ds, loss_fn, source=f"distilled from {cfg.teacher} ({meta.served_version}) on {source}",
+            with_embedding=True, metrics=val_metrics, extra={"networks": networks, "teacher": {"name": cfg.teacher, "version": meta.served_version, "onnx_sha256": teacher.tag}},
+            model=model,
+        )  # fmt: skip
+
+    if cfg.epochs:
+        best = loop(replace(cfg, dims=dims), train_ds, initial_model(cfg, train_ds, {**dims, "n_classes": n_labels, "task": "tags"}, n_labels))
+    else:
+        best = Path(cfg.init)  # the stages start from it
 
     mood_figures: list[dict[str, float]] = []
     if cfg.mood_epochs:
         trained = splits["train"] + (splits["validation"] if cfg.refit else [])
         best, mood_figures = mood_stage(best, cfg, trained, tracks, cache, outputs, teacher, loss_fn)
+    mixes = 0
+    if cfg.mix_epochs:
+        best, mixes = mix_stage(best, replace(cfg, dims=dims), train_ds, teacher, loop)
     model, ckpt = load_checkpoint(best)
     s_rows, t_rows, track_of = held_out_rows(model, splits["test"], cache, outputs, score_names)
     report: dict[str, Any] = {
@@ -344,10 +414,12 @@ def distill(cfg: FitConfig, source: str = DEBIAN, *, repository: Path = REPO_ROO
         "distill_music": cfg.distill_music,
         "groups": {k: sorted({group_of(t) for t in v}) for k, v in splits.items()},
         "tracks": {k: len(v) for k, v in splits.items()},
-        "patches": {"train": len(train_ds), "validation": len(val_ds), "held_out": len(track_of)},
+        "patches": {"train": len(train_ds), "mixed": mixes, "validation": len(val_ds), "held_out": len(track_of)},
+        "init": cfg.init,
         "skipped": failed,
         "mood_stage": mood_figures,
-        "epochs_run": int(torch.load(Path(cfg.out_dir) / "last.pt", map_location="cpu", weights_only=False)["epoch"]) + 1,
+        "epochs_run": int(torch.load(Path(cfg.out_dir) / "last.pt", map_location="cpu", weights_only=False)["epoch"]) + 1 if cfg.epochs else 0,
+        "mix_stage": {"epochs": cfg.mix_epochs, "mixes": mixes, "lr": cfg.mix_lr} if cfg.mix_epochs else None,
         "train_wall_s": round(time.monotonic() - started, 1),
         "held_out": compare(s_rows, t_rows, track_of),
     }
@@ -391,6 +463,19 @@ def mood_stage(best: Path, cfg: FitConfig, tracks: list[Track], reference: list[
     version = cfg.version or f"{ckpt['version']}-mood"
     save_checkpoint(path, model.eval(), arch=ckpt["arch"], labels=ckpt["labels"], version=version, source=ckpt["source"], **{k: v for k, v in ckpt.items() if k not in named}, mood_stage=figures)
     return path, figures
+
+
+def mix_stage(best: Path, cfg: FitConfig, patches: TeacherPatches, teacher: Teacher, loop: Callable[[FitConfig, Dataset, nn.Module], Path]) -> tuple[Path, int]:
+    """The mix stage (module doc) from checkpoint ``best``: ``loop`` (the main loop) over
+    ``patches`` and ``cfg.mixed_patches`` mixes of them, for ``mix_epochs`` at ``mix_lr``, into
+    <out_dir>/mix: (its best.pt, the number of mixes)."""
+    mixed = MixedPatches(patches, cfg.mixed_patches, teacher, seed=cfg.seed, workers=cfg.teacher_workers, progress=cfg.progress)
+    seed_everything(cfg.seed)  # the stage is the same run whatever ran before it in the process
+    model, ckpt = load_checkpoint(best)
+    if cfg.frozen_filters:
+        freeze_filters(model)
+    stage = replace(cfg, epochs=cfg.mix_epochs, lr=cfg.mix_lr, unfreeze_epoch=0, cosine_cycles=[], out_dir=str(Path(cfg.out_dir) / "mix"), version=cfg.version or f"{ckpt['version']}-mix")
+    return loop(stage, ConcatDataset([patches, mixed]), model), len(mixed)
 
 
 # -- served like any model ---------------------------------------------------------------------

@@ -196,6 +196,8 @@ def mixup(mel: torch.Tensor, target: torch.Tensor, alpha: float) -> tuple[torch.
 
 def fit(cfg: FitConfig) -> Path:
     """Train as ``cfg`` says; returns the best checkpoint's path."""
+    if cfg.init or not cfg.epochs:
+        raise ValueError("init and epochs = 0 are distill's (a further run on a trained student); fit trains a fresh model for epochs >= 1")
     rt = setup_runtime(cfg)
     catalog = load_catalog(cfg)
     cache = open_cache(cfg)

@@ -9,6 +9,9 @@ measured) and the patches halfway between (twice the training patches for the sa
         starts               [n] int32, first frame of each patch
         <output name>        [n, width] float32, every output of the entry
                              (``musicnn_msd_scores`` [n, 50], ``musicnn_msd_embedding`` [n, 200], ...)
+    <the same folder>/mixed-<sha256 of the pairs>.npz
+        <output name>        [n pairs, width] float32: the outputs on mixes of two tracks'
+                             patches (:func:`mixed_outputs`, the distillation's mix stage)
 
 Tracks are scored in ``workers`` processes of one onnxruntime thread each (one patch per run, the
 cheapest on a CPU: see the README's Performance section); the mel frames come from the same
@@ -31,7 +34,7 @@ from pipeline.errors import TrackError
 from pipeline.features import PATCH_FRAMES
 from pipeline.model_meta import ModelMeta, read_meta
 from training.data.cache import FeatureCache
-from training.data.patches import serving_starts
+from training.data.patches import mix_frames, serving_starts
 
 TEACHER_HOP = PATCH_FRAMES // 2  # 93 frames, 1.49 s
 
@@ -108,6 +111,20 @@ def _teach_one(source: str, folder: str) -> tuple[str, str | None]:
     return source, None
 
 
+def _teach_mixed(pairs: list[tuple[str, int, str, int, float]]) -> dict[str, np.ndarray]:
+    """{output name: [len(pairs), width]}: the teacher's outputs on each mix of two cached
+    tracks' patches (source a, its start, source b, its start, power weight of a)."""
+    assert _session is not None and _cache is not None
+    names = [o.name for o in _session.get_outputs()]
+    rows: dict[str, list[np.ndarray]] = {n: [] for n in names}
+    for source_a, start_a, source_b, start_b, weight in pairs:
+        a, b = (_cache.frames(src)[s : s + PATCH_FRAMES] for src, s in ((source_a, start_a), (source_b, start_b)))
+        patch = mix_frames(np.asarray(a, np.float32), np.asarray(b, np.float32), weight)[None]
+        for name, value in zip(names, _session.run(names, {"mel": patch})):
+            rows[name].append(value[0])
+    return {n: np.stack(v).astype(np.float32) for n, v in rows.items()}
+
+
 # -- the pass over a collection --------------------------------------------------------------
 
 
@@ -136,3 +153,32 @@ def teacher_outputs(sources: list[str], cache: FeatureCache, teacher: Teacher, *
             out[source] = {k: data[k] for k in data.files}
     cache.flush()
     return out, failed
+
+
+def mixed_outputs(pairs: list[tuple[str, int, str, int, float]], cache: FeatureCache, teacher: Teacher, *, workers: int = 2, progress: bool = True, chunk: int = 256) -> dict[str, np.ndarray]:
+    """{output name: [len(pairs), width]}: the teacher's outputs on mixes of two tracks'
+    patches (:func:`~training.data.patches.mix_frames`; each pair is source a, its first frame,
+    source b, its first frame, the power weight of a), every track's frames already cached.
+
+    Computed once per list of pairs and cached beside the tracks' outputs, as
+    ``mixed-<sha256 of the pairs>.npz``; scored in ``workers`` processes of one thread."""
+    from tqdm import tqdm
+
+    folder = teacher.folder(cache)
+    folder.mkdir(parents=True, exist_ok=True)
+    key = hashlib.sha256(repr([(cache.digest(a), sa, cache.digest(b), sb, float(np.float32(w))) for a, sa, b, sb, w in pairs]).encode()).hexdigest()[:16]
+    path = folder / f"mixed-{key}.npz"
+    if path.is_file():
+        with np.load(path) as data:
+            return {k: data[k] for k in data.files}
+    spawn = multiprocessing.get_context("spawn")
+    parts: list[dict[str, np.ndarray]] = []
+    with ProcessPoolExecutor(workers, mp_context=spawn, initializer=_init, initargs=(str(teacher.onnx), str(cache.dir.parent), cache.max_duration_s)) as pool:
+        jobs = [pool.submit(_teach_mixed, pairs[i : i + chunk]) for i in range(0, len(pairs), chunk)]
+        for job in tqdm(jobs, desc="teacher outputs on mixes", unit="chunk", disable=not progress):
+            parts.append(job.result())
+    out = {n: np.concatenate([p[n] for p in parts]) for n in parts[0]} if parts else {}
+    tmp = path.with_suffix(f".{os.getpid()}.tmp.npz")
+    np.savez(tmp, **out)
+    tmp.replace(path)
+    return out

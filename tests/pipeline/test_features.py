@@ -76,6 +76,11 @@ def test_frontend_constants_are_consistent():
     assert F.PATCH_SECONDS == pytest.approx(2.992)
 
 
+def test_log_expand_gives_back_the_power_log_compress_was_given():
+    power = np.concatenate([[0.0], np.geomspace(1e-8, 1e3, 50)]).astype(np.float32)
+    np.testing.assert_allclose(F.log_expand(F.log_compress(power)), power, rtol=1e-4, atol=1e-10)
+
+
 def test_log_mel_max_bounds_the_loudest_signals():
     """Full-scale square waves and clipped noise (the most energy a [-1, 1] signal can put in a
     band) stay under the bound the inference form relies on, and come within a few units of it."""

@@ -10,7 +10,7 @@ from training.data import Track, folders, hash_split
 from training.data import deam as deam_data
 from training.data import jamendo as jamendo_data
 from training.data.cache import FeatureCache
-from training.data.patches import PatchDataset, annotated_starts, serving_patches, step_targets
+from training.data.patches import PatchDataset, annotated_starts, mix_frames, serving_patches, step_targets
 from training.models.lstm_va import N_STEPS, step_bounds, step_labels
 
 
@@ -151,3 +151,21 @@ def test_patch_dataset_targets_per_task(deam, mel_cache):
         mel, target = ds[i]
         assert mel.shape == (features.PATCH_FRAMES, features.N_MELS) and target.shape == (2 * N_STEPS,)
         assert 0 <= float(target.min()) and float(target.max()) <= 1
+
+
+def test_mixed_frames_are_the_frames_of_the_mixed_signals():
+    """Two tones far apart in frequency, mixed at powers w and 1 - w: mix_frames of their frames
+    is the frontend's frames of the mixed wave; a patch mixed with itself is that patch."""
+    t = np.arange(3 * features.SAMPLE_RATE) / features.SAMPLE_RATE
+    low, high = (0.5 * np.sin(2 * np.pi * f * t).astype(np.float32) for f in (300.0, 4000.0))
+    for weight in (0.2, 0.5, 0.8):
+        wave = (np.sqrt(weight) * low + np.sqrt(1 - weight) * high).astype(np.float32)
+        expected = features.log_mel(wave)
+        mixed = mix_frames(features.log_mel(low), features.log_mel(high), weight)
+        # inside the signal: the first and last frames hold the tones' onset and end, clicks
+        # whose broadband spectra overlap
+        assert np.abs(mixed - expected)[1:-1].max() < 0.01
+        # the mix is neither input: each tone's bands carry its weight
+        assert np.abs(mixed - features.log_mel(low)).max() > 0.1
+    frames = features.log_mel(low)
+    np.testing.assert_allclose(mix_frames(frames, frames, 0.3), frames, atol=1e-4)

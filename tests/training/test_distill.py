@@ -21,7 +21,8 @@ from training.cli import main
 from training.config import from_dict
 from training.data import Track, debian_music
 from training.data.cache import FeatureCache
-from training.distill import NEAR_TIE, compare, distillation_set, mood_agreement, mood_tag_weights, split_by_group, teacher_logits
+from training.data.patches import mix_frames
+from training.distill import MIX_WEIGHTS, NEAR_TIE, MixedPatches, TeacherPatches, compare, distillation_set, mood_agreement, mood_tag_weights, split_by_group, teacher_logits, teacher_targets
 from training.fit import DistillLoss
 from training.models import build, load_checkpoint
 from training.teacher import TEACHER_HOP, Teacher, patch_starts, teacher_outputs
@@ -191,6 +192,68 @@ def test_teacher_outputs_are_the_served_models_on_the_grid_and_halfway_and_cache
     again, _ = teacher_outputs(sources, cache, teacher, workers=1, progress=False)
     assert {f: f.stat().st_mtime_ns for f in files} == stamps
     np.testing.assert_array_equal(again[sources[1]]["musicnn_msd_scores"], outputs[sources[1]]["musicnn_msd_scores"])
+
+
+def test_mixed_patches_are_two_tracks_mixed_with_the_teachers_outputs_on_the_mix_cached_once(unlabelled, mel_cache):
+    cache = FeatureCache(mel_cache, max_duration_s=600.0)
+    teacher = Teacher.from_repository(REPO_ROOT / "triton_models", "musicnn")
+    tracks = distillation_set(str(unlabelled))[:3]
+    outputs, _ = teacher_outputs([t.source for t in tracks], cache, teacher, workers=1, progress=False)
+    patches = TeacherPatches(tracks, cache, outputs, teacher.meta.outputs, grid_only=False)
+    mixed = MixedPatches(patches, 8, teacher, seed=0, workers=1, progress=False)
+    assert 0 < len(mixed) <= 8 and len(mixed.targets) == len(mixed)
+    assert all(patches.items[a][0] != patches.items[b][0] for a, b in mixed.pairs)  # two tracks each
+    assert all(MIX_WEIGHTS[0] <= w <= MIX_WEIGHTS[1] for w in mixed.weights)
+    scorer = OnnxScorer(REPO_ROOT / "triton_models", "musicnn")
+    for k in (0, len(mixed) - 1):
+        mel, target = mixed[k]
+        (a, _), (b, _) = (patches[int(i)] for i in mixed.pairs[k])
+        np.testing.assert_allclose(mel.numpy(), mix_frames(a.numpy(), b.numpy(), float(mixed.weights[k])), atol=1e-6)
+        direct = scorer.score_sync(mel.numpy()[None])
+        served = {f"{name}_{part}": getattr(out, part) for name, out in direct.items() for part in ("scores", "embedding")}
+        np.testing.assert_allclose(target.numpy(), teacher_targets(served, teacher.meta.outputs)[0], atol=1e-3)
+        # a target is the teacher on the mix, not the mix of the teacher's targets
+        assert np.abs(target.numpy() - (mixed.weights[k] * patches[int(mixed.pairs[k][0])][1].numpy() + (1 - mixed.weights[k]) * patches[int(mixed.pairs[k][1])][1].numpy())).max() > 0.05
+    files = sorted(teacher.folder(cache).glob("mixed-*.npz"))
+    stamps = {f: f.stat().st_mtime_ns for f in files}
+    again = MixedPatches(patches, 8, teacher, seed=0, workers=1, progress=False)
+    assert {f: f.stat().st_mtime_ns for f in sorted(teacher.folder(cache).glob("mixed-*.npz"))} == stamps
+    np.testing.assert_array_equal(again.targets, mixed.targets)
+    assert not np.array_equal(MixedPatches(patches, 8, teacher, seed=1, workers=1, progress=False).pairs, mixed.pairs)
+
+
+def test_the_mix_stage_goes_on_from_init_over_the_patches_and_the_mixes_filters_frozen(unlabelled, mel_cache, repository, tmp_path):
+    first = tmp_path / "first"
+    assert main(_distill_args(unlabelled, repository, first, "musicnn_lite", mel_cache, epochs=1)) == 0
+    second = tmp_path / "second"
+    options = {"init": str(first / "best.pt"), "epochs": 0, "mix_epochs": 1, "mixed_patches": 12, "version": ""}
+    assert main(_distill_args(unlabelled, repository, second, "musicnn_lite", mel_cache, **options)) == 0
+    report = json.loads((second / "distill_report.json").read_text())
+    assert report["student"]["checkpoint"] == str(second / "mix" / "best.pt") and report["epochs_run"] == 0
+    assert 0 < report["patches"]["mixed"] == report["mix_stage"]["mixes"] <= 12 and report["init"] == str(first / "best.pt")
+    (started, ckpt), (trained, stage) = (load_checkpoint(p) for p in (first / "best.pt", second / "mix" / "best.pt"))
+    assert stage["version"] == f"{ckpt['version']}-mix" and stage["epoch"] == 0
+    assert all(_teachers_filters(trained))  # frozen_filters freezes them again
+    assert any(not torch.equal(p, q) for p, q in zip(started.parameters(), trained.parameters()))
+    assert read_meta(repository, "musicnn_student").served_version.startswith(f"{ckpt['version']}-mix")
+    narrower = _distill_args(unlabelled, repository, tmp_path / "x", "musicnn_lite", mel_cache, init=str(first / "best.pt"))
+    with pytest.raises(ValueError, match="not the configured musicnn_lite"):
+        main(narrower + ["--set", "dims.channels=[[2, 2, 2, 2, 2], [2, 2, 2, 2, 2]]"])
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"mix_epochs": 2}, "mixed_patches > 0 exactly when mix_epochs > 0"),
+        ({"mixed_patches": 100}, "mixed_patches > 0 exactly when mix_epochs > 0"),
+        ({"mix_epochs": 1, "mixed_patches": 10, "mix_lr": 0}, "mix_lr > 0"),
+        ({"epochs": 0}, "0 with init"),
+        ({"init": "a.pt", "resume": "b.pt"}, "set one of them"),
+    ],
+)
+def test_mix_stage_and_init_options_are_validated(options, message):
+    with pytest.raises(ValueError, match=message):
+        from_dict(options)
 
 
 def test_patch_starts_are_the_serving_grid_plus_the_points_halfway():

@@ -149,6 +149,13 @@ def test_same_seed_same_weights(class_folders, mel_cache, tmp_path):
     assert not all(torch.equal(runs[0][k], runs[2][k]) for k in runs[0])
 
 
+@pytest.mark.parametrize("options", [{"init": "runs/x/best.pt"}, {"init": "runs/x/best.pt", "epochs": 0}])
+def test_fit_refuses_distills_further_runs(class_folders, mel_cache, tmp_path, options):
+    with pytest.raises(ValueError, match="init and epochs = 0 are distill's"):
+        fit(config("resnet18", class_folders, mel_cache, tmp_path / "run", **options))
+    assert not (tmp_path / "run").exists()
+
+
 def test_config_file_and_overrides(tmp_path):
     toml = tmp_path / "run.toml"
     toml.write_text('arch = "convgruformer"\nepochs = 3\nlr = 1\n[dims]\nd_model = 32\n')

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from pipeline.features import FRAMES_PER_SECOND, PATCH_FRAMES
+from pipeline.features import FRAMES_PER_SECOND, PATCH_FRAMES, log_compress, log_expand
 from training.data import Track
 from training.data.cache import FeatureCache
 from training.models.lstm_va import N_STEPS, STEP_S, step_bounds
@@ -25,6 +25,14 @@ from training.models.lstm_va import N_STEPS, STEP_S, step_bounds
 def serving_starts(n_frames: int) -> np.ndarray:
     """First frame of each patch the worker would score (hop PATCH_FRAMES, partial tail dropped)."""
     return np.arange(max(1, (n_frames - PATCH_FRAMES) // PATCH_FRAMES + 1)) * PATCH_FRAMES
+
+
+def mix_frames(a: np.ndarray, b: np.ndarray, weight: float) -> np.ndarray:
+    """Log-mel frames of two signals mixed at powers ``weight`` and ``1 - weight``: the frames
+    of ``sqrt(weight) x wave_a + sqrt(1 - weight) x wave_b`` for waves whose spectra do not
+    overlap, and on average for independent ones (their cross terms cancel). a, b: log-mel frames
+    of one shape, float32."""
+    return log_compress(np.float32(weight) * log_expand(a) + np.float32(1.0 - weight) * log_expand(b))
 
 
 def step_targets(track: Track, start: int) -> np.ndarray | None:
