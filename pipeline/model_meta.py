@@ -114,6 +114,15 @@ class ModelMeta:
             )
 
 
+def label_columns(networks: tuple[Network, ...] | list[Network]) -> dict[str, slice]:
+    """network name -> its labels' columns when every network's labels lie side by side, in order."""
+    columns, start = {}, 0
+    for n in networks:
+        columns[n.name] = slice(start, start + len(n.labels))
+        start += len(n.labels)
+    return columns
+
+
 def calibration_id(calibration: dict[str, Any]) -> str:
     """8 hex digits naming a calibration by its content."""
     return hashlib.sha256(json.dumps(calibration, sort_keys=True).encode()).hexdigest()[:8]

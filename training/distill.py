@@ -21,8 +21,8 @@
        schedule) instead of being made from the teacher; with ``epochs = 0`` as well, the stages
        below start from it directly.
     -> with ``mood_epochs``, the mood stage (:mod:`training.mood_stage`): epochs over whole
-       training tracks that add the families' order to the loss; its model (``mood.pt``) is the
-       one reported and exported
+       training tracks that add the families' order to the loss; its model (``mood.pt``) goes on
+       to the mix stage, or is the one reported and exported
     -> with ``mix_epochs``, the mix stage (:func:`mix_stage`): the main loop again, from the model
        so far with its filters frozen (``frozen_filters``), over the training patches and
        ``mixed_patches`` mixes of two training tracks' patches (power weights drawn from
@@ -77,7 +77,7 @@ from torch import nn
 from torch.utils.data import ConcatDataset, Dataset
 
 from pipeline.features import PATCH_FRAMES
-from pipeline.model_meta import read_meta
+from pipeline.model_meta import label_columns, read_meta
 from pipeline.settings import REPO_ROOT
 from pipeline.taxonomy import DEFAULT_MOODS_FILE, Calibration, family_scores, load_taxonomy, mood_view
 from training.config import FitConfig
@@ -189,9 +189,18 @@ class TeacherPatches(Dataset):
         return len(self.items)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        t, start, row = self.items[index]
-        mel = np.array(self.cache.frames(self.sources[t])[start : start + PATCH_FRAMES])
-        return torch.from_numpy(mel), torch.from_numpy(self.targets[t][row])
+        t, _, row = self.items[index]
+        return torch.from_numpy(self.mel(index)), torch.from_numpy(self.targets[t][row])
+
+    def where(self, index: int) -> tuple[str, int]:
+        """(source, first frame) of item ``index``'s patch."""
+        t, start, _ = self.items[index]
+        return self.sources[t], start
+
+    def mel(self, index: int) -> np.ndarray:
+        """[PATCH_FRAMES, N_MELS] float32: item ``index``'s patch."""
+        source, start = self.where(index)
+        return np.array(self.cache.frames(source)[start : start + PATCH_FRAMES])
 
     def track_patches(self, t: int) -> torch.Tensor:
         """[n, PATCH_FRAMES, N_MELS]: every patch of track ``t``, in the order of its targets."""
@@ -225,19 +234,15 @@ class MixedPatches(Dataset):
         if not len(self.pairs):
             raise ValueError(f"no mix of two tracks among {count} pairs drawn from {len(patches.sources)} track(s): mixes need patches of at least two tracks")
         self.weights = rng.uniform(*MIX_WEIGHTS, size=len(self.pairs)).astype(np.float32)
-        described = [(*self._where(a), *self._where(b), float(w)) for (a, b), w in zip(self.pairs, self.weights)]
+        described = [(*patches.where(a), *patches.where(b), float(w)) for (a, b), w in zip(self.pairs, self.weights)]
         self.targets = teacher_targets(mixed_outputs(described, patches.cache, teacher, workers=workers, progress=progress), teacher.meta.outputs)
-
-    def _where(self, item: int) -> tuple[str, int]:
-        t, start, _ = self.patches.items[item]
-        return self.patches.sources[t], start
 
     def __len__(self) -> int:
         return len(self.pairs)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        (a, _), (b, _) = (self.patches[int(i)] for i in self.pairs[index])
-        return torch.from_numpy(mix_frames(a.numpy(), b.numpy(), float(self.weights[index]))), torch.from_numpy(self.targets[index])
+        a, b = (self.patches.mel(int(i)) for i in self.pairs[index])
+        return torch.from_numpy(mix_frames(a, b, float(self.weights[index]))), torch.from_numpy(self.targets[index])
 
 
 def made_from_teacher(cfg: FitConfig, patches: TeacherPatches, dims: dict[str, Any], n_labels: int, sample: int = 512) -> nn.Module:
@@ -262,17 +267,22 @@ def made_from_teacher(cfg: FitConfig, patches: TeacherPatches, dims: dict[str, A
     return model
 
 
+def student_from(path: Path, cfg: FitConfig, dims: dict[str, Any]) -> tuple[nn.Module, dict[str, Any]]:
+    """(model, checkpoint) of the student saved at ``path``, to train on: its filters frozen
+    again with ``frozen_filters``; refused unless it is a ``cfg.arch`` of ``dims``."""
+    model, ckpt = load_checkpoint(path)
+    if ckpt["arch"] != cfg.arch or json.dumps({k: ckpt["dims"].get(k) for k in dims}) != json.dumps(dims):
+        raise ValueError(f"checkpoint {path} is a {ckpt['arch']} of dims {ckpt['dims']}, not the configured {cfg.arch} of dims {dims}")
+    if cfg.frozen_filters:
+        freeze_filters(model)
+    return model, ckpt
+
+
 def initial_model(cfg: FitConfig, patches: TeacherPatches, dims: dict[str, Any], n_labels: int) -> nn.Module | None:
-    """The student the main loop starts from: ``init``'s weights (of the same arch and dims,
-    filters frozen again with ``frozen_filters``), else for musicnn_lite one made from the
-    teacher, else None (a fresh ``cfg.arch``)."""
+    """The student the main loop starts from: ``init``'s (:func:`student_from`), else for
+    musicnn_lite one made from the teacher, else None (a fresh ``cfg.arch``)."""
     if cfg.init:
-        model, ckpt = load_checkpoint(Path(cfg.init))
-        if ckpt["arch"] != cfg.arch or json.dumps({k: ckpt["dims"].get(k) for k in dims}) != json.dumps(dims):
-            raise ValueError(f"init {cfg.init} is a {ckpt['arch']} of dims {ckpt['dims']}, not the configured {cfg.arch} of dims {dims}")
-        if cfg.frozen_filters:
-            freeze_filters(model)
-        return model
+        return student_from(Path(cfg.init), cfg, dims)[0]
     return made_from_teacher(cfg, patches, dims, n_labels) if cfg.arch == "musicnn_lite" else None
 
 
@@ -391,10 +401,10 @@ def distill(cfg: FitConfig, source: str = DEBIAN, *, repository: Path = REPO_ROO
             model=model,
         )  # fmt: skip
 
-    if cfg.epochs:
-        best = loop(replace(cfg, dims=dims), train_ds, initial_model(cfg, train_ds, {**dims, "n_classes": n_labels, "task": "tags"}, n_labels))
-    else:
-        best = Path(cfg.init)  # the stages start from it
+    run = replace(cfg, dims=dims)
+    start = initial_model(cfg, train_ds, {**dims, "n_classes": n_labels, "task": "tags"}, n_labels)
+    # epochs = 0: the stages start from init, checked above like any start
+    best = loop(run, train_ds, start) if cfg.epochs else Path(cfg.init)
 
     mood_figures: list[dict[str, float]] = []
     if cfg.mood_epochs:
@@ -402,7 +412,7 @@ def distill(cfg: FitConfig, source: str = DEBIAN, *, repository: Path = REPO_ROO
         best, mood_figures = mood_stage(best, cfg, trained, tracks, cache, outputs, teacher, loss_fn)
     mixes = 0
     if cfg.mix_epochs:
-        best, mixes = mix_stage(best, replace(cfg, dims=dims), train_ds, teacher, loop)
+        best, mixes = mix_stage(best, run, train_ds, teacher, loop)
     model, ckpt = load_checkpoint(best)
     s_rows, t_rows, track_of = held_out_rows(model, splits["test"], cache, outputs, score_names)
     report: dict[str, Any] = {
@@ -471,9 +481,7 @@ def mix_stage(best: Path, cfg: FitConfig, patches: TeacherPatches, teacher: Teac
     <out_dir>/mix: (its best.pt, the number of mixes)."""
     mixed = MixedPatches(patches, cfg.mixed_patches, teacher, seed=cfg.seed, workers=cfg.teacher_workers, progress=cfg.progress)
     seed_everything(cfg.seed)  # the stage is the same run whatever ran before it in the process
-    model, ckpt = load_checkpoint(best)
-    if cfg.frozen_filters:
-        freeze_filters(model)
+    model, ckpt = student_from(best, cfg, cfg.dims)
     stage = replace(cfg, epochs=cfg.mix_epochs, lr=cfg.mix_lr, unfreeze_epoch=0, cosine_cycles=[], out_dir=str(Path(cfg.out_dir) / "mix"), version=cfg.version or f"{ckpt['version']}-mix")
     return loop(stage, ConcatDataset([patches, mixed]), model), len(mixed)
 
@@ -578,8 +586,7 @@ def _student_track(model: nn.Module, cache: FeatureCache, source: str, out: dict
 
 def _by_network(scores: np.ndarray, meta: Any) -> dict[str, np.ndarray]:
     """[..., n_labels of all networks] -> network -> its [..., n_labels] (the networks' order in ``meta``)."""
-    bounds = np.cumsum([0] + [len(n.labels) for n in meta.networks])
-    return {n.name: scores[..., a:b] for n, a, b in zip(meta.networks, bounds, bounds[1:])}
+    return {name: scores[..., columns] for name, columns in label_columns(meta.networks).items()}
 
 
 def _teacher_track(out: dict[str, np.ndarray], meta: Any, phase: int = 0) -> dict[str, np.ndarray] | None:

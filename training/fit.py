@@ -196,7 +196,7 @@ def mixup(mel: torch.Tensor, target: torch.Tensor, alpha: float) -> tuple[torch.
 
 def fit(cfg: FitConfig) -> Path:
     """Train as ``cfg`` says; returns the best checkpoint's path."""
-    if cfg.init or not cfg.epochs:
+    if cfg.init:  # (epochs = 0 needs init: from_dict)
         raise ValueError("init and epochs = 0 are distill's (a further run on a trained student); fit trains a fresh model for epochs >= 1")
     rt = setup_runtime(cfg)
     catalog = load_catalog(cfg)

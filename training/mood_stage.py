@@ -39,7 +39,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from pipeline.model_meta import Network
+from pipeline.model_meta import Network, label_columns
 from pipeline.taxonomy import Taxonomy
 
 
@@ -65,11 +65,11 @@ class FamilyScores:
     def __init__(self, taxonomy: Taxonomy, networks: tuple[Network, ...] | list[Network]) -> None:
         if taxonomy.calibration is None:
             raise ValueError(f"model {taxonomy.model}: the mood stage needs a calibrated taxonomy")
-        offset = dict(zip((n.name for n in networks), np.cumsum([0] + [len(n.labels) for n in networks])))
+        columns = label_columns(networks)
         cal = taxonomy.calibration
         self.families = [
             (
-                torch.tensor([int(offset[m.network]) + m.column for m in f.members]),
+                torch.tensor([columns[m.network].start + m.column for m in f.members]),
                 torch.tensor([m.weight for m in f.members], dtype=torch.float64) / sum(m.weight for m in f.members),
                 [torch.as_tensor(cal.tags[m.key], dtype=torch.float64) for m in f.members],
                 torch.as_tensor(cal.families[f.name], dtype=torch.float64),

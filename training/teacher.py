@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import multiprocessing
 import os
+from collections.abc import Iterable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,30 +100,45 @@ def _teach_one(source: str, folder: str) -> tuple[str, str | None]:
     if path.is_file():
         return source, None
     starts = patch_starts(len(frames))
-    names = [o.name for o in _session.get_outputs()]
-    rows: dict[str, list[np.ndarray]] = {n: [] for n in names}
-    for s in starts:
-        patch = np.ascontiguousarray(frames[s : s + PATCH_FRAMES], dtype=np.float32)[None]
-        for name, value in zip(names, _session.run(names, {"mel": patch})):
-            rows[name].append(value[0])
-    tmp = path.with_suffix(f".{os.getpid()}.tmp.npz")
-    np.savez(tmp, starts=starts, **{n: np.stack(v).astype(np.float32) for n, v in rows.items()})
-    tmp.replace(path)
+    _save(path, starts=starts, **_score(frames[s : s + PATCH_FRAMES] for s in starts))
     return source, None
 
 
 def _teach_mixed(pairs: list[tuple[str, int, str, int, float]]) -> dict[str, np.ndarray]:
     """{output name: [len(pairs), width]}: the teacher's outputs on each mix of two cached
     tracks' patches (source a, its start, source b, its start, power weight of a)."""
-    assert _session is not None and _cache is not None
+    assert _cache is not None
+    cache = _cache
+
+    def patch(source: str, start: int) -> np.ndarray:
+        return np.asarray(cache.frames(source)[start : start + PATCH_FRAMES], np.float32)
+
+    return _score(mix_frames(patch(a, sa), patch(b, sb), weight) for a, sa, b, sb, weight in pairs)
+
+
+def _score(patches: Iterable[np.ndarray]) -> dict[str, np.ndarray]:
+    """{output name: [n, width] float32}: the teacher's outputs on each [PATCH_FRAMES, N_MELS]
+    patch, one run a patch."""
+    assert _session is not None
     names = [o.name for o in _session.get_outputs()]
     rows: dict[str, list[np.ndarray]] = {n: [] for n in names}
-    for source_a, start_a, source_b, start_b, weight in pairs:
-        a, b = (_cache.frames(src)[s : s + PATCH_FRAMES] for src, s in ((source_a, start_a), (source_b, start_b)))
-        patch = mix_frames(np.asarray(a, np.float32), np.asarray(b, np.float32), weight)[None]
-        for name, value in zip(names, _session.run(names, {"mel": patch})):
+    for patch in patches:
+        for name, value in zip(names, _session.run(names, {"mel": np.ascontiguousarray(patch, dtype=np.float32)[None]})):
             rows[name].append(value[0])
     return {n: np.stack(v).astype(np.float32) for n, v in rows.items()}
+
+
+def _save(path: Path, **arrays: np.ndarray) -> None:
+    """``arrays`` into ``path`` (.npz), whole or not at all: a run stopped halfway leaves no file."""
+    tmp = path.with_suffix(f".{os.getpid()}.tmp.npz")
+    np.savez(tmp, **arrays)
+    tmp.replace(path)
+
+
+def _pool(teacher: Teacher, cache: FeatureCache, workers: int) -> ProcessPoolExecutor:
+    """``workers`` processes, each with the teacher's session (one thread) and ``cache``."""
+    spawn = multiprocessing.get_context("spawn")
+    return ProcessPoolExecutor(workers, mp_context=spawn, initializer=_init, initargs=(str(teacher.onnx), str(cache.dir.parent), cache.max_duration_s))
 
 
 # -- the pass over a collection --------------------------------------------------------------
@@ -138,8 +154,7 @@ def teacher_outputs(sources: list[str], cache: FeatureCache, teacher: Teacher, *
     folder = teacher.folder(cache)
     folder.mkdir(parents=True, exist_ok=True)
     failed: dict[str, str] = {}
-    spawn = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(workers, mp_context=spawn, initializer=_init, initargs=(str(teacher.onnx), str(cache.dir.parent), cache.max_duration_s)) as pool:
+    with _pool(teacher, cache, workers) as pool:
         jobs = [pool.submit(_teach_one, s, str(folder)) for s in sources]
         for job in tqdm(jobs, desc="teacher outputs", unit="track", disable=not progress):
             source, reason = job.result()
@@ -171,14 +186,11 @@ def mixed_outputs(pairs: list[tuple[str, int, str, int, float]], cache: FeatureC
     if path.is_file():
         with np.load(path) as data:
             return {k: data[k] for k in data.files}
-    spawn = multiprocessing.get_context("spawn")
     parts: list[dict[str, np.ndarray]] = []
-    with ProcessPoolExecutor(workers, mp_context=spawn, initializer=_init, initargs=(str(teacher.onnx), str(cache.dir.parent), cache.max_duration_s)) as pool:
+    with _pool(teacher, cache, workers) as pool:
         jobs = [pool.submit(_teach_mixed, pairs[i : i + chunk]) for i in range(0, len(pairs), chunk)]
         for job in tqdm(jobs, desc="teacher outputs on mixes", unit="chunk", disable=not progress):
             parts.append(job.result())
     out = {n: np.concatenate([p[n] for p in parts]) for n in parts[0]} if parts else {}
-    tmp = path.with_suffix(f".{os.getpid()}.tmp.npz")
-    np.savez(tmp, **out)
-    tmp.replace(path)
+    _save(path, **out)
     return out

@@ -11,7 +11,7 @@ from test_distill import _distill_args
 from torch import nn
 
 from pipeline.features import N_MELS, PATCH_FRAMES
-from pipeline.model_meta import read_meta
+from pipeline.model_meta import label_columns, read_meta
 from pipeline.scoring import OnnxScorer
 from pipeline.settings import REPO_ROOT
 from pipeline.taxonomy import cdf, family_scores, load_taxonomy
@@ -31,8 +31,8 @@ def served():
 
 def _mood_columns(meta, taxonomy) -> dict[int, str]:
     """Column (all networks' scores side by side) -> calibration key of each mood tag."""
-    offset = dict(zip((n.name for n in meta.networks), np.cumsum([0] + [len(n.labels) for n in meta.networks])))
-    return {int(offset[m.network]) + m.column: m.key for f in taxonomy.families for m in f.members}
+    columns = label_columns(meta.networks)
+    return {columns[m.network].start + m.column: m.key for f in taxonomy.families for m in f.members}
 
 
 def test_torch_cdf_is_the_taxonomys_off_ties():
