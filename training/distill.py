@@ -199,8 +199,7 @@ class TeacherPatches(Dataset):
 
     def mel(self, index: int) -> np.ndarray:
         """[PATCH_FRAMES, N_MELS] float32: item ``index``'s patch."""
-        source, start = self.where(index)
-        return np.array(self.cache.frames(source)[start : start + PATCH_FRAMES])
+        return self.cache.patch(*self.where(index))
 
     def track_patches(self, t: int) -> torch.Tensor:
         """[n, PATCH_FRAMES, N_MELS]: every patch of track ``t``, in the order of its targets."""

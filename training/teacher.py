@@ -108,12 +108,7 @@ def _teach_mixed(pairs: list[tuple[str, int, str, int, float]]) -> dict[str, np.
     """{output name: [len(pairs), width]}: the teacher's outputs on each mix of two cached
     tracks' patches (source a, its start, source b, its start, power weight of a)."""
     assert _cache is not None
-    cache = _cache
-
-    def patch(source: str, start: int) -> np.ndarray:
-        return np.asarray(cache.frames(source)[start : start + PATCH_FRAMES], np.float32)
-
-    return _score(mix_frames(patch(a, sa), patch(b, sb), weight) for a, sa, b, sb, weight in pairs)
+    return _score(mix_frames(_cache.patch(a, sa), _cache.patch(b, sb), weight) for a, sa, b, sb, weight in pairs)
 
 
 def _score(patches: Iterable[np.ndarray]) -> dict[str, np.ndarray]:

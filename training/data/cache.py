@@ -61,6 +61,10 @@ class FeatureCache:
         them on first use. Raises TrackError (undecodable, too short, ...) or OSError."""
         return np.load(self._path(self.digest(source)), mmap_mode="r")
 
+    def patch(self, source: str, start: int) -> np.ndarray:
+        """[PATCH_FRAMES, N_MELS] float32, a copy: the patch of ``source`` from frame ``start``."""
+        return np.array(self.frames(source)[start : start + features.PATCH_FRAMES], dtype=np.float32)
+
     def digest(self, source: str) -> str:
         """The sha256 of the source's content (its frames computed and stored if new)."""
         known = self._digests.get(source)

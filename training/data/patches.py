@@ -99,7 +99,7 @@ class PatchDataset(Dataset):
         t, _ = self.items[index]
         track = self.tracks[t]
         start = self.start(index)
-        mel = torch.from_numpy(np.array(self.cache.frames(track.source)[start : start + PATCH_FRAMES]))
+        mel = torch.from_numpy(self.cache.patch(track.source, start))
         return mel, target_tensor(self.task, track, start)
 
     def targets(self) -> np.ndarray:
