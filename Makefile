@@ -49,7 +49,7 @@ clips: env
 # reference, distill and check music, caches mels and the teacher's outputs, trains, exports into
 # triton_models/musicnn_student with its mood calibration, and writes the agreement report
 # (runs/musicnn_student/distill_report.json). 2 h 27 min on 2 CPU cores with the
-# music, mels and teacher outputs cached (measured whole, 2026-12-05); about 2 h 45 min from nothing.
+# music, mels and teacher outputs cached (measured whole, 2026-12-05); about 3 h from nothing.
 student: env
 	$(PY) -m training fetch-music --dest $(MUSIC) --role all
 	$(PY) -m training distill debian --config training/configs/musicnn_student.toml --export
