@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
 from pipeline import audio, features
 from training.data import Track, folders, hash_split
 from training.data import deam as deam_data
+from training.data import cache as cache_module
 from training.data import jamendo as jamendo_data
 from training.data.cache import FeatureCache
 from training.data.patches import PatchDataset, annotated_starts, mix_frames, serving_patches, step_targets
@@ -109,6 +112,19 @@ def test_cache_gives_the_worker_patches_and_computes_once(class_folders, tmp_pat
     again = FeatureCache(tmp_path)  # a new run reads the index instead of decoding
     np.testing.assert_array_equal(again.frames(str(path)), cache.frames(str(path)))
     assert stored[0].stat().st_mtime_ns == mtime and len(list(tmp_path.rglob("*.npy"))) == 1
+
+
+def test_cache_keeps_a_bounded_number_of_maps_open(class_folders, tmp_path, monkeypatch):
+    # Each open map holds a file descriptor: a data set larger than the bound must not run out.
+    monkeypatch.setattr(cache_module, "OPEN_MAPS", 2)
+    sources = [str(p) for p in sorted(class_folders.rglob("*.wav"))[:4]]
+    cache = FeatureCache(tmp_path)
+    expected = {s: np.array(np.load(cache._path(cache.digest(s)))) for s in sources}
+    descriptors = len(os.listdir("/proc/self/fd"))
+    for _ in range(2):  # the second round reads maps closed by the first
+        for s in sources:
+            np.testing.assert_array_equal(cache.patch(s, 1), expected[s][1 : 1 + features.PATCH_FRAMES])
+    assert len(os.listdir("/proc/self/fd")) <= descriptors + 2
 
 
 def test_cache_reports_undecodable_files(tmp_path):
