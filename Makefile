@@ -48,8 +48,8 @@ clips: env
 # `make student`: the CPU tier from nothing (training/configs/musicnn_student.toml): fetches the
 # reference, distill and check music, caches mels and the teacher's outputs, trains, exports into
 # triton_models/musicnn_student with its mood calibration, and writes the agreement report
-# (runs/musicnn_student/distill_report.json). 2 h 27 min on 2 CPU cores with the
-# music, mels and teacher outputs cached (measured whole, 2026-12-05); about 3 h from nothing.
+# (runs/musicnn_student/distill_report.json). 3 h 02 min on 2 CPU cores from nothing, 2 h 27 min
+# with the music, mels and teacher outputs cached (each measured whole on a fresh clone).
 student: env
 	$(PY) -m training fetch-music --dest $(MUSIC) --role all
 	$(PY) -m training distill debian --config training/configs/musicnn_student.toml --export
