@@ -16,7 +16,7 @@ import hashlib
 import json
 import logging
 import os
-from collections import OrderedDict
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +54,7 @@ class FeatureCache:
         # patch, and looking the source up each time would stat the file (or HEAD the object).
         # A run assumes its audio does not change under it.
         self._digests: dict[str, str] = {}
-        self._maps: OrderedDict[str, np.ndarray] = OrderedDict()  # digest -> open map, oldest first
+        self._open = lru_cache(maxsize=OPEN_MAPS)(self._load)  # digest -> open map
         self.reload()
 
     def reload(self) -> None:
@@ -65,14 +65,7 @@ class FeatureCache:
     def frames(self, source: str) -> np.ndarray:
         """[n_frames >= PATCH_FRAMES, N_MELS] float32 (read-only memory map); computes and stores
         them on first use. Raises TrackError (undecodable, too short, ...) or OSError."""
-        digest = self.digest(source)
-        frames = self._maps.pop(digest, None)
-        if frames is None:
-            frames = np.load(self._path(digest), mmap_mode="r")
-        self._maps[digest] = frames
-        if len(self._maps) > OPEN_MAPS:
-            self._maps.popitem(last=False)
-        return frames
+        return self._open(self.digest(source))
 
     def patch(self, source: str, start: int) -> np.ndarray:
         """[PATCH_FRAMES, N_MELS] float32, a copy: the patch of ``source`` from frame ``start``."""
@@ -116,6 +109,9 @@ class FeatureCache:
             tmp.write_text(json.dumps(self._index, sort_keys=True))
             tmp.replace(self._index_path)
             self._dirty = False
+
+    def _load(self, digest: str) -> np.ndarray:
+        return np.load(self._path(digest), mmap_mode="r")
 
     def _path(self, digest: str) -> Path:
         return self.dir / digest[:2] / f"{digest}.npy"
