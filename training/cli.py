@@ -176,8 +176,8 @@ def _export(args: argparse.Namespace) -> int:
     if any(n for n, _, _ in named) and names is None:
         raise SystemExit("moodstream-train export: name every checkpoint (NAME=PATH) or none")
     result = export(paths[0] if len(paths) == 1 else paths, args.name, Path(args.repository), version=args.version, network_names=names)
-    diffs = ", ".join(f"{k} {v:.1e}" for k, v in result.max_abs_diff.items())
-    print(f"{result.directory}: parity vs eager: {diffs}")
+    diffs = ", ".join(f"{k} {v:.1e}" for k, v in result.max_rel_diff.items())
+    print(f"{result.directory}: parity vs eager (max |Δ| / output scale): {diffs}")
     print(f"serve it with MOODSTREAM_MODEL={result.directory.name} (model repository {result.directory.parent})")
     return 0
 

@@ -502,7 +502,7 @@ def export_student(best: Path, cfg: FitConfig, splits: dict[str, list[Track]], r
     scores, calibration = student_calibration(model, meta, reference, cache, outputs)
     write_calibration(repository, name, calibration)
 
-    result: dict[str, Any] = {"exported": {"name": name, "directory": str(exported.directory.relative_to(repository.parent) if exported.directory.is_relative_to(repository.parent) else exported.directory), "parity_max_abs_diff": exported.max_abs_diff}}
+    result: dict[str, Any] = {"exported": {"name": name, "directory": str(exported.directory.relative_to(repository.parent) if exported.directory.is_relative_to(repository.parent) else exported.directory), "parity_max_rel_diff": exported.max_rel_diff}}
     student_tax = load_taxonomy(read_meta(repository, name))
     teacher_tax = load_taxonomy(teacher.meta)
     result["moods_held_out"] = mood_agreement(splits["test"], scores, outputs, teacher, student_tax, teacher_tax)

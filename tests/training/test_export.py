@@ -10,7 +10,7 @@ import torch
 
 from pipeline.model_meta import read_config, read_meta
 from pipeline.scoring import OnnxScorer
-from training.export import PARITY_TOL, export
+from training.export import PARITY_TOL, check_parity, export
 from training.models import load_checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
@@ -32,7 +32,42 @@ def test_export_writes_a_complete_triton_entry(exported):
     assert cpu.backend == "python"
     assert [i.name for i in gpu.input] == [i.name for i in cpu.input] == ["mel"]
     assert list(gpu.input[0].dims) == [187, 96]
-    assert all(v <= PARITY_TOL for v in result.max_abs_diff.values())
+    assert all(v <= PARITY_TOL for v in result.max_rel_diff.values())
+
+
+class _Perturbed(torch.nn.Module):
+    """The exported TorchScript graph with its outputs moved: ``out * scale + shift``."""
+
+    def __init__(self, graph: Path, scale: float, shift: float):
+        super().__init__()
+        self.graph, self.scale, self.shift = torch.jit.load(str(graph)), scale, shift
+
+    def forward(self, x):
+        return tuple(t * self.scale + self.shift for t in self.graph(x))
+
+
+def test_parity_refuses_a_graph_off_by_more_than_the_tolerance(exported):
+    _, repo = exported
+    version_dir = repo / "mtt_copy" / "1"
+    outputs = read_meta(repo, "mtt_copy").outputs
+    graph = torch.jit.load(str(version_dir / "model.pt"))
+    with pytest.raises(RuntimeError, match="export parity failed"):
+        check_parity(_Perturbed(version_dir / "model.pt", 1.0, 3 * PARITY_TOL), graph, version_dir, outputs)
+
+
+def test_parity_is_relative_to_each_outputs_scale(exported):
+    """float32 rounding grows with the magnitude: an output scaled by 1 + 4e-6 passes whatever
+    its size, where an absolute tolerance would refuse the embedding (scale about 4)."""
+    _, repo = exported
+    version_dir = repo / "mtt_copy" / "1"
+    outputs = read_meta(repo, "mtt_copy").outputs
+    graph = torch.jit.load(str(version_dir / "model.pt"))
+    x = torch.rand(5, 187, 96, generator=torch.Generator().manual_seed(0)) * 3
+    with torch.inference_mode():
+        largest = max(float(t.abs().max()) for t in graph(x))
+    assert largest * 4e-6 > PARITY_TOL  # in absolute terms the embedding moves by more than the tolerance
+    diffs = check_parity(_Perturbed(version_dir / "model.pt", 1 + 4e-6, 0.0), graph, version_dir, outputs)
+    assert 0 < diffs["onnxruntime"] <= PARITY_TOL
 
 
 def test_the_committed_repository_serves_the_exporters_cpu_model():
@@ -70,6 +105,6 @@ def test_several_checkpoints_export_to_one_graph_with_named_networks(tmp_path):
     meta = read_meta(tmp_path, "pair")
     assert [n.name for n in meta.networks] == ["msd", "mtt"] and meta.outputs == ("msd_scores", "msd_embedding", "mtt_scores", "mtt_embedding")
     assert [o.name for o in read_config(tmp_path, "pair", "cpu").output] == list(meta.outputs)
-    assert all(v <= PARITY_TOL for v in result.max_abs_diff.values())
+    assert all(v <= PARITY_TOL for v in result.max_rel_diff.values())
     with pytest.raises(ValueError, match="differ"):
         export([weights / "musicnn_msd.pt", weights / "musicnn_msd.pt"], "twice", tmp_path)
