@@ -1,6 +1,6 @@
 """``moodstream`` command line: tag files locally, run the worker, run the demo, backfill.
 
-    moodstream tag PATH... [--model musicnn|musicnn_msd|musicnn_mtt] [--json]
+    moodstream tag PATH... [--model musicnn|musicnn_student|musicnn_msd|musicnn_mtt] [--json]
     moodstream worker [--loglevel info]
     moodstream demo [AUDIO_DIR] [--json] [--scorer triton|onnx]
     moodstream publish s3://bucket/prefix [--rate N] [--dry-run]
