@@ -36,37 +36,39 @@ def test_export_writes_a_complete_triton_entry(exported):
 
 
 class _Perturbed(torch.nn.Module):
-    """The exported TorchScript graph with its outputs moved: ``out * scale + shift``."""
+    """A graph with its outputs moved: ``out * scale + shift``."""
 
-    def __init__(self, graph: Path, scale: float, shift: float):
+    def __init__(self, graph: torch.nn.Module, scale: float, shift: float):
         super().__init__()
-        self.graph, self.scale, self.shift = torch.jit.load(str(graph)), scale, shift
+        self.graph, self.scale, self.shift = graph, scale, shift
 
     def forward(self, x):
         return tuple(t * self.scale + self.shift for t in self.graph(x))
 
 
-def test_parity_refuses_a_graph_off_by_more_than_the_tolerance(exported):
+@pytest.fixture
+def written(exported):
+    """(version directory, its TorchScript graph, output names) of the exported entry."""
     _, repo = exported
     version_dir = repo / "mtt_copy" / "1"
-    outputs = read_meta(repo, "mtt_copy").outputs
-    graph = torch.jit.load(str(version_dir / "model.pt"))
+    return version_dir, torch.jit.load(str(version_dir / "model.pt")), read_meta(repo, "mtt_copy").outputs
+
+
+def test_parity_refuses_a_graph_off_by_more_than_the_tolerance(written):
+    version_dir, graph, outputs = written
     with pytest.raises(RuntimeError, match="export parity failed"):
-        check_parity(_Perturbed(version_dir / "model.pt", 1.0, 3 * PARITY_TOL), graph, version_dir, outputs)
+        check_parity(_Perturbed(graph, 1.0, 3 * PARITY_TOL), graph, version_dir, outputs)
 
 
-def test_parity_is_relative_to_each_outputs_scale(exported):
+def test_parity_is_relative_to_each_outputs_scale(written):
     """float32 rounding grows with the magnitude: an output scaled by 1 + 4e-6 passes whatever
     its size, where an absolute tolerance would refuse the embedding (scale about 4)."""
-    _, repo = exported
-    version_dir = repo / "mtt_copy" / "1"
-    outputs = read_meta(repo, "mtt_copy").outputs
-    graph = torch.jit.load(str(version_dir / "model.pt"))
+    version_dir, graph, outputs = written
     x = torch.rand(5, 187, 96, generator=torch.Generator().manual_seed(0)) * 3
     with torch.inference_mode():
         largest = max(float(t.abs().max()) for t in graph(x))
     assert largest * 4e-6 > PARITY_TOL  # in absolute terms the embedding moves by more than the tolerance
-    diffs = check_parity(_Perturbed(version_dir / "model.pt", 1 + 4e-6, 0.0), graph, version_dir, outputs)
+    diffs = check_parity(_Perturbed(graph, 1 + 4e-6, 0.0), graph, version_dir, outputs)
     assert 0 < diffs["onnxruntime"] <= PARITY_TOL
 
 
