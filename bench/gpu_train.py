@@ -7,10 +7,10 @@
 cached outputs on their patches (the targets ``moodstream-train distill`` trains on), one package
 held out for validation, into one file small enough to travel to a machine that has neither the
 music nor the decoders. ``run`` makes the student of ``training/configs/musicnn_student.toml``
-from the teacher's networks and trains it with :func:`training.fit.train` and
-:class:`training.fit.DistillLoss`, exactly as ``distill`` does (mixed precision on CUDA), then
+from the teacher's networks and trains it with :func:`training.engine.train` and
+:class:`training.engine.DistillLoss`, exactly as ``distill`` does (mixed precision on CUDA), then
 prints one JSON line: training patches a second, seconds an epoch, the losses. It needs only
-torch, torchaudio and numpy (``training.fit`` reads no audio), so it runs on a bare GPU machine.
+torch, torchaudio and numpy (``training.engine`` reads no audio), so it runs on a bare GPU machine.
 """
 
 from __future__ import annotations
@@ -27,11 +27,11 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from pipeline.features import PATCH_FRAMES
+from pipeline.stages.frontend import PATCH_FRAMES
 from training.config import load_config
-from training.fit import DistillLoss, setup_runtime, train
+from training.engine import DistillLoss, setup_runtime, train
 from training.models import build, load_checkpoint
-from training.models.musicnn_lite import freeze_filters, load_teachers
+from training.models.musicnn_student import freeze_filters, load_teachers
 
 CONFIG = Path(__file__).resolve().parents[1] / "training" / "configs" / "musicnn_student.toml"
 
@@ -53,10 +53,10 @@ class PackedPatches(Dataset):
 def pack(out: Path, minutes: float) -> None:
     """Frames and targets of the configured run's training packages (about ``minutes`` of
     music, spread over them) and of its validation package (a fifth as much)."""
-    from training.distill import DEBIAN, TeacherPatches, distillation_set, split_by_group
-    from training.fit import open_cache
-    from training.teacher import Teacher, teacher_outputs
-    from pipeline.settings import REPO_ROOT
+    from bench import REPO_ROOT
+    from training.data.sets import open_cache
+    from training.distill.data import DEBIAN, TeacherPatches, distillation_set, split_by_group
+    from training.distill.teacher import Teacher, teacher_outputs
 
     cfg = load_config(CONFIG)
     cache = open_cache(cfg)

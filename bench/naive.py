@@ -38,8 +38,8 @@ import onnxruntime as ort
 from aiokafka import AIOKafkaProducer
 from audioread.exceptions import NoBackendError
 
-from pipeline.features import HOP_LENGTH, LOG_SCALE, N_FFT, N_MELS, PATCH_FRAMES, SAMPLE_RATE
-from pipeline.settings import REPO_ROOT
+from bench import REPO_ROOT
+from pipeline.stages.frontend import HOP_LENGTH, LOG_SCALE, N_FFT, N_MELS, PATCH_FRAMES, SAMPLE_RATE
 
 SLICE = 16  # patches per onnxruntime call (see the module docstring)
 CHECKPOINTS = [REPO_ROOT / "training" / "weights" / f"{name}.pt" for name in ("musicnn_msd", "musicnn_mtt")]
@@ -51,15 +51,15 @@ def plain_onnx(checkpoint: Path, cache: Path = CACHE) -> Path:
     checkpoint's bytes. Outside the timed part: a prototype exports once."""
     import torch
 
-    from training.export import _Serving
     from training.models import load_checkpoint
+    from training.serving import ServingGraph
 
     digest = hashlib.sha256(checkpoint.read_bytes()).hexdigest()[:16]
     path = cache / f"{checkpoint.stem}-{digest}.onnx"
     if path.exists():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
-    serving = _Serving([load_checkpoint(checkpoint)[0]]).eval()
+    serving = ServingGraph([load_checkpoint(checkpoint)[0]]).eval()
     partial = path.with_suffix(".partial")
     torch.onnx.export(serving, (torch.randn(2, PATCH_FRAMES, N_MELS),), str(partial), input_names=["mel"], output_names=["scores", "embedding"], dynamic_axes={"mel": {0: "batch"}}, opset_version=17, dynamo=False)
     partial.rename(path)

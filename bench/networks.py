@@ -22,9 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.scoring import OnnxScorer
-from pipeline.settings import REPO_ROOT
-from pipeline.tagging import analyse
+from bench import REPO_ROOT
+from pipeline.stages.analysis import analyse
+from pipeline.stages.scoring import OnnxScorer
 
 STUDENT = "musicnn_student"
 

@@ -48,12 +48,13 @@ import av
 import numpy as np
 import soundfile
 
+from bench import REPO_ROOT
 from bench.codecs import CODECS, transcoded
-from pipeline import audio, storage
-from pipeline.demo import audio_files, upload
-from pipeline.publish import announcement
-from pipeline.settings import REPO_ROOT, load_settings
-from pipeline.stack import EmbeddedStack
+from devstack import EmbeddedStack
+from devstack.demo import upload
+from pipeline.backfill import announcement
+from pipeline.settings import load_settings
+from pipeline.stages import audio, storage
 
 BUCKET = "moodstream-bench"
 MODEL = "musicnn"  # both networks in one pass, as the worker serves them by default
@@ -249,8 +250,8 @@ def analysis_window(files: list[Path]) -> dict:
     """What the analysis window (``MOODSTREAM_EXCERPTS``) saves and changes: for each setting,
     CPU seconds per track (decode + mel in this process, plus onnxruntime on one thread) and
     the track scores' agreement with whole-track analysis (top-5 tags, max |Δ score|)."""
-    from pipeline.scoring import OnnxScorer
-    from pipeline.tagging import analyse
+    from pipeline.stages.analysis import analyse
+    from pipeline.stages.scoring import OnnxScorer
 
     scorer = OnnxScorer(REPO_ROOT / "triton_models", MODEL, threads=1)
 
@@ -381,7 +382,7 @@ async def tier_figures(stack: EmbeddedStack, files: list[Path], rss_track: Path,
     in process (its CPU is the whole per-track cost, inference included), end to end through
     Triton, peak RSS."""
     from bench.networks import cpu_ms_per_patch, first_patches
-    from pipeline.scoring import OnnxScorer
+    from pipeline.stages.scoring import OnnxScorer
 
     env = {**env, "MOODSTREAM_MODEL": model}
     objects, announcements = _announced(stack, files, f"tier-{model}", log_dir)
@@ -398,7 +399,7 @@ async def tier_figures(stack: EmbeddedStack, files: list[Path], rss_track: Path,
 
 
 async def main_async(args: argparse.Namespace) -> dict:
-    sources = audio_files(args.audio_dir)[: args.limit or None]
+    sources = storage.local_audio_files(args.audio_dir)[: args.limit or None]
     if not sources:
         raise SystemExit(f"no audio files in {args.audio_dir}")
     codecs = args.codecs
@@ -464,7 +465,7 @@ def summarise(figures: dict, audio_dir: Path, tiers_codec: str = "") -> dict:
         rounds = [round_ratios(x) for x in f.get("rounds", [])]
         codecs[codec] = {**r, "met": {name: _met(name, v) for name, v in r.items()}, "rounds": rounds, "figures": f}
     return {
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "machine": machine(),
         "audio_dir": str(audio_dir),
         "model": MODEL,

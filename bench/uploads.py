@@ -35,8 +35,8 @@ from pathlib import Path
 
 import aiohttp
 
-from pipeline.settings import REPO_ROOT
-from pipeline.stack import free_ports
+from bench import REPO_ROOT
+from devstack import free_ports
 
 DEFAULT_CLIP = Path.home() / ".cache" / "moodstream" / "clips" / "drascula-track1-100s.ogg"
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")

@@ -1,6 +1,6 @@
 """The worker's batch logic without Kafka, timed: S3 fetch + decode + mel + inference.
 
-Runs :class:`pipeline.worker.Worker` exactly as the Faust agent does, on batches of
+Runs :class:`pipeline.worker.batch.BatchWorker` exactly as the Faust agent does, on batches of
 ``MOODSTREAM_BATCH_SIZE`` announcements read from a file (one JSON record per line), with a
 publisher that keeps the records instead of sending them. Settings come from the environment
 (``MOODSTREAM_SCORER`` picks onnxruntime in this process or the Triton server).
@@ -23,11 +23,12 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-from pipeline import storage
-from pipeline.app import open_scorer, worker_config
 from pipeline.settings import load_settings
-from pipeline.taxonomy import load_taxonomy
-from pipeline.worker import Worker, freeze_startup_objects, warm_process
+from pipeline.stages import storage
+from pipeline.stages.taxonomy import load_taxonomy
+from pipeline.worker.batch import BatchWorker
+from pipeline.worker.faust_app import open_scorer, worker_config
+from pipeline.worker.pool import freeze_startup_objects, warm_process
 
 
 class _Keep:
@@ -45,10 +46,10 @@ def _cpu_s(who: int) -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def _pool_cpu_s(worker: Worker) -> float:
+def _pool_cpu_s(worker: BatchWorker) -> float:
     """CPU seconds used so far by the worker's decoding processes (Linux /proc)."""
     total = 0
-    for pid in worker.pool._processes:  # noqa: SLF001 - the pool has no public list of its processes
+    for pid in worker.pool._processes:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
         total += int(fields[11]) + int(fields[12])  # utime, stime
     return total / os.sysconf("SC_CLK_TCK")
@@ -59,7 +60,7 @@ async def run(raws: list[bytes]) -> dict:
     scorer = await open_scorer(s)
     keep = _Keep()
     spawn = multiprocessing.get_context("spawn")
-    worker = Worker(
+    worker = BatchWorker(
         worker_config(s),
         scorer=scorer,
         taxonomy=load_taxonomy(scorer.meta, s.moods_file),
@@ -69,7 +70,7 @@ async def run(raws: list[bytes]) -> dict:
     )
     loop = asyncio.get_running_loop()
     await asyncio.gather(*(loop.run_in_executor(worker.pool, warm_process) for _ in range(s.decode_workers)))
-    freeze_startup_objects()  # as the worker does once it has started (pipeline/app.py)
+    freeze_startup_objects()  # as the worker does once it has started (pipeline/worker/faust_app.py)
     # Start-up is excluded: the figures are per track in steady state. Besides the imports, the
     # first S3 request, Triton call and output each load code once per process (botocore's
     # lazily built request path, as end_to_end's warm-up track covers for the real worker):

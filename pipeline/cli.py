@@ -19,10 +19,10 @@ from pipeline.errors import ConfigError, TrackError
 
 
 def _tag(args: argparse.Namespace) -> int:
-    from pipeline.scoring import OnnxScorer
     from pipeline.settings import load_settings
-    from pipeline.tagging import analyse_file, describe
-    from pipeline.taxonomy import load_taxonomy
+    from pipeline.stages.analysis import analyse_file, describe
+    from pipeline.stages.scoring import OnnxScorer
+    from pipeline.stages.taxonomy import load_taxonomy
 
     settings = load_settings()
     model = args.model or settings.model
@@ -50,7 +50,7 @@ def _tag(args: argparse.Namespace) -> int:
 
 
 def _table(result: dict, top: int) -> str:
-    from pipeline.taxonomy import mood_line
+    from pipeline.stages.taxonomy import mood_line
 
     lines = [f"{result['path']}  ({result['duration_s']:.1f} s, {result['patches']} patches, {result['model']['name']} v{result['model']['version']}, {result['decoder']})"]
     for network, ranked in result["top_tags"].items():
@@ -63,7 +63,7 @@ def _table(result: dict, top: int) -> str:
 
 
 def _worker(args: argparse.Namespace) -> int:
-    from pipeline.app import app  # loads and validates the settings
+    from pipeline.worker.faust_app import app  # loads and validates the settings
 
     # No Faust web server: metrics have their own port (MOODSTREAM_METRICS_PORT), and a fixed
     # web port would stop a second worker on the same host from starting.
@@ -76,8 +76,14 @@ def _demo(args: argparse.Namespace) -> int:
     import asyncio
     import time
 
-    from pipeline import demo
     from pipeline.settings import load_settings
+
+    try:
+        from devstack import demo
+    except ImportError:
+        # The embedded stack is dev-only: it ships with a clone, never with the package.
+        print("moodstream demo: the demo runs the embedded stack, which comes with a clone of the repository (`make demo` there)", file=sys.stderr)
+        return 2
 
     settings = load_settings()
     audio_dir = Path(args.audio_dir) if args.audio_dir else demo.DEFAULT_AUDIO_DIR
@@ -101,8 +107,8 @@ def _demo(args: argparse.Namespace) -> int:
 def _publish(args: argparse.Namespace) -> int:
     import asyncio
 
+    from pipeline.backfill import backfill
     from pipeline.errors import ServiceUnavailable
-    from pipeline.publish import backfill
     from pipeline.settings import load_settings
 
     try:
@@ -117,7 +123,7 @@ def _publish(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     import logging
 
-    from pipeline.service import serve
+    from pipeline.service.app import serve
     from pipeline.settings import load_settings
 
     logging.basicConfig(level=args.loglevel.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -143,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     tag.add_argument("--top", type=int, default=10, help="tags shown per file in the table")
     tag.set_defaults(func=_tag)
 
-    worker = sub.add_parser("worker", help="run the Faust worker (same as `faust -A pipeline.app worker --without-web`)")
+    worker = sub.add_parser("worker", help="run the streaming worker (the Faust app pipeline.worker.faust_app, without its web server)")
     worker.add_argument("--loglevel", default="info")
     worker.set_defaults(func=_worker)
 

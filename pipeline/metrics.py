@@ -77,13 +77,13 @@ def set_consumer_lag(lags: Mapping[int, int]) -> None:
         CONSUMER_LAG.labels(str(partition)).set(lag)
 
 
-# --- the catalog (pipeline/catalog.py: the service's consumer of tracks.moods) ----------------
+# --- the catalog (pipeline/service/catalog.py: the service's consumer of tracks.moods) ----------------
 
 CATALOG_RECORDS = Counter("moodstream_catalog_records_total", "Records of the output topic taken into the catalog: stored (new or changed), unchanged (a duplicate) or rejected (not a valid v2 record).", ["outcome"])
 CATALOG_LAG = Gauge("moodstream_catalog_lag_records", "Records of the output topic not yet stored in the catalog, per partition.", ["partition"])
 CATALOG_TRACKS = Gauge("moodstream_catalog_tracks", "Tracks in the catalog.")
 
-# --- the HTTP service (pipeline/service.py) ---------------------------------------------------
+# --- the HTTP service (pipeline/service/) ---------------------------------------------------
 
 HTTP_REQUESTS = Counter("moodstream_http_requests_total", "HTTP requests answered, by route template, method and status code.", ["route", "method", "status"])
 HTTP_SECONDS = Histogram("moodstream_http_request_seconds", "Time from a request's arrival to its answer, by route template.", ["route"], buckets=_LATENCY_BUCKETS)

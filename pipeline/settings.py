@@ -24,8 +24,9 @@ from pydantic_settings.exceptions import SettingsError
 
 from pipeline.errors import ConfigError
 
-#: The repository this package lives in; the default model repository sits beside it.
-REPO_ROOT = Path(__file__).resolve().parent.parent
+#: The Triton model repository shipped beside this package: a clone's ``triton_models/``, or the
+#: copy that installing the package puts next to it in site-packages.
+DEFAULT_MODEL_REPOSITORY = Path(__file__).resolve().parent.parent / "triton_models"
 
 
 class ScorerKind(str, Enum):
@@ -141,7 +142,7 @@ class Settings(BaseSettings):
         "", description="Triton version of the model to call (empty: the server's latest)."
     )
     model_repository: Path = Field(
-        REPO_ROOT / "triton_models",
+        DEFAULT_MODEL_REPOSITORY,
         description="Model repository (read for model metadata, and by the onnx scorer).",
     )
     triton_url: str = Field("127.0.0.1:8001", description="Triton gRPC host:port.")
@@ -168,9 +169,9 @@ class Settings(BaseSettings):
     )
 
     # --- Output ------------------------------------------------------------------------------
-    moods_file: Path = Field(
-        REPO_ROOT / "pipeline" / "moods.toml",
-        description="Mood families, the top-mood rule and the mood plane (TOML).",
+    moods_file: Path | None = Field(
+        None,
+        description="Mood families, the top-mood rule and the mood plane (TOML; unset: the moods.toml shipped in pipeline/stages).",
     )
     top_moods: int = Field(3, ge=1, le=20, description="Mood families listed in top_moods.")
     timeline_segment_s: float = Field(

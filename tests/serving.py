@@ -11,7 +11,7 @@ from pathlib import Path
 
 import requests
 
-from pipeline.stack import free_ports
+from devstack import free_ports
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -20,8 +20,10 @@ class ServiceProcess:
     """The service with an in-process onnxruntime scorer and a SQLite catalog in ``folder``;
     ``env`` adds or replaces MOODSTREAM_* settings. ``url`` is its base URL once entered."""
 
-    def __init__(self, folder: Path, *, ready_timeout_s: float = 180.0, **env: str) -> None:
+    def __init__(self, folder: Path, *, ready_timeout_s: float = 180.0, command: list[str] | None = None, cwd: Path = REPO, **env: str) -> None:
         self.folder = folder
+        self.command = command or [sys.executable, "-m", "pipeline", "serve"]
+        self.cwd = cwd
         self.port = free_ports(1)[0]
         self.url = f"http://127.0.0.1:{self.port}"
         self.catalog_url = f"sqlite:///{folder / 'catalog.db'}"
@@ -43,7 +45,7 @@ class ServiceProcess:
     def __enter__(self) -> ServiceProcess:
         (self.folder / "tmp").mkdir(parents=True, exist_ok=True)
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "pipeline", "serve"], cwd=REPO, env={**os.environ, **self.env},
+            self.command, cwd=self.cwd, env={**os.environ, **self.env},
             stdout=open(self.log_path, "wb"), stderr=subprocess.STDOUT, start_new_session=True,
         )
         deadline = time.monotonic() + self.ready_timeout_s

@@ -9,7 +9,7 @@ to ``max_duration_s``) and scored by the served model once (``musicnn``: both ne
 pass). For each tag that ``moods.toml`` makes a family member, and then for each family's raw
 score (the weighted mean of its members' calibrated scores), the calibration stores the
 ``QUANTILES`` quantiles of the track scores over the reference (see
-:mod:`pipeline.taxonomy`). The entries calibrated are the model itself and every entry of the
+:mod:`pipeline.stages.taxonomy`). The entries calibrated are the model itself and every entry of the
 repository whose networks it ran (``musicnn`` also calibrates ``musicnn_msd`` and
 ``musicnn_mtt`` from the same scores); ``--write`` stores each calibration in its entry's configs
 (parameter ``moodstream_calibration``), which changes the version its outputs report.
@@ -30,12 +30,12 @@ from typing import Any
 import numpy as np
 from google.protobuf import text_format
 
+from pipeline.contracts.model_meta import CALIBRATION_PARAMETER, config_path, read_config, read_meta
 from pipeline.errors import TrackError
-from pipeline.model_meta import CALIBRATION_PARAMETER, config_path, read_config, read_meta
-from pipeline.scoring import OnnxScorer
-from pipeline.storage import AUDIO_EXTENSIONS
-from pipeline.tagging import analyse
-from pipeline.taxonomy import DEFAULT_MOODS_FILE, Calibration, Taxonomy, family_raw, load_taxonomy
+from pipeline.stages.analysis import analyse
+from pipeline.stages.scoring import OnnxScorer
+from pipeline.stages.storage import AUDIO_EXTENSIONS
+from pipeline.stages.taxonomy import DEFAULT_MOODS_FILE, Calibration, Taxonomy, family_raw, load_taxonomy
 from training.data import debian_music
 
 QUANTILES = 101  # levels 0, 0.01, ..., 1

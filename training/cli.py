@@ -19,7 +19,7 @@ import os
 import sys
 from pathlib import Path
 
-from pipeline.settings import REPO_ROOT
+from training import REPO_ROOT
 
 
 def _import_musicnn(args: argparse.Namespace) -> int:

@@ -99,7 +99,7 @@ class FitConfig:
     mix_lr: float = 1e-4
     mixed_patches: int = 0
     teacher_workers: int = 2  # processes computing the teacher's outputs
-    # arch musicnn_lite: the teacher's trained networks (PyTorch checkpoints, in the entry's
+    # arch musicnn_student: the teacher's trained networks (PyTorch checkpoints, in the entry's
     # network order) it is made from, and whether their filters stay as they are
     teacher_checkpoints: list[str] = field(default_factory=list)
     frozen_filters: bool = False

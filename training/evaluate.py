@@ -26,16 +26,17 @@ from typing import Any
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from sklearn import metrics as skm  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+from sklearn import metrics as skm
 
-from training.config import from_dict  # noqa: E402
-from training.data import Catalog, Track  # noqa: E402
-from training.data.cache import FeatureCache  # noqa: E402
-from training.data.patches import serving_patches, step_targets  # noqa: E402
-from training.models import activation, load_checkpoint  # noqa: E402
+from training.config import from_dict
+from training.data import LabelledSet, Track
+from training.data.cache import FeatureCache
+from training.data.patches import serving_patches, step_targets
+from training.models import activation, load_checkpoint
+from training.serving import ServingGraph
 
 #: The prototype's binary tasks on Jamendo mood/theme tags.
 BINARY_TASKS = (("relaxing", "energetic"), ("happy", "sad"))
@@ -99,7 +100,7 @@ def va_metrics(labels: tuple[str, ...], scores: np.ndarray, truth: np.ndarray) -
         cols = [i for i, label in enumerate(labels) if label.split("@")[0] == target]
         p, y = scores[:, cols].ravel(), truth[:, cols].ravel()
         r = float(np.corrcoef(p, y)[0, 1]) if len(p) > 1 and p.std() > 0 and y.std() > 0 else float("nan")
-        out[target] = {"pearson_r": r, "r2": float(skm.r2_score(y, p)) if len(p) > 1 else float("nan"), "rmse": float(np.sqrt(np.mean((p - y) ** 2))), "n": int(len(p))}
+        out[target] = {"pearson_r": r, "r2": float(skm.r2_score(y, p)) if len(p) > 1 else float("nan"), "rmse": float(np.sqrt(np.mean((p - y) ** 2))), "n": len(p)}
     return out
 
 
@@ -203,22 +204,21 @@ def predict(serving: torch.nn.Module, tracks: list[Track], task: str, cache: Fea
 
 def evaluate(checkpoint: Path, out_dir: Path, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """Evaluate ``checkpoint`` on its data set (``overrides`` may move ``data_root`` etc.)."""
-    from training.fit import load_catalog, open_cache
+    from training.data.sets import load_labelled_set, open_cache
 
     model, ckpt = load_checkpoint(checkpoint)
     cfg = from_dict({**ckpt["config"], **(overrides or {}), "resume": ""})
-    catalog: Catalog = load_catalog(cfg)
-    if tuple(catalog.labels) != tuple(ckpt["labels"]):
-        raise ValueError(f"{checkpoint} has labels {ckpt['labels'][:5]}..., the data set {catalog.labels[:5]}...")
+    labelled: LabelledSet = load_labelled_set(cfg)
+    if tuple(labelled.labels) != tuple(ckpt["labels"]):
+        raise ValueError(f"{checkpoint} has labels {ckpt['labels'][:5]}..., the data set {labelled.labels[:5]}...")
     cache = open_cache(cfg)
-    from training.export import _Serving  # writing entries needs Triton's client; training does not
 
-    serving = _Serving([model]).eval()
+    serving = ServingGraph([model]).eval()
     task, labels = ckpt["task"], tuple(ckpt["labels"])
     splits = {}
     for name in ("validation", "test"):
-        failed = cache.prepare([t.source for t in catalog.splits[name]], progress=False)
-        tracks = [t for t in catalog.splits[name] if t.source not in failed]
+        failed = cache.prepare([t.source for t in labelled.splits[name]], progress=False)
+        tracks = [t for t in labelled.splits[name] if t.source not in failed]
         splits[name] = (*predict(serving, tracks, task, cache), len(tracks))
     scores, truth, n_test = splits["test"]
     if not len(scores):

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline import audio, features
+from pipeline.stages import audio, frontend
 from training.models import save_checkpoint
 from training.models.musicnn import Musicnn, MusicnnDims
 
@@ -84,7 +84,7 @@ def fixture_patches(clips: list[Path]) -> np.ndarray:
     out = []
     for clip in clips:
         stream = audio.decode(clip.read_bytes(), max_duration_s=3600)
-        out.append(features.patches_from_chunks(stream.chunks).patches[:PATCHES_PER_CLIP])
+        out.append(frontend.patches_from_chunks(stream.chunks).patches[:PATCHES_PER_CLIP])
     return np.concatenate(out)
 
 
@@ -102,8 +102,8 @@ def compare(tf_python: str, files: list[Path], repository: Path) -> list[dict[st
     """moodstream's whole path (PyAV, torchaudio, onnxruntime) against the original musicnn
     (librosa, TensorFlow) on the same files, per model: with the original's float16
     compression as published, and with the same compression in float32."""
-    from pipeline.scoring import OnnxScorer
-    from pipeline.tagging import analyse
+    from pipeline.stages.analysis import analyse
+    from pipeline.stages.scoring import OnnxScorer
 
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp, "scores.npz")
@@ -144,7 +144,7 @@ def convert(tf_python: str, clips: list[Path], weights_dir: Path = WEIGHTS_DIR, 
         model.load_state_dict(state_dict_from_tf(variables))
         model.eval()
         with torch.inference_mode():
-            logits, embedding = model(torch.from_numpy(patches))
+            logits, _embedding = model(torch.from_numpy(patches))
         worst[name] = float(np.abs(torch.sigmoid(logits).numpy() - tf_probs).max())
         save_checkpoint(weights_dir / f"{name}.pt", model, arch="musicnn", labels=labels, version=VERSION, source=_SOURCE.format(folder))
         fixture_arrays[f"{name}/probs"] = tf_probs

@@ -29,10 +29,10 @@ from typing import Any
 import numpy as np
 from scipy.stats import spearmanr
 
-from pipeline.features import PATCH_SECONDS
-from pipeline.model_meta import read_meta
-from pipeline.scoring import OnnxScorer
-from pipeline.taxonomy import DEFAULT_MOODS_FILE, Taxonomy, cdf, family_scores, load_taxonomy, mood_view
+from pipeline.contracts.model_meta import read_meta
+from pipeline.stages.frontend import PATCH_SECONDS
+from pipeline.stages.scoring import OnnxScorer
+from pipeline.stages.taxonomy import DEFAULT_MOODS_FILE, Taxonomy, cdf, family_scores, load_taxonomy, mood_view
 from training.calibrate import DEFAULT_MAX_DURATION_S, TrackSet, reference_files, score_tracks
 
 

@@ -12,22 +12,26 @@ FROM ${PYTHON_IMAGE} AS build
 ARG TORCH_VERSION
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN python -m venv /opt/moodstream
-COPY requirements/main.txt requirements/worker.in /tmp/requirements/
-# torch and torchaudio first, CPU builds; then the rest at main.txt's pins (torch's lines and
-# the CUDA libraries are dropped from the constraints: the CPU wheels need none).
+COPY requirements/main.txt /tmp/requirements/
+# torch and torchaudio first, CPU builds; then the package with its dependencies (pyproject.toml)
+# at main.txt's pins (torch's lines and the CUDA libraries are dropped from the constraints: the
+# CPU wheels need none). The package carries its data: web assets, schemas, moods.toml and the
+# model repository (triton_models/, installed beside it).
 RUN /opt/moodstream/bin/pip install --index-url https://download.pytorch.org/whl/cpu \
         "torch==${TORCH_VERSION}" "torchaudio==${TORCH_VERSION}" \
- && grep -vE '^(torch|torchaudio|triton|nvidia-[a-z0-9-]+)==' /tmp/requirements/main.txt > /tmp/requirements/constraints.txt \
- && /opt/moodstream/bin/pip install -r /tmp/requirements/worker.in -c /tmp/requirements/constraints.txt \
+ && grep -vE '^(torch|torchaudio|triton|nvidia-[a-z0-9-]+)==' /tmp/requirements/main.txt > /tmp/requirements/constraints.txt
+COPY pyproject.toml README.md /src/
+COPY pipeline/ /src/pipeline/
+COPY training/ /src/training/
+COPY triton_models/ /src/triton_models/
+RUN /opt/moodstream/bin/pip install /src -c /tmp/requirements/constraints.txt \
  && /opt/moodstream/bin/python -c "import torch; assert not torch.cuda.is_available() and '+cpu' in torch.__version__, torch.__version__"
 
 FROM ${PYTHON_IMAGE}
 # Runtime libraries only; PyAV, soxr and soundfile wheels bundle their codecs.
 RUN useradd --uid 10001 --user-group --no-create-home --shell /usr/sbin/nologin moodstream
 COPY --from=build /opt/moodstream /opt/moodstream
-WORKDIR /app
-COPY --chown=root:root pipeline/ /app/pipeline/
-COPY --chown=root:root triton_models/ /app/triton_models/
+WORKDIR /tmp
 # The root filesystem is read-only on Kubernetes: Faust's table directory (unused: the worker
 # has no tables, but Faust creates it) and any cache go to /tmp, a writable emptyDir there.
 ENV PATH=/opt/moodstream/bin:$PATH \

@@ -7,7 +7,7 @@ import pytest
 import soundfile
 
 from bench import codecs
-from pipeline import audio
+from pipeline.stages import audio
 
 
 @pytest.fixture(scope="module")

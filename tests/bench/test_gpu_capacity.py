@@ -10,11 +10,24 @@ import sys
 import numpy as np
 import pytest
 from google.protobuf import text_format
+from support import REPO
 from tritonclient.grpc import model_config_pb2 as pb
 
-from bench.gpu_capacity import FP16_SUFFIX, MODEL, direct, worker_cpu_s_per_patch, make_sample, measure, model_config, model_shape, onnxruntime_engines, prepare, server_scores, torch_engines
-from conftest import REPO
-from pipeline.stack import EmbeddedStack
+from bench.gpu_capacity import (
+    FP16_SUFFIX,
+    MODEL,
+    direct,
+    make_sample,
+    measure,
+    model_config,
+    model_shape,
+    onnxruntime_engines,
+    prepare,
+    server_scores,
+    torch_engines,
+    worker_cpu_s_per_patch,
+)
+from devstack import EmbeddedStack
 
 
 def _config(path) -> pb.ModelConfig:
@@ -61,7 +74,7 @@ def test_direct_says_it_needs_a_gpu():
 
 @pytest.mark.skipif("CUDAExecutionProvider" in __import__("onnxruntime").get_available_providers(), reason="checks the message given without onnxruntime-gpu")
 def test_onnxruntime_engine_says_it_needs_the_cuda_provider():
-    with pytest.raises(SystemExit, match="CUDAExecutionProvider.*onnxruntime-gpu"):
+    with pytest.raises(SystemExit, match=r"CUDAExecutionProvider.*onnxruntime-gpu"):
         direct(MODEL, [1], 0.1, None, None, onnxruntime_engines(MODEL))
 
 

@@ -13,8 +13,8 @@ import json
 import re
 
 from prometheus_client import REGISTRY
+from support import REPO
 
-from conftest import REPO
 from pipeline import metrics  # noqa: F401 - registers the worker's metrics
 
 DASHBOARD = REPO / "deploy" / "grafana" / "moodstream.json"

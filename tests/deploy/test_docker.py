@@ -1,6 +1,6 @@
 """The Dockerfiles, without a Docker engine: what they copy exists (and passes .dockerignore),
-the worker image installs every package the pipeline imports, and both run as non-root.
-Building the images is not tested here."""
+the worker image installs the package, whose dependencies cover every import of pipeline/, and
+no dev-only code; both run as non-root. Building the images is not tested here."""
 
 from __future__ import annotations
 
@@ -8,14 +8,12 @@ import ast
 import importlib.metadata
 import re
 import sys
+import tomllib
 
 import pytest
-
-from conftest import REPO
+from support import REPO
 
 DOCKER = REPO / "deploy" / "docker"
-#: Modules the worker image does not need: the embedded stack and the demo built on it.
-NOT_IN_IMAGE = {"stack.py", "demo.py"}
 
 
 def instructions(dockerfile: str) -> list[tuple[str, str]]:
@@ -76,18 +74,17 @@ def test_triton_image_is_the_official_one_with_the_model_repository():
 
 
 def _imported_distributions() -> set[str]:
-    """Distributions providing the third-party modules that pipeline/ imports (minus NOT_IN_IMAGE)."""
+    """Distributions providing the third-party modules that pipeline/ imports."""
     providers = importlib.metadata.packages_distributions()
     names = set()
-    for source in (REPO / "pipeline").glob("*.py"):
-        if source.name in NOT_IN_IMAGE:
-            continue
+    for source in (REPO / "pipeline").rglob("*.py"):
         for node in ast.walk(ast.parse(source.read_text())):
             if isinstance(node, ast.Import):
                 names |= {a.name.split(".")[0] for a in node.names}
             elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
                 names.add(node.module.split(".")[0])
-    third_party = {n for n in names if n not in sys.stdlib_module_names and n != "pipeline"}
+    # devstack: the demo command imports it lazily from a clone (test_the_package_ships_no_dev_only_code)
+    third_party = {n for n in names if n not in sys.stdlib_module_names and n not in ("pipeline", "devstack")}
     return {normalise(providers[n][0]) for n in third_party}
 
 
@@ -100,11 +97,26 @@ def requirement_names(path) -> set[str]:
     return {normalise(re.split(r"[\[<>=;\s]", line)[0]) for line in lines if line and not line.startswith("#")}
 
 
-def test_worker_requirements_cover_every_import_of_the_pipeline():
-    listed = requirement_names(REPO / "requirements" / "worker.in")
+def test_package_dependencies_cover_every_import_of_the_pipeline():
+    listed = {normalise(re.split(r"[\[<>=;\s]", d)[0]) for d in tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]}
     # google.protobuf comes with tritonclient[grpc]; pydantic with pydantic-settings; starlette with fastapi.
     indirect = {"protobuf": "tritonclient", "pydantic": "pydantic-settings", "botocore": "boto3", "starlette": "fastapi"}
     missing = {d for d in _imported_distributions() if d not in listed and indirect.get(d) not in listed}
-    assert not missing, f"pipeline imports these but requirements/worker.in lacks them: {missing}"
+    assert not missing, f"pipeline imports these but pyproject.toml's dependencies lack them: {missing}"
     pinned = requirement_names(REPO / "requirements" / "main.txt")
-    assert listed <= pinned, "worker.in packages must be pinned in main.txt (used as constraints)"
+    assert listed <= pinned, "the package's dependencies must be pinned in main.txt (used as constraints)"
+
+
+def test_the_package_ships_no_dev_only_code():
+    """pipeline/ never imports the embedded stack, and the worker image copies no devstack/,
+    tests or benchmarks (the images install pyproject.toml's packages only)."""
+    for source in (REPO / "pipeline").rglob("*.py"):
+        tree = ast.parse(source.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] in ("devstack", "bench", "tests"):
+                # the demo command imports the stack lazily and says where to find it when it is absent
+                assert source.name == "cli.py" and node.module == "devstack", f"{source} imports {node.module}"
+    find = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]["include"]
+    assert not any(p.startswith(("devstack", "bench", "tests")) for p in find)
+    for dev in ("devstack", "bench", "tests"):
+        assert not dockerignore_allows(dev)

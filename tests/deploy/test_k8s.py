@@ -14,8 +14,7 @@ import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
-
-from conftest import REPO
+from support import REPO
 
 K8S = REPO / "deploy" / "k8s"
 OVERLAYS = ["dev", "prod"]
@@ -146,7 +145,7 @@ def test_worker_drains_and_keeps_its_group_membership(objects):
 
 
 def test_worker_hands_patches_over_in_a_memory_backed_dev_shm(objects):
-    from pipeline.handoff import MAX_SHARED_BYTES
+    from pipeline.worker.handoff import MAX_SHARED_BYTES
 
     pod = one(objects, "Deployment", "moodstream-worker")["spec"]["template"]["spec"]
     [worker] = pod["containers"]

@@ -11,9 +11,9 @@ import os
 
 import pytest
 
-from pipeline import storage
+from devstack import EmbeddedStack
 from pipeline.settings import load_settings
-from pipeline.stack import EmbeddedStack
+from pipeline.stages import storage
 
 from .kit import BUCKET, MODEL
 

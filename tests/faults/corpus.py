@@ -16,9 +16,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import soundfile
+from support import encode, tone
 
-from conftest import encode, tone
-from pipeline import events
+from pipeline.contracts import events
 
 #: Random seeds per variant of a bad file; variants x seeds makes the corpus.
 SEEDS = range(11)
@@ -70,7 +70,7 @@ def bad_audio(hours_file_s: float = 2 * 3600) -> list[AudioCase]:
     sources["vorbis"] = encode(tone(4.0, freq=330.0), "vorbis")
     for seed in SEEDS:
         rng = np.random.default_rng(seed)
-        add = lambda name, ext, data, expected: cases.append(AudioCase(f"{name}-{seed}", ext, data, expected))  # noqa: E731
+        add = lambda name, ext, data, expected, seed=seed: cases.append(AudioCase(f"{name}-{seed}", ext, data, expected))  # noqa: E731
         add("zero-bytes", ["mp3", "wav", "flac", "ogg"][seed % 4], b"", "undecodable")
         add("random-bytes", "mp3", rng.bytes(int(rng.integers(16, 200_000))), "undecodable")
         add("random-text", "ogg", bytes(rng.integers(32, 127, int(rng.integers(100, 5000)), dtype=np.uint8)), "undecodable")

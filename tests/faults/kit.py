@@ -21,9 +21,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from support import REPO
 
-from conftest import REPO
-from pipeline.stack import EmbeddedStack
+from devstack import EmbeddedStack
 
 BUCKET = "moodstream-audio"
 MODEL = "musicnn"

@@ -14,9 +14,10 @@ import time
 from collections import Counter
 
 import pytest
+from support import encode, tone
 
-from conftest import encode, tone
-from pipeline import events, storage
+from pipeline.contracts import events
+from pipeline.stages import storage
 
 from .corpus import bad_audio, bad_events
 from .kit import BUCKET, Reader, WorkerProcess, private_topics, produce

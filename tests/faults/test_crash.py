@@ -11,8 +11,9 @@ import time
 
 import pytest
 
-from pipeline import events, storage
+from pipeline.contracts import events
 from pipeline.settings import load_settings
+from pipeline.stages import storage
 
 from .kit import BUCKET, Reader, WorkerProcess, private_topics, produce, same_content
 

@@ -13,10 +13,11 @@ import re
 import time
 
 import pytest
+from support import encode, tone
 
-from conftest import encode, tone
-from pipeline import events, storage
-from pipeline.stack import free_ports
+from devstack import free_ports
+from pipeline.contracts import events
+from pipeline.stages import storage
 
 from .kit import BUCKET, Fault, Reader, S3FaultProxy, WorkerProcess, metric, private_topics, produce, scrape
 

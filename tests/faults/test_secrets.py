@@ -5,7 +5,7 @@ Workers run with a recognisable Kafka SASL password and AWS secret key in their 
 ``moodstream settings``, in a configuration error, or in any output or dead-letter record.
 Events naming other buckets, other schemes or path tricks are dead-lettered as bad_event with
 production settings (file:// off) and no request reaches S3 for them. The URI rules themselves
-are unit-tested in tests/pipeline/test_storage.py and test_events.py.
+are unit-tested in tests/stages/test_storage.py and test_events.py.
 """
 
 from __future__ import annotations
@@ -17,9 +17,10 @@ import sys
 import time
 
 import pytest
+from support import REPO, encode, tone
 
-from conftest import REPO, encode, tone
-from pipeline import events, storage
+from pipeline.contracts import events
+from pipeline.stages import storage
 
 from .kit import BUCKET, Reader, S3FaultProxy, WorkerProcess, private_topics, produce
 

@@ -10,9 +10,10 @@ from __future__ import annotations
 import time
 
 import pytest
+from support import encode, tone
 
-from conftest import encode, tone
-from pipeline import events, storage
+from pipeline.contracts import events
+from pipeline.stages import storage
 
 from .kit import BUCKET, Fault, Reader, S3FaultProxy, WorkerProcess, private_topics, produce
 
@@ -44,7 +45,8 @@ def test_sigterm_drains_the_batch_in_flight_commits_and_exits(stack, tmp_path, s
             time.sleep(0.1)
         assert proxy.seen("term/a.mp3"), first.log()
         exit_s = first.terminate(timeout_s=GRACE_S)
-        drained = set(reader.seen.output_ids()) if reader.wait(lambda s: len(s.outputs) >= BATCH, 10) else set(reader.seen.output_ids())
+        reader.wait(lambda s: len(s.outputs) >= BATCH, 10)
+        drained = set(reader.seen.output_ids())
         proxy.faults.clear()  # the restarted worker need not be slow
         second = WorkerProcess(stack, tmp_path / "second.log", s3_endpoint=proxy.endpoint, **settings)
         restart_at = time.monotonic()

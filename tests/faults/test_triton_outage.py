@@ -12,8 +12,9 @@ import time
 
 import pytest
 
-from pipeline import events, storage
-from pipeline.stack import free_ports
+from devstack import free_ports
+from pipeline.contracts import events
+from pipeline.stages import storage
 
 from .kit import BUCKET, Reader, WorkerProcess, metric, private_topics, produce, scrape
 

@@ -10,8 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from conftest import REPO
+from support import REPO
 
 #: musicnn_mtt's top tags of the suite's clips (tests/conftest.py), as this code gives them:
 #: guitar 0.47 over slow 0.29, ambient 0.39 over slow 0.33.
@@ -19,7 +18,7 @@ TOP_MTT = ["guitar", "ambient"]
 #: musicnn's two example clips (ISC licence; not in Debian, so the project does not fetch them)
 #: and the top tags musicnn publishes for them. The port itself is checked without them against
 #: the original graph (tests/training/test_musicnn.py, the parity fixture) and the frontend
-#: against librosa (tests/pipeline/test_features.py); this checks the whole path end to end.
+#: against librosa (tests/stages/test_frontend.py); this checks the whole path end to end.
 MUSICNN_EXAMPLES = os.environ.get("MOODSTREAM_MUSICNN_EXAMPLES", "")
 PUBLISHED_MTT = {
     "joram-moments_of_clarity-08-solipsism-59-88.mp3": ["techno", "electronic", "synth", "fast", "beat", "drums"],

@@ -10,9 +10,10 @@ import pytest
 from prometheus_client import REGISTRY
 from tritonclient.utils import InferenceServerException
 
-from pipeline import metrics, scoring
+from pipeline import metrics
 from pipeline.errors import InferenceFailed, ServiceUnavailable
-from pipeline.tagging import analyse
+from pipeline.stages import scoring
+from pipeline.stages.analysis import analyse
 
 
 def sample(name: str, **labels: str) -> float | None:

@@ -3,20 +3,13 @@ catalog, with synthesised audio whose pitch carries the label (so a model can le
 
 from __future__ import annotations
 
-import importlib.util
 import shutil
 from pathlib import Path
 
 import pytest
+from support import encode, tone
 
-from pipeline.settings import REPO_ROOT
-
-# The suite's conftest (tone, encode) by path: both files are named conftest, so a plain import
-# from here would find this module itself.
-_spec = importlib.util.spec_from_file_location("_suite_conftest", Path(__file__).resolve().parents[1] / "conftest.py")
-_suite = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_suite)
-encode, tone = _suite.encode, _suite.tone
+from pipeline.settings import DEFAULT_MODEL_REPOSITORY
 
 JAMENDO_TAGS = ("calm", "energetic", "happy", "relaxing", "sad")
 CLASSES = ("angry", "happy", "relaxed", "sad")
@@ -116,19 +109,11 @@ def mel_cache(tmp_path_factory) -> Path:
 
 
 #: Architecture dims small enough to train in a second on a shared CPU.
-TINY_DIMS = {
-    "musicnn": {"timbral_filters": 4, "temporal_filters": 4, "midend_filters": 8, "embedding_dim": 16},
-    "convgruformer": {"conv_channels": [4, 8, 8], "d_model": 16, "heads": 2, "layers": 1, "ff": 32},
-    "resnet_va": {"widths": [4, 8, 8, 16]},
-    "lstm_va": {"hidden": 16},
-    "resnet18": {"widths": [4, 8, 8, 16], "blocks": [1, 1, 1, 1]},
-    "student": {"widths": [4, 8, 8, 8], "blocks": [1, 1, 1], "hidden": 16},
-}
 
 
 @pytest.fixture
 def repository(tmp_path) -> Path:
     """A model repository holding only the teacher (the served musicnn entry)."""
     repo = tmp_path / "models"
-    shutil.copytree(REPO_ROOT / "triton_models" / "musicnn", repo / "musicnn", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(DEFAULT_MODEL_REPOSITORY / "musicnn", repo / "musicnn", ignore=shutil.ignore_patterns("__pycache__"))
     return repo

@@ -8,16 +8,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.model_meta import read_meta
-from pipeline.settings import REPO_ROOT
-from pipeline.taxonomy import family_scores, load_taxonomy
+from pipeline.contracts.model_meta import read_meta
+from pipeline.settings import DEFAULT_MODEL_REPOSITORY
+from pipeline.stages.taxonomy import family_scores, load_taxonomy
 from training.calibrate import TrackSet, calibration_for, entries_scored_by, refuse_reserved, write_calibration
 
 
 def test_calibrated_families_are_uniform_over_the_reference_and_travel_in_the_configs(tmp_path: Path):
     repo = tmp_path / "models"
     for entry in ("musicnn", "musicnn_msd", "musicnn_mtt"):
-        shutil.copytree(REPO_ROOT / "triton_models" / entry, repo / entry, ignore=shutil.ignore_patterns("*.onnx", "*.pt"))
+        shutil.copytree(DEFAULT_MODEL_REPOSITORY / entry, repo / entry, ignore=shutil.ignore_patterns("*.onnx", "*.pt"))
     assert entries_scored_by(repo, "musicnn") == ["musicnn", "musicnn_msd", "musicnn_mtt"]
     meta = read_meta(repo, "musicnn")
     rng = np.random.default_rng(0)

@@ -7,10 +7,10 @@ import os
 import numpy as np
 import pytest
 
-from pipeline import audio, features
+from pipeline.stages import audio, frontend
 from training.data import Track, folders, hash_split
-from training.data import deam as deam_data
 from training.data import cache as cache_module
+from training.data import deam as deam_data
 from training.data import jamendo as jamendo_data
 from training.data.cache import FeatureCache
 from training.data.patches import PatchDataset, annotated_starts, mix_frames, serving_patches, step_targets
@@ -51,7 +51,7 @@ def test_deam_static_reads_both_files_and_scales_to_unit_range(deam):
     assert {t.key for t in tracks} == {str(s) for s in list(range(2, 14)) + [2001, 2002]}
     song2 = next(t for t in tracks if t.key == "2")
     np.testing.assert_allclose(song2.target, [(2.0 - 1) / 8, (2.0 - 1) / 8])
-    assert all(0 <= t.target.min() and t.target.max() <= 1 for t in tracks)
+    assert all(t.target.min() >= 0 and t.target.max() <= 1 for t in tracks)
     assert all(len(catalog.splits[s]) >= 1 for s in ("train", "validation", "test"))
 
 
@@ -69,9 +69,9 @@ def test_step_targets_interpolate_the_annotations_at_step_centres():
     track = Track("1", "x.mp3", values, annotations_start_s=15.0)
     first, last = annotated_starts(track, n_frames=19 * 62.5)
     assert first > 0 and first <= last
-    start = int(15.0 * features.FRAMES_PER_SECOND)
+    start = int(15.0 * frontend.FRAMES_PER_SECOND)
     target = step_targets(track, start).reshape(N_STEPS, 2)
-    centres = (np.array([(a + b) / 2 for a, b in _bounds()]) + start) / features.FRAMES_PER_SECOND
+    centres = (np.array([(a + b) / 2 for a, b in _bounds()]) + start) / frontend.FRAMES_PER_SECOND
     np.testing.assert_allclose(target[:, 0], np.interp(centres, 15.0 + 0.5 * np.arange(8), values[:, 0]), atol=1e-6)
     np.testing.assert_allclose(target[:, 1], 0.25)
     assert step_targets(track, 0) is None  # before the first annotation
@@ -101,9 +101,9 @@ def test_hash_split_is_stable_and_proportional():
 def test_cache_gives_the_worker_patches_and_computes_once(class_folders, tmp_path):
     path = class_folders / "happy" / "0.mp3"
     cache = FeatureCache(tmp_path)
-    patches, starts = serving_patches(Track("x", str(path)), cache)
+    patches, _starts = serving_patches(Track("x", str(path)), cache)
     stream = audio.decode(path.read_bytes(), max_duration_s=600)
-    expected = features.patches_from_chunks(stream.chunks).patches
+    expected = frontend.patches_from_chunks(stream.chunks).patches
     np.testing.assert_array_equal(patches, expected)
     cache.flush()
     stored = list(tmp_path.rglob("*.npy"))
@@ -123,7 +123,7 @@ def test_cache_keeps_a_bounded_number_of_maps_open(class_folders, tmp_path, monk
     descriptors = len(os.listdir("/proc/self/fd"))
     for _ in range(2):  # the second round reads maps closed by the first
         for s in sources:
-            np.testing.assert_array_equal(cache.patch(s, 1), expected[s][1 : 1 + features.PATCH_FRAMES])
+            np.testing.assert_array_equal(cache.patch(s, 1), expected[s][1 : 1 + frontend.PATCH_FRAMES])
     assert len(os.listdir("/proc/self/fd")) <= descriptors + 2
 
 
@@ -165,23 +165,23 @@ def test_patch_dataset_targets_per_task(deam, mel_cache):
     assert len(ds) > 0
     for i in range(len(ds)):
         mel, target = ds[i]
-        assert mel.shape == (features.PATCH_FRAMES, features.N_MELS) and target.shape == (2 * N_STEPS,)
-        assert 0 <= float(target.min()) and float(target.max()) <= 1
+        assert mel.shape == (frontend.PATCH_FRAMES, frontend.N_MELS) and target.shape == (2 * N_STEPS,)
+        assert float(target.min()) >= 0 and float(target.max()) <= 1
 
 
 def test_mixed_frames_are_the_frames_of_the_mixed_signals():
     """Two tones far apart in frequency, mixed at powers w and 1 - w: mix_frames of their frames
     is the frontend's frames of the mixed wave; a patch mixed with itself is that patch."""
-    t = np.arange(3 * features.SAMPLE_RATE) / features.SAMPLE_RATE
+    t = np.arange(3 * frontend.SAMPLE_RATE) / frontend.SAMPLE_RATE
     low, high = (0.5 * np.sin(2 * np.pi * f * t).astype(np.float32) for f in (300.0, 4000.0))
     for weight in (0.2, 0.5, 0.8):
         wave = (np.sqrt(weight) * low + np.sqrt(1 - weight) * high).astype(np.float32)
-        expected = features.log_mel(wave)
-        mixed = mix_frames(features.log_mel(low), features.log_mel(high), weight)
+        expected = frontend.log_mel(wave)
+        mixed = mix_frames(frontend.log_mel(low), frontend.log_mel(high), weight)
         # inside the signal: the first and last frames hold the tones' onset and end, clicks
         # whose broadband spectra overlap
         assert np.abs(mixed - expected)[1:-1].max() < 0.01
         # the mix is neither input: each tone's bands carry its weight
-        assert np.abs(mixed - features.log_mel(low)).max() > 0.1
-    frames = features.log_mel(low)
+        assert np.abs(mixed - frontend.log_mel(low)).max() > 0.1
+    frames = frontend.log_mel(low)
     np.testing.assert_allclose(mix_frames(frames, frames, 0.3), frames, atol=1e-4)

@@ -7,12 +7,11 @@ import io
 import sys
 import tarfile
 import zipfile
-from pathlib import Path
 
 import av
 import pytest
+from support import encode, tone
 
-from conftest import encode, tone
 from training.data import debian_music as dm
 
 FAKE_APT = """#!{python}

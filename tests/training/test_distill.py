@@ -10,29 +10,39 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_DIMS
+from tiny_dims import TINY_DIMS
 
-from pipeline.features import N_MELS, PATCH_FRAMES
-from pipeline.model_meta import read_meta
-from pipeline.scoring import OnnxScorer
-from pipeline.settings import REPO_ROOT
-from pipeline.taxonomy import load_taxonomy, mood_view
+from pipeline.contracts.model_meta import read_meta
+from pipeline.settings import DEFAULT_MODEL_REPOSITORY
+from pipeline.stages.frontend import N_MELS, PATCH_FRAMES
+from pipeline.stages.scoring import OnnxScorer
+from pipeline.stages.taxonomy import load_taxonomy, mood_view
+from training import REPO_ROOT
 from training.cli import main
 from training.config import from_dict
 from training.data import Track, debian_music
 from training.data.cache import FeatureCache
 from training.data.patches import mix_frames
-from training.distill import MIX_WEIGHTS, NEAR_TIE, MixedPatches, TeacherPatches, compare, distillation_set, mood_agreement, mood_tag_weights, split_by_group, teacher_logits, teacher_targets
-from training.fit import DistillLoss
+from training.distill.agreement import NEAR_TIE, compare, mood_agreement
+from training.distill.data import (
+    MIX_WEIGHTS,
+    MixedPatches,
+    TeacherPatches,
+    distillation_set,
+    mood_tag_weights,
+    split_by_group,
+    teacher_logits,
+    teacher_targets,
+)
+from training.distill.teacher import TEACHER_HOP, Teacher, patch_starts, teacher_outputs
+from training.engine import DistillLoss
 from training.models import build, load_checkpoint
-from training.teacher import TEACHER_HOP, Teacher, patch_starts, teacher_outputs
-
 
 #: The shipped CPU tier (musicnn's networks pruned, made from the teacher's checkpoints, filters
 #: frozen) and the small trunk trained from scratch.
 STUDENTS = {
-    "musicnn_lite": ({"channels": [[4, 4, 2, 2, 2], [4, 4, 2, 2, 2]], "frontend_stride": [2, 2]}, {"teacher_checkpoints": ["training/weights/musicnn_msd.pt", "training/weights/musicnn_mtt.pt"], "frozen_filters": True}),
-    "student": (TINY_DIMS["student"], {}),
+    "musicnn_student": ({"channels": [[4, 4, 2, 2, 2], [4, 4, 2, 2, 2]], "frontend_stride": [2, 2]}, {"teacher_checkpoints": ["training/weights/musicnn_msd.pt", "training/weights/musicnn_mtt.pt"], "frozen_filters": True}),
+    "separable_student": (TINY_DIMS["separable_student"], {}),
 }
 
 
@@ -98,7 +108,7 @@ def test_a_refit_trains_on_the_validation_groups_too_and_keeps_its_last_epoch(un
     with pytest.raises(ValueError, match="use schedule"):
         from_dict({"refit": True})
     out = tmp_path / "refit"
-    args = _distill_args(unlabelled, repository, out, "student", mel_cache, refit=True, schedule="cosine", lr=0.05, early_stopping=1)
+    args = _distill_args(unlabelled, repository, out, "separable_student", mel_cache, refit=True, schedule="cosine", lr=0.05, early_stopping=1)
     assert main([a for a in args if a != "--export"]) == 0
     report = json.loads((out / "distill_report.json").read_text())
     assert report["refit"] and report["groups"]["validation"] == ["album0"] and report["epochs_run"] == 2
@@ -125,7 +135,7 @@ def test_distill_music_trains_the_student_only_never_the_calibration_validation_
     monkeypatch.setattr(debian_music, "DEFAULT_DEST", music)
     out = tmp_path / "student"
     groups = {"validation_groups": ["val"], "holdout_groups": ["held"]}
-    assert main(_distill_args("debian", repository, out, "student", mel_cache, distill_music=True, **groups)) == 0
+    assert main(_distill_args("debian", repository, out, "separable_student", mel_cache, distill_music=True, **groups)) == 0
     report = json.loads((out / "distill_report.json").read_text())
     assert report["distill_music"] and report["groups"] == {"train": ["extra", "tunes"], "validation": ["val"], "test": ["held"]}
     assert report["tracks"] == {"train": 7, "validation": 4, "test": 3}
@@ -136,9 +146,9 @@ def test_distill_music_trains_the_student_only_never_the_calibration_validation_
     assert load_taxonomy(read_meta(repository, "musicnn_student")).calibration.tracks == 10
 
     with pytest.raises(ValueError, match="distill-role packages only train"):
-        main(_distill_args("debian", repository, out, "student", mel_cache, distill_music=True, validation_groups=["extra"], holdout_groups=["held"]))
+        main(_distill_args("debian", repository, out, "separable_student", mel_cache, distill_music=True, validation_groups=["extra"], holdout_groups=["held"]))
     with pytest.raises(ValueError, match="is not 'debian'"):
-        main(_distill_args(unlabelled, repository, out, "student", mel_cache, distill_music=True))
+        main(_distill_args(unlabelled, repository, out, "separable_student", mel_cache, distill_music=True))
 
 
 def _teachers_filters(student) -> list[bool]:
@@ -152,14 +162,14 @@ def _teachers_filters(student) -> list[bool]:
 
 def test_the_lite_student_starts_as_the_teachers_networks_and_keeps_their_filters(unlabelled, mel_cache, repository, tmp_path):
     out = tmp_path / "lite"
-    assert main(_distill_args(unlabelled, repository, out, "musicnn_lite", mel_cache, epochs=1)) == 0
+    assert main(_distill_args(unlabelled, repository, out, "musicnn_student", mel_cache, epochs=1)) == 0
     trained, _ = load_checkpoint(out / "best.pt")
     assert all(_teachers_filters(trained))
 
 
 def test_from_unfreeze_epoch_on_the_filters_train_too(unlabelled, mel_cache, repository, tmp_path):
     out = tmp_path / "lite"
-    assert main(_distill_args(unlabelled, repository, out, "musicnn_lite", mel_cache, unfreeze_epoch=1, early_stopping=0)) == 0
+    assert main(_distill_args(unlabelled, repository, out, "musicnn_student", mel_cache, unfreeze_epoch=1, early_stopping=0)) == 0
     trained, ckpt = load_checkpoint(out / "last.pt")
     assert ckpt["epoch"] == 1 and ckpt["config"]["unfreeze_epoch"] == 1
     assert not any(_teachers_filters(trained))  # every kept filter moved
@@ -168,14 +178,14 @@ def test_from_unfreeze_epoch_on_the_filters_train_too(unlabelled, mel_cache, rep
 def test_teacher_checkpoints_that_are_not_the_served_teacher_are_refused(unlabelled, mel_cache, repository, tmp_path):
     swapped = ["training/weights/musicnn_mtt.pt", "training/weights/musicnn_msd.pt"]
     with pytest.raises(ValueError, match="do not compute the served teacher"):
-        main(_distill_args(unlabelled, repository, tmp_path / "x", "musicnn_lite", mel_cache, teacher_checkpoints=swapped))
+        main(_distill_args(unlabelled, repository, tmp_path / "x", "musicnn_student", mel_cache, teacher_checkpoints=swapped))
     with pytest.raises(ValueError, match="set teacher_checkpoints"):
-        main(_distill_args(unlabelled, repository, tmp_path / "y", "musicnn_lite", mel_cache, teacher_checkpoints=[]))
+        main(_distill_args(unlabelled, repository, tmp_path / "y", "musicnn_student", mel_cache, teacher_checkpoints=[]))
 
 
 def test_teacher_outputs_are_the_served_models_on_the_grid_and_halfway_and_cached_once(unlabelled, mel_cache):
     cache = FeatureCache(mel_cache, max_duration_s=600.0)
-    teacher = Teacher.from_repository(REPO_ROOT / "triton_models", "musicnn")
+    teacher = Teacher.from_repository(DEFAULT_MODEL_REPOSITORY, "musicnn")
     sources = [t.source for t in distillation_set(str(unlabelled))][:2]
     outputs, failed = teacher_outputs(sources, cache, teacher, workers=1, progress=False)
     assert not failed
@@ -184,7 +194,7 @@ def test_teacher_outputs_are_the_served_models_on_the_grid_and_halfway_and_cache
     frames = cache.frames(sources[0])
     out = outputs[sources[0]]
     np.testing.assert_array_equal(out["starts"], patch_starts(len(frames)))
-    scorer = OnnxScorer(REPO_ROOT / "triton_models", "musicnn")
+    scorer = OnnxScorer(DEFAULT_MODEL_REPOSITORY, "musicnn")
     k = len(out["starts"]) - 1
     direct = scorer.score_sync(np.array(frames[out["starts"][k] : out["starts"][k] + PATCH_FRAMES])[None])
     np.testing.assert_allclose(out["musicnn_mtt_scores"][k], direct["musicnn_mtt"].scores[0], atol=1e-5)
@@ -196,7 +206,7 @@ def test_teacher_outputs_are_the_served_models_on_the_grid_and_halfway_and_cache
 
 def test_mixed_patches_are_two_tracks_mixed_with_the_teachers_outputs_on_the_mix_cached_once(unlabelled, mel_cache):
     cache = FeatureCache(mel_cache, max_duration_s=600.0)
-    teacher = Teacher.from_repository(REPO_ROOT / "triton_models", "musicnn")
+    teacher = Teacher.from_repository(DEFAULT_MODEL_REPOSITORY, "musicnn")
     tracks = distillation_set(str(unlabelled))[:3]
     outputs, _ = teacher_outputs([t.source for t in tracks], cache, teacher, workers=1, progress=False)
     patches = TeacherPatches(tracks, cache, outputs, teacher.meta.outputs, grid_only=False)
@@ -204,7 +214,7 @@ def test_mixed_patches_are_two_tracks_mixed_with_the_teachers_outputs_on_the_mix
     assert 0 < len(mixed) <= 8 and len(mixed.targets) == len(mixed)
     assert all(patches.items[a][0] != patches.items[b][0] for a, b in mixed.pairs)  # two tracks each
     assert all(MIX_WEIGHTS[0] <= w <= MIX_WEIGHTS[1] for w in mixed.weights)
-    scorer = OnnxScorer(REPO_ROOT / "triton_models", "musicnn")
+    scorer = OnnxScorer(DEFAULT_MODEL_REPOSITORY, "musicnn")
     for k in (0, len(mixed) - 1):
         mel, target = mixed[k]
         (a, _), (b, _) = (patches[int(i)] for i in mixed.pairs[k])
@@ -224,10 +234,10 @@ def test_mixed_patches_are_two_tracks_mixed_with_the_teachers_outputs_on_the_mix
 
 def test_the_mix_stage_goes_on_from_init_over_the_patches_and_the_mixes_filters_frozen(unlabelled, mel_cache, repository, tmp_path):
     first = tmp_path / "first"
-    assert main(_distill_args(unlabelled, repository, first, "musicnn_lite", mel_cache, epochs=1)) == 0
+    assert main(_distill_args(unlabelled, repository, first, "musicnn_student", mel_cache, epochs=1)) == 0
     second = tmp_path / "second"
     options = {"init": str(first / "best.pt"), "epochs": 0, "mix_epochs": 1, "mixed_patches": 12, "version": ""}
-    assert main(_distill_args(unlabelled, repository, second, "musicnn_lite", mel_cache, **options)) == 0
+    assert main(_distill_args(unlabelled, repository, second, "musicnn_student", mel_cache, **options)) == 0
     report = json.loads((second / "distill_report.json").read_text())
     assert report["student"]["checkpoint"] == str(second / "mix" / "best.pt") and report["epochs_run"] == 0
     assert 0 < report["patches"]["mixed"] == report["mix_stage"]["mixes"] <= 12 and report["init"] == str(first / "best.pt")
@@ -236,8 +246,8 @@ def test_the_mix_stage_goes_on_from_init_over_the_patches_and_the_mixes_filters_
     assert all(_teachers_filters(trained))  # frozen_filters freezes them again
     assert any(not torch.equal(p, q) for p, q in zip(started.parameters(), trained.parameters()))
     assert read_meta(repository, "musicnn_student").served_version.startswith(f"{ckpt['version']}-mix")
-    narrower = _distill_args(unlabelled, repository, tmp_path / "x", "musicnn_lite", mel_cache, init=str(first / "best.pt"))
-    with pytest.raises(ValueError, match="not the configured musicnn_lite"):
+    narrower = _distill_args(unlabelled, repository, tmp_path / "x", "musicnn_student", mel_cache, init=str(first / "best.pt"))
+    with pytest.raises(ValueError, match="not the configured musicnn_student"):
         main(narrower + ["--set", "dims.channels=[[2, 2, 2, 2, 2], [2, 2, 2, 2, 2]]"])
 
 
@@ -310,7 +320,7 @@ def test_mood_tags_can_weigh_more_without_changing_the_embeddings_share():
 
 
 def test_mood_tag_weights_mark_the_tags_moods_are_read_from():
-    meta = read_meta(REPO_ROOT / "triton_models", "musicnn")
+    meta = read_meta(DEFAULT_MODEL_REPOSITORY, "musicnn")
     weights = mood_tag_weights(meta, 3.0)
     labels = [f"{n.name}:{label}" for n in meta.networks for label in n.labels]
     members = {m.key for f in load_taxonomy(meta, calibrated=False).families for m in f.members}
@@ -323,11 +333,11 @@ def test_mood_tag_weights_mark_the_tags_moods_are_read_from():
 
 
 def test_the_student_gives_every_imitated_networks_tags_and_embedding():
-    model = build("student", {})
+    model = build("separable_student", {})
     logits, embedding = model(torch.zeros(2, PATCH_FRAMES, N_MELS))
     assert logits.shape == (2, 100) and embedding.shape == (2, 400)
     with pytest.raises(ValueError, match="label_counts"):
-        build("student", {"n_classes": 4})
+        build("separable_student", {"n_classes": 4})
 
 
 def test_compare_is_perfect_for_the_teacher_itself_and_chance_for_noise():
@@ -346,7 +356,7 @@ def test_compare_is_perfect_for_the_teacher_itself_and_chance_for_noise():
 
 
 def test_mood_agreement_reads_the_leading_mood_against_the_teachers_lead_and_its_own_shift():
-    meta = read_meta(REPO_ROOT / "triton_models", "musicnn")
+    meta = read_meta(DEFAULT_MODEL_REPOSITORY, "musicnn")
     taxonomy, teacher = load_taxonomy(meta), SimpleNamespace(meta=meta)
     rng = np.random.default_rng(0)
 

@@ -10,22 +10,22 @@ import torch
 from test_distill import _distill_args
 from torch import nn
 
-from pipeline.features import N_MELS, PATCH_FRAMES
-from pipeline.model_meta import label_columns, read_meta
-from pipeline.scoring import OnnxScorer
-from pipeline.settings import REPO_ROOT
-from pipeline.taxonomy import cdf, family_scores, load_taxonomy
+from pipeline.contracts.model_meta import label_columns, read_meta
+from pipeline.settings import DEFAULT_MODEL_REPOSITORY
+from pipeline.stages.frontend import N_MELS, PATCH_FRAMES
+from pipeline.stages.scoring import OnnxScorer
+from pipeline.stages.taxonomy import cdf, family_scores, load_taxonomy
 from training.cli import main
 from training.config import from_dict
-from training.distill import _by_network
-from training.fit import DistillLoss
+from training.distill.agreement import by_network
+from training.distill.mood_stage import FamilyScores, TrackTarget, mood_loss, torch_cdf, tune_moods
+from training.engine import DistillLoss
 from training.models import load_checkpoint
-from training.mood_stage import FamilyScores, TrackTarget, mood_loss, torch_cdf, tune_moods
 
 
 @pytest.fixture(scope="module")
 def served():
-    meta = read_meta(REPO_ROOT / "triton_models", "musicnn")
+    meta = read_meta(DEFAULT_MODEL_REPOSITORY, "musicnn")
     return meta, load_taxonomy(meta)
 
 
@@ -47,7 +47,7 @@ def test_family_scores_in_torch_are_the_taxonomys_and_have_gradients(served):
     x = np.random.default_rng(0).beta(0.4, 3.0, size=(500, n_labels))  # below, inside and above the curves
     scores = torch.tensor(x, requires_grad=True)
     out = FamilyScores(taxonomy, meta.networks)(scores)
-    np.testing.assert_allclose(out.detach().numpy(), family_scores(taxonomy, _by_network(x, meta)), atol=1e-12)
+    np.testing.assert_allclose(out.detach().numpy(), family_scores(taxonomy, by_network(x, meta)), atol=1e-12)
     out.sum().backward()
     moved = set(np.flatnonzero(scores.grad.abs().sum(dim=0).numpy()))
     assert moved == set(_mood_columns(meta, taxonomy))  # every mood tag steers its family, no other tag does
@@ -128,7 +128,7 @@ def test_the_mood_stage_options_are_checked():
 
 def test_distill_with_a_mood_stage_exports_the_stages_model(unlabelled, mel_cache, repository, tmp_path):
     out = tmp_path / "student"
-    assert main(_distill_args(unlabelled, repository, out, "student", mel_cache, mood_epochs=2, mood_lr=0.01, mood_tracks_per_step=2, version="")) == 0
+    assert main(_distill_args(unlabelled, repository, out, "separable_student", mel_cache, mood_epochs=2, mood_lr=0.01, mood_tracks_per_step=2, version="")) == 0
     report = json.loads((out / "distill_report.json").read_text())
     assert [f["epoch"] for f in report["mood_stage"]] == [0, 1]
     assert all(np.isfinite(f[k]) for f in report["mood_stage"] for k in ("patch_loss", "mood_loss", "leading_same"))

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.features import log_mel_max
+from pipeline.stages.frontend import log_mel_max
 from training.models import build, load_checkpoint
 
 REPO = Path(__file__).resolve().parents[2]

@@ -1,7 +1,7 @@
 """Labelled and unlabelled collections, as the models see them.
 
 A loader (:mod:`.jamendo`, :mod:`.deam`, :mod:`.folders`) reads a data set in its own on-disk
-layout and returns a :class:`Catalog`: the task, the output labels and the tracks of each split,
+layout and returns a :class:`LabelledSet`: the task, the output labels and the tracks of each split,
 each with its target. :mod:`.cache` turns a track's audio into log-mel frames once (with the
 serving frontend) and :mod:`.patches` cuts them into model patches with their targets.
 
@@ -33,7 +33,7 @@ class Track:
 
 
 @dataclass(frozen=True)
-class Catalog:
+class LabelledSet:
     name: str  # the data set kind ("jamendo", "deam", ...)
     task: str
     labels: tuple[str, ...]  # output names in output order

@@ -5,9 +5,9 @@
 
 Files are keyed by their content, so the same audio under two names is computed once and a
 changed file is recomputed; the frontend constants name the directory, so a frontend change
-never reads stale features; so does the longest duration analysed (``max_duration_s``). Frames come from :func:`pipeline.audio.decode` and
-:class:`pipeline.features.LogMelStream` exactly as the worker computes them; a clip shorter
-than one patch is repeat-padded to one patch, as :class:`pipeline.features.PatchStream` does.
+never reads stale features; so does the longest duration analysed (``max_duration_s``). Frames come from :func:`pipeline.stages.audio.decode` and
+:class:`pipeline.stages.frontend.LogMelStream` exactly as the worker computes them; a clip shorter
+than one patch is repeat-padded to one patch, as :class:`pipeline.stages.frontend.PatchStream` does.
 """
 
 from __future__ import annotations
@@ -22,10 +22,11 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.errors import TrackError
+
 # The decoders and the S3 client are imported where audio is read, not here: training on frames
 # already in the cache needs neither (a GPU machine may have no FFmpeg libraries or boto3).
-from pipeline import features
-from pipeline.errors import TrackError
+from pipeline.stages import frontend
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +38,7 @@ OPEN_MAPS = 512
 
 
 def frontend_key() -> str:
-    blob = json.dumps(features.frontend_constants(), sort_keys=True).encode()
+    blob = json.dumps(frontend.frontend_constants(), sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:12]
 
 
@@ -69,7 +70,7 @@ class FeatureCache:
 
     def patch(self, source: str, start: int) -> np.ndarray:
         """[PATCH_FRAMES, N_MELS] float32, a copy: the patch of ``source`` from frame ``start``."""
-        return np.array(self.frames(source)[start : start + features.PATCH_FRAMES], dtype=np.float32)
+        return np.array(self.frames(source)[start : start + frontend.PATCH_FRAMES], dtype=np.float32)
 
     def digest(self, source: str) -> str:
         """The sha256 of the source's content (its frames computed and stored if new)."""
@@ -127,7 +128,7 @@ class FeatureCache:
         if source.startswith("s3://"):
             import botocore.exceptions
 
-            from pipeline.storage import translate_s3_error
+            from pipeline.stages.storage import translate_s3_error
 
             bucket, _, key = source[5:].partition("/")
             try:
@@ -140,7 +141,7 @@ class FeatureCache:
 
     def _read(self, source: str) -> bytes:
         if source.startswith("s3://"):
-            from pipeline.storage import ObjectRef, fetch
+            from pipeline.stages.storage import ObjectRef, fetch
 
             bucket, _, key = source[5:].partition("/")
             return fetch(ObjectRef("s3", bucket, key), client=self._client(), max_bytes=MAX_FILE_BYTES)
@@ -148,7 +149,7 @@ class FeatureCache:
 
     def _client(self) -> Any:
         if self._s3 is None:
-            from pipeline.storage import make_s3_client
+            from pipeline.stages.storage import make_s3_client
 
             self._s3 = make_s3_client()
         return self._s3
@@ -156,13 +157,13 @@ class FeatureCache:
 
 def compute_frames(data: bytes, max_duration_s: float) -> np.ndarray:
     """Encoded audio -> [n_frames >= PATCH_FRAMES, N_MELS] float32 log-mel (the serving frontend)."""
-    from pipeline import audio
+    from pipeline.stages import audio
 
     stream = audio.decode(data, max_duration_s=max_duration_s)
-    mel = features.LogMelStream()
+    mel = frontend.LogMelStream()
     # LogMelStream gathers the decoder's small chunks itself before each spectrogram call.
     frames = [mel.push(chunk) for chunk in stream.chunks] + [mel.finish()]
     out = np.concatenate(frames)
-    if len(out) < features.PATCH_FRAMES:
-        out = np.tile(out, (-(-features.PATCH_FRAMES // len(out)), 1))[: features.PATCH_FRAMES]
+    if len(out) < frontend.PATCH_FRAMES:
+        out = np.tile(out, (-(-frontend.PATCH_FRAMES // len(out)), 1))[: frontend.PATCH_FRAMES]
     return np.ascontiguousarray(out, dtype=np.float32)

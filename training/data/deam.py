@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from training.data import SPLITS, Catalog, Track, hash_split
+from training.data import SPLITS, LabelledSet, Track, hash_split
 from training.models.lstm_va import N_STEPS, TARGETS, step_labels
 
 STATIC_FILES = ("static_annotations_averaged_songs_1_2000.csv", "static_annotations_averaged_songs_2000_2058.csv")
@@ -87,24 +87,24 @@ def read_dynamic(root: Path) -> tuple[dict[str, np.ndarray], float]:
     return out, float(start_s or 0.0)
 
 
-def _catalog(kind: str, task: str, labels: tuple[str, ...], root: Path, targets: dict[str, np.ndarray], start_s: float, val_fraction: float, test_fraction: float) -> Catalog:
+def _catalog(kind: str, task: str, labels: tuple[str, ...], root: Path, targets: dict[str, np.ndarray], start_s: float, val_fraction: float, test_fraction: float) -> LabelledSet:
     audio = _audio_dir(root)
     present = {k: v for k, v in targets.items() if (audio / f"{k}.mp3").is_file()}
     split_of = hash_split(sorted(present), val_fraction, test_fraction)
     splits: dict[str, list[Track]] = {s: [] for s in SPLITS}
     for key in sorted(present, key=lambda k: (len(k), k)):
         splits[split_of[key]].append(Track(key, str(audio / f"{key}.mp3"), present[key], start_s))
-    return Catalog(kind, task, labels, splits)
+    return LabelledSet(kind, task, labels, splits)
 
 
-def load_static(root: Path, val_fraction: float = 0.1, test_fraction: float = 0.1) -> Catalog:
+def load_static(root: Path, val_fraction: float = 0.1, test_fraction: float = 0.1) -> LabelledSet:
     """Whole-song valence and arousal (task ``va``), scaled to [0, 1]."""
     root = Path(root)
     targets = {k: (v - 1.0) / 8.0 for k, v in read_static(root).items()}
     return _catalog("deam", "va", TARGETS, root, targets, 0.0, val_fraction, test_fraction)
 
 
-def load_dynamic(root: Path, val_fraction: float = 0.1, test_fraction: float = 0.1) -> Catalog:
+def load_dynamic(root: Path, val_fraction: float = 0.1, test_fraction: float = 0.1) -> LabelledSet:
     """Valence and arousal every 500 ms (task ``va_steps``), scaled to [0, 1]."""
     root = Path(root)
     series, start_s = read_dynamic(root)

@@ -33,8 +33,7 @@ import av
 import numpy as np
 import soundfile
 
-from pipeline.demo import audio_files as _folder_audio_files
-from pipeline.storage import AUDIO_EXTENSIONS
+from pipeline.stages.storage import AUDIO_EXTENSIONS, local_audio_files
 
 LIST = Path(__file__).with_suffix(".toml")
 ROLES = ("reference", "distill", "check")
@@ -175,7 +174,7 @@ def _unzip_audio(archive: Path, into: Path) -> None:
 
 
 def audio_files(dest: Path, role: str, names: tuple[str, ...] = (), packages: list[Package] | None = None) -> list[Path]:
-    """The music files (by :data:`pipeline.storage.AUDIO_EXTENSIONS`) of the fetched packages of
+    """The music files (by :data:`pipeline.stages.storage.AUDIO_EXTENSIONS`) of the fetched packages of
     ``role``, in the packages' music folders only; a package not fetched (no ``.ready``)
     contributes nothing. Sorted by package, then path."""
     if role not in ROLES:
@@ -185,7 +184,7 @@ def audio_files(dest: Path, role: str, names: tuple[str, ...] = (), packages: li
     for p in chosen:
         root = package_dir(dest, p)
         if (root / READY).is_file():
-            files += [f for folder in p.music for f in _folder_audio_files(root / folder)]
+            files += [f for folder in p.music for f in local_audio_files(root / folder)]
     return files
 
 
@@ -199,7 +198,7 @@ class Measurement:
 
 def measure(files: list[Path]) -> Measurement:
     """Track count, total minutes and codecs from the files' headers (PyAV, else libsndfile, the
-    decoders :mod:`pipeline.audio` uses), without decoding the audio."""
+    decoders :mod:`pipeline.stages.audio` uses), without decoding the audio."""
     seconds = 0.0
     codecs: Counter[str] = Counter()
     unreadable = []

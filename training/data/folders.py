@@ -2,43 +2,34 @@
 
     <root>/<class name>/**/<audio file>        e.g. happy/, angry/, sad/, relaxed/
 
-Audio files are those with an extension in :data:`pipeline.storage.AUDIO_EXTENSIONS`. Without
+Audio files are those with an extension in :data:`pipeline.stages.storage.AUDIO_EXTENSIONS`. Without
 an official split, a stable hash of the file's path relative to the root sets tracks aside for
 validation and test.
 """
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 
-from pipeline.storage import AUDIO_EXTENSIONS, list_audio, make_s3_client
-from training.data import SPLITS, Catalog, Track, hash_split
+from pipeline.stages.storage import list_audio, local_audio_files, make_s3_client
+from training.data import SPLITS, LabelledSet, Track, hash_split
 
 
-def _audio_files(folder: Path) -> list[Path]:
-    """Audio files under ``folder``, following symbolic links (catalogs are often link farms)."""
-    found = []
-    for dirpath, _, names in os.walk(folder, followlinks=True):
-        found += [Path(dirpath) / n for n in names if Path(n).suffix.lower().lstrip(".") in AUDIO_EXTENSIONS]
-    return sorted(p for p in found if p.is_file())
-
-
-def load_classes(root: Path, val_fraction: float = 0.15, test_fraction: float = 0.15) -> Catalog:
+def load_classes(root: Path, val_fraction: float = 0.15, test_fraction: float = 0.15) -> LabelledSet:
     """Single-label classes (task ``classes``) named after the sub-folders, sorted."""
     root = Path(root)
     labels = tuple(sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")))
     if len(labels) < 2:
         raise ValueError(f"{root}: expected one sub-folder per class, found {list(labels)}")
-    files = [(i, f) for i, label in enumerate(labels) for f in _audio_files(root / label)]
+    files = [(i, f) for i, label in enumerate(labels) for f in local_audio_files(root / label)]
     split_of = hash_split([str(f.relative_to(root)) for _, f in files], val_fraction, test_fraction)
     splits: dict[str, list[Track]] = {s: [] for s in SPLITS}
     for i, f in files:
         rel = str(f.relative_to(root))
         splits[split_of[rel]].append(Track(rel, str(f), np.array(i, np.int64)))
-    return Catalog("folders", "classes", labels, splits)
+    return LabelledSet("folders", "classes", labels, splits)
 
 
 def list_unlabelled(where: str, s3_client: object = None) -> list[Track]:
@@ -49,4 +40,4 @@ def list_unlabelled(where: str, s3_client: object = None) -> list[Track]:
     root = Path(where)
     if not root.is_dir():
         raise FileNotFoundError(f"{where}: not a folder or s3:// prefix")
-    return [Track(str(f.relative_to(root)), str(f)) for f in _audio_files(root)]
+    return [Track(str(f.relative_to(root)), str(f)) for f in local_audio_files(root)]

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from training.data import SPLITS, Catalog, Track
+from training.data import SPLITS, LabelledSet, Track
 
 TSV = "autotagging_moodtheme.tsv"
 PREFIX = "mood/theme---"
@@ -52,7 +52,7 @@ def audio_path(audio_root: Path, relative: str) -> Path:
     return path
 
 
-def load(root: Path, audio_root: Path | None = None, split: int = 0) -> Catalog:
+def load(root: Path, audio_root: Path | None = None, split: int = 0) -> LabelledSet:
     """The tracks of official split ``split``, with multi-hot tag targets."""
     root = Path(root)
     audio_root = Path(audio_root) if audio_root else root
@@ -66,4 +66,4 @@ def load(root: Path, audio_root: Path | None = None, split: int = 0) -> Catalog:
             target[[index[t] for t in tags]] = 1.0
             tracks.append(Track(track_id, str(audio_path(audio_root, rel)), target))
         splits[name] = tracks
-    return Catalog("jamendo", "tags", labels, splits)
+    return LabelledSet("jamendo", "tags", labels, splits)

@@ -4,7 +4,7 @@ Training items are random crops: each epoch a track gives up to ``patches_per_tr
 each starting anywhere in the track when ``time_shift`` is on (the prototypes' time-shift
 augmentation) or on the serving grid otherwise. Evaluation uses :func:`serving_patches`: every
 non-overlapping patch from frame 0, exactly what the worker scores, so a track's score is the
-mean over them as in :func:`pipeline.taxonomy.summarise`.
+mean over them as in :func:`pipeline.stages.taxonomy.summarise`.
 
 For ``va_steps`` a patch only starts where every one of its 500 ms steps is annotated; the target
 of a step is the annotation interpolated at the step's centre.
@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from pipeline.features import FRAMES_PER_SECOND, PATCH_FRAMES, log_compress, log_expand
+from pipeline.stages.frontend import FRAMES_PER_SECOND, PATCH_FRAMES, log_compress, log_expand
 from training.data import Track
 from training.data.cache import FeatureCache
 from training.models.lstm_va import N_STEPS, STEP_S, step_bounds

@@ -7,7 +7,7 @@ A checkpoint is a dict saved with ``torch.save``; it rebuilds its model on its o
     state_dict  the weights
     labels      output names (tags, classes or targets), in output order
     task        "tags" (multi-label), "classes", "va" (valence/arousal) or "va_steps"
-    frontend    pipeline.features.frontend_constants() at training time
+    frontend    pipeline.stages.frontend.frontend_constants() at training time
     version     model version string, carried into Triton and every output event
     source      where the weights came from (free text, for humans)
 
@@ -23,14 +23,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from pipeline.features import frontend_constants
+from pipeline.stages.frontend import frontend_constants
 from training.models.convgruformer import ConvGRUFormer, ConvGRUFormerDims
 from training.models.lstm_va import LSTMVA, LSTMVADims
 from training.models.musicnn import Musicnn, MusicnnDims
-from training.models.musicnn_lite import MusicnnLite, MusicnnLiteDims
+from training.models.musicnn_student import MusicnnStudent, MusicnnStudentDims
 from training.models.resnet18 import ResNet18, ResNet18Dims
 from training.models.resnet_va import ResNetVA, ResNetVADims
-from training.models.student import Student, StudentDims
+from training.models.separable_student import SeparableStudent, SeparableStudentDims
 
 #: name -> (module, dims dataclass). Every module maps mel [B, PATCH_FRAMES, N_MELS] to
 #: (outputs [B, dims.n_classes], embedding [B, E]) and has ``task`` (from its dims).
@@ -40,8 +40,8 @@ ARCHITECTURES: dict[str, tuple[type[nn.Module], type]] = {
     "resnet_va": (ResNetVA, ResNetVADims),
     "lstm_va": (LSTMVA, LSTMVADims),
     "resnet18": (ResNet18, ResNet18Dims),
-    "student": (Student, StudentDims),
-    "musicnn_lite": (MusicnnLite, MusicnnLiteDims),
+    "separable_student": (SeparableStudent, SeparableStudentDims),
+    "musicnn_student": (MusicnnStudent, MusicnnStudentDims),
 }
 TASKS = ("tags", "classes", "va", "va_steps")
 

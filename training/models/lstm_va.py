@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from pipeline.features import FRAMES_PER_SECOND, PATCH_FRAMES, PATCH_SECONDS
+from pipeline.stages.frontend import FRAMES_PER_SECOND, PATCH_FRAMES, PATCH_SECONDS
 
 STEP_S = 0.5  # seconds per annotation step (DEAM's 2 Hz)
 N_STEPS = int(PATCH_SECONDS // STEP_S) + (PATCH_SECONDS % STEP_S > 0)  # 6

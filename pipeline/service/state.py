@@ -1,0 +1,47 @@
+"""What the service's routes share: the settings, the scorer, the process pool, the catalog."""
+
+from __future__ import annotations
+
+import asyncio
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+
+from fastapi import Request
+
+from pipeline.contracts import events
+from pipeline.service.catalog import CatalogStore
+from pipeline.service.neighbours import NeighbourIndex
+from pipeline.service.problems import Problem
+from pipeline.settings import Settings
+from pipeline.stages.scoring import Scorer
+from pipeline.stages.taxonomy import Taxonomy
+
+#: How long the service waits between attempts to reach the catalog or the broker, in seconds.
+RECONNECT_S = 5.0
+
+
+@dataclass
+class State:
+    """What the routes share; the catalog and index appear once the store answers."""
+
+    settings: Settings
+    scorer: Scorer
+    taxonomy: Taxonomy
+    model: events.ModelRef
+    network: str  # whose embeddings /similar compares
+    pool: ProcessPoolExecutor
+    catalog: CatalogStore | None = None
+    index: NeighbourIndex | None = None
+    in_flight: int = 0
+    follower: str = "off"  # the catalog consumer's state, for /readyz
+    stop: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def need_catalog(self) -> tuple[CatalogStore, NeighbourIndex]:
+        if self.catalog is None or self.index is None:
+            raise Problem(503, "unavailable", "the catalog does not answer yet", retry_after_s=int(RECONNECT_S))
+        return self.catalog, self.index
+
+
+def state_of(request: Request) -> State:
+    """The service's state, from a request."""
+    return request.app.state.moodstream

@@ -1,0 +1,296 @@
+"""The catalog store on both of its databases: SQLite (a file) and PostgreSQL (Debian's server,
+started here as a real process by :class:`devstack.stack.EmbeddedPostgres`).
+
+Every store test runs once per database; each gets an empty database of its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+from datetime import UTC, datetime, timedelta
+from types import SimpleNamespace
+from typing import Any
+
+import jsonschema
+import numpy as np
+import pytest
+from aiokafka import TopicPartition
+
+from devstack import EmbeddedPostgres, free_ports
+from pipeline import metrics
+from pipeline.contracts import events
+from pipeline.errors import ConfigError, ServiceUnavailable
+from pipeline.service.catalog import MIGRATIONS, CatalogStore, follow
+from pipeline.stages import taxonomy
+from pipeline.stages.taxonomy import encode_embedding
+
+T0 = datetime(2026, 6, 1, 12, 0, tzinfo=UTC)
+MODEL = events.ModelRef("musicnn", "1+cal.0badcafe", (("musicnn_msd", "1"), ("musicnn_mtt", "1")))
+_names = itertools.count()
+
+
+@pytest.fixture(scope="module")
+def postgres(tmp_path_factory):
+    with EmbeddedPostgres(log_dir=tmp_path_factory.mktemp("postgres")) as server:
+        yield server
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def url(request, tmp_path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'catalog.db'}"
+    return request.getfixturevalue("postgres").create_database(f"catalog_{next(_names)}")
+
+
+@pytest.fixture
+def store(url):
+    opened = CatalogStore.open(url)
+    yield opened
+    opened.close()
+
+
+def record(track_id: str, moods: dict[str, float], *, at: datetime = T0, model: events.ModelRef = MODEL, vector: list[float] | None = None, valence: float = 0.0, arousal: float = 0.0, **run: Any) -> dict[str, Any]:
+    """A schema-valid v2 record of ``track_id`` (round-tripped through its JSON, as consumers read it)."""
+    top = sorted(moods.items(), key=lambda kv: -kv[1])
+    lead = {"mood": top[0][0], "confidence": top[0][1], "clear": True}
+    quadrant = taxonomy.quadrant(valence, arousal)
+    analysis = {
+        "tags": {"musicnn_msd": {"happy": 0.5, "rock": 0.25}, "musicnn_mtt": {"fast": 0.25}},
+        "top_tags": {"musicnn_msd": [{"tag": "happy", "score": 0.5}], "musicnn_mtt": [{"tag": "fast", "score": 0.25}]},
+        "mood_source": "tags",
+        "moods": moods,
+        "top_moods": [{"mood": m, "score": s} for m, s in top[:3]],
+        "leading_mood": lead,
+        "valence": valence,
+        "arousal": arousal,
+        "quadrant": quadrant,
+        "timeline": [{"start_s": 0.0, "end_s": 30.0, "top_moods": [], "leading_mood": lead, "valence": valence, "arousal": arousal, "quadrant": quadrant}],
+        "embeddings": {} if vector is None else {"musicnn_msd": {"dim": len(vector), "dtype": "float16", "data": encode_embedding(np.asarray(vector, np.float32))}},
+        "duration_s": 30.0,
+        "analysed_s": 30.0,
+        "patches": 10,
+        "decoder": "pyav",
+    }
+    value = events.TrackMoods(
+        track_id=track_id, model=model, analysis=analysis, processed_at=at,
+        latency_ms=run.get("latency_ms", {"total": 80.0}), correlation_id=run.get("correlation_id", "c-1"), ingested_at=run.get("ingested_at", T0 - timedelta(seconds=5)),
+    ).to_json()
+    parsed = json.loads(value)
+    schema = events.load_schema("track_moods.v2")
+    jsonschema.validate(parsed, schema)
+    return parsed
+
+
+# --- migrations -------------------------------------------------------------------------------
+
+
+def test_an_empty_database_gets_every_migration_once(url):
+    first = CatalogStore.open(url)
+    assert first.schema_version == len(MIGRATIONS)
+    first.upsert(record("t-1", {"happy": 0.7}))
+    first.close()
+    again = CatalogStore.open(url)  # nothing left to apply; nothing lost
+    assert again.schema_version == len(MIGRATIONS) and again.count() == 1
+    versions = [v for (v,) in again._query("SELECT version FROM schema_migrations ORDER BY version")]
+    assert versions == list(range(1, len(MIGRATIONS) + 1))
+    again.close()
+
+
+def test_an_older_schema_is_migrated_forward_keeping_its_rows(url):
+    old = CatalogStore.open(url, migrate_to=1)
+    assert old.schema_version == 1
+    old.upsert(record("t-1", {"relaxed": 0.9}))
+    old.close()
+    new = CatalogStore.open(url)
+    assert new.schema_version == len(MIGRATIONS)
+    assert new.ranked(mood="relaxed")[0]["track_id"] == "t-1"
+    new.close()
+
+
+def test_a_schema_newer_than_the_code_is_refused(url):
+    store = CatalogStore.open(url)
+    with store._transaction() as cur:  # what a newer release's migration leaves behind
+        cur.execute(store._sql("INSERT INTO schema_migrations (version, applied_at) VALUES (?, CURRENT_TIMESTAMP)"), (len(MIGRATIONS) + 1,))
+    store.close()
+    with pytest.raises(ConfigError, match="newer than this release"):
+        CatalogStore.open(url)
+
+
+def test_a_url_of_another_kind_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match=r"sqlite:///path\.db or postgresql://"):
+        CatalogStore.open("mysql://db/catalog")
+    (tmp_path / "taken").write_text("a file, not a folder")
+    with pytest.raises(ConfigError, match="cannot open the SQLite catalog"):
+        CatalogStore.open(f"sqlite:///{tmp_path / 'taken' / 'catalog.db'}")
+
+
+def test_an_unreachable_postgresql_is_an_outage_and_its_password_is_not_repeated():
+    port = free_ports(1)[0]
+    with pytest.raises(ServiceUnavailable) as caught:
+        CatalogStore.open(f"postgresql://moodstream:s3cr3t-pw@127.0.0.1:{port}/catalog")
+    assert "s3cr3t-pw" not in str(caught.value) and "does not answer" in str(caught.value)
+
+
+async def test_a_postgresql_that_goes_away_is_an_outage_and_follow_commits_nothing(tmp_path):
+    with EmbeddedPostgres(log_dir=tmp_path) as server:
+        store = CatalogStore.open(server.url)
+        store.upsert(record("t-1", {"happy": 0.5}))
+    with pytest.raises(ServiceUnavailable, match="PostgreSQL catalog failed"):
+        store.upsert(record("t-2", {"happy": 0.5}))
+    stop = asyncio.Event()
+    consumer = FakeConsumer([[json.dumps(record("t-2", {"happy": 0.9})).encode()]], stop)
+    with pytest.raises(ServiceUnavailable):
+        await follow(consumer, store, None, stop=stop)
+    assert consumer.committed == []  # re-delivered once the service reconnects
+
+
+# --- upserts ------------------------------------------------------------------------------------
+
+
+def test_a_redelivered_or_reanalysed_record_changes_nothing(store):
+    first = record("t-1", {"happy": 0.8, "sad": 0.1})
+    assert store.upsert(first) is True
+    seq = store.last_seq()
+    assert store.upsert(first) is False  # at-least-once: the same message again
+    later = record("t-1", {"happy": 0.8, "sad": 0.1}, at=T0 + timedelta(hours=1), latency_ms={"total": 95.0}, correlation_id="c-2", ingested_at=T0)
+    assert store.upsert(later) is False  # the same audio tagged again by the same model
+    assert store.count() == 1 and store.last_seq() == seq
+    assert store.track("t-1") == first
+
+
+def test_a_changed_record_replaces_the_stored_one_with_a_new_row(store):
+    store.upsert(record("t-1", {"happy": 0.8}))
+    seq = store.last_seq()
+    changed = record("t-1", {"happy": 0.2, "sad": 0.9}, at=T0 + timedelta(minutes=1))
+    assert store.upsert(changed) is True
+    assert store.last_seq() > seq and store.count() == 1
+    assert store.track("t-1") == changed
+    assert [s["track_id"] for s in store.ranked(mood="happy")] == ["t-1"]
+    assert store.ranked(mood="happy")[0]["score"] == pytest.approx(0.2)
+
+
+def test_each_model_version_keeps_its_record_and_the_newest_is_the_tracks(store):
+    old = record("t-1", {"happy": 0.9})
+    newer_model = events.ModelRef("musicnn", "2+cal.0badcafe", MODEL.networks)
+    new = record("t-1", {"happy": 0.1, "dark": 0.8}, at=T0 + timedelta(days=1), model=newer_model)
+    store.upsert(old)
+    store.upsert(new)
+    assert store._query("SELECT COUNT(*) FROM records")[0][0] == 2
+    assert store.track("t-1")["model"]["version"] == "2+cal.0badcafe"
+    assert store.ranked(mood="dark")[0]["track_id"] == "t-1"
+    # A late re-delivery of the old model's record does not make it the newest again.
+    assert store.upsert(old) is False
+    assert store.track("t-1")["model"]["version"] == "2+cal.0badcafe"
+
+
+def test_unknown_tracks_are_none_and_missing_from_summaries(store):
+    store.upsert(record("t-1", {"happy": 0.5}))
+    assert store.track("nope") is None
+    assert set(store.summaries(["t-1", "nope", "t-1"])) == {"t-1"}
+
+
+# --- feeds --------------------------------------------------------------------------------------
+
+
+def fill(store: CatalogStore) -> None:
+    for i, (track_id, relaxed, valence, arousal) in enumerate([
+        ("calm", 0.95, 0.5, -0.6), ("mid", 0.5, -0.4, -0.3), ("loud", 0.05, 0.6, 0.8), ("grim", 0.3, -0.7, 0.5),
+    ]):
+        store.upsert(record(track_id, {"relaxed": relaxed, "energetic": 1 - relaxed}, at=T0 + timedelta(minutes=i), valence=valence, arousal=arousal))
+
+
+def test_ranked_by_mood_best_first_with_a_limit(store):
+    fill(store)
+    ranked = store.ranked(mood="relaxed", limit=3)
+    assert [r["track_id"] for r in ranked] == ["calm", "mid", "grim"]
+    assert [r["score"] for r in ranked] == pytest.approx([0.95, 0.5, 0.3])
+    assert set(ranked[0]) >= {"track_id", "model", "processed_at", "leading_mood", "moods", "valence", "arousal", "quadrant"}
+    assert "tags" not in ranked[0] and "embeddings" not in ranked[0]
+    assert store.ranked(mood="tender") == []
+
+
+def test_ranked_within_a_region_of_the_mood_plane(store):
+    fill(store)
+    assert [r["track_id"] for r in store.ranked(valence=(0.0, 1.0))] == ["loud", "calm"]  # newest first without a mood
+    assert [r["track_id"] for r in store.ranked(mood="relaxed", valence=(-1.0, 0.0), arousal=(-1.0, 0.0))] == ["mid"]
+    assert [r["track_id"] for r in store.ranked(quadrant="angry")] == ["grim"]
+    assert [r["track_id"] for r in store.ranked(mood="energetic", quadrant="happy")] == ["loud"]
+
+
+# --- what the neighbour index reads ----------------------------------------------------------------
+
+
+def test_changed_since_pages_through_the_newest_rows_and_embeddings_decode(store):
+    for i in range(5):
+        store.upsert(record(f"t-{i}", {"happy": 0.5}, vector=[1.0, float(i), 0.5]))
+    store.upsert(record("no-vector", {"happy": 0.5}))
+    seq, first = store.changed_since(0, limit=2)
+    assert [t for t, _ in first] == ["t-0", "t-1"]
+    seq, rest = store.changed_since(seq, limit=10)
+    assert [t for t, _ in rest] == ["t-2", "t-3", "t-4", "no-vector"]
+    assert store.changed_since(seq) == (seq, [])
+    vectors = dict(store.embeddings("musicnn_msd"))
+    assert set(vectors) == {f"t-{i}" for i in range(5)}
+    np.testing.assert_allclose(vectors["t-3"], [1.0, 3.0, 0.5], rtol=1e-3)  # float16 on the wire
+    assert dict(store.embeddings("musicnn_mtt")) == {}
+
+
+# --- the consumer of tracks.moods ------------------------------------------------------------------
+
+
+class FakeConsumer:
+    """The part of aiokafka's consumer that :func:`follow` uses: batches, then nothing."""
+
+    def __init__(self, batches: list[list[bytes]], stop: asyncio.Event) -> None:
+        self.tp = TopicPartition("tracks.moods", 0)
+        self._batches = batches
+        self._stop = stop
+        self.offset = 0
+        self.committed: list[int] = []
+
+    async def getmany(self, timeout_ms: int) -> dict:
+        if not self._batches:
+            self._stop.set()
+            return {}
+        messages = []
+        for value in self._batches.pop(0):
+            messages.append(SimpleNamespace(value=value, offset=self.offset))
+            self.offset += 1
+        return {self.tp: messages}
+
+    async def commit(self) -> None:
+        self.committed.append(self.offset)
+
+    def assignment(self) -> set:
+        return {self.tp}
+
+    def highwater(self, tp) -> int:
+        return self.offset + sum(len(b) for b in self._batches)
+
+    async def position(self, tp) -> int:
+        return self.offset
+
+
+def counted(outcome: str) -> float:
+    return metrics.CATALOG_RECORDS.labels(outcome)._value.get()
+
+
+async def test_follow_stores_each_record_once_skips_bad_ones_and_commits_after_storing(tmp_path, caplog):
+    store = CatalogStore.open(f"sqlite:///{tmp_path / 'catalog.db'}")
+    good = json.dumps(record("t-1", {"happy": 0.9})).encode()
+    other = json.dumps(record("t-2", {"sad": 0.9})).encode()
+    breaks_schema = json.dumps({**record("t-3", {"sad": 0.9}), "schema_version": 1}).encode()
+    stop = asyncio.Event()
+    consumer = FakeConsumer([[good, good, b"{not json"], [other, breaks_schema, None]], stop)
+    before = {o: counted(o) for o in ("stored", "unchanged", "rejected")}
+
+    await asyncio.wait_for(follow(consumer, store, None, stop=stop), 30)
+
+    assert {o: counted(o) - before[o] for o in before} == {"stored": 2, "unchanged": 1, "rejected": 3}
+    assert consumer.committed == [3, 6]  # one commit per batch, after its records
+    assert store.count() == 2 and store.track("t-3") is None
+    assert metrics.CATALOG_LAG.labels("0")._value.get() == 0
+    assert metrics.CATALOG_TRACKS._value.get() == 2
+    assert "is not JSON" in caplog.text and "breaks the tracks.moods v2 schema" in caplog.text
