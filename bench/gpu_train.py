@@ -47,7 +47,9 @@ class PackedPatches(Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         s = int(self.starts[i])
-        return torch.from_numpy(self.frames[s : s + PATCH_FRAMES].astype(np.float32)), torch.from_numpy(self.targets[i].astype(np.float32))
+        return torch.from_numpy(self.frames[s : s + PATCH_FRAMES].astype(np.float32)), torch.from_numpy(
+            self.targets[i].astype(np.float32)
+        )
 
 
 def pack(out: Path, minutes: float) -> None:
@@ -76,17 +78,32 @@ def pack(out: Path, minutes: float) -> None:
             starts += [offset + one.items[i][1] for i in keep]
             targets.append(one.targets[0][keep].astype(np.float16))
             offset += len(frames[-1])
-        arrays |= {f"{split}_frames": np.concatenate(frames), f"{split}_starts": np.array(starts, np.int64), f"{split}_targets": np.concatenate(targets)}
+        arrays |= {
+            f"{split}_frames": np.concatenate(frames),
+            f"{split}_starts": np.array(starts, np.int64),
+            f"{split}_targets": np.concatenate(targets),
+        }
     np.savez(out, **arrays)
     print(json.dumps({k: list(v.shape) for k, v in arrays.items()} | {"bytes": out.stat().st_size}))
 
 
 def run(path: Path, device: str, epochs: int, frozen: bool, batch_size: int) -> dict:
     data = np.load(path)
-    train_ds, val_ds = (PackedPatches(data[f"{s}_frames"], data[f"{s}_starts"], data[f"{s}_targets"]) for s in ("train", "validation"))
+    train_ds, val_ds = (
+        PackedPatches(data[f"{s}_frames"], data[f"{s}_starts"], data[f"{s}_targets"]) for s in ("train", "validation")
+    )
     repo = Path(__file__).resolve().parents[1]
     with tempfile.TemporaryDirectory() as out_dir:
-        cfg = replace(load_config(CONFIG), device=device, epochs=epochs, batch_size=batch_size, out_dir=out_dir, progress=False, early_stopping=0, frozen_filters=frozen)
+        cfg = replace(
+            load_config(CONFIG),
+            device=device,
+            epochs=epochs,
+            batch_size=batch_size,
+            out_dir=out_dir,
+            progress=False,
+            early_stopping=0,
+            frozen_filters=frozen,
+        )
         rt = setup_runtime(cfg)
         n_labels = 100
         dims = {**cfg.dims, "n_classes": n_labels, "task": "tags"}
@@ -100,7 +117,18 @@ def run(path: Path, device: str, epochs: int, frozen: bool, batch_size: int) -> 
         if rt.device.type == "cuda":
             torch.cuda.synchronize()
         started = time.perf_counter()
-        best = train(replace(cfg, dims=dims), rt, "tags", labels, train_ds, val_ds, loss_fn, source=f"bench.gpu_train {path.name}", with_embedding=True, model=model)
+        best = train(
+            replace(cfg, dims=dims),
+            rt,
+            "tags",
+            labels,
+            train_ds,
+            val_ds,
+            loss_fn,
+            source=f"bench.gpu_train {path.name}",
+            with_embedding=True,
+            model=model,
+        )
         if rt.device.type == "cuda":
             torch.cuda.synchronize()
         wall = time.perf_counter() - started
@@ -128,7 +156,9 @@ def main() -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("pack")
     p.add_argument("out", type=Path)
-    p.add_argument("--minutes", type=float, default=25.0, help="minutes of training music (validation: a fifth as much)")
+    p.add_argument(
+        "--minutes", type=float, default=25.0, help="minutes of training music (validation: a fifth as much)"
+    )
     r = sub.add_parser("run")
     r.add_argument("pack", type=Path)
     r.add_argument("--device", default="cuda")

@@ -61,7 +61,16 @@ def plain_onnx(checkpoint: Path, cache: Path = CACHE) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     serving = ServingGraph([load_checkpoint(checkpoint)[0]]).eval()
     partial = path.with_suffix(".partial")
-    torch.onnx.export(serving, (torch.randn(2, PATCH_FRAMES, N_MELS),), str(partial), input_names=["mel"], output_names=["scores", "embedding"], dynamic_axes={"mel": {0: "batch"}}, opset_version=17, dynamo=False)
+    torch.onnx.export(
+        serving,
+        (torch.randn(2, PATCH_FRAMES, N_MELS),),
+        str(partial),
+        input_names=["mel"],
+        output_names=["scores", "embedding"],
+        dynamic_axes={"mel": {0: "batch"}},
+        opset_version=17,
+        dynamo=False,
+    )
     partial.rename(path)
     return path
 
@@ -76,7 +85,9 @@ def load(path: Path) -> np.ndarray:
         pass
     with av.open(str(path)) as container:
         rate = container.streams.audio[0].rate
-        wave = np.concatenate([frame.to_ndarray().reshape(frame.layout.nb_channels, -1) for frame in container.decode(audio=0)], axis=1)
+        wave = np.concatenate(
+            [frame.to_ndarray().reshape(frame.layout.nb_channels, -1) for frame in container.decode(audio=0)], axis=1
+        )
     return librosa.resample(wave.mean(axis=0), orig_sr=rate, target_sr=SAMPLE_RATE, res_type="soxr_hq")
 
 
@@ -103,14 +114,25 @@ async def run(files: list[Path], bootstrap: str, topic: str) -> dict:
             patches, duration = mel_patches(path)
             record = {"track": path.name}
             for checkpoint, session in zip(CHECKPOINTS, sessions):
-                runs = [session.run(["scores", "embedding"], {"mel": patches[i : i + SLICE]}) for i in range(0, len(patches), SLICE)]
+                runs = [
+                    session.run(["scores", "embedding"], {"mel": patches[i : i + SLICE]})
+                    for i in range(0, len(patches), SLICE)
+                ]
                 scores, embedding = (np.concatenate(parts).mean(axis=0) for parts in zip(*runs))
-                record[checkpoint.stem] = {"scores": [round(float(s), 6) for s in scores], "embedding": [round(float(e), 4) for e in embedding]}
+                record[checkpoint.stem] = {
+                    "scores": [round(float(s), 6) for s in scores],
+                    "embedding": [round(float(e), 4) for e in embedding],
+                }
             await producer.send_and_wait(topic, json.dumps(record).encode(), key=path.name.encode())
             audio_s += duration
     finally:
         await producer.stop()
-    return {"files": len(files), "audio_s": audio_s, "wall_s": time.perf_counter() - wall, "cpu_s": time.process_time() - cpu}
+    return {
+        "files": len(files),
+        "audio_s": audio_s,
+        "wall_s": time.perf_counter() - wall,
+        "cpu_s": time.process_time() - cpu,
+    }
 
 
 def main() -> int:

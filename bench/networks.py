@@ -59,12 +59,19 @@ def main() -> int:
     one_ms, a = cpu_ms_per_patch(one, patches, args.repeats)
     two_ms, b = cpu_ms_per_patch(two, patches, args.repeats)
     diff = max(float(np.abs(a[n].scores - b[n].scores).max()) for n in a)
-    result = {"patches": len(patches), "one_graph_cpu_ms_per_patch": round(one_ms, 2), "two_models_cpu_ms_per_patch": round(two_ms, 2), "max_abs_diff": diff}
+    result = {
+        "patches": len(patches),
+        "one_graph_cpu_ms_per_patch": round(one_ms, 2),
+        "two_models_cpu_ms_per_patch": round(two_ms, 2),
+        "max_abs_diff": diff,
+    }
     if (repo / STUDENT / "config.pbtxt").is_file():
         student = [OnnxScorer(repo, STUDENT, threads=1)]
         cpu_ms_per_patch(student, patches[:4], 1)
         student_ms, _ = cpu_ms_per_patch(student, patches, args.repeats)
-        result.update(student_cpu_ms_per_patch=round(student_ms, 3), teacher_vs_student_cpu=round(one_ms / student_ms, 1))
+        result.update(
+            student_cpu_ms_per_patch=round(student_ms, 3), teacher_vs_student_cpu=round(one_ms / student_ms, 1)
+        )
     print(json.dumps(result))
     return 0
 

@@ -87,7 +87,12 @@ def floor_of(runs: list[dict]) -> dict:
     """One decode floor from several measurements of it (the mean CPU), each run's CPU kept."""
     cpu = sum(r["cpu_s"] for r in runs) / len(runs)
     first = runs[0]
-    return {**first, "cpu_s": cpu, "cpu_s_per_audio_min": cpu / (first["audio_s"] / 60), "runs_cpu_s": [r["cpu_s"] for r in runs]}
+    return {
+        **first,
+        "cpu_s": cpu,
+        "cpu_s_per_audio_min": cpu / (first["audio_s"] / 60),
+        "runs_cpu_s": [r["cpu_s"] for r in runs],
+    }
 
 
 def _python(module: str, *args: str, env: dict[str, str]) -> dict:
@@ -116,7 +121,13 @@ def worker_path(announcements: Path, env: dict[str, str], scorer: str) -> dict:
     return result
 
 
-async def end_to_end(stack: EmbeddedStack, objects: list[storage.ListedObject], warmup: storage.ListedObject, env: dict[str, str], log_dir: Path) -> dict:
+async def end_to_end(
+    stack: EmbeddedStack,
+    objects: list[storage.ListedObject],
+    warmup: storage.ListedObject,
+    env: dict[str, str],
+    log_dir: Path,
+) -> dict:
     """One real worker process (``python -m pipeline worker``) on the embedded stack. A warm-up
     track is tagged first, so the figures exclude start-up; then every track is announced at
     once (an ingestion burst) and timed until its output arrives."""
@@ -124,8 +135,21 @@ async def end_to_end(stack: EmbeddedStack, objects: list[storage.ListedObject], 
 
     s = load_settings()
     log = open(log_dir / "worker.log", "wb")
-    worker = subprocess.Popen([sys.executable, "-m", "pipeline", "worker"], cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    consumer = AIOKafkaConsumer(s.output_topic, s.dlq_topic, bootstrap_servers=stack.kafka_bootstrap, auto_offset_reset="earliest", enable_auto_commit=False)
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "pipeline", "worker"],
+        cwd=REPO_ROOT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    consumer = AIOKafkaConsumer(
+        s.output_topic,
+        s.dlq_topic,
+        bootstrap_servers=stack.kafka_bootstrap,
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+    )
     producer = AIOKafkaProducer(bootstrap_servers=stack.kafka_bootstrap, acks="all")
     await consumer.start()
     await producer.start()
@@ -153,7 +177,9 @@ async def end_to_end(stack: EmbeddedStack, objects: list[storage.ListedObject], 
     }
 
 
-async def _announce_and_wait(producer, consumer, s, objects, worker: subprocess.Popen, timeout_s: float = 3600) -> tuple[float, dict[str, float], int]:
+async def _announce_and_wait(
+    producer, consumer, s, objects, worker: subprocess.Popen, timeout_s: float = 3600
+) -> tuple[float, dict[str, float], int]:
     ids = {}
     started = time.monotonic()
     for obj in objects:
@@ -257,11 +283,15 @@ def analysis_window(files: list[Path]) -> dict:
 
     def run(data: bytes, excerpts: int, excerpt_s: float) -> tuple[np.ndarray, float, int]:
         start = time.process_time()
-        patches = analyse(data, max_duration_s=3600, min_duration_s=1, excerpts=excerpts, excerpt_s=excerpt_s).patches.patches
+        patches = analyse(
+            data, max_duration_s=3600, min_duration_s=1, excerpts=excerpts, excerpt_s=excerpt_s
+        ).patches.patches
         scores = np.concatenate([out.scores.mean(axis=0) for out in scorer.score_sync(patches).values()])
         return scores, time.process_time() - start, len(patches)
 
-    rows = {f"{n}x{s:g}s": {"cpu_s": 0.0, "patches": 0, "top5_overlap": [], "max_abs_diff": 0.0} for n, s in WINDOW_SETTINGS}
+    rows = {
+        f"{n}x{s:g}s": {"cpu_s": 0.0, "patches": 0, "top5_overlap": [], "max_abs_diff": 0.0} for n, s in WINDOW_SETTINGS
+    }
     whole_cpu = whole_patches = 0
     for path in files:
         data = path.read_bytes()
@@ -282,11 +312,25 @@ def analysis_window(files: list[Path]) -> dict:
 
 
 def machine() -> dict:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")), platform.processor())
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
     import onnxruntime
     import torch
 
-    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__, "onnxruntime": onnxruntime.__version__, "os": platform.platform()}
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "os": platform.platform(),
+    }
 
 
 def _of_rounds(codec: dict, name: str) -> str:
@@ -316,32 +360,64 @@ def table(r: dict) -> str:
     lines.append("| goal | | | | | | " + " | ".join(GOALS.values()) + " |")
     tiers = r.get("tiers") or {}
     if tiers:
-        lines += ["", f"| model ({r['tiers_codec']}) | inference, CPU ms / patch (1 thread) | worker path, onnxruntime in process: CPU s / track | end to end through Triton: tracks/s | peak RSS of `moodstream tag`, 3 min, MB |", "|---|---|---|---|---|"]
+        lines += [
+            "",
+            f"| model ({r['tiers_codec']}) | inference, CPU ms / patch (1 thread) | worker path, onnxruntime in process: CPU s / track | end to end through Triton: tracks/s | peak RSS of `moodstream tag`, 3 min, MB |",
+            "|---|---|---|---|---|",
+        ]
         for name, t in tiers.items():
-            lines.append(f"| {name} | {t['cpu_ms_per_patch']:.2f} | {t['worker_onnx']['cpu_s'] / t['worker_onnx']['tracks']:.2f} | {t['end_to_end']['tracks_per_s']:.3f} | {t['rss_3min']['peak_rss_mb']:.0f} |")
+            lines.append(
+                f"| {name} | {t['cpu_ms_per_patch']:.2f} | {t['worker_onnx']['cpu_s'] / t['worker_onnx']['tracks']:.2f} | {t['end_to_end']['tracks_per_s']:.3f} | {t['rss_3min']['peak_rss_mb']:.0f} |"
+            )
     window = r.get("analysis_window")
     if window:
         lines += ["", "| analysis window | CPU | agreement with the whole track |", "|---|---|---|"]
         for name, row in window["settings"].items():
-            lines.append(f"| {name} | {row['cpu_saving']:.0%} less | top-5 overlap {row['top5_overlap']:.0%}, max |Δscore| {row['max_abs_diff']:.3f} |")
-    lines += ["", "all goals met on every codec" if r["goals_met"] else "goals missed: " + ", ".join(f"{codec} {name}" for codec, c in r["codecs"].items() for name in GOALS if not c["met"][name])]
+            lines.append(
+                f"| {name} | {row['cpu_saving']:.0%} less | top-5 overlap {row['top5_overlap']:.0%}, max |Δscore| {row['max_abs_diff']:.3f} |"
+            )
+    lines += [
+        "",
+        "all goals met on every codec"
+        if r["goals_met"]
+        else "goals missed: "
+        + ", ".join(f"{codec} {name}" for codec, c in r["codecs"].items() for name in GOALS if not c["met"][name]),
+    ]
     return "\n".join(lines)
 
 
-async def codec_figures(stack: EmbeddedStack, files: list[Path], codec: str, env: dict[str, str], log_dir: Path, repeats: int = 1, cpu_repeats: int = 0) -> dict:
+async def codec_figures(
+    stack: EmbeddedStack,
+    files: list[Path],
+    codec: str,
+    env: dict[str, str],
+    log_dir: Path,
+    repeats: int = 1,
+    cpu_repeats: int = 0,
+) -> dict:
     """Every per-codec figure on ``files`` (one codec): ``repeats`` rounds of floor, worker path,
     end to end and naive in turn, then floor and worker path alone up to ``cpu_repeats`` rounds
     (each round on its own uploads, so track ids are new). The ratios are the medians of each
     round's own, so a drift of this shared machine's speed moves both sides of a ratio alike. The
     figures shown are the median round's of each."""
-    rounds = [await _round(stack, files, f"{codec}-{r}", env, log_dir, full=r < repeats) for r in range(max(repeats, cpu_repeats))]
+    rounds = [
+        await _round(stack, files, f"{codec}-{r}", env, log_dir, full=r < repeats)
+        for r in range(max(repeats, cpu_repeats))
+    ]
     figures: dict = {"rounds": rounds}
-    for key, figure in (("decode_floor", "cpu_s"), ("worker_triton", "cpu_s"), ("end_to_end", "tracks_per_s"), ("naive", "tracks_per_s")):
+    for key, figure in (
+        ("decode_floor", "cpu_s"),
+        ("worker_triton", "cpu_s"),
+        ("end_to_end", "tracks_per_s"),
+        ("naive", "tracks_per_s"),
+    ):
         figures[key] = _median_by([r[key] for r in rounds if key in r], figure)
     return figures
 
 
-async def _round(stack: EmbeddedStack, files: list[Path], name: str, env: dict[str, str], log_dir: Path, full: bool = True) -> dict:
+async def _round(
+    stack: EmbeddedStack, files: list[Path], name: str, env: dict[str, str], log_dir: Path, full: bool = True
+) -> dict:
     figures: dict = {}
     objects, announcements = _announced(stack, files, f"bench-{name}", log_dir)
     # The floor is measured right before and right after the worker path it is compared with,
@@ -351,7 +427,10 @@ async def _round(stack: EmbeddedStack, files: list[Path], name: str, env: dict[s
     figures["worker_triton"] = worker_path(announcements, env, "triton")
     figures["worker_triton"]["triton_cpu_s"] = _group_cpu_s(stack.triton_pid) - triton_cpu
     figures["decode_floor"] = floor_of([*floors, decode_floor(files)])
-    print(f"{name}: decode floor {figures['decode_floor']}\n{name}: worker path {figures['worker_triton']}", file=sys.stderr)
+    print(
+        f"{name}: decode floor {figures['decode_floor']}\n{name}: worker path {figures['worker_triton']}",
+        file=sys.stderr,
+    )
     if not full:
         return figures
     # The warm-up track is the first file again under its own key (its own track id).
@@ -368,7 +447,9 @@ def _median_by(items: list[dict], key: str) -> dict:
     return sorted(items, key=lambda item: item[key])[(len(items) - 1) // 2]
 
 
-def _announced(stack: EmbeddedStack, files: list[Path], prefix: str, log_dir: Path) -> tuple[list[storage.ListedObject], Path]:
+def _announced(
+    stack: EmbeddedStack, files: list[Path], prefix: str, log_dir: Path
+) -> tuple[list[storage.ListedObject], Path]:
     """``files`` uploaded under ``prefix``, and a file of their announcements (one JSON line each)."""
     objects = upload(stack, files, files[0].parent, bucket=BUCKET, prefix=prefix)
     announcements = log_dir / f"announcements-{prefix}.jsonl"
@@ -376,7 +457,9 @@ def _announced(stack: EmbeddedStack, files: list[Path], prefix: str, log_dir: Pa
     return objects, announcements
 
 
-async def tier_figures(stack: EmbeddedStack, files: list[Path], rss_track: Path, model: str, env: dict[str, str], log_dir: Path) -> dict:
+async def tier_figures(
+    stack: EmbeddedStack, files: list[Path], rss_track: Path, model: str, env: dict[str, str], log_dir: Path
+) -> dict:
     """One model's cost on ``files``: CPU per patch (onnxruntime, one thread, one patch per run,
     median of 3 passes over the first file's first 60 patches), the worker path with onnxruntime
     in process (its CPU is the whole per-track cost, inference included), end to end through
@@ -412,14 +495,26 @@ async def main_async(args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory(prefix="moodstream-bench-") as tmp:
         log_dir = Path(tmp)
         with EmbeddedStack(model_repository=s.model_repository, log_dir=log_dir, models=tiers) as stack:
-            env = {**os.environ, **stack.env(), "MOODSTREAM_MODEL": MODEL, "MOODSTREAM_ALLOWED_BUCKETS": BUCKET, "MOODSTREAM_METRICS_PORT": "0"}
+            env = {
+                **os.environ,
+                **stack.env(),
+                "MOODSTREAM_MODEL": MODEL,
+                "MOODSTREAM_ALLOWED_BUCKETS": BUCKET,
+                "MOODSTREAM_METRICS_PORT": "0",
+            }
             stack.create_topics([s.input_topic, s.output_topic, s.dlq_topic])
             for codec in codecs:
-                figures["codecs"][codec] = await codec_figures(stack, encoded[codec], codec, env, log_dir, args.repeats, args.cpu_repeats)
-                figures["codecs"][codec]["rss"] = {str(m): peak_rss(p, dict(os.environ)) for m, p in long[codec].items()}
+                figures["codecs"][codec] = await codec_figures(
+                    stack, encoded[codec], codec, env, log_dir, args.repeats, args.cpu_repeats
+                )
+                figures["codecs"][codec]["rss"] = {
+                    str(m): peak_rss(p, dict(os.environ)) for m, p in long[codec].items()
+                }
                 print(f"{codec}: rss {figures['codecs'][codec]['rss']}", file=sys.stderr)
             for model in tiers:
-                figures["tiers"][model] = await tier_figures(stack, encoded[codecs[0]], long[codecs[0]][LONG_TRACKS_MIN[0]], model, env, log_dir)
+                figures["tiers"][model] = await tier_figures(
+                    stack, encoded[codecs[0]], long[codecs[0]][LONG_TRACKS_MIN[0]], model, env, log_dir
+                )
     figures["analysis_window"] = analysis_window(sources)
     print(f"analysis window: {figures['analysis_window']}", file=sys.stderr)
     return summarise(figures, args.audio_dir, codecs[0])
@@ -435,7 +530,9 @@ def ratios(f: dict) -> dict[str, float]:
     per_round = [round_ratios(r) for r in rounds] if len(rounds) > 1 else [round_ratios(f)]
     rss = f["rss"]
     return {
-        "end_to_end_vs_naive": statistics.median(r["end_to_end_vs_naive"] for r in per_round if "end_to_end_vs_naive" in r),
+        "end_to_end_vs_naive": statistics.median(
+            r["end_to_end_vs_naive"] for r in per_round if "end_to_end_vs_naive" in r
+        ),
         "worker_cpu_vs_decode_floor": statistics.median(r["worker_cpu_vs_decode_floor"] for r in per_round),
         "rss_60min_vs_3min": rss[str(LONG_TRACKS_MIN[1])]["peak_rss_mb"] / rss[str(LONG_TRACKS_MIN[0])]["peak_rss_mb"],
     }
@@ -482,13 +579,27 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("audio_dir", type=Path)
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "bench" / "results.json")
-    parser.add_argument("--codecs", type=_codecs, default=list(CODECS), help=f"comma-separated, from {','.join(CODECS)} (default: all)")
+    parser.add_argument(
+        "--codecs", type=_codecs, default=list(CODECS), help=f"comma-separated, from {','.join(CODECS)} (default: all)"
+    )
     parser.add_argument("--limit", type=int, default=0, help="use only the first N files (quick checks)")
-    parser.add_argument("--repeats", type=int, default=REPEATS, help=f"rounds of floor, worker path, end to end and naive per codec; the ratios are their medians (default {REPEATS})")
-    parser.add_argument("--cpu-repeats", type=int, default=CPU_REPEATS, help=f"rounds of floor and worker path per codec, the full rounds included (default {CPU_REPEATS})")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=REPEATS,
+        help=f"rounds of floor, worker path, end to end and naive per codec; the ratios are their medians (default {REPEATS})",
+    )
+    parser.add_argument(
+        "--cpu-repeats",
+        type=int,
+        default=CPU_REPEATS,
+        help=f"rounds of floor and worker path per codec, the full rounds included (default {CPU_REPEATS})",
+    )
     args = parser.parse_args()
     if args.repeats < 1 or args.cpu_repeats < 0:
-        parser.error(f"--repeats must be at least 1 and --cpu-repeats at least 0, got {args.repeats} and {args.cpu_repeats}")
+        parser.error(
+            f"--repeats must be at least 1 and --cpu-repeats at least 0, got {args.repeats} and {args.cpu_repeats}"
+        )
     result = asyncio.run(main_async(args))
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(table(result))

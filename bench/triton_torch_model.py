@@ -20,7 +20,9 @@ import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
 
-_spec = importlib.util.spec_from_file_location("moodstream_base_model", os.path.join(os.path.dirname(__file__), "base_model.py"))
+_spec = importlib.util.spec_from_file_location(
+    "moodstream_base_model", os.path.join(os.path.dirname(__file__), "base_model.py")
+)
 _base = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_base)
 
@@ -50,12 +52,14 @@ class TritonPythonModel(_base.TritonPythonModel):
 
     @torch.inference_mode()
     def _infer(self, feed, batch):
-        (name, _), = self._inputs
+        ((name, _),) = self._inputs
         x = torch.from_numpy(feed[name]).to(self._device, non_blocking=True).to(self._dtype)
         outputs = self._module(x)
         outputs = outputs if isinstance(outputs, (tuple, list)) else (outputs,)
         if len(outputs) != len(self._outputs):
-            raise ValueError(f"the module returned {len(outputs)} tensors; the config names {len(self._outputs)} outputs")
+            raise ValueError(
+                f"the module returned {len(outputs)} tensors; the config names {len(self._outputs)} outputs"
+            )
         return [t.float().cpu().numpy().astype(np.float32, copy=False) for t in outputs]
 
     # Tensors cross the stub through DLPack rather than numpy: the stub was built for numpy 1's

@@ -97,10 +97,14 @@ def start_service(port: int, folder: Path, in_flight: int) -> subprocess.Popen:
         "MOODSTREAM_MAX_ANALYSES_IN_FLIGHT": str(in_flight),
     }
     log = open(folder / "service.log", "wb")
-    return subprocess.Popen([sys.executable, "-m", "pipeline", "serve"], cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    return subprocess.Popen(
+        [sys.executable, "-m", "pipeline", "serve"], cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT
+    )
 
 
-async def wait_ready(client: aiohttp.ClientSession, base: str, service: subprocess.Popen, timeout_s: float = 180.0) -> None:
+async def wait_ready(
+    client: aiohttp.ClientSession, base: str, service: subprocess.Popen, timeout_s: float = 180.0
+) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if service.poll() is not None:
@@ -115,7 +119,9 @@ async def wait_ready(client: aiohttp.ClientSession, base: str, service: subproce
     raise SystemExit("the service did not become ready")
 
 
-async def upload(client: aiohttp.ClientSession, base: str, data: bytes, name: str, *, retry: bool = False) -> tuple[int, float]:
+async def upload(
+    client: aiohttp.ClientSession, base: str, data: bytes, name: str, *, retry: bool = False
+) -> tuple[int, float]:
     """(final status, seconds until it); with ``retry``, a 503 is retried after its Retry-After."""
     start = time.perf_counter()
     while True:
@@ -147,17 +153,31 @@ async def measure(clip: Path, concurrent: int, rounds: int, in_flight: int) -> d
                 async with PeakSampler(service.pid) as single:
                     status, seconds = await upload(client, base, data, clip.name)
                 assert status == 200, f"a single upload got {status}"
-                result = {"idle_rss_mb": idle / 2**20, "single": {"seconds": seconds, "peak_rss_mb": single.peak / 2**20}, "rounds": []}
+                result = {
+                    "idle_rss_mb": idle / 2**20,
+                    "single": {"seconds": seconds, "peak_rss_mb": single.peak / 2**20},
+                    "rounds": [],
+                }
                 # Odd rounds: every client takes its first answer; even rounds: clients retry a
                 # 503 after its Retry-After, so all of them are analysed in the end.
                 for number in range(rounds):
                     retry = number % 2 == 1
                     async with PeakSampler(service.pid) as sampler:
                         start = time.perf_counter()
-                        answers = await asyncio.gather(*(upload(client, base, data, f"{i}-{clip.name}", retry=retry) for i in range(concurrent)))
+                        answers = await asyncio.gather(
+                            *(upload(client, base, data, f"{i}-{clip.name}", retry=retry) for i in range(concurrent))
+                        )
                         wall = time.perf_counter() - start
                     codes = Counter(code for code, _ in answers)
-                    result["rounds"].append({"retry": retry, "wall_s": wall, "peak_rss_mb": sampler.peak / 2**20, "status": dict(sorted(codes.items())), "alive": service.poll() is None})
+                    result["rounds"].append(
+                        {
+                            "retry": retry,
+                            "wall_s": wall,
+                            "peak_rss_mb": sampler.peak / 2**20,
+                            "status": dict(sorted(codes.items())),
+                            "alive": service.poll() is None,
+                        }
+                    )
                 async with client.get(base + "/healthz") as health:
                     result["alive_after"] = service.poll() is None and health.status == 200
                 return result
@@ -177,13 +197,26 @@ def main() -> None:
     if not args.audio_file.is_file():
         raise SystemExit(f"no file {args.audio_file}; `make clips` writes the default one")
     result = asyncio.run(measure(args.audio_file, args.concurrent, args.rounds, args.in_flight))
-    result.update(file=args.audio_file.name, bytes=args.audio_file.stat().st_size, concurrent=args.concurrent, in_flight=args.in_flight, machine=f"{platform.machine()}, {os.cpu_count()} CPUs", date=time.strftime("%Y-%m-%d"))
+    result.update(
+        file=args.audio_file.name,
+        bytes=args.audio_file.stat().st_size,
+        concurrent=args.concurrent,
+        in_flight=args.in_flight,
+        machine=f"{platform.machine()}, {os.cpu_count()} CPUs",
+        date=time.strftime("%Y-%m-%d"),
+    )
     args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"idle {result['idle_rss_mb']:.0f} MB; one upload alone: {result['single']['seconds']:.1f} s, peak {result['single']['peak_rss_mb']:.0f} MB\n")
-    print(f"| round | clients | {args.concurrent} uploads at once: answers | wall s | peak RSS MB | alive |\n|---|---|---|---|---|---|")
+    print(
+        f"idle {result['idle_rss_mb']:.0f} MB; one upload alone: {result['single']['seconds']:.1f} s, peak {result['single']['peak_rss_mb']:.0f} MB\n"
+    )
+    print(
+        f"| round | clients | {args.concurrent} uploads at once: answers | wall s | peak RSS MB | alive |\n|---|---|---|---|---|---|"
+    )
     for i, r in enumerate(result["rounds"], 1):
         answers = ", ".join(f"{n}× {code}" for code, n in r["status"].items())
-        print(f"| {i} | {'retry 503' if r['retry'] else 'first answer'} | {answers} | {r['wall_s']:.1f} | {r['peak_rss_mb']:.0f} | {r['alive']} |")
+        print(
+            f"| {i} | {'retry 503' if r['retry'] else 'first answer'} | {answers} | {r['wall_s']:.1f} | {r['peak_rss_mb']:.0f} | {r['alive']} |"
+        )
     print(f"\nalive after: {result['alive_after']}")
 
 

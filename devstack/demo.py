@@ -60,7 +60,9 @@ def _say(opts: DemoOptions, text: str) -> None:
     print(text, file=sys.stderr if opts.as_json else sys.stdout, flush=True)
 
 
-def upload(stack: EmbeddedStack, files: list[Path], root: Path, *, bucket: str = BUCKET, prefix: str = "demo") -> list[storage.ListedObject]:
+def upload(
+    stack: EmbeddedStack, files: list[Path], root: Path, *, bucket: str = BUCKET, prefix: str = "demo"
+) -> list[storage.ListedObject]:
     """Put ``files`` into ``bucket`` on the stack's S3 server under ``prefix/<path below root>``."""
     env = stack.env()
     os.environ.update({k: v for k, v in env.items() if k.startswith("AWS_")})
@@ -84,7 +86,14 @@ def _start_worker(stack: EmbeddedStack, opts: DemoOptions) -> subprocess.Popen:
         "MOODSTREAM_METRICS_PORT": "0",
     }
     log = open(opts.log_dir / "worker.log", "wb")
-    return subprocess.Popen([sys.executable, "-m", "pipeline", "worker"], cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "pipeline", "worker"],
+        cwd=REPO_ROOT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
 
 
 def _free_or_any(port: int) -> int:
@@ -111,7 +120,14 @@ def _start_service(stack: EmbeddedStack, opts: DemoOptions, port: int) -> subpro
         "MOODSTREAM_INDEX_DIR": str(opts.log_dir / "index"),
     }
     log = open(opts.log_dir / "service.log", "wb")
-    return subprocess.Popen([sys.executable, "-m", "pipeline", "serve"], cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "pipeline", "serve"],
+        cwd=REPO_ROOT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
 
 
 def _get_json(url: str) -> dict | None:
@@ -167,7 +183,9 @@ def _line(record: dict, names: dict[str, str]) -> str:
     name = names.get(record.get("track_id") or "", "?")
     if "reason" in record:
         return f"DLQ   {name}: {record['reason']}: {record['message']}"
-    tags = "; ".join(f"{network}: " + ", ".join(t["tag"] for t in ranked[:4]) for network, ranked in record["top_tags"].items())
+    tags = "; ".join(
+        f"{network}: " + ", ".join(t["tag"] for t in ranked[:4]) for network, ranked in record["top_tags"].items()
+    )
     return f"{name}: {mood_line(record)}\n      tags {tags}  ({record['duration_s']:.0f} s, {record['latency_ms'].get('total', 0):.0f} ms)"
 
 
@@ -180,10 +198,17 @@ async def run(opts: DemoOptions) -> int:
     opts.log_dir.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     _say(opts, f"starting the embedded stack (logs: {opts.log_dir}) ...")
-    with EmbeddedStack(model_repository=settings.model_repository if opts.scorer == "triton" else None, log_dir=opts.log_dir, models=[opts.model]) as stack:
+    with EmbeddedStack(
+        model_repository=settings.model_repository if opts.scorer == "triton" else None,
+        log_dir=opts.log_dir,
+        models=[opts.model],
+    ) as stack:
         stack.create_topics([settings.input_topic, settings.output_topic, settings.dlq_topic])
         objects = upload(stack, files, opts.audio_dir)
-        _say(opts, f"stack ready in {time.monotonic() - started:.1f} s; uploaded {len(objects)} files to s3://{BUCKET}/demo/")
+        _say(
+            opts,
+            f"stack ready in {time.monotonic() - started:.1f} s; uploaded {len(objects)} files to s3://{BUCKET}/demo/",
+        )
         worker = _start_worker(stack, opts)
         port = opts.port or _free_or_any(settings.service_port)
         service = _start_service(stack, opts, port)
@@ -203,9 +228,17 @@ async def run(opts: DemoOptions) -> int:
             _stop(worker)
 
 
-async def _announce_and_collect(stack, settings, objects, opts: DemoOptions, worker: subprocess.Popen, started: float) -> tuple[int, int]:
+async def _announce_and_collect(
+    stack, settings, objects, opts: DemoOptions, worker: subprocess.Popen, started: float
+) -> tuple[int, int]:
     """(exit status, tracks tagged) once every announced track has an output or a dead letter."""
-    consumer = AIOKafkaConsumer(settings.output_topic, settings.dlq_topic, bootstrap_servers=stack.kafka_bootstrap, auto_offset_reset="earliest", enable_auto_commit=False)
+    consumer = AIOKafkaConsumer(
+        settings.output_topic,
+        settings.dlq_topic,
+        bootstrap_servers=stack.kafka_bootstrap,
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+    )
     producer = AIOKafkaProducer(bootstrap_servers=stack.kafka_bootstrap, acks="all")
     await consumer.start()
     await producer.start()
@@ -235,7 +268,10 @@ async def _announce_and_collect(stack, settings, objects, opts: DemoOptions, wor
                     else:
                         _say(opts, _line(record, names))
         elapsed = time.monotonic() - started
-        _say(opts, f"{len(ids)} tracks announced: {outputs} tagged, {dead} dead-lettered, {len(pending)} lost; {elapsed:.1f} s in all")
+        _say(
+            opts,
+            f"{len(ids)} tracks announced: {outputs} tagged, {dead} dead-lettered, {len(pending)} lost; {elapsed:.1f} s in all",
+        )
         return (0 if not pending else 1), outputs
     finally:
         await producer.stop()

@@ -103,7 +103,9 @@ async def _read_frame(reader: asyncio.StreamReader) -> tuple[bytes, bytes] | Non
         return None
 
 
-async def _front_connection(client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter, broker_port: int) -> None:
+async def _front_connection(
+    client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter, broker_port: int
+) -> None:
     try:
         broker_reader, broker_writer = await asyncio.open_connection("127.0.0.1", broker_port)
     except OSError as exc:
@@ -159,8 +161,6 @@ def serve_kafka_front(port: int, broker_port: int) -> None:
             await server.serve_forever()
 
     asyncio.run(serve())
-
-
 
 
 if __name__ == "__main__":

@@ -63,15 +63,44 @@ class EmbeddedPostgres:
             cluster = self._data / "cluster"
             with open(self._server.log_path, "ab") as log:
                 done = subprocess.run(
-                    [*as_user, str(bindir / "initdb"), "-D", str(cluster), "-U", _PG_USER, "--auth=trust", "--encoding=UTF8", "--no-locale", "--no-sync"],
-                    stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                    [
+                        *as_user,
+                        str(bindir / "initdb"),
+                        "-D",
+                        str(cluster),
+                        "-U",
+                        _PG_USER,
+                        "--auth=trust",
+                        "--encoding=UTF8",
+                        "--no-locale",
+                        "--no-sync",
+                    ],
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
                 )
             if done.returncode != 0:
                 raise self._server._error(f"initdb failed with status {done.returncode}")
-            self._server.launch([
-                *as_user, str(bindir / "postgres"), "-D", str(cluster), "-p", str(self._port), "-k", str(self._data),
-                "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off",
-            ])
+            self._server.launch(
+                [
+                    *as_user,
+                    str(bindir / "postgres"),
+                    "-D",
+                    str(cluster),
+                    "-p",
+                    str(self._port),
+                    "-k",
+                    str(self._data),
+                    "-c",
+                    "listen_addresses=127.0.0.1",
+                    "-c",
+                    "fsync=off",
+                    "-c",
+                    "synchronous_commit=off",
+                    "-c",
+                    "full_page_writes=off",
+                ]
+            )
             self.startup_seconds = self._server.await_ready(self._answers, self._startup_timeout_s)
             self.create_database(self.database)
         except BaseException:
@@ -111,9 +140,14 @@ def _postgres_bindir() -> Path:
     found = shutil.which("initdb")
     if found:
         return Path(found).resolve().parent
-    candidates = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"), key=lambda p: int(p.parent.parent.name) if p.parent.parent.name.isdigit() else 0)
+    candidates = sorted(
+        Path("/usr/lib/postgresql").glob("*/bin/initdb"),
+        key=lambda p: int(p.parent.parent.name) if p.parent.parent.name.isdigit() else 0,
+    )
     if not candidates:
-        raise StackError("PostgreSQL is not installed (no initdb on PATH or in /usr/lib/postgresql/*/bin): `make tools` installs Debian's postgresql")
+        raise StackError(
+            "PostgreSQL is not installed (no initdb on PATH or in /usr/lib/postgresql/*/bin): `make tools` installs Debian's postgresql"
+        )
     return candidates[-1].parent
 
 
@@ -126,5 +160,7 @@ def _postgres_user_prefix() -> list[str]:
 
         pwd.getpwnam(_PG_OS_USER)
     except KeyError:
-        raise StackError(f"PostgreSQL cannot run as root and there is no {_PG_OS_USER!r} account to run it as; install Debian's postgresql package") from None
+        raise StackError(
+            f"PostgreSQL cannot run as root and there is no {_PG_OS_USER!r} account to run it as; install Debian's postgresql package"
+        ) from None
     return ["setpriv", f"--reuid={_PG_OS_USER}", f"--regid={_PG_OS_USER}", "--init-groups", "--"]

@@ -70,7 +70,14 @@ _DEFAULT_TRITON_PYTHON_ENV = REPO_ROOT / ".venv-triton"
 _TRITON_EXIT_TIMEOUT_S = 5
 _TOPIC_ALREADY_EXISTS = 36  # Kafka error code: creating topics is meant to be idempotent
 # Tansu reads these as defaults for its options; an inherited one would quietly reconfigure it.
-_TANSU_ENV = ("CLUSTER_ID", "LISTENER_URL", "ADVERTISED_LISTENER_URL", "STORAGE_ENGINE", "SCHEMA_REGISTRY", "OTEL_EXPORTER_OTLP_ENDPOINT")
+_TANSU_ENV = (
+    "CLUSTER_ID",
+    "LISTENER_URL",
+    "ADVERTISED_LISTENER_URL",
+    "STORAGE_ENGINE",
+    "SCHEMA_REGISTRY",
+    "OTEL_EXPORTER_OTLP_ENDPOINT",
+)
 
 
 class EmbeddedStack:
@@ -238,7 +245,11 @@ class EmbeddedStack:
                 if not new:
                     return []
                 response = await admin.create_topics(new)
-                return [(e[0], e[1], e[2] if len(e) > 2 else "") for e in response.topic_errors if e[1] not in (0, _TOPIC_ALREADY_EXISTS)]
+                return [
+                    (e[0], e[1], e[2] if len(e) > 2 else "")
+                    for e in response.topic_errors
+                    if e[1] not in (0, _TOPIC_ALREADY_EXISTS)
+                ]
             finally:
                 await admin.close()
 
@@ -361,7 +372,9 @@ class EmbeddedStack:
         """A server home whose backend directory has the right stub, and the server's environment."""
         python = self._triton_python_env / "bin" / "python"
         if not python.exists():
-            raise StackError(f"no Python environment for Triton's python backend at {self._triton_python_env}; run `make env`")
+            raise StackError(
+                f"no Python environment for Triton's python backend at {self._triton_python_env}; run `make env`"
+            )
         env = {k: v for k, v in os.environ.items() if k not in ("PYTHONHOME", "PYTHONPATH")}
         code = "import sys, sysconfig; print('%d.%d' % sys.version_info[:2]); print(sysconfig.get_config_var('LIBDIR'))"
         probe = subprocess.run([str(python), "-c", code], capture_output=True, text=True, env=env, check=False)
@@ -371,12 +384,16 @@ class EmbeddedStack:
         site = package_dir("pytriton").parent
         stub = site / "pytriton" / "tritonserver" / "python_backend_stubs" / version / "triton_python_backend_stub"
         if not stub.is_file():
-            raise StackError(f"nvidia-pytriton ships no python backend stub for Python {version} (the Python of {self._triton_python_env})")
+            raise StackError(
+                f"nvidia-pytriton ships no python backend stub for Python {version} (the Python of {self._triton_python_env})"
+            )
         home = Path(tempfile.mkdtemp(prefix="moodstream-triton-"))
         shutil.copytree(site / "pytriton" / "tritonserver" / "backends" / "python", home / "backends" / "python")
         shutil.copy2(stub, home / "backends" / "python" / "triton_python_backend_stub")
         env["PATH"] = os.pathsep.join([str(python.parent), os.environ.get("PATH", "")])
-        env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [libdir, str(site / "nvidia_pytriton.libs"), os.environ.get("LD_LIBRARY_PATH")]))
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(
+            filter(None, [libdir, str(site / "nvidia_pytriton.libs"), os.environ.get("LD_LIBRARY_PATH")])
+        )
         return home, env
 
     def _triton_ready(self) -> bool:
@@ -390,7 +407,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog="python -m devstack", description=__doc__.split("\n\n")[0])
     parser.add_argument("--log-dir", type=Path, help="where service logs go (default: .moodstream/stack-<time>)")
-    parser.add_argument("--model", action="append", help="model to load, repeatable (default: the configured MOODSTREAM_MODEL)")
+    parser.add_argument(
+        "--model", action="append", help="model to load, repeatable (default: the configured MOODSTREAM_MODEL)"
+    )
     parser.add_argument("--no-triton", action="store_true", help="start only the broker and S3")
     args = parser.parse_args(argv)
     settings = load_settings()

@@ -66,7 +66,15 @@ class Service:
             log.flush()
             # A session of its own: a terminal's Ctrl-C reaches only us (stop() then shuts the
             # service down in order), and stop() can signal the service with all its children.
-            self._proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=cwd, start_new_session=True)
+            self._proc = subprocess.Popen(
+                args,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                cwd=cwd,
+                start_new_session=True,
+            )
         self._launched_at = time.monotonic()
 
     def await_ready(self, ready: Callable[[], bool], timeout_s: float) -> float:
@@ -109,7 +117,9 @@ class Service:
         except OSError as exc:
             return f"(log {self.log_path} unreadable: {exc})"
         # Triton prints tables of models and options after the cause, pushing it out of the tail.
-        flagged = [line for line in lines if _LOG_ERROR.search(line) and not _LOG_NOISE.search(line)][-_LOG_ERROR_LINES:]
+        flagged = [line for line in lines if _LOG_ERROR.search(line) and not _LOG_NOISE.search(line)][
+            -_LOG_ERROR_LINES:
+        ]
         text = f"log {self.log_path}"
         if flagged:
             text += ", error lines:\n" + "\n".join(flagged) + "\nlast lines:"

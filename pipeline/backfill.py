@@ -43,7 +43,15 @@ def announcement(obj: storage.ListedObject, *, correlation_id: str | None = None
     return track_id, record
 
 
-async def announce(producer: AIOKafkaProducer, topic: str, objects: Iterable[storage.ListedObject], *, rate_per_s: float = 0.0, correlation_id: str | None = None, progress: bool = True) -> list[str]:
+async def announce(
+    producer: AIOKafkaProducer,
+    topic: str,
+    objects: Iterable[storage.ListedObject],
+    *,
+    rate_per_s: float = 0.0,
+    correlation_id: str | None = None,
+    progress: bool = True,
+) -> list[str]:
     """Announce each object (keyed by track id); returns the track ids in order. ``rate_per_s``
     caps announcements per second (0: no cap) so a backfill does not swamp the workers."""
     ids = []
@@ -77,7 +85,9 @@ async def backfill(s: Settings, prefix_uri: str, *, rate_per_s: float, dry_run: 
     producer = AIOKafkaProducer(acks="all", enable_idempotence=False, **kafka_options(s))
     await producer.start()
     try:
-        ids = await announce(producer, s.input_topic, objects, rate_per_s=rate_per_s, correlation_id=f"backfill-{int(time.time())}")
+        ids = await announce(
+            producer, s.input_topic, objects, rate_per_s=rate_per_s, correlation_id=f"backfill-{int(time.time())}"
+        )
     finally:
         await producer.stop()
     return len(ids)

@@ -1,11 +1,11 @@
 """``moodstream`` command line: tag files locally, run the worker, run the demo, backfill.
 
-    moodstream tag PATH... [--model musicnn|musicnn_student|musicnn_msd|musicnn_mtt] [--json]
-    moodstream worker [--loglevel info]
-    moodstream demo [AUDIO_DIR] [--json] [--scorer triton|onnx]
-    moodstream publish s3://bucket/prefix [--rate N] [--dry-run]
-    moodstream serve [--loglevel info]
-    moodstream settings
+moodstream tag PATH... [--model musicnn|musicnn_student|musicnn_msd|musicnn_mtt] [--json]
+moodstream worker [--loglevel info]
+moodstream demo [AUDIO_DIR] [--json] [--scorer triton|onnx]
+moodstream publish s3://bucket/prefix [--rate N] [--dry-run]
+moodstream serve [--loglevel info]
+moodstream settings
 """
 
 from __future__ import annotations
@@ -26,20 +26,43 @@ def _tag(args: argparse.Namespace) -> int:
 
     settings = load_settings()
     model = args.model or settings.model
-    scorer = OnnxScorer(settings.model_repository, model, threads=settings.onnx_threads, max_batch=settings.onnx_batch_patches)
+    scorer = OnnxScorer(
+        settings.model_repository, model, threads=settings.onnx_threads, max_batch=settings.onnx_batch_patches
+    )
     taxonomy = load_taxonomy(scorer.meta, settings.moods_file)
     failures = 0
     for path in args.paths:
         try:
-            analysis = analyse_file(path, max_duration_s=settings.max_duration_s, min_duration_s=settings.min_duration_s, excerpts=settings.excerpts, excerpt_s=settings.excerpt_s)
+            analysis = analyse_file(
+                path,
+                max_duration_s=settings.max_duration_s,
+                min_duration_s=settings.min_duration_s,
+                excerpts=settings.excerpts,
+                excerpt_s=settings.excerpt_s,
+            )
         except (TrackError, OSError) as exc:
             reason = exc.reason if isinstance(exc, TrackError) else "unreadable"
             print(f"{path}: {reason}: {exc}", file=sys.stderr)
             failures += 1
             continue
-        result = describe(analysis, scorer.score_sync(analysis.patches.patches), taxonomy, top_moods=settings.top_moods, segment_s=settings.timeline_segment_s, embeddings=settings.embeddings)
+        result = describe(
+            analysis,
+            scorer.score_sync(analysis.patches.patches),
+            taxonomy,
+            top_moods=settings.top_moods,
+            segment_s=settings.timeline_segment_s,
+            embeddings=settings.embeddings,
+        )
         meta = scorer.meta
-        result = {"path": str(path), "model": {"name": model, "version": meta.served_version, "networks": [{"name": n.name, "version": n.version} for n in meta.networks]}, **result}
+        result = {
+            "path": str(path),
+            "model": {
+                "name": model,
+                "version": meta.served_version,
+                "networks": [{"name": n.name, "version": n.version} for n in meta.networks],
+            },
+            **result,
+        }
         if args.json:
             print(json.dumps(result, sort_keys=True), flush=True)
         else:
@@ -52,7 +75,9 @@ def _tag(args: argparse.Namespace) -> int:
 def _table(result: dict, top: int) -> str:
     from pipeline.stages.taxonomy import mood_line
 
-    lines = [f"{result['path']}  ({result['duration_s']:.1f} s, {result['patches']} patches, {result['model']['name']} v{result['model']['version']}, {result['decoder']})"]
+    lines = [
+        f"{result['path']}  ({result['duration_s']:.1f} s, {result['patches']} patches, {result['model']['name']} v{result['model']['version']}, {result['decoder']})"
+    ]
     for network, ranked in result["top_tags"].items():
         lines.append(f"  {network}:")
         width = max(len(t["tag"]) for t in ranked[:top])
@@ -82,7 +107,10 @@ def _demo(args: argparse.Namespace) -> int:
         from devstack import demo
     except ImportError:
         # The embedded stack is dev-only: it ships with a clone, never with the package.
-        print("moodstream demo: the demo runs the embedded stack, which comes with a clone of the repository (`make demo` there)", file=sys.stderr)
+        print(
+            "moodstream demo: the demo runs the embedded stack, which comes with a clone of the repository (`make demo` there)",
+            file=sys.stderr,
+        )
         return 2
 
     settings = load_settings()
@@ -149,19 +177,39 @@ def build_parser() -> argparse.ArgumentParser:
     tag.add_argument("--top", type=int, default=10, help="tags shown per file in the table")
     tag.set_defaults(func=_tag)
 
-    worker = sub.add_parser("worker", help="run the streaming worker (the Faust app pipeline.worker.faust_app, without its web server)")
+    worker = sub.add_parser(
+        "worker", help="run the streaming worker (the Faust app pipeline.worker.faust_app, without its web server)"
+    )
     worker.add_argument("--loglevel", default="info")
     worker.set_defaults(func=_worker)
 
-    demo = sub.add_parser("demo", help="run everything locally: broker, S3, Triton, a worker and the web page; tag a folder")
-    demo.add_argument("audio_dir", nargs="?", help="folder of audio files (default: the clips `make clips` writes, ~/.cache/moodstream/clips)")
+    demo = sub.add_parser(
+        "demo", help="run everything locally: broker, S3, Triton, a worker and the web page; tag a folder"
+    )
+    demo.add_argument(
+        "audio_dir",
+        nargs="?",
+        help="folder of audio files (default: the clips `make clips` writes, ~/.cache/moodstream/clips)",
+    )
     demo.add_argument("--json", action="store_true", help="stdout: exactly one JSON output record per line")
     demo.add_argument("--scorer", choices=["triton", "onnx"], default="triton")
     demo.add_argument("--model", help="model to serve (default: MOODSTREAM_MODEL)")
     demo.add_argument("--timeout", type=float, default=1800.0, help="seconds to wait for all results")
-    demo.add_argument("--log-dir", help="where service logs and the demo's catalog go (default: .moodstream/demo-<time>)")
-    demo.add_argument("--hold", action=argparse.BooleanOptionalAction, default=None, help="after tagging, keep everything running for the web page until Ctrl-C (default: when stdout is a terminal)")
-    demo.add_argument("--port", type=int, default=0, help="the web page's port (default: MOODSTREAM_SERVICE_PORT when free, else any free one)")
+    demo.add_argument(
+        "--log-dir", help="where service logs and the demo's catalog go (default: .moodstream/demo-<time>)"
+    )
+    demo.add_argument(
+        "--hold",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="after tagging, keep everything running for the web page until Ctrl-C (default: when stdout is a terminal)",
+    )
+    demo.add_argument(
+        "--port",
+        type=int,
+        default=0,
+        help="the web page's port (default: MOODSTREAM_SERVICE_PORT when free, else any free one)",
+    )
     demo.set_defaults(func=_demo)
 
     publish = sub.add_parser("publish", help="announce every audio object under an S3 prefix (backfill)")
@@ -170,7 +218,10 @@ def build_parser() -> argparse.ArgumentParser:
     publish.add_argument("--dry-run", action="store_true", help="list what would be announced")
     publish.set_defaults(func=_publish)
 
-    serve = sub.add_parser("serve", help="run the web page and HTTP API (uploads, the catalog ranked by mood, similar tracks) on MOODSTREAM_SERVICE_PORT")
+    serve = sub.add_parser(
+        "serve",
+        help="run the web page and HTTP API (uploads, the catalog ranked by mood, similar tracks) on MOODSTREAM_SERVICE_PORT",
+    )
     serve.add_argument("--loglevel", default="info")
     serve.set_defaults(func=_serve)
 

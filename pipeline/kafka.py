@@ -12,7 +12,10 @@ from pipeline.settings import Settings
 
 def kafka_options(s: Settings) -> dict[str, Any]:
     """aiokafka client options for the configured cluster (security from the environment)."""
-    options: dict[str, Any] = {"bootstrap_servers": s.kafka_bootstrap, "security_protocol": s.kafka_security_protocol.value}
+    options: dict[str, Any] = {
+        "bootstrap_servers": s.kafka_bootstrap,
+        "security_protocol": s.kafka_security_protocol.value,
+    }
     if s.kafka_security_protocol.uses_ssl:
         options["ssl_context"] = ssl.create_default_context()
     if s.kafka_security_protocol.uses_sasl:

@@ -14,7 +14,9 @@ from prometheus_client import Counter, Gauge, Histogram
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
-MODEL_INFO = Gauge("moodstream_model_info", "1 for the model (name, Triton version) this worker scores with.", ["model", "version"])
+MODEL_INFO = Gauge(
+    "moodstream_model_info", "1 for the model (name, Triton version) this worker scores with.", ["model", "version"]
+)
 EVENTS_CONSUMED = Counter("moodstream_events_consumed_total", "Events taken from the input topic.")
 OUTPUTS = Counter("moodstream_outputs_total", "Mood records published.", ["model", "version"])
 DEAD_LETTERS = Counter("moodstream_dead_letters_total", "Dead-letter records published.", ["reason"])
@@ -30,7 +32,11 @@ END_TO_END_SECONDS = Histogram(
     buckets=_LATENCY_BUCKETS,
 )
 BATCH_TRACKS = Histogram("moodstream_batch_tracks", "Tracks per batch.", buckets=(1, 2, 4, 8, 16, 32, 64, 128))
-BATCH_PATCHES = Histogram("moodstream_batch_patches", "Patches per scoring call (one call per track; the scorer splits it into requests).", buckets=(1, 4, 16, 64, 256, 1024, 4096))
+BATCH_PATCHES = Histogram(
+    "moodstream_batch_patches",
+    "Patches per scoring call (one call per track; the scorer splits it into requests).",
+    buckets=(1, 4, 16, 64, 256, 1024, 4096),
+)
 TRACKS_IN_FLIGHT = Gauge("moodstream_tracks_in_flight", "Tracks taken but not yet published.")
 AUDIO_SECONDS = Counter("moodstream_audio_analysed_seconds_total", "Seconds of audio analysed.")
 SERVICE_ERRORS = Counter("moodstream_service_errors_total", "Outage errors after retries, by service.", ["service"])
@@ -40,7 +46,9 @@ TRITON_ERRORS = Counter(
     "Failed Triton calls (each attempt), by model and gRPC status code.",
     ["model", "code"],
 )
-TRITON_RETRIES = Counter("moodstream_triton_request_retries_total", "Triton calls tried again after a transient error.", ["model"])
+TRITON_RETRIES = Counter(
+    "moodstream_triton_request_retries_total", "Triton calls tried again after a transient error.", ["model"]
+)
 CONSUMER_LAG = Gauge(
     "moodstream_consumer_lag_messages",
     "Events of the input topic not yet committed by this worker's group, per assigned partition.",
@@ -54,7 +62,9 @@ MOOD_SCORE = Histogram(
 )
 
 
-def partition_lag(highwaters: Mapping[int, int], committed: Mapping[int, int | None], earliest: Mapping[int, int]) -> dict[int, int]:
+def partition_lag(
+    highwaters: Mapping[int, int], committed: Mapping[int, int | None], earliest: Mapping[int, int]
+) -> dict[int, int]:
     """Lag per partition: the end offset minus the group's committed offset (the next offset to
     read), or minus the earliest offset where the group has committed nothing yet."""
     lags = {}
@@ -73,19 +83,43 @@ def set_consumer_lag(lags: Mapping[int, int]) -> None:
     for (partition,) in [labels for labels in list(CONSUMER_LAG._metrics)]:
         if partition not in current:
             CONSUMER_LAG.remove(partition)
-    for partition, lag in lags.items():
-        CONSUMER_LAG.labels(str(partition)).set(lag)
+    for number, lag in lags.items():
+        CONSUMER_LAG.labels(str(number)).set(lag)
 
 
 # --- the catalog (pipeline/service/catalog.py: the service's consumer of tracks.moods) ----------------
 
-CATALOG_RECORDS = Counter("moodstream_catalog_records_total", "Records of the output topic taken into the catalog: stored (new or changed), unchanged (a duplicate) or rejected (not a valid v2 record).", ["outcome"])
-CATALOG_LAG = Gauge("moodstream_catalog_lag_records", "Records of the output topic not yet stored in the catalog, per partition.", ["partition"])
+CATALOG_RECORDS = Counter(
+    "moodstream_catalog_records_total",
+    "Records of the output topic taken into the catalog: stored (new or changed), unchanged (a duplicate) or rejected (not a valid v2 record).",
+    ["outcome"],
+)
+CATALOG_LAG = Gauge(
+    "moodstream_catalog_lag_records",
+    "Records of the output topic not yet stored in the catalog, per partition.",
+    ["partition"],
+)
 CATALOG_TRACKS = Gauge("moodstream_catalog_tracks", "Tracks in the catalog.")
 
 # --- the HTTP service (pipeline/service/) ---------------------------------------------------
 
-HTTP_REQUESTS = Counter("moodstream_http_requests_total", "HTTP requests answered, by route template, method and status code.", ["route", "method", "status"])
-HTTP_SECONDS = Histogram("moodstream_http_request_seconds", "Time from a request's arrival to its answer, by route template.", ["route"], buckets=_LATENCY_BUCKETS)
-ANALYSES_IN_FLIGHT = Gauge("moodstream_analyses_in_flight", "Uploads being read, decoded or scored now (at most MOODSTREAM_MAX_ANALYSES_IN_FLIGHT).")
-ANALYSES = Counter("moodstream_analyses_total", "Uploads answered: tagged, refused (busy, too large, not audio…) by reason, or failed.", ["outcome"])
+HTTP_REQUESTS = Counter(
+    "moodstream_http_requests_total",
+    "HTTP requests answered, by route template, method and status code.",
+    ["route", "method", "status"],
+)
+HTTP_SECONDS = Histogram(
+    "moodstream_http_request_seconds",
+    "Time from a request's arrival to its answer, by route template.",
+    ["route"],
+    buckets=_LATENCY_BUCKETS,
+)
+ANALYSES_IN_FLIGHT = Gauge(
+    "moodstream_analyses_in_flight",
+    "Uploads being read, decoded or scored now (at most MOODSTREAM_MAX_ANALYSES_IN_FLIGHT).",
+)
+ANALYSES = Counter(
+    "moodstream_analyses_total",
+    "Uploads answered: tagged, refused (busy, too large, not audio…) by reason, or failed.",
+    ["outcome"],
+)

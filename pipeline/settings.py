@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 from enum import Enum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -52,20 +52,14 @@ class KafkaSecurity(str, Enum):
 class Settings(BaseSettings):
     """All settings; environment variable = ``MOODSTREAM_`` + the field name in capitals."""
 
-    model_config = SettingsConfigDict(
-        env_prefix="MOODSTREAM_", env_file=".env", extra="ignore", frozen=True
-    )
+    model_config = SettingsConfigDict(env_prefix="MOODSTREAM_", env_file=".env", extra="ignore", frozen=True)
 
     # --- Kafka -------------------------------------------------------------------------------
-    kafka_bootstrap: str = Field(
-        "127.0.0.1:9092", description="Kafka bootstrap servers, comma separated host:port."
-    )
+    kafka_bootstrap: str = Field("127.0.0.1:9092", description="Kafka bootstrap servers, comma separated host:port.")
     kafka_security_protocol: KafkaSecurity = Field(
         KafkaSecurity.plaintext, description="PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL."
     )
-    kafka_sasl_mechanism: str = Field(
-        "SCRAM-SHA-512", description="SASL mechanism when the protocol is SASL_*."
-    )
+    kafka_sasl_mechanism: str = Field("SCRAM-SHA-512", description="SASL mechanism when the protocol is SASL_*.")
     kafka_sasl_username: str = Field("", description="SASL user (mount it from a secret).")
     kafka_sasl_password: SecretStr = Field(
         SecretStr(""), description="SASL password (mount it from a secret; never logged)."
@@ -73,15 +67,9 @@ class Settings(BaseSettings):
     input_topic: str = Field("tracks.ingested", description="Topic announcing ingested tracks.")
     output_topic: str = Field("tracks.moods", description="Topic receiving mood tags.")
     dlq_topic: str = Field("tracks.moods.dlq", description="Topic receiving dead letters.")
-    consumer_group: str = Field(
-        "moodstream-worker", description="Consumer group (the Faust app id)."
-    )
-    batch_size: int = Field(
-        8, ge=1, le=512, description="Most tracks taken from the stream into one batch."
-    )
-    batch_window_s: float = Field(
-        0.5, gt=0, le=60, description="Longest wait for a batch to fill, in seconds."
-    )
+    consumer_group: str = Field("moodstream-worker", description="Consumer group (the Faust app id).")
+    batch_size: int = Field(8, ge=1, le=512, description="Most tracks taken from the stream into one batch.")
+    batch_window_s: float = Field(0.5, gt=0, le=60, description="Longest wait for a batch to fill, in seconds.")
     kafka_session_timeout_s: float = Field(
         10.0, gt=0, le=300, description="Consumer session timeout: a crashed worker's partitions move after this long."
     )
@@ -92,20 +80,17 @@ class Settings(BaseSettings):
         10.0, gt=0, le=300, description="How long a rebalance waits for members to rejoin."
     )
     kafka_group_instance_id: str = Field(
-        "", description="Static group membership id, unique per worker (e.g. the pod name): a restarted worker gets its partitions back without a rebalance. Empty: dynamic membership."
+        "",
+        description="Static group membership id, unique per worker (e.g. the pod name): a restarted worker gets its partitions back without a rebalance. Empty: dynamic membership.",
     )
-    metrics_port: int = Field(
-        9108, ge=0, le=65535, description="Port of the worker's Prometheus /metrics (0: off)."
-    )
+    metrics_port: int = Field(9108, ge=0, le=65535, description="Port of the worker's Prometheus /metrics (0: off).")
 
     # --- Storage -----------------------------------------------------------------------------
     allowed_buckets: Annotated[list[str], NoDecode] = Field(
         ["moodstream-audio"],
         description="S3 buckets events may reference (JSON list or comma separated).",
     )
-    max_object_bytes: int = Field(
-        512 * 1024 * 1024, ge=1, description="Largest audio object fetched, in bytes."
-    )
+    max_object_bytes: int = Field(512 * 1024 * 1024, ge=1, description="Largest audio object fetched, in bytes.")
     allow_file_uris: bool = Field(
         False, description="Accept file:// URIs in events (local demos only, never production)."
     )
@@ -114,23 +99,19 @@ class Settings(BaseSettings):
     )
 
     # --- Audio -------------------------------------------------------------------------------
-    decode_workers: int = Field(
-        2, ge=1, le=64, description="Processes decoding and computing mels inside one batch."
-    )
+    decode_workers: int = Field(2, ge=1, le=64, description="Processes decoding and computing mels inside one batch.")
     max_duration_s: float = Field(
         3600.0, gt=0, description="Audio beyond this many seconds is not decoded or analysed."
     )
-    min_duration_s: float = Field(
-        1.0, gt=0, description="Shorter audio is dead-lettered as too_short."
-    )
+    min_duration_s: float = Field(1.0, gt=0, description="Shorter audio is dead-lettered as too_short.")
     excerpts: int = Field(
-        0, ge=0, le=100,
+        0,
+        ge=0,
+        le=100,
         description="Analyse at most this many evenly spread excerpts of a longer track, seeking "
-        "past the rest (0 = the whole track; see the README's analysis window table).",
+        "past the rest (0 = the whole track; see docs/performance.md, Analysis window).",
     )
-    excerpt_s: float = Field(
-        15.0, ge=3.0, le=600.0, description="Length of each excerpt, in seconds."
-    )
+    excerpt_s: float = Field(15.0, ge=3.0, le=600.0, description="Length of each excerpt, in seconds.")
 
     # --- Scoring -----------------------------------------------------------------------------
     scorer: ScorerKind = Field(ScorerKind.triton, description="triton or onnx (in-process).")
@@ -138,17 +119,13 @@ class Settings(BaseSettings):
         "musicnn",
         description="Model name in the model repository: musicnn runs the MSD and MTT networks in one pass; musicnn_msd or musicnn_mtt one of them.",
     )
-    model_version: str = Field(
-        "", description="Triton version of the model to call (empty: the server's latest)."
-    )
+    model_version: str = Field("", description="Triton version of the model to call (empty: the server's latest).")
     model_repository: Path = Field(
         DEFAULT_MODEL_REPOSITORY,
         description="Model repository (read for model metadata, and by the onnx scorer).",
     )
     triton_url: str = Field("127.0.0.1:8001", description="Triton gRPC host:port.")
-    triton_timeout_s: float = Field(
-        30.0, gt=0, description="Deadline of one Triton request, in seconds."
-    )
+    triton_timeout_s: float = Field(30.0, gt=0, description="Deadline of one Triton request, in seconds.")
     triton_max_attempts: int = Field(
         4, ge=1, le=20, description="Attempts per Triton request before the outage handling."
     )
@@ -161,12 +138,12 @@ class Settings(BaseSettings):
         64, ge=1, description="Most patches in one inference request (the model's max batch)."
     )
     onnx_batch_patches: int = Field(
-        1, ge=1, le=1024,
+        1,
+        ge=1,
+        le=1024,
         description="Patches per onnxruntime run (1 is the cheapest on a CPU; each holds ~40 MB of activations).",
     )
-    onnx_threads: int = Field(
-        0, ge=0, description="onnxruntime intra-op threads for the onnx scorer (0 = all cores)."
-    )
+    onnx_threads: int = Field(0, ge=0, description="onnxruntime intra-op threads for the onnx scorer (0 = all cores).")
 
     # --- Output ------------------------------------------------------------------------------
     moods_file: Path | None = Field(
@@ -178,7 +155,8 @@ class Settings(BaseSettings):
         30.0, gt=0, description="Length of one timeline segment in the output, in seconds."
     )
     embeddings: bool = Field(
-        True, description="Put each network's 200-d audio embedding of the track (float16, base64) in the output; off for consumers that do not want it (about 1.1 kB a record)."
+        True,
+        description="Put each network's 200-d audio embedding of the track (float16, base64) in the output; off for consumers that do not want it (about 1.1 kB a record).",
     )
 
     # --- HTTP service (moodstream serve) and its catalog --------------------------------------
@@ -189,16 +167,19 @@ class Settings(BaseSettings):
         description="The catalog's database: sqlite:///path.db (embedded default) or postgresql://user:password@host:port/db (mount it from a secret; never logged).",
     )
     catalog_follow: bool = Field(
-        True, description="Fill the catalog from the output topic inside the service (off: serve an existing catalog read-only)."
+        True,
+        description="Fill the catalog from the output topic inside the service (off: serve an existing catalog read-only).",
     )
     catalog_group: str = Field(
         "moodstream-catalog", description="Consumer group of the service's catalog consumer of the output topic."
     )
     index_dir: Path = Field(
-        Path(".moodstream/index"), description="Where the similar-tracks index is persisted (rebuilt from the catalog when missing or stale)."
+        Path(".moodstream/index"),
+        description="Where the similar-tracks index is persisted (rebuilt from the catalog when missing or stale).",
     )
     similar_network: str = Field(
-        "", description="Network whose audio embedding /similar compares, e.g. musicnn_msd (empty: the model's first network)."
+        "",
+        description="Network whose audio embedding /similar compares, e.g. musicnn_msd (empty: the model's first network).",
     )
     max_upload_bytes: int = Field(
         100 * 1024 * 1024, ge=1024, description="Largest upload POST /v1/analyses accepts, in bytes (beyond: 413)."
@@ -207,7 +188,10 @@ class Settings(BaseSettings):
         120.0, gt=0, le=3600, description="Longest one upload's analysis may take, in seconds (beyond: 504)."
     )
     max_analyses_in_flight: int = Field(
-        4, ge=1, le=256, description="Uploads analysed at once; beyond it POST /v1/analyses answers 503 with Retry-After."
+        4,
+        ge=1,
+        le=256,
+        description="Uploads analysed at once; beyond it POST /v1/analyses answers 503 with Retry-After.",
     )
 
     @field_validator("allowed_buckets", mode="before")
@@ -223,7 +207,7 @@ class Settings(BaseSettings):
         return value
 
 
-def load_settings(**overrides: object) -> Settings:
+def load_settings(**overrides: Any) -> Settings:
     """Read and validate the settings; raise :class:`ConfigError` naming each bad variable."""
     try:
         return Settings(**overrides)

@@ -22,5 +22,7 @@ def example_clips() -> list[Path]:
     clips = [CLIP_A, CLIP_B]
     missing = [c.name for c in clips if not c.is_file()]
     if missing:
-        pytest.fail(f"real music clips missing in {EXAMPLES}: {missing}; `make clips` writes them (`make test` does it first)")
+        pytest.fail(
+            f"real music clips missing in {EXAMPLES}: {missing}; `make clips` writes them (`make test` does it first)"
+        )
     return clips

@@ -20,7 +20,15 @@ class ServiceProcess:
     """The service with an in-process onnxruntime scorer and a SQLite catalog in ``folder``;
     ``env`` adds or replaces MOODSTREAM_* settings. ``url`` is its base URL once entered."""
 
-    def __init__(self, folder: Path, *, ready_timeout_s: float = 180.0, command: list[str] | None = None, cwd: Path = REPO, **env: str) -> None:
+    def __init__(
+        self,
+        folder: Path,
+        *,
+        ready_timeout_s: float = 180.0,
+        command: list[str] | None = None,
+        cwd: Path = REPO,
+        **env: str,
+    ) -> None:
         self.folder = folder
         self.command = command or [sys.executable, "-m", "pipeline", "serve"]
         self.cwd = cwd
@@ -45,8 +53,12 @@ class ServiceProcess:
     def __enter__(self) -> ServiceProcess:
         (self.folder / "tmp").mkdir(parents=True, exist_ok=True)
         self.proc = subprocess.Popen(
-            self.command, cwd=self.cwd, env={**os.environ, **self.env},
-            stdout=open(self.log_path, "wb"), stderr=subprocess.STDOUT, start_new_session=True,
+            self.command,
+            cwd=self.cwd,
+            env={**os.environ, **self.env},
+            stdout=open(self.log_path, "wb"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
         deadline = time.monotonic() + self.ready_timeout_s
         while time.monotonic() < deadline:
@@ -72,7 +84,9 @@ class ServiceProcess:
             self.proc.wait()
 
     def log_tail(self, lines: int = 40) -> str:
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:]) if self.log_path.exists() else ""
+        return (
+            "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:]) if self.log_path.exists() else ""
+        )
 
     def metric(self, name: str) -> float:
         """Sum of every series of ``name`` on /metrics (0 when it has none)."""

@@ -35,7 +35,11 @@ def tone(seconds: float, rate: int = 44_100, channels: int = 2, freq: float = 44
     """[channels, n] float32: a chord-like signal with some noise, deterministic."""
     t = np.arange(int(seconds * rate)) / rate
     rng = np.random.default_rng(0)
-    x = 0.3 * np.sin(2 * np.pi * freq * t) + 0.2 * np.sin(2 * np.pi * freq * 1.5 * t) + 0.02 * rng.standard_normal(len(t))
+    x = (
+        0.3 * np.sin(2 * np.pi * freq * t)
+        + 0.2 * np.sin(2 * np.pi * freq * 1.5 * t)
+        + 0.02 * rng.standard_normal(len(t))
+    )
     return np.stack([x * (1 - 0.2 * c) for c in range(channels)]).astype(np.float32)
 
 

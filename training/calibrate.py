@@ -53,10 +53,17 @@ class TrackSet:
 
 
 def audio_under(folders: list[Path]) -> list[Path]:
-    return sorted(p for d in folders for p in Path(d).rglob("*") if p.is_file() and p.suffix.lower().lstrip(".") in AUDIO_EXTENSIONS)
+    return sorted(
+        p
+        for d in folders
+        for p in Path(d).rglob("*")
+        if p.is_file() and p.suffix.lower().lstrip(".") in AUDIO_EXTENSIONS
+    )
 
 
-def reference_files(folders: list[Path], *, role: str = "reference", music_dir: Path = debian_music.DEFAULT_DEST) -> list[Path]:
+def reference_files(
+    folders: list[Path], *, role: str = "reference", music_dir: Path = debian_music.DEFAULT_DEST
+) -> list[Path]:
     """The audio under ``folders``, or without folders the fetched Debian music of ``role``."""
     files = audio_under(folders) if folders else debian_music.audio_files(music_dir, role)
     if not files:
@@ -69,10 +76,21 @@ def refuse_reserved(files: list[Path]) -> None:
     """Calibration and tuning never see the check packages: ValueError naming the files."""
     reserved = [f for f in files if set(Path(f).resolve().parts) & debian_music.RESERVED]
     if reserved:
-        raise ValueError(f"{len(reserved)} files belong to packages reserved as the independent check ({sorted(debian_music.RESERVED)}), e.g. {reserved[0]}")
+        raise ValueError(
+            f"{len(reserved)} files belong to packages reserved as the independent check ({sorted(debian_music.RESERVED)}), e.g. {reserved[0]}"
+        )
 
 
-def score_tracks(files: list[Path], scorer: OnnxScorer, *, cache_dir: Path | None, max_duration_s: float = DEFAULT_MAX_DURATION_S, excerpts: int = 0, excerpt_s: float = 15.0, progress: bool = True) -> TrackSet:
+def score_tracks(
+    files: list[Path],
+    scorer: OnnxScorer,
+    *,
+    cache_dir: Path | None,
+    max_duration_s: float = DEFAULT_MAX_DURATION_S,
+    excerpts: int = 0,
+    excerpt_s: float = 15.0,
+    progress: bool = True,
+) -> TrackSet:
     """Analyse and score each file (skipping what does not decode, with a line saying so)."""
     kept, rows = [], []
     model = hashlib.sha256(scorer.path.read_bytes()).hexdigest()[:16]
@@ -84,7 +102,13 @@ def score_tracks(files: list[Path], scorer: OnnxScorer, *, cache_dir: Path | Non
                 row = {k: data[k] for k in data.files}
         else:
             try:
-                analysis = analyse(path.read_bytes(), max_duration_s=max_duration_s, min_duration_s=1.0, excerpts=excerpts, excerpt_s=excerpt_s)
+                analysis = analyse(
+                    path.read_bytes(),
+                    max_duration_s=max_duration_s,
+                    min_duration_s=1.0,
+                    excerpts=excerpts,
+                    excerpt_s=excerpt_s,
+                )
             except (TrackError, OSError) as exc:
                 print(f"# skipped {path}: {exc}")
                 continue
@@ -177,14 +201,25 @@ def write_calibration(repository: Path, entry: str, calibration: dict[str, Any])
     for path in paths:
         config_name = None if path.parent.name != "configs" else path.stem
         config = read_config(repository, entry, config_name)
-        config.parameters[CALIBRATION_PARAMETER].string_value = json.dumps(calibration, sort_keys=True, separators=(",", ":"))
+        config.parameters[CALIBRATION_PARAMETER].string_value = json.dumps(
+            calibration, sort_keys=True, separators=(",", ":")
+        )
         header = "".join(line + "\n" for line in path.read_text().splitlines() if line.startswith("#"))
         path.write_text(header + text_format.MessageToString(config))
         written.append(path)
     return written
 
 
-def calibrate(folders: list[Path], model: str, repository: Path, *, cache_dir: Path | None, write: bool, moods_file: Path = DEFAULT_MOODS_FILE, max_duration_s: float = DEFAULT_MAX_DURATION_S) -> dict[str, dict[str, Any]]:
+def calibrate(
+    folders: list[Path],
+    model: str,
+    repository: Path,
+    *,
+    cache_dir: Path | None,
+    write: bool,
+    moods_file: Path = DEFAULT_MOODS_FILE,
+    max_duration_s: float = DEFAULT_MAX_DURATION_S,
+) -> dict[str, dict[str, Any]]:
     """Entry -> its calibration over the reference tracks in ``folders``; stored when ``write``."""
     files = reference_files(folders)
     refuse_reserved(files)

@@ -1,15 +1,15 @@
 """``moodstream-train``: train, evaluate, distill and export models; import the pretrained ones.
 
-    moodstream-train fit [--config FILE] [--set KEY=VALUE ...] [--resume CHECKPOINT]
-    moodstream-train evaluate CHECKPOINT [--out DIR] [--set KEY=VALUE ...]
-    moodstream-train distill [debian|FOLDER|s3://...] [--export] [--config FILE] [--set ...]
-    moodstream-train export [NETWORK=]CHECKPOINT... [--name NAME] [--repository triton_models] [--version 1]
-    moodstream-train import-musicnn --tf-python PATH --clips DIR
-    moodstream-train compare-musicnn DIR... --tf-python PATH
-    moodstream-train calibrate-moods [DIR...] [--model musicnn] [--write]
-    moodstream-train mood-report [DIR...] [--role check|reference] [--model musicnn] [--out report.json]
-    moodstream-train fetch-music [--dest DIR] [--role reference|distill|check|all] [--package NAME ...]
-    moodstream-train fetch-music --clips DIR [--dest DIR]
+moodstream-train fit [--config FILE] [--set KEY=VALUE ...] [--resume CHECKPOINT]
+moodstream-train evaluate CHECKPOINT [--out DIR] [--set KEY=VALUE ...]
+moodstream-train distill [debian|FOLDER|s3://...] [--export] [--config FILE] [--set ...]
+moodstream-train export [NETWORK=]CHECKPOINT... [--name NAME] [--repository triton_models] [--version 1]
+moodstream-train import-musicnn --tf-python PATH --clips DIR
+moodstream-train compare-musicnn DIR... --tf-python PATH
+moodstream-train calibrate-moods [DIR...] [--model musicnn] [--write]
+moodstream-train mood-report [DIR...] [--role check|reference] [--model musicnn] [--out report.json]
+moodstream-train fetch-music [--dest DIR] [--role reference|distill|check|all] [--package NAME ...]
+moodstream-train fetch-music --clips DIR [--dest DIR]
 """
 
 from __future__ import annotations
@@ -39,7 +39,12 @@ def _compare_musicnn(args: argparse.Namespace) -> int:
 
     from training.import_musicnn import compare
 
-    files = sorted(p for d in args.folders for p in Path(d).rglob("*") if p.suffix.lower() in {".mp3", ".ogg", ".opus", ".flac", ".wav"})
+    files = sorted(
+        p
+        for d in args.folders
+        for p in Path(d).rglob("*")
+        if p.suffix.lower() in {".mp3", ".ogg", ".opus", ".flac", ".wav"}
+    )
     for row in compare(args.tf_python, files, Path(args.repository)):
         print(json.dumps(row))
     return 0
@@ -50,9 +55,18 @@ def _calibrate_moods(args: argparse.Namespace) -> int:
 
     from training.calibrate import calibrate
 
-    result = calibrate([Path(f) for f in args.folders], args.model, Path(args.repository), cache_dir=Path(args.cache_dir), write=args.write, max_duration_s=args.max_duration)
+    result = calibrate(
+        [Path(f) for f in args.folders],
+        args.model,
+        Path(args.repository),
+        cache_dir=Path(args.cache_dir),
+        write=args.write,
+        max_duration_s=args.max_duration,
+    )
     for entry, calibration in result.items():
-        print(f"{entry}: {calibration['tracks']} reference tracks, {len(calibration['tags'])} tags, {len(calibration['families'])} families")
+        print(
+            f"{entry}: {calibration['tracks']} reference tracks, {len(calibration['tags'])} tags, {len(calibration['families'])} families"
+        )
     if not args.write:
         print(json.dumps(result, sort_keys=True))
     return 0
@@ -63,7 +77,16 @@ def _mood_report(args: argparse.Namespace) -> int:
 
     from training.mood_report import as_markdown, report
 
-    result = report([Path(f) for f in args.folders], args.model, Path(args.repository), cache_dir=Path(args.cache_dir), role=args.role, excerpts=args.excerpts, excerpt_s=args.excerpt_s, max_duration_s=args.max_duration)
+    result = report(
+        [Path(f) for f in args.folders],
+        args.model,
+        Path(args.repository),
+        cache_dir=Path(args.cache_dir),
+        role=args.role,
+        excerpts=args.excerpts,
+        excerpt_s=args.excerpt_s,
+        max_duration_s=args.max_duration,
+    )
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1, sort_keys=True))
     print(as_markdown(result))
@@ -144,7 +167,12 @@ def _distill(args: argparse.Namespace) -> int:
 
     from training.distill import distill
 
-    report = distill(_config(args), args.source, repository=Path(args.repository), export_to=Path(args.repository) if args.export else None)
+    report = distill(
+        _config(args),
+        args.source,
+        repository=Path(args.repository),
+        export_to=Path(args.repository) if args.export else None,
+    )
     print(json.dumps({k: v for k, v in report.items() if k != "skipped"}, indent=1))
     return 0
 
@@ -175,7 +203,13 @@ def _export(args: argparse.Namespace) -> int:
     names = [n for n, _, _ in named] if all(n for n, _, _ in named) else None
     if any(n for n, _, _ in named) and names is None:
         raise SystemExit("moodstream-train export: name every checkpoint (NAME=PATH) or none")
-    result = export(paths[0] if len(paths) == 1 else paths, args.name, Path(args.repository), version=args.version, network_names=names)
+    result = export(
+        paths[0] if len(paths) == 1 else paths,
+        args.name,
+        Path(args.repository),
+        version=args.version,
+        network_names=names,
+    )
     diffs = ", ".join(f"{k} {v:.1e}" for k, v in result.max_rel_diff.items())
     print(f"{result.directory}: parity vs eager (max |Δ| / output scale): {diffs}")
     print(f"serve it with MOODSTREAM_MODEL={result.directory.name} (model repository {result.directory.parent})")
@@ -184,7 +218,14 @@ def _export(args: argparse.Namespace) -> int:
 
 def _add_config_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", type=Path, help="TOML or YAML file of training options (training/config.py)")
-    p.add_argument("--set", type=_key_value, action="append", default=[], metavar="KEY=VALUE", help="override one option (dims.NAME for a dimension); repeatable")
+    p.add_argument(
+        "--set",
+        type=_key_value,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one option (dims.NAME for a dimension); repeatable",
+    )
 
 
 class _Parser(argparse.ArgumentParser):
@@ -214,27 +255,54 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     imp = sub.add_parser("import-musicnn", help="convert musicnn's TensorFlow checkpoints (one-off)")
-    imp.add_argument("--tf-python", required=True, help="python of an environment with tensorflow-cpu, tf-keras and musicnn==0.1.0")
-    imp.add_argument("--clips", required=True, help="folder of musicnn's example .mp3 clips (ISC licence) for the parity fixture")
+    imp.add_argument(
+        "--tf-python", required=True, help="python of an environment with tensorflow-cpu, tf-keras and musicnn==0.1.0"
+    )
+    imp.add_argument(
+        "--clips", required=True, help="folder of musicnn's example .mp3 clips (ISC licence) for the parity fixture"
+    )
     imp.set_defaults(func=_import_musicnn)
 
-    cmp = sub.add_parser("compare-musicnn", help="agreement of moodstream's path with the original musicnn on real music")
+    cmp = sub.add_parser(
+        "compare-musicnn", help="agreement of moodstream's path with the original musicnn on real music"
+    )
     cmp.add_argument("folders", nargs="+")
-    cmp.add_argument("--tf-python", required=True, help="python with tensorflow-cpu, tf-keras, librosa and musicnn==0.1.0")
+    cmp.add_argument(
+        "--tf-python", required=True, help="python with tensorflow-cpu, tf-keras, librosa and musicnn==0.1.0"
+    )
     cmp.add_argument("--repository", default=str(REPO_ROOT / "triton_models"))
     cmp.set_defaults(func=_compare_musicnn)
 
-    cal = sub.add_parser("calibrate-moods", help="calibrate the mood families of a model (and the entries of its networks) on reference music")
-    rep = sub.add_parser("mood-report", help="how the calibrated mood view behaves on real music: clear share, network agreement, stability, spread")
+    cal = sub.add_parser(
+        "calibrate-moods",
+        help="calibrate the mood families of a model (and the entries of its networks) on reference music",
+    )
+    rep = sub.add_parser(
+        "mood-report",
+        help="how the calibrated mood view behaves on real music: clear share, network agreement, stability, spread",
+    )
     for p in (cal, rep):
         p.add_argument("folders", nargs="*", help="audio folders (default: the Debian music `make music` fetched)")
-        p.add_argument("--model", default="musicnn", help="served model that scores the music (default: musicnn, both networks)")
+        p.add_argument(
+            "--model", default="musicnn", help="served model that scores the music (default: musicnn, both networks)"
+        )
         p.add_argument("--repository", default=str(REPO_ROOT / "triton_models"))
-        p.add_argument("--cache-dir", default=str(Path.home() / ".cache" / "moodstream" / "track-outputs"), help="per-track outputs, so nothing is scored twice")
+        p.add_argument(
+            "--cache-dir",
+            default=str(Path.home() / ".cache" / "moodstream" / "track-outputs"),
+            help="per-track outputs, so nothing is scored twice",
+        )
         p.add_argument("--max-duration", type=float, default=600.0, help="seconds of each track analysed")
-    cal.add_argument("--write", action="store_true", help="store the calibrations in the entries' configs (else print them)")
+    cal.add_argument(
+        "--write", action="store_true", help="store the calibrations in the entries' configs (else print them)"
+    )
     cal.set_defaults(func=_calibrate_moods)
-    rep.add_argument("--role", choices=["reference", "check"], default="check", help="without folders: which fetched Debian music (default: the check set)")
+    rep.add_argument(
+        "--role",
+        choices=["reference", "check"],
+        default="check",
+        help="without folders: which fetched Debian music (default: the check set)",
+    )
     rep.add_argument("--excerpts", type=int, default=5, help="analysis window compared with the whole track")
     rep.add_argument("--excerpt-s", type=float, default=15.0)
     rep.add_argument("--out", help="write the figures as JSON here")
@@ -248,12 +316,32 @@ def build_parser() -> argparse.ArgumentParser:
         "The check role (singularity-music, asc-music, hyperrogue-music) is reserved: never for calibration, training or tuning.",
     )
     fm.add_argument("--dest", default="~/.cache/moodstream/music", help="cache folder (default: %(default)s)")
-    fm.add_argument("--role", choices=["reference", "distill", "check", "all"], default="reference", help="default: %(default)s (distill: student training music only)")
-    fm.add_argument("--package", action="append", default=[], metavar="NAME", help="only this package of the list (any role); repeatable")
-    fm.add_argument("--clips", metavar="DIR", help="instead: write the list's clips (30-s excerpts for the tests and the demo) into DIR")
+    fm.add_argument(
+        "--role",
+        choices=["reference", "distill", "check", "all"],
+        default="reference",
+        help="default: %(default)s (distill: student training music only)",
+    )
+    fm.add_argument(
+        "--package",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="only this package of the list (any role); repeatable",
+    )
+    fm.add_argument(
+        "--clips",
+        metavar="DIR",
+        help="instead: write the list's clips (30-s excerpts for the tests and the demo) into DIR",
+    )
     fm.set_defaults(func=_fetch_music)
 
-    fit = sub.add_parser("fit", help="train a model on a labelled data set", description=_fit_description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    fit = sub.add_parser(
+        "fit",
+        help="train a model on a labelled data set",
+        description=_fit_description,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     _add_config_options(fit)
     fit.add_argument("--resume", help="continue the run of this checkpoint (last.pt) with its options")
     fit.set_defaults(func=_fit)
@@ -261,25 +349,64 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("evaluate", help="metrics of a checkpoint on its validation and test tracks (JSON + PNG)")
     ev.add_argument("checkpoint")
     ev.add_argument("--out", help="report folder (default: <checkpoint folder>/eval)")
-    ev.add_argument("--set", type=_key_value, action="append", default=[], metavar="KEY=VALUE", help="override a data option of the checkpoint's run (data_root, audio_root, cache_dir)")
+    ev.add_argument(
+        "--set",
+        type=_key_value,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a data option of the checkpoint's run (data_root, audio_root, cache_dir)",
+    )
     ev.set_defaults(func=_evaluate)
 
-    dis = sub.add_parser("distill", help="train a student on unlabelled music against a served model's outputs (training/distill.py)")
-    dis.add_argument("source", nargs="?", default="debian", help="'debian' (the fetched reference packages, default), a folder of audio files or s3://bucket/prefix")
-    dis.add_argument("--repository", default=str(REPO_ROOT / "triton_models"), help="model repository of the teacher (and of the exported student)")
-    dis.add_argument("--export", action="store_true", help="export the best checkpoint into the repository, calibrate its moods and compare them with the teacher's")
+    dis = sub.add_parser(
+        "distill", help="train a student on unlabelled music against a served model's outputs (training/distill.py)"
+    )
+    dis.add_argument(
+        "source",
+        nargs="?",
+        default="debian",
+        help="'debian' (the fetched reference packages, default), a folder of audio files or s3://bucket/prefix",
+    )
+    dis.add_argument(
+        "--repository",
+        default=str(REPO_ROOT / "triton_models"),
+        help="model repository of the teacher (and of the exported student)",
+    )
+    dis.add_argument(
+        "--export",
+        action="store_true",
+        help="export the best checkpoint into the repository, calibrate its moods and compare them with the teacher's",
+    )
     _add_config_options(dis)
     dis.set_defaults(func=_distill, resume=None)
 
-    agr = sub.add_parser("agreement", help="a served student against its teacher on the held-out and check music, without training (training/distill.py)")
-    agr.add_argument("source", nargs="?", default="debian", help="as for distill: the music whose split names the held-out groups")
-    agr.add_argument("--repository", default=str(REPO_ROOT / "triton_models"), help="model repository of the teacher and the student (the config's name)")
+    agr = sub.add_parser(
+        "agreement",
+        help="a served student against its teacher on the held-out and check music, without training (training/distill.py)",
+    )
+    agr.add_argument(
+        "source", nargs="?", default="debian", help="as for distill: the music whose split names the held-out groups"
+    )
+    agr.add_argument(
+        "--repository",
+        default=str(REPO_ROOT / "triton_models"),
+        help="model repository of the teacher and the student (the config's name)",
+    )
     agr.add_argument("--out", help="report file (default: <out_dir>/agreement_report.json)")
     _add_config_options(agr)
     agr.set_defaults(func=_agreement, resume=None)
 
-    exp = sub.add_parser("export", help="export checkpoints as a Triton model repository entry (several: one graph running each network on the same input)")
-    exp.add_argument("checkpoints", nargs="+", metavar="[NETWORK=]CHECKPOINT", help="one checkpoint, or several networks for one entry (named NETWORK=PATH, else by the run's name or the file's stem)")
+    exp = sub.add_parser(
+        "export",
+        help="export checkpoints as a Triton model repository entry (several: one graph running each network on the same input)",
+    )
+    exp.add_argument(
+        "checkpoints",
+        nargs="+",
+        metavar="[NETWORK=]CHECKPOINT",
+        help="one checkpoint, or several networks for one entry (named NETWORK=PATH, else by the run's name or the file's stem)",
+    )
     exp.add_argument("--name", help="model name in the repository (default: the run's name, else its architecture)")
     exp.add_argument("--repository", default=str(REPO_ROOT / "triton_models"))
     exp.add_argument("--version", type=int, default=1, help="Triton version directory")

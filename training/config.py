@@ -162,19 +162,37 @@ def from_dict(values: dict[str, Any]) -> FitConfig:
     if cfg.schedule not in ("plateau", "cosine"):
         raise ValueError(f"schedule must be plateau or cosine, got {cfg.schedule!r}")
     if cfg.cosine_cycles and (sum(cfg.cosine_cycles) != cfg.epochs or min(cfg.cosine_cycles) < 1):
-        raise ValueError(f"cosine_cycles {cfg.cosine_cycles} must be epochs >= 1 each that add up to epochs ({cfg.epochs})")
+        raise ValueError(
+            f"cosine_cycles {cfg.cosine_cycles} must be epochs >= 1 each that add up to epochs ({cfg.epochs})"
+        )
     if not 0 < cfg.restart_lr_factor <= 1:
         raise ValueError(f"restart_lr_factor must be in (0, 1], got {cfg.restart_lr_factor}")
     if cfg.mood_tag_weight <= 0:
-        raise ValueError(f"mood_tag_weight must be > 0 (1: mood tags weigh as much as the others), got {cfg.mood_tag_weight}")
-    if cfg.mood_epochs < 0 or cfg.mood_tracks_per_step < 1 or cfg.mood_temperature <= 0 or cfg.mood_weight < 0 or cfg.mood_lr <= 0:
-        raise ValueError(f"the mood stage needs mood_epochs >= 0, mood_tracks_per_step >= 1, mood_temperature > 0, mood_weight >= 0 and mood_lr > 0; got {cfg.mood_epochs}, {cfg.mood_tracks_per_step}, {cfg.mood_temperature}, {cfg.mood_weight}, {cfg.mood_lr}")
+        raise ValueError(
+            f"mood_tag_weight must be > 0 (1: mood tags weigh as much as the others), got {cfg.mood_tag_weight}"
+        )
+    if (
+        cfg.mood_epochs < 0
+        or cfg.mood_tracks_per_step < 1
+        or cfg.mood_temperature <= 0
+        or cfg.mood_weight < 0
+        or cfg.mood_lr <= 0
+    ):
+        raise ValueError(
+            f"the mood stage needs mood_epochs >= 0, mood_tracks_per_step >= 1, mood_temperature > 0, mood_weight >= 0 and mood_lr > 0; got {cfg.mood_epochs}, {cfg.mood_tracks_per_step}, {cfg.mood_temperature}, {cfg.mood_weight}, {cfg.mood_lr}"
+        )
     if cfg.refit and cfg.schedule != "cosine":
-        raise ValueError("refit trains on the validation groups, so no schedule may follow their loss: use schedule = \"cosine\"")
+        raise ValueError(
+            'refit trains on the validation groups, so no schedule may follow their loss: use schedule = "cosine"'
+        )
     if cfg.mix_epochs < 0 or cfg.mix_lr <= 0 or (cfg.mix_epochs > 0) != (cfg.mixed_patches > 0):
-        raise ValueError(f"the mix stage needs mix_epochs >= 0, mix_lr > 0 and mixed_patches > 0 exactly when mix_epochs > 0; got {cfg.mix_epochs}, {cfg.mix_lr}, {cfg.mixed_patches}")
+        raise ValueError(
+            f"the mix stage needs mix_epochs >= 0, mix_lr > 0 and mixed_patches > 0 exactly when mix_epochs > 0; got {cfg.mix_epochs}, {cfg.mix_lr}, {cfg.mixed_patches}"
+        )
     if cfg.epochs < 0 or (cfg.epochs == 0 and not cfg.init):
-        raise ValueError(f"epochs must be >= 1, or 0 with init (the checkpoint the stages start from); got {cfg.epochs}")
+        raise ValueError(
+            f"epochs must be >= 1, or 0 with init (the checkpoint the stages start from); got {cfg.epochs}"
+        )
     if cfg.init and cfg.resume:
         raise ValueError("init starts a new run from a checkpoint's weights, resume continues one: set one of them")
     if cfg.unfreeze_epoch < 0:

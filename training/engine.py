@@ -99,7 +99,9 @@ def prepare_tracks(tracks: list[Track], cache: FeatureCache, rt: Runtime, progre
 # -- loss and augmentation -------------------------------------------------------------------
 
 
-def make_loss(task: str, train_targets: np.ndarray | None, n_labels: int, weighting: bool, device: torch.device) -> LossFn:
+def make_loss(
+    task: str, train_targets: np.ndarray | None, n_labels: int, weighting: bool, device: torch.device
+) -> LossFn:
     """The task's loss on raw model outputs; with ``weighting``, rare tags and classes count more.
 
     tags: BCE with logits, positive weight neg/pos per tag (capped at 100); classes: cross
@@ -109,13 +111,17 @@ def make_loss(task: str, train_targets: np.ndarray | None, n_labels: int, weight
         pos_weight = None
         if weighting and train_targets is not None:
             pos = train_targets.sum(axis=0)
-            pos_weight = torch.tensor(np.clip((len(train_targets) - pos) / np.maximum(pos, 1), 1.0, 100.0), dtype=torch.float32, device=device)
+            pos_weight = torch.tensor(
+                np.clip((len(train_targets) - pos) / np.maximum(pos, 1), 1.0, 100.0), dtype=torch.float32, device=device
+            )
         return nn.BCEWithLogitsLoss(pos_weight=pos_weight)
     if task == "classes":
         weight = None
         if weighting and train_targets is not None:
             counts = np.bincount(train_targets.astype(int), minlength=n_labels)
-            weight = torch.tensor(len(train_targets) / (n_labels * np.maximum(counts, 1)), dtype=torch.float32, device=device)
+            weight = torch.tensor(
+                len(train_targets) / (n_labels * np.maximum(counts, 1)), dtype=torch.float32, device=device
+            )
         return nn.CrossEntropyLoss(weight=weight)
     return lambda out, target: F.mse_loss(torch.sigmoid(out), target)
 
@@ -126,7 +132,9 @@ class DistillLoss(nn.Module):
     embedding term as a whole weighs ``embedding_weight`` x the tags' total, spread evenly over
     its dimensions; the weights are scaled so the tags' add up to 1."""
 
-    def __init__(self, targets: np.ndarray, n_labels: int, embedding_weight: float, label_weight: np.ndarray | None = None) -> None:
+    def __init__(
+        self, targets: np.ndarray, n_labels: int, embedding_weight: float, label_weight: np.ndarray | None = None
+    ) -> None:
         super().__init__()
         spread = np.maximum(targets.std(axis=0), 1e-3)
         weight = np.ones(targets.shape[1], np.float32)
@@ -146,7 +154,10 @@ class DistillLoss(nn.Module):
 def spec_augment(mel: torch.Tensor, cfg: FitConfig) -> torch.Tensor:
     """SpecAugment-style masking: mel [B, T, F] with random bands and spans set to silence (0)."""
     b, t, f = mel.shape
-    for n, width, size, dim in ((cfg.freq_masks, cfg.freq_mask_bands, f, 2), (cfg.time_masks, cfg.time_mask_frames, t, 1)):
+    for n, width, size, dim in (
+        (cfg.freq_masks, cfg.freq_mask_bands, f, 2),
+        (cfg.time_masks, cfg.time_mask_frames, t, 1),
+    ):
         index = torch.arange(size, device=mel.device)[None]
         for _ in range(n):
             w = torch.randint(0, width + 1, (b, 1), device=mel.device)
@@ -173,8 +184,18 @@ def mixup(mel: torch.Tensor, target: torch.Tensor, alpha: float) -> tuple[torch.
 
 
 def train(
-    cfg: FitConfig, rt: Runtime, task: str, labels: tuple[str, ...], train_ds: Dataset, val_ds: Dataset, loss_fn: LossFn, source: str,
-    *, with_embedding: bool = False, metrics: Callable[[np.ndarray, np.ndarray], dict[str, float]] | None = None, extra: dict[str, Any] | None = None,
+    cfg: FitConfig,
+    rt: Runtime,
+    task: str,
+    labels: tuple[str, ...],
+    train_ds: Dataset,
+    val_ds: Dataset,
+    loss_fn: LossFn,
+    source: str,
+    *,
+    with_embedding: bool = False,
+    metrics: Callable[[np.ndarray, np.ndarray], dict[str, float]] | None = None,
+    extra: dict[str, Any] | None = None,
     model: nn.Module | None = None,
 ) -> Path:
     """The loop shared by ``fit`` and ``distill``: items are (mel [T, F], target).
@@ -188,7 +209,9 @@ def train(
     version = cfg.version or datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
     model = (model or build(cfg.arch, {**cfg.dims, "n_classes": len(labels), "task": task})).to(rt.device)
     if cfg.unfreeze_epoch and rt.world > 1:
-        raise ValueError("unfreeze_epoch needs a single process: DistributedDataParallel fixes the trained parameters when it wraps the model")
+        raise ValueError(
+            "unfreeze_epoch needs a single process: DistributedDataParallel fixes the trained parameters when it wraps the model"
+        )
     # Frozen parameters are in the optimizer too (without a gradient AdamW leaves them alone):
     # unfreezing them later keeps one parameter group, one schedule and a resumable state.
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -201,17 +224,32 @@ def train(
         optimizer.load_state_dict(ckpt["optimizer"])
         if ckpt.get("scaler"):  # fp16 runs: the loss scale found so far, not 2^16 again
             scaler.load_state_dict(ckpt["scaler"])
-        start_epoch, best, stale, saved_schedule = ckpt["epoch"] + 1, ckpt["best_val_loss"], ckpt["stale_epochs"], ckpt["scheduler"]
+        start_epoch, best, stale, saved_schedule = (
+            ckpt["epoch"] + 1,
+            ckpt["best_val_loss"],
+            ckpt["stale_epochs"],
+            ckpt["scheduler"],
+        )
         version = cfg.version or ckpt["version"]  # a resumed run is the same model unless named
         log.info("resumed %s at epoch %d", cfg.resume, start_epoch)
     scheduler = _scheduler(cfg, optimizer, start_epoch, saved_schedule)
 
     net: nn.Module = model
     if rt.world > 1:
-        net = nn.parallel.DistributedDataParallel(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
+        net = nn.parallel.DistributedDataParallel(
+            model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None
+        )
     sampler = DistributedSampler(train_ds, shuffle=True, seed=cfg.seed) if rt.world > 1 else None
     pin = rt.device.type == "cuda"
-    train_dl = DataLoader(train_ds, cfg.batch_size, shuffle=sampler is None, sampler=sampler, num_workers=cfg.num_workers, pin_memory=pin, drop_last=len(train_ds) > cfg.batch_size)
+    train_dl = DataLoader(
+        train_ds,
+        cfg.batch_size,
+        shuffle=sampler is None,
+        sampler=sampler,
+        num_workers=cfg.num_workers,
+        pin_memory=pin,
+        drop_last=len(train_ds) > cfg.batch_size,
+    )
     val_dl = DataLoader(val_ds, cfg.batch_size, shuffle=False, num_workers=cfg.num_workers, pin_memory=pin)
     writer = tensorboard_writer(out_dir) if rt.main else None
     started = time.monotonic()
@@ -232,11 +270,35 @@ def train(
         best, stale = (val_loss, 0) if improved else (best, stale + 1)
         if rt.main:
             scalars = _log_epoch(writer, epoch, train_loss, val_loss, optimizer, task, labels, pred, true, metrics)
-            state = dict(config=asdict(cfg), epoch=epoch, optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), scaler=scaler.state_dict(), best_val_loss=best, stale_epochs=stale, val_loss=val_loss, val_metrics=scalars)
-            save_checkpoint(out_dir / "last.pt", model, arch=cfg.arch, labels=list(labels), version=version, source=source, **(extra or {}), **state)
+            state = dict(
+                config=asdict(cfg),
+                epoch=epoch,
+                optimizer=optimizer.state_dict(),
+                scheduler=scheduler.state_dict(),
+                scaler=scaler.state_dict(),
+                best_val_loss=best,
+                stale_epochs=stale,
+                val_loss=val_loss,
+                val_metrics=scalars,
+            )
+            save_checkpoint(
+                out_dir / "last.pt",
+                model,
+                arch=cfg.arch,
+                labels=list(labels),
+                version=version,
+                source=source,
+                **(extra or {}),
+                **state,
+            )
             if improved:
                 shutil.copyfile(out_dir / "last.pt", out_dir / "best.pt")
-            print(f"epoch {epoch}: train loss {train_loss:.4f}, validation loss {val_loss:.4f}" + ("  (refit: kept)" if cfg.refit else "  (best)" if improved else "") + "".join(f", {k} {v:.4f}" for k, v in scalars.items()), flush=True)
+            print(
+                f"epoch {epoch}: train loss {train_loss:.4f}, validation loss {val_loss:.4f}"
+                + ("  (refit: kept)" if cfg.refit else "  (best)" if improved else "")
+                + "".join(f", {k} {v:.4f}" for k, v in scalars.items()),
+                flush=True,
+            )
         if cfg.early_stopping and stale >= cfg.early_stopping:
             if rt.main:
                 print(f"early stopping: no better validation loss for {stale} epochs", flush=True)
@@ -263,15 +325,21 @@ def cosine_factor(epoch: int, cycles: list[int], restart_factor: float) -> float
     return 0.0
 
 
-def _scheduler(cfg: FitConfig, optimizer: torch.optim.Optimizer, start_epoch: int, saved: dict[str, Any] | None = None) -> Any:
+def _scheduler(
+    cfg: FitConfig, optimizer: torch.optim.Optimizer, start_epoch: int, saved: dict[str, Any] | None = None
+) -> Any:
     """The schedule from ``start_epoch`` on. cosine: a function of the epoch
     (:func:`cosine_factor`), computed again on resume rather than loaded, so a finished run can
     be resumed with a cycle more; plateau: ReduceLROnPlateau, continuing from its ``saved``
     state (a resumed checkpoint's) when given."""
     if cfg.schedule == "cosine":
-        factor = functools.partial(cosine_factor, cycles=cfg.cosine_cycles or [max(1, cfg.epochs)], restart_factor=cfg.restart_lr_factor)
+        factor = functools.partial(
+            cosine_factor, cycles=cfg.cosine_cycles or [max(1, cfg.epochs)], restart_factor=cfg.restart_lr_factor
+        )
         return torch.optim.lr_scheduler.LambdaLR(optimizer, factor, last_epoch=start_epoch - 1)
-    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=cfg.plateau_factor, patience=cfg.plateau_patience)
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+        optimizer, factor=cfg.plateau_factor, patience=cfg.plateau_patience
+    )
     if saved is not None:
         scheduler.load_state_dict(saved)
     return scheduler
@@ -283,7 +351,17 @@ def _seen(outputs: tuple[torch.Tensor, torch.Tensor], with_embedding: bool) -> t
     return (torch.cat([out, embedding], dim=-1) if with_embedding else out).float()
 
 
-def _train_epoch(net: nn.Module, loader: DataLoader, loss_fn: LossFn, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, cfg: FitConfig, rt: Runtime, epoch: int, with_embedding: bool) -> float:
+def _train_epoch(
+    net: nn.Module,
+    loader: DataLoader,
+    loss_fn: LossFn,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    cfg: FitConfig,
+    rt: Runtime,
+    epoch: int,
+    with_embedding: bool,
+) -> float:
     from tqdm import tqdm
 
     net.train()
@@ -311,7 +389,9 @@ def _train_epoch(net: nn.Module, loader: DataLoader, loss_fn: LossFn, optimizer:
 
 
 @torch.no_grad()
-def _validate(model: nn.Module, loader: DataLoader, loss_fn: LossFn, rt: Runtime, with_embedding: bool) -> tuple[float, np.ndarray, np.ndarray]:
+def _validate(
+    model: nn.Module, loader: DataLoader, loss_fn: LossFn, rt: Runtime, with_embedding: bool
+) -> tuple[float, np.ndarray, np.ndarray]:
     """(mean loss, raw outputs [n, n_labels], targets) over the validation patches."""
     model.eval()
     total, outs, targets = 0.0, [], []
@@ -331,7 +411,18 @@ def tensorboard_writer(out_dir: Path) -> Any:
     return SummaryWriter(str(out_dir / "tb"))
 
 
-def _log_epoch(writer: Any, epoch: int, train_loss: float, val_loss: float, optimizer: torch.optim.Optimizer, task: str, labels: tuple[str, ...], out: np.ndarray, true: np.ndarray, custom: Callable[[np.ndarray, np.ndarray], dict[str, float]] | None = None) -> dict[str, float]:
+def _log_epoch(
+    writer: Any,
+    epoch: int,
+    train_loss: float,
+    val_loss: float,
+    optimizer: torch.optim.Optimizer,
+    task: str,
+    labels: tuple[str, ...],
+    out: np.ndarray,
+    true: np.ndarray,
+    custom: Callable[[np.ndarray, np.ndarray], dict[str, float]] | None = None,
+) -> dict[str, float]:
     """Scalars (and V/A figures) for TensorBoard; returns the patch-level validation metrics."""
     from training import evaluate
 

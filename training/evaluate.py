@@ -56,7 +56,11 @@ def tag_metrics(labels: tuple[str, ...], scores: np.ndarray, truth: np.ndarray) 
     for i, label in enumerate(labels):
         y = truth[:, i]
         if 0 < y.sum() < len(y):
-            per_tag[label] = {"roc_auc": float(skm.roc_auc_score(y, scores[:, i])), "pr_auc": float(skm.average_precision_score(y, scores[:, i])), "positives": int(y.sum())}
+            per_tag[label] = {
+                "roc_auc": float(skm.roc_auc_score(y, scores[:, i])),
+                "pr_auc": float(skm.average_precision_score(y, scores[:, i])),
+                "positives": int(y.sum()),
+            }
     return {
         "roc_auc_macro": float(np.mean([v["roc_auc"] for v in per_tag.values()])) if per_tag else float("nan"),
         "pr_auc_macro": float(np.mean([v["pr_auc"] for v in per_tag.values()])) if per_tag else float("nan"),
@@ -89,7 +93,11 @@ def binary_tasks(labels: tuple[str, ...], scores: np.ndarray, truth: np.ndarray)
             continue
         y = truth[rows, ia].astype(int)  # 1: a, 0: b
         pred = (scores[rows, ia] >= scores[rows, ib]).astype(int)
-        out[f"{a}_vs_{b}"] = {"f1_macro": float(skm.f1_score(y, pred, average="macro", labels=[0, 1], zero_division=0)), "accuracy": float(skm.accuracy_score(y, pred)), "tracks": int(rows.sum())}
+        out[f"{a}_vs_{b}"] = {
+            "f1_macro": float(skm.f1_score(y, pred, average="macro", labels=[0, 1], zero_division=0)),
+            "accuracy": float(skm.accuracy_score(y, pred)),
+            "tracks": int(rows.sum()),
+        }
     return out
 
 
@@ -100,7 +108,12 @@ def va_metrics(labels: tuple[str, ...], scores: np.ndarray, truth: np.ndarray) -
         cols = [i for i, label in enumerate(labels) if label.split("@")[0] == target]
         p, y = scores[:, cols].ravel(), truth[:, cols].ravel()
         r = float(np.corrcoef(p, y)[0, 1]) if len(p) > 1 and p.std() > 0 and y.std() > 0 else float("nan")
-        out[target] = {"pearson_r": r, "r2": float(skm.r2_score(y, p)) if len(p) > 1 else float("nan"), "rmse": float(np.sqrt(np.mean((p - y) ** 2))), "n": len(p)}
+        out[target] = {
+            "pearson_r": r,
+            "r2": float(skm.r2_score(y, p)) if len(p) > 1 else float("nan"),
+            "rmse": float(np.sqrt(np.mean((p - y) ** 2))),
+            "n": len(p),
+        }
     return out
 
 
@@ -140,14 +153,22 @@ def va_figure(labels: tuple[str, ...], scores: np.ndarray, truth: np.ndarray) ->
         ax = axes[0, j]
         ax.scatter(y, p, s=6, alpha=0.5)
         ax.plot([0, 1], [0, 1], "k--", lw=1)
-        ax.set(xlim=(0, 1), ylim=(0, 1), xlabel=f"true {target}", ylabel=f"predicted {target}", title=f"{target}: r = {m[target]['pearson_r']:.3f}, R² = {m[target]['r2']:.3f}")
+        ax.set(
+            xlim=(0, 1),
+            ylim=(0, 1),
+            xlabel=f"true {target}",
+            ylabel=f"predicted {target}",
+            title=f"{target}: r = {m[target]['pearson_r']:.3f}, R² = {m[target]['r2']:.3f}",
+        )
         axes[1, j].hist(p - y, bins=30)
         axes[1, j].set(xlabel=f"{target} error (predicted - true)", ylabel="count")
     fig.tight_layout()
     return fig
 
 
-def _figure(task: str, labels: tuple[str, ...], result: dict[str, Any], scores: np.ndarray, truth: np.ndarray) -> plt.Figure:
+def _figure(
+    task: str, labels: tuple[str, ...], result: dict[str, Any], scores: np.ndarray, truth: np.ndarray
+) -> plt.Figure:
     if task in ("va", "va_steps"):
         return va_figure(labels, scores, truth)
     if task == "classes":
@@ -156,7 +177,15 @@ def _figure(task: str, labels: tuple[str, ...], result: dict[str, Any], scores: 
         ax.imshow(cm, cmap="Blues")
         for (i, j), v in np.ndenumerate(cm):
             ax.text(j, i, str(v), ha="center", va="center")
-        ax.set(xticks=range(len(labels)), yticks=range(len(labels)), xticklabels=labels, yticklabels=labels, xlabel="predicted", ylabel="true", title=f"accuracy {result['accuracy']:.3f}")
+        ax.set(
+            xticks=range(len(labels)),
+            yticks=range(len(labels)),
+            xticklabels=labels,
+            yticklabels=labels,
+            xlabel="predicted",
+            ylabel="true",
+            title=f"accuracy {result['accuracy']:.3f}",
+        )
         fig.tight_layout()
         return fig
     per_tag = result["per_tag"]
@@ -164,7 +193,12 @@ def _figure(task: str, labels: tuple[str, ...], result: dict[str, Any], scores: 
     names = sorted(per_tag, key=lambda t: -per_tag[t]["roc_auc"])
     ax.bar(range(len(names)), [per_tag[t]["roc_auc"] for t in names])
     ax.axhline(0.5, color="k", lw=1, ls="--")
-    ax.set(xticks=range(len(names)), ylim=(0, 1), ylabel="ROC-AUC", title=f"ROC-AUC macro {result['roc_auc_macro']:.3f}, PR-AUC macro {result['pr_auc_macro']:.3f}")
+    ax.set(
+        xticks=range(len(names)),
+        ylim=(0, 1),
+        ylabel="ROC-AUC",
+        title=f"ROC-AUC macro {result['roc_auc_macro']:.3f}, PR-AUC macro {result['pr_auc_macro']:.3f}",
+    )
     ax.set_xticklabels(names, rotation=90, fontsize=7)
     fig.tight_layout()
     return fig
@@ -174,13 +208,22 @@ def _figure(task: str, labels: tuple[str, ...], result: dict[str, Any], scores: 
 
 
 @torch.inference_mode()
-def score(serving: torch.nn.Module, patches: np.ndarray, device: torch.device | str = "cpu", batch: int = 64) -> np.ndarray:
+def score(
+    serving: torch.nn.Module, patches: np.ndarray, device: torch.device | str = "cpu", batch: int = 64
+) -> np.ndarray:
     """patches [n, PATCH_FRAMES, N_MELS] -> served scores [n, n_labels], ``batch`` patches a call."""
-    return np.concatenate([serving(torch.from_numpy(patches[i : i + batch]).to(device))[0].float().cpu().numpy() for i in range(0, len(patches), batch)])
+    return np.concatenate(
+        [
+            serving(torch.from_numpy(patches[i : i + batch]).to(device))[0].float().cpu().numpy()
+            for i in range(0, len(patches), batch)
+        ]
+    )
 
 
 @torch.inference_mode()
-def predict(serving: torch.nn.Module, tracks: list[Track], task: str, cache: FeatureCache, batch: int = 64) -> tuple[np.ndarray, np.ndarray]:
+def predict(
+    serving: torch.nn.Module, tracks: list[Track], task: str, cache: FeatureCache, batch: int = 64
+) -> tuple[np.ndarray, np.ndarray]:
     """(scores, truth): per track (mean over its serving patches), or per annotated patch for va_steps."""
     scores, truth = [], []
     for track in tracks:

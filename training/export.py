@@ -2,7 +2,7 @@
 
 One checkpoint gives a single-network entry; several give one graph that runs every network on
 the same input, so a single request brings all their outputs back (``musicnn``: the MSD and MTT
-networks; measured against two separate models in the README's Models section):
+networks; measured against two separate models in docs/models-and-moods.md):
 
     triton_models/<name>/
       config.pbtxt          GPU servers: onnxruntime platform, dynamic batching, warm-up
@@ -67,7 +67,16 @@ class Exported:
     max_rel_diff: dict[str, float]  # "inference_form" / "torchscript" / "onnxruntime" vs eager, see check_parity
 
 
-def export(checkpoints: Path | list[Path], name: str | None, repository: Path, *, version: int = 1, network_names: list[str] | None = None, gpu_max_batch: int = 256, cpu_max_batch: int = 16) -> Exported:
+def export(
+    checkpoints: Path | list[Path],
+    name: str | None,
+    repository: Path,
+    *,
+    version: int = 1,
+    network_names: list[str] | None = None,
+    gpu_max_batch: int = 256,
+    cpu_max_batch: int = 16,
+) -> Exported:
     """Write ``repository/name`` from one checkpoint or several; return the parity figures.
 
     ``name`` defaults to the training run's ``name`` option, else the architecture (one
@@ -78,7 +87,9 @@ def export(checkpoints: Path | list[Path], name: str | None, repository: Path, *
     paths = [checkpoints] if isinstance(checkpoints, Path) else list(checkpoints)
     loaded = [load_checkpoint(p) for p in paths]
     if len(paths) == 1 and imitated_networks(loaded[0][1]):
-        return _export_student(loaded[0], name, repository, version=version, gpu_max_batch=gpu_max_batch, cpu_max_batch=cpu_max_batch)
+        return _export_student(
+            loaded[0], name, repository, version=version, gpu_max_batch=gpu_max_batch, cpu_max_batch=cpu_max_batch
+        )
     if len(paths) == 1:
         ckpt = loaded[0][1]
         name = name or ckpt.get("config", {}).get("name") or ckpt["arch"]
@@ -96,15 +107,33 @@ def export(checkpoints: Path | list[Path], name: str | None, repository: Path, *
     serving = ServingGraph([m for m, _ in loaded]).eval()
     dims = _embedding_dims(serving)
     networks = tuple(
-        Network(name=n, version=str(c["version"]), task=c["task"], labels=tuple(c["labels"]), embedding_dim=d, scores_output=o[0], embedding_output=o[1])
+        Network(
+            name=n,
+            version=str(c["version"]),
+            task=c["task"],
+            labels=tuple(c["labels"]),
+            embedding_dim=d,
+            scores_output=o[0],
+            embedding_output=o[1],
+        )
         for n, (_, c), d, o in zip(names, loaded, dims, outputs)
     )
     versions = sorted({net.version for net in networks})
     meta = ModelMeta(name=name, version="-".join(versions), frontend=loaded[0][1]["frontend"], networks=networks)
-    return _write_entry(serving, meta, repository, version=version, gpu_max_batch=gpu_max_batch, cpu_max_batch=cpu_max_batch)
+    return _write_entry(
+        serving, meta, repository, version=version, gpu_max_batch=gpu_max_batch, cpu_max_batch=cpu_max_batch
+    )
 
 
-def _export_student(loaded: tuple[nn.Module, dict], name: str | None, repository: Path, *, version: int, gpu_max_batch: int, cpu_max_batch: int) -> Exported:
+def _export_student(
+    loaded: tuple[nn.Module, dict],
+    name: str | None,
+    repository: Path,
+    *,
+    version: int,
+    gpu_max_batch: int,
+    cpu_max_batch: int,
+) -> Exported:
     """A student imitating several networks: one entry with each network's outputs under the
     teacher's names (its moods.toml sections apply), each carrying the student's version."""
     model, ckpt = loaded
@@ -112,14 +141,26 @@ def _export_student(loaded: tuple[nn.Module, dict], name: str | None, repository
     name = name or ckpt.get("config", {}).get("name") or ckpt["arch"]
     serving = ServingGraph([model], [[(len(n["labels"]), n["embedding_dim"]) for n in imitated]]).eval()
     networks = tuple(
-        Network(name=n["name"], version=str(ckpt["version"]), task=ckpt["task"], labels=tuple(n["labels"]), embedding_dim=n["embedding_dim"], scores_output=f"{n['name']}_{SCORES}", embedding_output=f"{n['name']}_{EMBEDDING}")
+        Network(
+            name=n["name"],
+            version=str(ckpt["version"]),
+            task=ckpt["task"],
+            labels=tuple(n["labels"]),
+            embedding_dim=n["embedding_dim"],
+            scores_output=f"{n['name']}_{SCORES}",
+            embedding_output=f"{n['name']}_{EMBEDDING}",
+        )
         for n in imitated
     )
     meta = ModelMeta(name=name, version=str(ckpt["version"]), frontend=ckpt["frontend"], networks=networks)
-    return _write_entry(serving, meta, repository, version=version, gpu_max_batch=gpu_max_batch, cpu_max_batch=cpu_max_batch)
+    return _write_entry(
+        serving, meta, repository, version=version, gpu_max_batch=gpu_max_batch, cpu_max_batch=cpu_max_batch
+    )
 
 
-def _write_entry(trained: ServingGraph, meta: ModelMeta, repository: Path, *, version: int, gpu_max_batch: int, cpu_max_batch: int) -> Exported:
+def _write_entry(
+    trained: ServingGraph, meta: ModelMeta, repository: Path, *, version: int, gpu_max_batch: int, cpu_max_batch: int
+) -> Exported:
     name = meta.name
     serving = inference_form(trained)
     entry = repository / name
@@ -153,7 +194,9 @@ def cpu_model_file() -> str:
     return CPU_MODEL_STAMP + _CPU_MODEL.read_text()
 
 
-def check_parity(trained: nn.Module, serving: nn.Module, version_dir: Path, outputs: tuple[str, ...], batch: int = 5) -> dict[str, float]:
+def check_parity(
+    trained: nn.Module, serving: nn.Module, version_dir: Path, outputs: tuple[str, ...], batch: int = 5
+) -> dict[str, float]:
     """Max |Δ| of the inference form (eager), TorchScript and onnxruntime against the trained
     networks in eager PyTorch, on random patches of ``batch`` (a batch size the exporter never
     saw, to exercise the dynamic axis); each output's |Δ| divided by its scale (its largest

@@ -107,30 +107,45 @@ def compare(tf_python: str, files: list[Path], repository: Path) -> list[dict[st
 
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp, "scores.npz")
-        subprocess.run([tf_python, str(Path(__file__).with_name("_tf_musicnn.py")), "--tag", str(out), *map(str, files)], check=True, capture_output=True)
+        subprocess.run(
+            [tf_python, str(Path(__file__).with_name("_tf_musicnn.py")), "--tag", str(out), *map(str, files)],
+            check=True,
+            capture_output=True,
+        )
         with np.load(out) as result:
             original = dict(result)
     report = []
     for name, folder in MODELS.items():
         scorer = OnnxScorer(repository, name)
-        ours = np.stack([scorer.score_sync(analyse(f.read_bytes(), max_duration_s=3600, min_duration_s=0).patches.patches).mean(axis=0) for f in files])
+        ours = np.stack(
+            [
+                scorer.score_sync(analyse(f.read_bytes(), max_duration_s=3600, min_duration_s=0).patches.patches).mean(
+                    axis=0
+                )
+                for f in files
+            ]
+        )
         for variant in ("f32", "f16"):
             theirs = original[f"{folder}/{variant}"]
             top_theirs, top_ours = np.argsort(-theirs, axis=1)[:, :5], np.argsort(-ours, axis=1)[:, :5]
-            report.append({
-                "model": name,
-                "original_compression": {"f32": "float32", "f16": "float16 (as published)"}[variant],
-                "files": len(files),
-                "max_abs_diff": float(np.abs(ours - theirs).max()),
-                "median_track_max_abs_diff": float(np.median(np.abs(ours - theirs).max(axis=1))),
-                "top5_overlap": float(np.mean([len(set(a) & set(b)) / 5 for a, b in zip(top_theirs, top_ours)])),
-                "top5_same_order": float(np.mean([list(a) == list(b) for a, b in zip(top_theirs, top_ours)])),
-                "f16_overflow_bins": float(original["overflow"].mean()),
-            })
+            report.append(
+                {
+                    "model": name,
+                    "original_compression": {"f32": "float32", "f16": "float16 (as published)"}[variant],
+                    "files": len(files),
+                    "max_abs_diff": float(np.abs(ours - theirs).max()),
+                    "median_track_max_abs_diff": float(np.median(np.abs(ours - theirs).max(axis=1))),
+                    "top5_overlap": float(np.mean([len(set(a) & set(b)) / 5 for a, b in zip(top_theirs, top_ours)])),
+                    "top5_same_order": float(np.mean([list(a) == list(b) for a, b in zip(top_theirs, top_ours)])),
+                    "f16_overflow_bins": float(original["overflow"].mean()),
+                }
+            )
     return report
 
 
-def convert(tf_python: str, clips: list[Path], weights_dir: Path = WEIGHTS_DIR, fixture: Path = FIXTURE) -> dict[str, float]:
+def convert(
+    tf_python: str, clips: list[Path], weights_dir: Path = WEIGHTS_DIR, fixture: Path = FIXTURE
+) -> dict[str, float]:
     """Writes both checkpoints and the parity fixture; returns max |Δprob| per model."""
     patches = fixture_patches(clips)
     tf_out = run_tensorflow(tf_python, patches)
@@ -146,7 +161,14 @@ def convert(tf_python: str, clips: list[Path], weights_dir: Path = WEIGHTS_DIR, 
         with torch.inference_mode():
             logits, _embedding = model(torch.from_numpy(patches))
         worst[name] = float(np.abs(torch.sigmoid(logits).numpy() - tf_probs).max())
-        save_checkpoint(weights_dir / f"{name}.pt", model, arch="musicnn", labels=labels, version=VERSION, source=_SOURCE.format(folder))
+        save_checkpoint(
+            weights_dir / f"{name}.pt",
+            model,
+            arch="musicnn",
+            labels=labels,
+            version=VERSION,
+            source=_SOURCE.format(folder),
+        )
         fixture_arrays[f"{name}/probs"] = tf_probs
         fixture_arrays[f"{name}/embedding"] = tf_embedding
     fixture.parent.mkdir(parents=True, exist_ok=True)

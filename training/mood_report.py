@@ -46,7 +46,9 @@ def network_agreement(taxonomy: Taxonomy, tracks: TrackSet) -> dict[str, dict[st
     for family in taxonomy.families:
         by_network: dict[str, list] = {}
         for m in family.members:
-            by_network.setdefault(m.network, []).append(cdf(taxonomy.calibration.tags[m.key], tracks.scores[m.network][:, m.column]))
+            by_network.setdefault(m.network, []).append(
+                cdf(taxonomy.calibration.tags[m.key], tracks.scores[m.network][:, m.column])
+            )
         if len(by_network) < 2:
             continue
         (a, xs), (b, ys) = list(by_network.items())[:2]
@@ -56,12 +58,30 @@ def network_agreement(taxonomy: Taxonomy, tracks: TrackSet) -> dict[str, dict[st
     return out
 
 
-def report(folders: list[Path], model: str, repository: Path, *, cache_dir: Path | None, role: str = "check", excerpts: int = 5, excerpt_s: float = 15.0, moods_file: Path = DEFAULT_MOODS_FILE, max_duration_s: float = DEFAULT_MAX_DURATION_S) -> dict[str, Any]:
+def report(
+    folders: list[Path],
+    model: str,
+    repository: Path,
+    *,
+    cache_dir: Path | None,
+    role: str = "check",
+    excerpts: int = 5,
+    excerpt_s: float = 15.0,
+    moods_file: Path = DEFAULT_MOODS_FILE,
+    max_duration_s: float = DEFAULT_MAX_DURATION_S,
+) -> dict[str, Any]:
     files = reference_files(folders, role=role)
     taxonomy = load_taxonomy(read_meta(repository, model), moods_file)
     scorer = OnnxScorer(repository, model, threads=1)
     whole = score_tracks(files, scorer, cache_dir=cache_dir, max_duration_s=max_duration_s)
-    window = score_tracks([Path(f) for f in whole.files], scorer, cache_dir=cache_dir, max_duration_s=max_duration_s, excerpts=excerpts, excerpt_s=excerpt_s)
+    window = score_tracks(
+        [Path(f) for f in whole.files],
+        scorer,
+        cache_dir=cache_dir,
+        max_duration_s=max_duration_s,
+        excerpts=excerpts,
+        excerpt_s=excerpt_s,
+    )
     views, windowed = _views(taxonomy, whole), _views(taxonomy, window)
     n = len(views)
     leading = [v.leading_mood["mood"] for v in views]
@@ -81,7 +101,9 @@ def report(folders: list[Path], model: str, repository: Path, *, cache_dir: Path
         "stability": {
             "window": f"{excerpts} x {excerpt_s:g} s",
             "tracks_longer_than_window": int(longer.sum()),
-            "same_leading_mood": round(float(np.mean([a.leading_mood["mood"] == b.leading_mood["mood"] for a, b in zip(views, windowed)])), 3),
+            "same_leading_mood": round(
+                float(np.mean([a.leading_mood["mood"] == b.leading_mood["mood"] for a, b in zip(views, windowed)])), 3
+            ),
             "same_quadrant": round(float(np.mean([a.quadrant == b.quadrant for a, b in zip(views, windowed)])), 3),
             "valence_abs_delta_median": round(float(np.median(np.abs(valence - w_valence))), 3),
             "arousal_abs_delta_median": round(float(np.median(np.abs(arousal - w_arousal))), 3),
@@ -97,8 +119,14 @@ def report(folders: list[Path], model: str, repository: Path, *, cache_dir: Path
             }
             for i, f in enumerate(taxonomy.families)
         },
-        "valence": {"p10": round(float(np.percentile(valence, 10)), 3), "p90": round(float(np.percentile(valence, 90)), 3)},
-        "arousal": {"p10": round(float(np.percentile(arousal, 10)), 3), "p90": round(float(np.percentile(arousal, 90)), 3)},
+        "valence": {
+            "p10": round(float(np.percentile(valence, 10)), 3),
+            "p90": round(float(np.percentile(valence, 90)), 3),
+        },
+        "arousal": {
+            "p10": round(float(np.percentile(arousal, 10)), 3),
+            "p90": round(float(np.percentile(arousal, 90)), 3),
+        },
     }
 
 
@@ -112,9 +140,14 @@ def as_markdown(result: dict[str, Any]) -> str:
     ]
     for family, spread in result["spread"].items():
         rho = result["network_agreement"].get(family, {}).get("spearman")
-        lines.append(f"| {family} | {'' if rho is None else rho} | {spread['p10']} | {spread['p50']} | {spread['p90']} | {spread['std']} |")
+        lines.append(
+            f"| {family} | {'' if rho is None else rho} | {spread['p10']} | {spread['p50']} | {spread['p90']} | {spread['std']} |"
+        )
     s = result["stability"]
-    lines += ["", f"whole track vs {s['window']}: same leading mood {s['same_leading_mood']:.1%}, same quadrant {s['same_quadrant']:.1%}, "
-              f"median |Δvalence| {s['valence_abs_delta_median']}, |Δarousal| {s['arousal_abs_delta_median']}, "
-              f"Spearman valence {s['valence_spearman']}, arousal {s['arousal_spearman']} ({s['tracks_longer_than_window']} tracks longer than the window)"]
+    lines += [
+        "",
+        f"whole track vs {s['window']}: same leading mood {s['same_leading_mood']:.1%}, same quadrant {s['same_quadrant']:.1%}, "
+        f"median |Δvalence| {s['valence_abs_delta_median']}, |Δarousal| {s['arousal_abs_delta_median']}, "
+        f"Spearman valence {s['valence_spearman']}, arousal {s['arousal_spearman']} ({s['tracks_longer_than_window']} tracks longer than the window)",
+    ]
     return "\n".join(lines)

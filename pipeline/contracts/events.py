@@ -5,7 +5,7 @@ what the input is validated against; this module adds what a schema cannot say (
 of :func:`pipeline.stages.storage.parse_uri`, RFC 3339 timestamps, strict JSON) and builds the output
 and dead-letter records. It knows nothing about Kafka clients; topic names are settings.
 
-Outputs on ``tracks.moods`` are schema version 2 (``track_moods.v2.json``; the README says
+Outputs on ``tracks.moods`` are schema version 2 (``track_moods.v2.json``; docs/events.md says
 what changed since version 1); ingestion events and dead letters are version 1.
 
 Delivery is at least once, so a track can be tagged twice. An output is deterministic per
@@ -179,7 +179,10 @@ class TrackMoods:
                 **self.analysis,
                 "schema_version": MOODS_SCHEMA_VERSION,
                 "track_id": self.track_id,
-                "model": {**_model(self.model), "networks": [{"name": n, "version": v} for n, v in self.model.networks]},
+                "model": {
+                    **_model(self.model),
+                    "networks": [{"name": n, "version": v} for n, v in self.model.networks],
+                },
                 "processed_at": _format_timestamp(self.processed_at),
                 "latency_ms": self.latency_ms,
                 "correlation_id": self.correlation_id,
@@ -188,7 +191,9 @@ class TrackMoods:
         )
 
 
-def dead_letter(raw: bytes | None, error: TrackError, *, attempts: int, model: ModelRef | None, track_id: str | None) -> bytes:
+def dead_letter(
+    raw: bytes | None, error: TrackError, *, attempts: int, model: ModelRef | None, track_id: str | None
+) -> bytes:
     """A ``tracks.moods.dlq`` value: why ``raw`` failed, keeping ``raw`` itself.
 
     ``original`` is the parsed event when ``raw`` is strict JSON, its text when it is UTF-8
@@ -279,7 +284,9 @@ def _parse_timestamp(value: str | None, name: str) -> datetime | None:
     if value is None:
         return None
     if not _RFC3339.fullmatch(value):
-        raise BadEvent(f"$.{name}: {value[:64]!r} is not an RFC 3339 timestamp with a time zone (e.g. 2026-01-02T03:04:05Z)")
+        raise BadEvent(
+            f"$.{name}: {value[:64]!r} is not an RFC 3339 timestamp with a time zone (e.g. 2026-01-02T03:04:05Z)"
+        )
     try:
         return datetime.fromisoformat(value.upper())
     except ValueError as exc:

@@ -86,7 +86,9 @@ class ModelMeta:
     def network(self) -> Network:
         """The only network of a single-network model (training and export code use this)."""
         if len(self.networks) != 1:
-            raise ConfigError(f"model {self.name} runs {len(self.networks)} networks; name one of {[n.name for n in self.networks]}")
+            raise ConfigError(
+                f"model {self.name} runs {len(self.networks)} networks; name one of {[n.name for n in self.networks]}"
+            )
         return self.networks[0]
 
     @property
@@ -139,7 +141,13 @@ def from_config(config: pb.ModelConfig) -> ModelMeta:
         calibration = None
         if CALIBRATION_PARAMETER in config.parameters:
             calibration = json.loads(config.parameters[CALIBRATION_PARAMETER].string_value)
-        meta = ModelMeta(name=config.name, version=str(raw["version"]), frontend=raw["frontend"], networks=networks, calibration=calibration)
+        meta = ModelMeta(
+            name=config.name,
+            version=str(raw["version"]),
+            frontend=raw["frontend"],
+            networks=networks,
+            calibration=calibration,
+        )
     except (KeyError, ValueError, TypeError) as exc:
         raise ConfigError(
             f"model {config.name!r} has no valid {META_PARAMETER!r} parameter in its config "
@@ -149,7 +157,9 @@ def from_config(config: pb.ModelConfig) -> ModelMeta:
         if network.task not in TASKS:
             raise ConfigError(f"model {meta.name}: network {network.name}: unknown task {network.task!r}")
     if not meta.networks or len({n.name for n in meta.networks}) != len(meta.networks):
-        raise ConfigError(f"model {meta.name}: networks must be listed once each, got {[n.name for n in meta.networks]}")
+        raise ConfigError(
+            f"model {meta.name}: networks must be listed once each, got {[n.name for n in meta.networks]}"
+        )
     declared = {o.name for o in config.output}
     missing = sorted(set(meta.outputs) - declared) if declared else []
     if missing:
@@ -178,7 +188,11 @@ def read_config(repository: Path, name: str, config_name: str | None = None) -> 
     """Parse ``repository/name/config.pbtxt`` (or ``configs/<config_name>.pbtxt``)."""
     path = config_path(repository, name, config_name)
     if not path.is_file():
-        known = sorted(p.name for p in repository.iterdir() if (p / "config.pbtxt").is_file()) if repository.is_dir() else []
+        known = (
+            sorted(p.name for p in repository.iterdir() if (p / "config.pbtxt").is_file())
+            if repository.is_dir()
+            else []
+        )
         raise ConfigError(f"no model {name!r} in {repository} (no {path}); models there: {known}")
     try:
         return text_format.Parse(path.read_text(), pb.ModelConfig())

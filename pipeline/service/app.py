@@ -53,7 +53,9 @@ def create_app(settings: Settings, *, catalog: CatalogStore | None = None, score
         meta = the_scorer.meta
         network = settings.similar_network or meta.networks[0].name
         if network not in {n.name for n in meta.networks}:
-            raise ConfigError(f"MOODSTREAM_SIMILAR_NETWORK={network!r} is not a network of {meta.name} ({', '.join(n.name for n in meta.networks)})")
+            raise ConfigError(
+                f"MOODSTREAM_SIMILAR_NETWORK={network!r} is not a network of {meta.name} ({', '.join(n.name for n in meta.networks)})"
+            )
         state = State(
             settings=settings,
             scorer=the_scorer,
@@ -66,7 +68,14 @@ def create_app(settings: Settings, *, catalog: CatalogStore | None = None, score
         metrics.MODEL_INFO.labels(state.model.name, state.model.version).set(1)
         await pool.warm_up(state.pool, settings.max_analyses_in_flight)
         tasks = [asyncio.create_task(_open_catalog(state, catalog))]
-        log.info("moodstream serve: %s v%s, similar tracks by %s, page at http://%s:%d/", meta.name, meta.served_version, network, settings.service_host, settings.service_port)
+        log.info(
+            "moodstream serve: %s v%s, similar tracks by %s, page at http://%s:%d/",
+            meta.name,
+            meta.served_version,
+            network,
+            settings.service_host,
+            settings.service_port,
+        )
         try:
             yield
         finally:
@@ -101,41 +110,45 @@ async def _open_catalog(state: State, given: CatalogStore | None) -> None:
     s = state.settings
     while state.catalog is None and not state.stop.is_set():
         try:
-            opened = given or await asyncio.to_thread(CatalogStore.open, s.catalog_url.get_secret_value())
+            opened = (
+                given
+                if given is not None
+                else await asyncio.to_thread(CatalogStore.open, s.catalog_url.get_secret_value())
+            )
             state.index = await asyncio.to_thread(NeighbourIndex.load_or_build, s.index_dir, opened, state.network)
             state.catalog = opened
         except ServiceUnavailable as exc:
             log.warning("waiting for the catalog: %s", exc)
             await _sleep_unless_stopped(state, RECONNECT_S)
-    if state.catalog is None:
+    if state.catalog is None or state.index is None:
         return
-    metrics.CATALOG_TRACKS.set(await asyncio.to_thread(state.catalog.count))
-    saver = asyncio.create_task(_save_index_while_running(state))
+    catalog, index = state.catalog, state.index
+    metrics.CATALOG_TRACKS.set(await asyncio.to_thread(catalog.count))
+    saver = asyncio.create_task(_save_index_while_running(state, index))
     try:
         if s.catalog_follow:
-            await _follow_forever(state)
+            await _follow_forever(state, catalog, index)
         else:
-            await _refresh_forever(state)
+            await _refresh_forever(state, catalog, index)
     finally:
         saver.cancel()
 
 
-async def _refresh_forever(state: State) -> None:
+async def _refresh_forever(state: State, catalog: CatalogStore, index: NeighbourIndex) -> None:
     """Without a consumer of its own, catch the index up on what other replicas store."""
     while not state.stop.is_set():
         try:
-            await asyncio.to_thread(state.index.refresh, state.catalog)
-            metrics.CATALOG_TRACKS.set(await asyncio.to_thread(state.catalog.count))
+            await asyncio.to_thread(index.refresh, catalog)
+            metrics.CATALOG_TRACKS.set(await asyncio.to_thread(catalog.count))
         except ServiceUnavailable as exc:
             log.warning("the similar-tracks index cannot catch up: %s", exc)
         await _sleep_unless_stopped(state, REFRESH_S)
 
 
-async def _follow_forever(state: State) -> None:
+async def _follow_forever(state: State, catalog: CatalogStore, index: NeighbourIndex) -> None:
     """The catalog's consumer of the output topic; a broker or store outage is waited out."""
     from aiokafka import AIOKafkaConsumer
     from aiokafka.errors import KafkaError
-
 
     s = state.settings
     while not state.stop.is_set():
@@ -152,7 +165,7 @@ async def _follow_forever(state: State) -> None:
             state.follower = "connecting"
             await consumer.start()
             state.follower = "following"
-            await follow(consumer, state.catalog, state.index, stop=state.stop)
+            await follow(consumer, catalog, index, stop=state.stop)
         except (KafkaError, ServiceUnavailable, OSError) as exc:
             state.follower = f"waiting: {type(exc).__name__}"
             log.warning("catalog consumer of %s stopped (%s); reconnecting in %.0f s", s.output_topic, exc, RECONNECT_S)
@@ -163,13 +176,13 @@ async def _follow_forever(state: State) -> None:
     state.follower = "stopped"
 
 
-async def _save_index_while_running(state: State) -> None:
-    saved = state.index.seq
+async def _save_index_while_running(state: State, index: NeighbourIndex) -> None:
+    saved = index.seq
     while True:
         await asyncio.sleep(INDEX_SAVE_S)
-        if state.index.seq != saved:
-            saved = state.index.seq
-            await asyncio.to_thread(state.index.save, state.settings.index_dir)
+        if index.seq != saved:
+            saved = index.seq
+            await asyncio.to_thread(index.save, state.settings.index_dir)
 
 
 async def _sleep_unless_stopped(state: State, seconds: float) -> None:
@@ -187,7 +200,9 @@ def _add_metrics_middleware(app: FastAPI) -> None:
             status = response.status_code
             return response
         finally:
-            route = getattr(request.scope.get("route"), "path", None) or ("/static" if request.url.path.startswith("/static/") else "unmatched")
+            route = getattr(request.scope.get("route"), "path", None) or (
+                "/static" if request.url.path.startswith("/static/") else "unmatched"
+            )
             metrics.HTTP_REQUESTS.labels(route, request.method, str(status)).inc()
             metrics.HTTP_SECONDS.labels(route).observe(time.perf_counter() - start)
 

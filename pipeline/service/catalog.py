@@ -113,12 +113,14 @@ class CatalogStore:
             import psycopg
 
             try:
-                db = psycopg.connect(url, autocommit=True, connect_timeout=10)
+                server = psycopg.connect(url, autocommit=True, connect_timeout=10)
             except psycopg.Error as exc:
                 # The message may echo the URL (and its password): name the host only.
                 raise ServiceUnavailable(f"the PostgreSQL catalog does not answer: {type(exc).__name__}") from None
-            return cls(db, "postgresql", migrate_to=migrate_to)
-        raise ConfigError(f"the catalog URL must be sqlite:///path.db or postgresql://…, got scheme {url.split(':', 1)[0]!r}")
+            return cls(server, "postgresql", migrate_to=migrate_to)
+        raise ConfigError(
+            f"the catalog URL must be sqlite:///path.db or postgresql://…, got scheme {url.split(':', 1)[0]!r}"
+        )
 
     # --- writing ----------------------------------------------------------------------------
 
@@ -127,42 +129,75 @@ class CatalogStore:
         key = (record["track_id"], record["model"]["name"], record["model"]["version"])
         text = json.dumps(record, sort_keys=True, separators=(",", ":"))
         with self._transaction() as cur:
-            cur.execute(self._sql("SELECT record FROM records WHERE track_id = ? AND model_name = ? AND model_version = ?"), key)
+            cur.execute(
+                self._sql("SELECT record FROM records WHERE track_id = ? AND model_name = ? AND model_version = ?"), key
+            )
             row = cur.fetchone()
             if row is not None and _content(json.loads(row[0])) == _content(record):
                 return False
             if row is not None:
                 # Delete and insert rather than update: the row gets a new seq, which is how
                 # neighbour indexes find what changed.
-                cur.execute(self._sql("DELETE FROM records WHERE track_id = ? AND model_name = ? AND model_version = ?"), key)
-            cur.execute(self._sql("INSERT INTO records (track_id, model_name, model_version, processed_at, record) VALUES (?, ?, ?, ?, ?)"), (*key, record["processed_at"], text))
+                cur.execute(
+                    self._sql("DELETE FROM records WHERE track_id = ? AND model_name = ? AND model_version = ?"), key
+                )
+            cur.execute(
+                self._sql(
+                    "INSERT INTO records (track_id, model_name, model_version, processed_at, record) VALUES (?, ?, ?, ?, ?)"
+                ),
+                (*key, record["processed_at"], text),
+            )
             self._refresh_latest(cur, record["track_id"])
         return True
 
     def _refresh_latest(self, cur: Any, track_id: str) -> None:
         """Make track_latest and track_moods describe the track's newest record."""
-        cur.execute(self._sql("SELECT seq, processed_at, record FROM records WHERE track_id = ? ORDER BY processed_at DESC, seq DESC LIMIT 1"), (track_id,))
+        cur.execute(
+            self._sql(
+                "SELECT seq, processed_at, record FROM records WHERE track_id = ? ORDER BY processed_at DESC, seq DESC LIMIT 1"
+            ),
+            (track_id,),
+        )
         seq, processed_at, text = cur.fetchone()
         record = json.loads(text)
         cur.execute(self._sql("DELETE FROM track_latest WHERE track_id = ?"), (track_id,))
         cur.execute(self._sql("DELETE FROM track_moods WHERE track_id = ?"), (track_id,))
-        cur.execute(self._sql("INSERT INTO track_latest (track_id, seq, processed_at, valence, arousal, quadrant) VALUES (?, ?, ?, ?, ?, ?)"), (track_id, seq, processed_at, record.get("valence"), record.get("arousal"), record.get("quadrant")))
+        cur.execute(
+            self._sql(
+                "INSERT INTO track_latest (track_id, seq, processed_at, valence, arousal, quadrant) VALUES (?, ?, ?, ?, ?, ?)"
+            ),
+            (track_id, seq, processed_at, record.get("valence"), record.get("arousal"), record.get("quadrant")),
+        )
         moods = record.get("moods") or {}
         if moods:
-            cur.executemany(self._sql("INSERT INTO track_moods (track_id, mood, score) VALUES (?, ?, ?)"), [(track_id, mood, float(score)) for mood, score in moods.items()])
+            cur.executemany(
+                self._sql("INSERT INTO track_moods (track_id, mood, score) VALUES (?, ?, ?)"),
+                [(track_id, mood, float(score)) for mood, score in moods.items()],
+            )
 
     # --- reading ----------------------------------------------------------------------------
 
     def track(self, track_id: str) -> dict[str, Any] | None:
         """The newest record of ``track_id`` (over its models), or None."""
-        rows = self._query("SELECT r.record FROM track_latest l JOIN records r ON r.seq = l.seq WHERE l.track_id = ?", (track_id,))
+        rows = self._query(
+            "SELECT r.record FROM track_latest l JOIN records r ON r.seq = l.seq WHERE l.track_id = ?", (track_id,)
+        )
         return json.loads(rows[0][0]) if rows else None
 
-    def ranked(self, *, mood: str | None = None, valence: tuple[float, float] | None = None, arousal: tuple[float, float] | None = None, quadrant: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
+    def ranked(
+        self,
+        *,
+        mood: str | None = None,
+        valence: tuple[float, float] | None = None,
+        arousal: tuple[float, float] | None = None,
+        quadrant: str | None = None,
+        limit: int = 50,
+    ) -> list[dict[str, Any]]:
         """One summary per track (its newest record), best first: by ``moods[mood]`` when
         ``mood`` is given, else newest first; optionally within a valence/arousal region
         ([low, high] in [-1, 1]) or a quadrant."""
-        where, params = [], []
+        where: list[str] = []
+        params: list[Any] = []
         if valence is not None:
             where.append("l.valence BETWEEN ? AND ?")
             params += list(valence)
@@ -190,7 +225,10 @@ class CatalogStore:
         for start in range(0, len(ids), 500):
             chunk = ids[start : start + 500]
             marks = ", ".join("?" * len(chunk))
-            for (text,) in self._query(f"SELECT r.record FROM track_latest l JOIN records r ON r.seq = l.seq WHERE l.track_id IN ({marks})", chunk):
+            for (text,) in self._query(
+                f"SELECT r.record FROM track_latest l JOIN records r ON r.seq = l.seq WHERE l.track_id IN ({marks})",
+                chunk,
+            ):
                 record = json.loads(text)
                 found[record["track_id"]] = summary(record)
         return found
@@ -198,7 +236,10 @@ class CatalogStore:
     def changed_since(self, seq: int, *, limit: int = 1000) -> tuple[int, list[tuple[str, dict[str, Any]]]]:
         """Tracks whose newest record changed after row ``seq``: (the last seq returned or
         ``seq``, [(track_id, record)]) in row order; call again until the list is empty."""
-        rows = self._query("SELECT l.seq, r.record FROM track_latest l JOIN records r ON r.seq = l.seq WHERE l.seq > ? ORDER BY l.seq LIMIT ?", (int(seq), int(limit)))
+        rows = self._query(
+            "SELECT l.seq, r.record FROM track_latest l JOIN records r ON r.seq = l.seq WHERE l.seq > ? ORDER BY l.seq LIMIT ?",
+            (int(seq), int(limit)),
+        )
         if not rows:
             return seq, []
         records = [json.loads(text) for _, text in rows]
@@ -262,15 +303,22 @@ class CatalogStore:
         with self._transaction(exclusive=True) as cur:
             if self.dialect == "postgresql":
                 cur.execute(self._sql("SELECT pg_advisory_xact_lock(?)"), (_MIGRATION_LOCK,))
-            cur.execute("CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, applied_at TEXT NOT NULL)")
+            cur.execute(
+                "CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, applied_at TEXT NOT NULL)"
+            )
             cur.execute("SELECT COALESCE(MAX(version), 0) FROM schema_migrations")
             current = int(cur.fetchone()[0])
             if current > len(MIGRATIONS):
-                raise ConfigError(f"the catalog's schema is version {current}, newer than this release knows ({len(MIGRATIONS)}); upgrade moodstream")
+                raise ConfigError(
+                    f"the catalog's schema is version {current}, newer than this release knows ({len(MIGRATIONS)}); upgrade moodstream"
+                )
             for version in range(current + 1, target + 1):
                 for statement in MIGRATIONS[version - 1]:
                     cur.execute(statement.format(**types))
-                cur.execute(self._sql("INSERT INTO schema_migrations (version, applied_at) VALUES (?, CURRENT_TIMESTAMP)"), (version,))
+                cur.execute(
+                    self._sql("INSERT INTO schema_migrations (version, applied_at) VALUES (?, CURRENT_TIMESTAMP)"),
+                    (version,),
+                )
                 log.info("catalog migrated to schema version %d", version)
             return max(current, target)
 

@@ -54,7 +54,12 @@ class NeighbourIndex:
         from it when there is none or it cannot be trusted."""
         index = cls._load(directory, network)
         if index is not None and index.seq > catalog.last_seq():
-            log.warning("the %s index is ahead of the catalog (row %d > %d): another catalog? rebuilding", network, index.seq, catalog.last_seq())
+            log.warning(
+                "the %s index is ahead of the catalog (row %d > %d): another catalog? rebuilding",
+                network,
+                index.seq,
+                catalog.last_seq(),
+            )
             index = None
         if index is None:
             index = cls(network)
@@ -77,7 +82,11 @@ class NeighbourIndex:
             log.warning("cannot load the %s index from %s (%s): rebuilding", network, directory, exc)
             return None
         index = cls(network, int(restored.ndim))
-        index._index, index._keys, index.seq = restored, {str(k): int(v) for k, v in meta["keys"].items()}, int(meta["seq"])
+        index._index, index._keys, index.seq = (
+            restored,
+            {str(k): int(v) for k, v in meta["keys"].items()},
+            int(meta["seq"]),
+        )
         index._next_key = max(index._keys.values(), default=-1) + 1
         return index
 
@@ -106,7 +115,9 @@ class NeighbourIndex:
                 self._dim = self._dim or int(vector.shape[0])
                 self._index = Index(ndim=self._dim, metric="cos", dtype="f32")
             if vector.shape != (self._dim,):
-                log.warning("%s: a %s embedding of %s, not [%d]: not indexed", track_id, self.network, vector.shape, self._dim)
+                log.warning(
+                    "%s: a %s embedding of %s, not [%d]: not indexed", track_id, self.network, vector.shape, self._dim
+                )
                 return
             key = self._keys.get(track_id)
             if key is not None:
@@ -129,10 +140,16 @@ class NeighbourIndex:
         first, without the track itself; KeyError when it is not in the index."""
         with self._lock:
             key = self._keys[track_id]
-            vector = self._index.get(key)
+            if self._index is None:  # keys exist only once the index does
+                raise KeyError(track_id)
+            vector = np.asarray(self._index.get(key), np.float32)
             found = self._index.search(vector, min(limit + 1, len(self._keys)))
             by_key = {v: k for k, v in self._keys.items()}
-            pairs = [(by_key[int(k)], float(d)) for k, d in zip(found.keys, found.distances) if int(k) in by_key and int(k) != key]
+            pairs = [
+                (by_key[int(k)], float(d))
+                for k, d in zip(found.keys, found.distances)
+                if int(k) in by_key and int(k) != key
+            ]
         return pairs[:limit]
 
     def save(self, directory: Path) -> None:

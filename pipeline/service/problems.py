@@ -41,9 +41,14 @@ _TITLES = {
 
 def problem_response(status: int, reason: str, detail: str, *, retry_after_s: int | None = None) -> JSONResponse:
     headers = {"Retry-After": str(retry_after_s)} if retry_after_s is not None else None
-    body = {"type": f"urn:moodstream:problem:{reason}", "title": _TITLES.get(reason, reason), "status": status, "detail": detail, "reason": reason}
+    body = {
+        "type": f"urn:moodstream:problem:{reason}",
+        "title": _TITLES.get(reason, reason),
+        "status": status,
+        "detail": detail,
+        "reason": reason,
+    }
     return JSONResponse(body, status_code=status, headers=headers, media_type="application/problem+json")
-
 
 
 def add_error_handlers(app: FastAPI) -> None:

@@ -1,12 +1,12 @@
 """The service's routes: thin, each one reads the request, calls what does the work and answers.
 
-    POST /v1/analyses                    an upload -> the record a track gets on tracks.moods
-    GET  /v1/tracks?mood=relaxed&limit=50   the catalog ranked for a feed (also valence=, arousal=, quadrant=)
-    GET  /v1/tracks/{track_id}           a track's latest record
-    GET  /v1/tracks/{track_id}/similar   nearest tracks by audio embedding
-    GET  /v1/moods                       the mood families and quadrants one can rank by
-    GET  /                               the page (``web/``; its assets under /static)
-    GET  /healthz  /readyz  /metrics
+POST /v1/analyses                    an upload -> the record a track gets on tracks.moods
+GET  /v1/tracks?mood=relaxed&limit=50   the catalog ranked for a feed (also valence=, arousal=, quadrant=)
+GET  /v1/tracks/{track_id}           a track's latest record
+GET  /v1/tracks/{track_id}/similar   nearest tracks by audio embedding
+GET  /v1/moods                       the mood families and quadrants one can rank by
+GET  /                               the page (``web/``; its assets under /static)
+GET  /healthz  /readyz  /metrics
 """
 
 from __future__ import annotations
@@ -38,18 +38,30 @@ router = APIRouter()
 async def page() -> FileResponse:
     return FileResponse(WEB_DIR / "index.html", media_type="text/html")
 
+
 @router.post(
     "/v1/analyses",
     summary="Tag an uploaded audio file",
     description="Multipart form with the audio in the field `file` (or the audio itself as the body, with an audio/* or application/octet-stream type). The answer is the record a catalog track gets on tracks.moods; the track_id is `upload-` and the first 16 hex digits of the file's SHA-256.",
-    responses={413: {"description": "larger than MOODSTREAM_MAX_UPLOAD_BYTES"}, 415: {"description": "not an audio container"}, 422: {"description": "audio, but undecodable or too short"}, 503: {"description": "busy (Retry-After) or the scorer is unavailable"}, 504: {"description": "longer than MOODSTREAM_ANALYSIS_TIMEOUT_S"}},
+    responses={
+        413: {"description": "larger than MOODSTREAM_MAX_UPLOAD_BYTES"},
+        415: {"description": "not an audio container"},
+        422: {"description": "audio, but undecodable or too short"},
+        503: {"description": "busy (Retry-After) or the scorer is unavailable"},
+        504: {"description": "longer than MOODSTREAM_ANALYSIS_TIMEOUT_S"},
+    },
 )
 async def analyses(request: Request) -> Response:
     state = state_of(request)
     s = state.settings
     if state.in_flight >= s.max_analyses_in_flight:
         metrics.ANALYSES.labels("busy").inc()
-        raise Problem(503, "busy", f"{state.in_flight} analyses in flight, the most this service takes at once", retry_after_s=RETRY_AFTER_S)
+        raise Problem(
+            503,
+            "busy",
+            f"{state.in_flight} analyses in flight, the most this service takes at once",
+            retry_after_s=RETRY_AFTER_S,
+        )
     state.in_flight += 1
     metrics.ANALYSES_IN_FLIGHT.set(state.in_flight)
     job = Job()
@@ -57,7 +69,9 @@ async def analyses(request: Request) -> Response:
         record = await asyncio.wait_for(tag_upload(request, state, job), s.analysis_timeout_s)
     except TimeoutError:
         metrics.ANALYSES.labels("timeout").inc()
-        raise Problem(504, "timeout", f"the analysis took longer than {s.analysis_timeout_s:g} s (MOODSTREAM_ANALYSIS_TIMEOUT_S)") from None
+        raise Problem(
+            504, "timeout", f"the analysis took longer than {s.analysis_timeout_s:g} s (MOODSTREAM_ANALYSIS_TIMEOUT_S)"
+        ) from None
     except Problem as exc:
         metrics.ANALYSES.labels(exc.reason).inc()
         raise
@@ -66,25 +80,39 @@ async def analyses(request: Request) -> Response:
     metrics.ANALYSES.labels("tagged").inc()
     return Response(record, media_type="application/json")
 
+
 @router.get("/v1/tracks", summary="The catalog ranked for a feed")
 async def tracks(
     request: Request,
-    mood: str | None = Query(None, description="rank by this mood family's score (GET /v1/moods lists them); without it, newest first"),
-    valence: str | None = Query(None, description="only tracks whose valence lies in low,high (within [-1, 1])", examples=["0.2,1"]),
-    arousal: str | None = Query(None, description="only tracks whose arousal lies in low,high (within [-1, 1])", examples=["-1,0"]),
-    quadrant: str | None = Query(None, description="only tracks in this quadrant of the mood plane: " + ", ".join(QUADRANTS)),
+    mood: str | None = Query(
+        None, description="rank by this mood family's score (GET /v1/moods lists them); without it, newest first"
+    ),
+    valence: str | None = Query(
+        None, description="only tracks whose valence lies in low,high (within [-1, 1])", examples=["0.2,1"]
+    ),
+    arousal: str | None = Query(
+        None, description="only tracks whose arousal lies in low,high (within [-1, 1])", examples=["-1,0"]
+    ),
+    quadrant: str | None = Query(
+        None, description="only tracks in this quadrant of the mood plane: " + ", ".join(QUADRANTS)
+    ),
     limit: int = Query(50, ge=1, le=500),
 ) -> dict[str, Any]:
     state = state_of(request)
     the_catalog, _ = state.need_catalog()
     moods = _mood_names(state)
     if mood is not None and mood not in moods:
-        raise Problem(400, "bad_request", f"unknown mood {mood!r}; one of: {', '.join(moods) or '(this model has no mood families)'}")
+        raise Problem(
+            400,
+            "bad_request",
+            f"unknown mood {mood!r}; one of: {', '.join(moods) or '(this model has no mood families)'}",
+        )
     if quadrant is not None and quadrant not in QUADRANTS:
         raise Problem(400, "bad_request", f"unknown quadrant {quadrant!r}; one of: {', '.join(QUADRANTS)}")
     region = {"valence": _range(valence, "valence"), "arousal": _range(arousal, "arousal")}
     found = await _read(the_catalog.ranked, mood=mood, quadrant=quadrant, limit=limit, **region)
     return {"tracks": found, "count": len(found), "mood": mood}
+
 
 # Track ids may hold '/': the similar route comes first so its suffix is not read as one.
 @router.get("/v1/tracks/{track_id:path}/similar", summary="Tracks that sound like this one (nearest audio embeddings)")
@@ -96,16 +124,23 @@ async def similar(request: Request, track_id: str, limit: int = Query(20, ge=1, 
         if record is None:
             raise Problem(404, "not_found", f"no track {track_id!r} in the catalog")
         if embedding_of(record, index.network) is None:
-            raise Problem(404, "not_found", f"track {track_id!r} has no {index.network} embedding (tagged with MOODSTREAM_EMBEDDINGS off?)")
+            raise Problem(
+                404,
+                "not_found",
+                f"track {track_id!r} has no {index.network} embedding (tagged with MOODSTREAM_EMBEDDINGS off?)",
+            )
         # Stored a moment ago (by this replica's consumer or another): catch up now.
         await _read(index.refresh, the_catalog)
     try:
         pairs = await asyncio.to_thread(index.similar, track_id, limit)
     except KeyError:
-        raise Problem(404, "not_found", f"track {track_id!r} has an embedding the index could not take (logged)") from None
+        raise Problem(
+            404, "not_found", f"track {track_id!r} has an embedding the index could not take (logged)"
+        ) from None
     summaries = await _read(the_catalog.summaries, [other for other, _ in pairs])
     near = [{**summaries[other], "distance": round(distance, 6)} for other, distance in pairs if other in summaries]
     return {"track_id": track_id, "network": index.network, "similar": near}
+
 
 @router.get("/v1/tracks/{track_id:path}", summary="A track's latest record")
 async def track(request: Request, track_id: str) -> Response:
@@ -115,14 +150,22 @@ async def track(request: Request, track_id: str) -> Response:
         raise Problem(404, "not_found", f"no track {track_id!r} in the catalog")
     return JSONResponse(record)
 
+
 @router.get("/v1/moods", summary="Mood families and quadrants the catalog can be ranked by")
 async def moods(request: Request) -> dict[str, Any]:
     state = state_of(request)
-    return {"moods": _mood_names(state), "quadrants": list(QUADRANTS), "source": state.taxonomy.source, "model": {"name": state.model.name, "version": state.model.version}}
+    return {
+        "moods": _mood_names(state),
+        "quadrants": list(QUADRANTS),
+        "source": state.taxonomy.source,
+        "model": {"name": state.model.name, "version": state.model.version},
+    }
+
 
 @router.get("/healthz", summary="Liveness: the process answers")
 async def healthz() -> dict[str, str]:
     return {"status": "ok"}
+
 
 @router.get("/readyz", summary="Readiness: the scorer and the catalog answer")
 async def readyz(request: Request) -> JSONResponse:
@@ -140,6 +183,7 @@ async def readyz(request: Request) -> JSONResponse:
             checks["catalog"] = str(exc)
     ok = checks["scorer"] == "ok" and checks["catalog"] == "ok"
     return JSONResponse({"status": "ready" if ok else "not ready", **checks}, status_code=200 if ok else 503)
+
 
 @router.get("/metrics", include_in_schema=False)
 async def prometheus() -> Response:
@@ -170,5 +214,3 @@ async def _read(call: Any, *args: Any, **kwargs: Any) -> Any:
         return await asyncio.to_thread(call, *args, **kwargs)
     except ServiceUnavailable as exc:
         raise Problem(503, "unavailable", str(exc), retry_after_s=int(RECONNECT_S)) from None
-
-

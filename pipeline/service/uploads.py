@@ -55,11 +55,22 @@ async def tag_upload(request: Request, state: State, job: Job) -> bytes:
     job.spool = spool = await read_upload(request, s.max_upload_bytes)
     kind = audio.sniff(spool.head)
     if kind is None:
-        detail = "the upload is empty" if not spool.size else "its first bytes are no audio container's (MP3, Ogg, FLAC, WAV, AIFF, MP4/M4A, WebM/Matroska, …)"
+        detail = (
+            "the upload is empty"
+            if not spool.size
+            else "its first bytes are no audio container's (MP3, Ogg, FLAC, WAV, AIFF, MP4/M4A, WebM/Matroska, …)"
+        )
         raise Problem(415, "undecodable", detail)
     received = time.perf_counter()
     loop = asyncio.get_running_loop()
-    task = functools.partial(analyse_file, str(spool.path), max_duration_s=s.max_duration_s, min_duration_s=s.min_duration_s, excerpts=s.excerpts, excerpt_s=s.excerpt_s)
+    task = functools.partial(
+        analyse_file,
+        str(spool.path),
+        max_duration_s=s.max_duration_s,
+        min_duration_s=s.min_duration_s,
+        excerpts=s.excerpts,
+        excerpt_s=s.excerpt_s,
+    )
     try:
         future = loop.run_in_executor(state.pool, task)
     except BrokenProcessPool:
@@ -82,12 +93,25 @@ async def tag_upload(request: Request, state: State, job: Job) -> bytes:
     except ServiceUnavailable as exc:
         raise Problem(503, "unavailable", str(exc), retry_after_s=RETRY_AFTER_S) from None
     done = time.perf_counter()
-    latency_ms = {"upload": _ms(received - started), "decode": _ms(result.decode_s), "features": _ms(result.features_s), "analysis": _ms(decoded - received), "inference": _ms(done - decoded), "total": _ms(done - started)}
+    latency_ms = {
+        "upload": _ms(received - started),
+        "decode": _ms(result.decode_s),
+        "features": _ms(result.features_s),
+        "analysis": _ms(decoded - received),
+        "inference": _ms(done - decoded),
+        "total": _ms(done - started),
+    }
     record = track_moods(
-        result, outputs, state.taxonomy,
-        track_id="upload-" + spool.sha256[:16], model=state.model,
-        processed_at=datetime.now(UTC), latency_ms=latency_ms,
-        top_moods=s.top_moods, segment_s=s.timeline_segment_s, embeddings=s.embeddings,
+        result,
+        outputs,
+        state.taxonomy,
+        track_id="upload-" + spool.sha256[:16],
+        model=state.model,
+        processed_at=datetime.now(UTC),
+        latency_ms=latency_ms,
+        top_moods=s.top_moods,
+        segment_s=s.timeline_segment_s,
+        embeddings=s.embeddings,
     )
     return record.to_json()
 
@@ -116,7 +140,9 @@ async def read_upload(request: Request, limit: int) -> _Spool:
     owns the spool (:meth:`_Spool.discard`); on an error it is gone already."""
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit + _FORM_OVERHEAD_BYTES:
-        raise Problem(413, "too_large", f"the upload is {int(declared)} bytes; the most is {limit} (MOODSTREAM_MAX_UPLOAD_BYTES)")
+        raise Problem(
+            413, "too_large", f"the upload is {int(declared)} bytes; the most is {limit} (MOODSTREAM_MAX_UPLOAD_BYTES)"
+        )
     kind, options = parse_options_header(request.headers.get("content-type", ""))
     if kind == b"multipart/form-data":
         boundary = options.get(b"boundary")
@@ -124,11 +150,17 @@ async def read_upload(request: Request, limit: int) -> _Spool:
             raise Problem(400, "bad_request", "a multipart upload needs a boundary")
         form = _FilePart(limit)
         try:
-            parser = MultipartParser(boundary, form.callbacks(), max_size=limit + _FORM_OVERHEAD_BYTES)
+            parser = MultipartParser(boundary, form.callbacks(), max_size=limit + _FORM_OVERHEAD_BYTES)  # type: ignore[arg-type]
             await _feed(request, parser.write, limit + _FORM_OVERHEAD_BYTES)
             parser.finalize()
             if form.spool is None:
-                raise Problem(400, "bad_request", "no form field named 'file' (the audio)" if not form.malformed else "the multipart body is malformed")
+                raise Problem(
+                    400,
+                    "bad_request",
+                    "no form field named 'file' (the audio)"
+                    if not form.malformed
+                    else "the multipart body is malformed",
+                )
         except BaseException:
             form.discard()
             raise
@@ -143,7 +175,11 @@ async def read_upload(request: Request, limit: int) -> _Spool:
             raise
         spool.close()
         return spool
-    raise Problem(415, "bad_request", f"send multipart/form-data with the audio in 'file', or the audio as the body (audio/* or application/octet-stream); got {kind.decode(errors='replace') or 'no Content-Type'}")
+    raise Problem(
+        415,
+        "bad_request",
+        f"send multipart/form-data with the audio in 'file', or the audio as the body (audio/* or application/octet-stream); got {kind.decode(errors='replace') or 'no Content-Type'}",
+    )
 
 
 async def _feed(request: Request, write: Any, limit: int) -> None:
@@ -248,5 +284,3 @@ class _FilePart:
     def _end(self) -> None:
         if self._current is not None:
             self.spool, self._current = self._current, None
-
-

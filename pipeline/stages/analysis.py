@@ -35,7 +35,15 @@ class Analysis:
     features_s: float  # seconds spent on log-mel and patching: the rest of analyse()
 
 
-def analyse(data: audio.Source, *, max_duration_s: float, min_duration_s: float, excerpts: int = 0, excerpt_s: float = 15.0, hop_frames: int = frontend.PATCH_FRAMES) -> Analysis:
+def analyse(
+    data: audio.Source,
+    *,
+    max_duration_s: float,
+    min_duration_s: float,
+    excerpts: int = 0,
+    excerpt_s: float = 15.0,
+    hop_frames: int = frontend.PATCH_FRAMES,
+) -> Analysis:
     """Decode ``data`` and compute its patches; raises the stage's TrackError subclasses.
 
     ``excerpts`` > 0 analyses only that many evenly spread excerpts of ``excerpt_s`` seconds
@@ -46,13 +54,19 @@ def analyse(data: audio.Source, *, max_duration_s: float, min_duration_s: float,
     torch.set_num_threads(1)
     start = time.perf_counter()
     decoding = [0.0]  # decoding and the frontend interleave chunk by chunk; time each side
-    plan = audio.decode_excerpts(data, count=excerpts, excerpt_s=excerpt_s, max_duration_s=max_duration_s) if excerpts > 0 else None
+    plan = (
+        audio.decode_excerpts(data, count=excerpts, excerpt_s=excerpt_s, max_duration_s=max_duration_s)
+        if excerpts > 0
+        else None
+    )
     if plan is not None:
         decoding[0] = time.perf_counter() - start
         patches = frontend.patches_from_excerpts(_nonempty(plan.parts, decoding), hop_frames)
         if len(patches.patches):
             features_s = time.perf_counter() - start - decoding[0]
-            return Analysis(patches, plan.decoder, round(min(plan.duration_s, max_duration_s), 3), False, decoding[0], features_s)
+            return Analysis(
+                patches, plan.decoder, round(min(plan.duration_s, max_duration_s), 3), False, decoding[0], features_s
+            )
         # The container overstated its duration: fall through to decoding the whole track.
     stream = audio.decode(data, max_duration_s=max_duration_s, min_duration_s=min_duration_s)
     decoding[0] = time.perf_counter() - start
@@ -76,7 +90,9 @@ def analyse_file(path: str, **options: Any) -> Analysis:
         return analyse(f, **options)
 
 
-def _nonempty(parts: Iterator[tuple[float, Iterator[np.ndarray]]], total_s: list[float]) -> Iterator[tuple[float, list[np.ndarray]]]:
+def _nonempty(
+    parts: Iterator[tuple[float, Iterator[np.ndarray]]], total_s: list[float]
+) -> Iterator[tuple[float, list[np.ndarray]]]:
     """Excerpts that hold audio (one past the real end of the stream is skipped), decoded;
     the seconds spent decoding are added to ``total_s[0]``."""
     for start_s, chunks in parts:
@@ -101,10 +117,25 @@ def _timed(chunks: Iterator[np.ndarray], total_s: list[float]) -> Iterator[np.nd
         yield chunk
 
 
-def describe(analysis: Analysis, outputs: Outputs, taxonomy: Taxonomy, *, top_moods: int = 3, segment_s: float = 30.0, embeddings: bool = True) -> dict[str, Any]:
+def describe(
+    analysis: Analysis,
+    outputs: Outputs,
+    taxonomy: Taxonomy,
+    *,
+    top_moods: int = 3,
+    segment_s: float = 30.0,
+    embeddings: bool = True,
+) -> dict[str, Any]:
     """outputs: every network's results for ``analysis.patches`` -> the analysis fields of an
     output (see :func:`pipeline.stages.taxonomy.summarise` and the v2 schema)."""
-    view = summarise(outputs, taxonomy, patch_starts_s=analysis.patches.patch_starts_s, top_n=top_moods, segment_s=segment_s, embeddings=embeddings)
+    view = summarise(
+        outputs,
+        taxonomy,
+        patch_starts_s=analysis.patches.patch_starts_s,
+        top_n=top_moods,
+        segment_s=segment_s,
+        embeddings=embeddings,
+    )
     return {
         "duration_s": analysis.duration_s,
         "analysed_s": round(analysis.patches.analysed_s, 3),
@@ -121,7 +152,21 @@ def finite(outputs: Outputs) -> Outputs:
     raise InferenceFailed("the model returned non-finite scores")
 
 
-def track_moods(analysis: Analysis, outputs: Outputs, taxonomy: Taxonomy, *, track_id: str, model: events.ModelRef, processed_at: datetime, latency_ms: dict[str, float], top_moods: int = 3, segment_s: float = 30.0, embeddings: bool = True, correlation_id: str | None = None, ingested_at: datetime | None = None) -> events.TrackMoods:
+def track_moods(
+    analysis: Analysis,
+    outputs: Outputs,
+    taxonomy: Taxonomy,
+    *,
+    track_id: str,
+    model: events.ModelRef,
+    processed_at: datetime,
+    latency_ms: dict[str, float],
+    top_moods: int = 3,
+    segment_s: float = 30.0,
+    embeddings: bool = True,
+    correlation_id: str | None = None,
+    ingested_at: datetime | None = None,
+) -> events.TrackMoods:
     """The ``tracks.moods`` record of one analysed and scored track: what the worker publishes
     and what the HTTP service answers for an upload."""
     return events.TrackMoods(

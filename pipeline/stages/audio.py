@@ -134,14 +134,18 @@ def _container_duration_s(container: av.container.InputContainer, stream: av.Aud
     return None
 
 
-def _pyav_from(container: av.container.InputContainer, stream: av.AudioStream, start_s: float) -> Generator[np.ndarray, None, None]:
+def _pyav_from(
+    container: av.container.InputContainer, stream: av.AudioStream, start_s: float
+) -> Generator[np.ndarray, None, None]:
     """[channels, n] float32 blocks from ``start_s`` on: seek to the packet before it, then drop
     the decoded samples that precede it."""
+    if stream.time_base is None:  # FFmpeg sets one on every audio stream it opens
+        raise Undecodable("the audio stream has no time base")
     container.seek(int(start_s / stream.time_base), stream=stream, backward=True, any_frame=False)
     to_float = _FloatFrames()
     try:
         for frame in container.decode(stream):
-            at = float(frame.pts * frame.time_base) if frame.pts is not None else start_s
+            at = float(frame.pts * frame.time_base) if frame.pts is not None and frame.time_base else start_s
             for block in to_float(frame):
                 skip = round((start_s - at) * frame.sample_rate)
                 at += block.shape[1] / frame.sample_rate

@@ -71,7 +71,13 @@ def _mel_basis() -> tuple[torch.Tensor, torch.Tensor]:
     """(periodic Hann window [N_FFT], Slaney mel filterbank [N_FFT // 2 + 1, N_MELS])."""
     window = torch.hann_window(N_FFT)
     fbank = torchaudio.functional.melscale_fbanks(
-        N_FFT // 2 + 1, f_min=0.0, f_max=SAMPLE_RATE / 2, n_mels=N_MELS, sample_rate=SAMPLE_RATE, norm="slaney", mel_scale="slaney"
+        N_FFT // 2 + 1,
+        f_min=0.0,
+        f_max=SAMPLE_RATE / 2,
+        n_mels=N_MELS,
+        sample_rate=SAMPLE_RATE,
+        norm="slaney",
+        mel_scale="slaney",
     )
     return window, fbank
 
@@ -113,7 +119,7 @@ def log_mel_max() -> float:
     Inference forms use it to bound activations (``Musicnn.for_serving``)."""
     window, fbank = _mel_basis()
     power = float(window.sum()) ** 2 * float(fbank.sum(dim=0).max())
-    return float(log_compress(np.float32(power)))
+    return float(log_compress(np.asarray(power, np.float32)))
 
 
 def log_compress(mel: np.ndarray) -> np.ndarray:
@@ -213,7 +219,9 @@ class PatchStream:
         if self.hop_frames == PATCH_FRAMES:
             patches = self._frames[: n * PATCH_FRAMES].reshape(n, *PATCH_SHAPE)
         else:
-            windows = np.lib.stride_tricks.sliding_window_view(self._frames, PATCH_FRAMES, axis=0)  # [k, N_MELS, PATCH_FRAMES]
+            windows = np.lib.stride_tricks.sliding_window_view(
+                self._frames, PATCH_FRAMES, axis=0
+            )  # [k, N_MELS, PATCH_FRAMES]
             patches = windows[: (n - 1) * self.hop_frames + 1 : self.hop_frames].transpose(0, 2, 1)
         self._frames = self._frames[n * self.hop_frames :]
         self._emitted += n
@@ -245,7 +253,9 @@ class TrackPatches:
         return np.arange(len(self.patches)) * self.hop_frames / FRAMES_PER_SECOND
 
 
-def patches_from_chunks(chunks: Iterable[np.ndarray], hop_frames: int = PATCH_FRAMES, expected_s: float | None = None) -> TrackPatches:
+def patches_from_chunks(
+    chunks: Iterable[np.ndarray], hop_frames: int = PATCH_FRAMES, expected_s: float | None = None
+) -> TrackPatches:
     """The whole frontend: audio chunks ([n] float32 mono at SAMPLE_RATE) -> model patches.
 
     Memory stays bounded by the patches themselves (96 x 187 floats = 72 kB per 3 s), not by
@@ -287,7 +297,9 @@ class _PatchSink:
         return self._buffer[: self._filled]
 
 
-def patches_from_excerpts(excerpts: Iterable[tuple[float, Iterable[np.ndarray]]], hop_frames: int = PATCH_FRAMES) -> TrackPatches:
+def patches_from_excerpts(
+    excerpts: Iterable[tuple[float, Iterable[np.ndarray]]], hop_frames: int = PATCH_FRAMES
+) -> TrackPatches:
     """Excerpts of one track, each (start in s, its audio chunks) -> the patches of every
     excerpt, each excerpt cut on its own (no patch spans two excerpts)."""
     parts, starts, analysed = [], [], 0.0
@@ -304,4 +316,3 @@ def patches_from_excerpts(excerpts: Iterable[tuple[float, Iterable[np.ndarray]]]
 def patches(wave: np.ndarray, hop_frames: int = PATCH_FRAMES) -> np.ndarray:
     """wave: [n] float32 mono at SAMPLE_RATE -> [n_patches, PATCH_FRAMES, N_MELS] float32."""
     return patches_from_chunks([wave], hop_frames).patches
-

@@ -48,7 +48,13 @@ log = logging.getLogger(__name__)
 
 INPUT = "mel"
 #: gRPC status codes that mean "the server, not this request": retry, then pause the worker.
-_TRANSIENT = {"StatusCode.UNAVAILABLE", "StatusCode.DEADLINE_EXCEEDED", "StatusCode.RESOURCE_EXHAUSTED", "StatusCode.CANCELLED", "StatusCode.NOT_FOUND"}
+_TRANSIENT = {
+    "StatusCode.UNAVAILABLE",
+    "StatusCode.DEADLINE_EXCEEDED",
+    "StatusCode.RESOURCE_EXHAUSTED",
+    "StatusCode.CANCELLED",
+    "StatusCode.NOT_FOUND",
+}
 
 
 @dataclass(frozen=True)
@@ -75,7 +81,10 @@ class Scorer(Protocol):
 
 
 def empty_outputs(meta: ModelMeta) -> Outputs:
-    return {n.name: NetworkOutput(np.empty((0, len(n.labels)), np.float32), np.empty((0, n.embedding_dim), np.float32)) for n in meta.networks}
+    return {
+        n.name: NetworkOutput(np.empty((0, len(n.labels)), np.float32), np.empty((0, n.embedding_dim), np.float32))
+        for n in meta.networks
+    }
 
 
 def outputs_from_tensors(meta: ModelMeta, tensors: dict[str, np.ndarray]) -> Outputs:
@@ -88,7 +97,9 @@ def concat_outputs(meta: ModelMeta, parts: list[Outputs]) -> Outputs:
     if not parts:
         return empty_outputs(meta)
     return {
-        n.name: NetworkOutput(np.concatenate([p[n.name].scores for p in parts]), np.concatenate([p[n.name].embedding for p in parts]))
+        n.name: NetworkOutput(
+            np.concatenate([p[n.name].scores for p in parts]), np.concatenate([p[n.name].embedding for p in parts])
+        )
         for n in meta.networks
     }
 
@@ -134,7 +145,10 @@ class OnnxScorer:
         """Blocking form of :meth:`score`, for the CLI."""
         patches = _check_patches(patches)
         names = list(self.meta.outputs)
-        parts = [outputs_from_tensors(self.meta, dict(zip(names, self._session.run(names, {INPUT: chunk})))) for chunk in _chunks(patches, self.max_batch)]
+        parts = [
+            outputs_from_tensors(self.meta, dict(zip(names, self._session.run(names, {INPUT: chunk}))))
+            for chunk in _chunks(patches, self.max_batch)
+        ]
         return concat_outputs(self.meta, parts)
 
     async def score(self, patches: np.ndarray, *, shm_key: str | None = None) -> Outputs:
@@ -150,11 +164,26 @@ class OnnxScorer:
 class TritonScorer:
     """gRPC client of a Triton server serving ``model``; build it with :meth:`connect`."""
 
-    def __init__(self, client: triton.InferenceServerClient, meta: ModelMeta, *, url: str, version: str, max_batch: int, timeout_s: float, max_attempts: int, shared_memory: bool = True) -> None:
+    def __init__(
+        self,
+        client: triton.InferenceServerClient,
+        meta: ModelMeta,
+        *,
+        url: str,
+        version: str,
+        max_batch: int,
+        timeout_s: float,
+        max_attempts: int,
+        shared_memory: bool = True,
+    ) -> None:
         self._client = client
         # Inference requests go through a channel of their own, serialized by _infer_request.
-        self._channel = grpc.aio.insecure_channel(url, options=[("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)])
-        self._model_infer = self._channel.unary_unary(_MODEL_INFER, request_serializer=None, response_deserializer=service_pb2.ModelInferResponse.FromString)
+        self._channel = grpc.aio.insecure_channel(
+            url, options=[("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
+        )
+        self._model_infer = self._channel.unary_unary(
+            _MODEL_INFER, request_serializer=None, response_deserializer=service_pb2.ModelInferResponse.FromString
+        )
         self.meta = meta
         self.url = url
         self.version = version
@@ -166,18 +195,39 @@ class TritonScorer:
         self.shared_memory = shared_memory
 
     @classmethod
-    async def connect(cls, url: str, model: str, *, version: str = "", max_patches: int = 64, timeout_s: float = 30.0, max_attempts: int = 4, shared_memory: bool = True) -> TritonScorer:
+    async def connect(
+        cls,
+        url: str,
+        model: str,
+        *,
+        version: str = "",
+        max_patches: int = 64,
+        timeout_s: float = 30.0,
+        max_attempts: int = 4,
+        shared_memory: bool = True,
+    ) -> TritonScorer:
         """Wait (with backoff, ``max_attempts`` tries) until the model is ready; read its metadata."""
         client = triton.InferenceServerClient(url)
         try:
-            config = await _retry(lambda: _ready_config(client, model, version, timeout_s), max_attempts, f"Triton at {url}", model)
+            config = await _retry(
+                lambda: _ready_config(client, model, version, timeout_s), max_attempts, f"Triton at {url}", model
+            )
         except BaseException:
             await client.close()
             raise
         meta = from_config(config)
         meta.check_frontend()
         max_batch = min(max_patches, config.max_batch_size or max_patches)
-        return cls(client, meta, url=url, version=version, max_batch=max_batch, timeout_s=timeout_s, max_attempts=max_attempts, shared_memory=shared_memory)
+        return cls(
+            client,
+            meta,
+            url=url,
+            version=version,
+            max_batch=max_batch,
+            timeout_s=timeout_s,
+            max_attempts=max_attempts,
+            shared_memory=shared_memory,
+        )
 
     async def score(self, patches: np.ndarray, *, shm_key: str | None = None) -> Outputs:
         patches = _check_patches(patches)
@@ -201,15 +251,30 @@ class TritonScorer:
         patches in the requests instead."""
         region = "moodstream" + key.replace("/", "-")
         try:
-            await _retry(lambda: self._client.register_system_shared_memory(region, key, patches.nbytes, client_timeout=self.timeout_s), self.max_attempts, f"Triton at {self.url}", self.meta.name)
+            await _retry(
+                lambda: self._client.register_system_shared_memory(
+                    region, key, patches.nbytes, client_timeout=self.timeout_s
+                ),
+                self.max_attempts,
+                f"Triton at {self.url}",
+                self.meta.name,
+            )
         except InferenceFailed as exc:
             self.shared_memory = False
-            log.warning("Triton at %s cannot read this host's shared memory (%s): the patches go in the requests from now on", self.url, exc)
+            log.warning(
+                "Triton at %s cannot read this host's shared memory (%s): the patches go in the requests from now on",
+                self.url,
+                exc,
+            )
             return None
         try:
             return await self._infer_chunks(patches, region)
         except InferenceFailed as exc:
-            log.warning("Triton rejected a request naming shared-memory region %s (%s); sending the patches instead", region, exc)
+            log.warning(
+                "Triton rejected a request naming shared-memory region %s (%s); sending the patches instead",
+                region,
+                exc,
+            )
             return None
         finally:
             try:
@@ -221,7 +286,13 @@ class TritonScorer:
         """``patches`` in requests of at most ``max_batch``, sent at once; with ``region`` (a
         registered shared-memory region holding them) each request names its part of it."""
         requests = [
-            _infer_request(self.meta.name, self.version, self.meta.outputs, chunk, region=None if region is None else (region, start * chunk[0].nbytes))
+            _infer_request(
+                self.meta.name,
+                self.version,
+                self.meta.outputs,
+                chunk,
+                region=None if region is None else (region, start * chunk[0].nbytes),
+            )
             for start, chunk in zip(range(0, len(patches), self.max_batch), _chunks(patches, self.max_batch))
         ]
         return concat_outputs(self.meta, list(await asyncio.gather(*(self._infer(r) for r in requests))))
@@ -233,7 +304,9 @@ class TritonScorer:
             try:
                 response = await self._model_infer(request, timeout=self.timeout_s)
             except grpc.aio.AioRpcError as exc:
-                raise InferenceServerException(msg=exc.details() or "", status=str(exc.code()), debug_details=exc.debug_error_string()) from None
+                raise InferenceServerException(
+                    msg=exc.details() or "", status=str(exc.code()), debug_details=exc.debug_error_string()
+                ) from None
             result = InferResult(response)
             return outputs_from_tensors(self.meta, {name: result.as_numpy(name) for name in self.meta.outputs})
 
@@ -249,7 +322,9 @@ _MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
 _RAW_INPUT_TAG = bytes([service_pb2.ModelInferRequest.DESCRIPTOR.fields_by_name["raw_input_contents"].number << 3 | 2])
 
 
-def _infer_request(model: str, version: str, outputs: tuple[str, ...], chunk: np.ndarray, *, region: tuple[str, int] | None = None) -> bytes:
+def _infer_request(
+    model: str, version: str, outputs: tuple[str, ...], chunk: np.ndarray, *, region: tuple[str, int] | None = None
+) -> bytes:
     """The serialized ModelInferRequest of ``chunk`` ([n, *PATCH_SHAPE] float32, contiguous).
 
     With ``region`` (a registered shared-memory region and the byte offset of ``chunk`` in it)
@@ -274,7 +349,7 @@ def _infer_request(model: str, version: str, outputs: tuple[str, ...], chunk: np
     )
     if region is not None:
         return header.SerializeToString()
-    data = memoryview(chunk).cast("B")
+    data = chunk.data.cast("B")
     return b"".join((header.SerializeToString(), _RAW_INPUT_TAG, _varint(data.nbytes), data))
 
 
@@ -302,7 +377,9 @@ async def _retry(call, attempts: int, what: str, model: str, base_delay_s: float
             return await call()
         except InferenceServerException as exc:
             status = str(exc.status())
-            metrics.TRITON_ERRORS.labels(model, status.removeprefix("StatusCode.") if status.startswith("StatusCode.") else "unknown").inc()
+            metrics.TRITON_ERRORS.labels(
+                model, status.removeprefix("StatusCode.") if status.startswith("StatusCode.") else "unknown"
+            ).inc()
             if status not in _TRANSIENT and "failed to connect" not in str(exc).lower():
                 raise InferenceFailed(f"{what} rejected the request: {exc.message()}") from None
             if attempt == attempts:
@@ -321,8 +398,13 @@ async def open_scorer(s: Settings) -> Scorer:
     while True:
         try:
             return await TritonScorer.connect(
-                s.triton_url, s.model, version=s.model_version, max_patches=s.max_patches_per_request,
-                timeout_s=s.triton_timeout_s, max_attempts=s.triton_max_attempts, shared_memory=s.triton_shared_memory,
+                s.triton_url,
+                s.model,
+                version=s.model_version,
+                max_patches=s.max_patches_per_request,
+                timeout_s=s.triton_timeout_s,
+                max_attempts=s.triton_max_attempts,
+                shared_memory=s.triton_shared_memory,
             )
         except ServiceUnavailable as exc:
             log.warning("waiting for Triton: %s", exc)

@@ -41,9 +41,7 @@ from pipeline.errors import (
 )
 
 #: File extensions (lower case, no dot) that :func:`list_audio` treats as audio.
-AUDIO_EXTENSIONS = frozenset(
-    {"mp3", "ogg", "oga", "opus", "flac", "wav", "m4a", "aac", "aif", "aiff", "wma"}
-)
+AUDIO_EXTENSIONS = frozenset({"mp3", "ogg", "oga", "opus", "flac", "wav", "m4a", "aac", "aif", "aiff", "wma"})
 MAX_KEY_BYTES = 1024  # S3's own limit on a key, in UTF-8 bytes
 CONNECT_TIMEOUT_S = 5.0
 READ_TIMEOUT_S = 30.0  # longest silence on an open connection, not a cap on the whole download

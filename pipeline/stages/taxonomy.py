@@ -126,7 +126,9 @@ def load_taxonomy(meta: ModelMeta, path: Path | None = None, *, calibrated: bool
         rule = Rule(**{k: float(doc["rule"][k]) for k in ("present", "class_clear", "va_clear")})
         plane = Plane(valence=dict(doc["plane"]["valence"]), arousal=dict(doc["plane"]["arousal"]))
     except (KeyError, TypeError, ValueError) as exc:
-        raise ConfigError(f"{path}: [rule] needs present, class_clear and va_clear, [plane] needs valence and arousal ({exc!r})") from None
+        raise ConfigError(
+            f"{path}: [rule] needs present, class_clear and va_clear, [plane] needs valence and arousal ({exc!r})"
+        ) from None
     for axis, weights in (("valence", plane.valence), ("arousal", plane.arousal)):
         unknown = sorted(set(weights) - set(known))
         if unknown or not weights:
@@ -141,7 +143,9 @@ def load_taxonomy(meta: ModelMeta, path: Path | None = None, *, calibrated: bool
             missing = [tag for tag in tags if tag not in index]
             if missing:
                 raise ConfigError(f"{path}: [{network.name}.{family}] names tags the network lacks: {missing}")
-            members.setdefault(family, []).extend(Member(network.name, tag, index[tag], float(w)) for tag, w in tags.items())
+            members.setdefault(family, []).extend(
+                Member(network.name, tag, index[tag], float(w)) for tag, w in tags.items()
+            )
     families = tuple(Family(name, tuple(ms)) for name, ms in members.items())
     source = _source(meta, bool(families))
     if source != "tags":
@@ -154,9 +158,13 @@ def load_taxonomy(meta: ModelMeta, path: Path | None = None, *, calibrated: bool
                 f"run `moodstream-train calibrate-moods --model {meta.name} --write` on reference music"
             )
         calibration = Calibration.from_json(meta.calibration)
-        lacking = sorted({m.key for f in families for m in f.members} - set(calibration.tags)) + sorted({f.name for f in families} - set(calibration.families))
+        lacking = sorted({m.key for f in families for m in f.members} - set(calibration.tags)) + sorted(
+            {f.name for f in families} - set(calibration.families)
+        )
         if lacking:
-            raise ConfigError(f"model {meta.name}: its calibration lacks {lacking}; calibrate it again after editing {path}")
+            raise ConfigError(
+                f"model {meta.name}: its calibration lacks {lacking}; calibrate it again after editing {path}"
+            )
     return Taxonomy(meta.name, meta.networks, source, families, rule, plane, calibration)
 
 
@@ -196,9 +204,15 @@ def _levels(n: int) -> np.ndarray:
     return levels
 
 
+def _calibration(taxonomy: Taxonomy) -> Calibration:
+    if taxonomy.calibration is None:
+        raise ConfigError(f"model {taxonomy.model}: its mood families need a calibration")
+    return taxonomy.calibration
+
+
 def family_raw(taxonomy: Taxonomy, track: dict[str, np.ndarray]) -> np.ndarray:
     """track: network -> [..., n_labels] track scores -> [..., n_families] raw family scores."""
-    cal = taxonomy.calibration
+    cal = _calibration(taxonomy)
     out = []
     for family in taxonomy.families:
         weights = np.array([m.weight for m in family.members])
@@ -210,7 +224,9 @@ def family_raw(taxonomy: Taxonomy, track: dict[str, np.ndarray]) -> np.ndarray:
 def family_scores(taxonomy: Taxonomy, track: dict[str, np.ndarray]) -> np.ndarray:
     """track: network -> [..., n_labels] -> [..., n_families] calibrated family scores in [0, 1]."""
     raw = family_raw(taxonomy, track)
-    return np.stack([cdf(taxonomy.calibration.families[f.name], raw[..., i]) for i, f in enumerate(taxonomy.families)], axis=-1)
+    return np.stack(
+        [cdf(_calibration(taxonomy).families[f.name], raw[..., i]) for i, f in enumerate(taxonomy.families)], axis=-1
+    )
 
 
 # --- the mood view ----------------------------------------------------------------------------
@@ -249,18 +265,28 @@ def mood_views(taxonomy: Taxonomy, rows: dict[str, np.ndarray], top_n: int = 3) 
     row every 30 s)."""
     n_rows = len(next(iter(rows.values())))
     scores = family_scores(taxonomy, rows) if taxonomy.source == "tags" else None
-    return [_mood_view(taxonomy, {name: v[i] for name, v in rows.items()}, None if scores is None else scores[i], top_n) for i in range(n_rows)]
+    return [
+        _mood_view(taxonomy, {name: v[i] for name, v in rows.items()}, None if scores is None else scores[i], top_n)
+        for i in range(n_rows)
+    ]
 
 
 def _mood_view(taxonomy: Taxonomy, track: dict[str, np.ndarray], scores: np.ndarray | None, top_n: int) -> MoodView:
-    if taxonomy.source == "tags":
+    if taxonomy.source == "tags" and scores is not None:
         moods = {f.name: _r(s) for f, s in zip(taxonomy.families, scores)}
         ranked = sorted(moods.items(), key=lambda kv: (-kv[1], kv[0]))
-        top = [{"mood": m, "score": s} for m, s in ranked if s >= taxonomy.rule.present][:top_n]
+        top: list[dict[str, float | str]] = [_ranked(m, s) for m, s in ranked if s >= taxonomy.rule.present][:top_n]
         leader, confidence = ranked[0]
         valence = _axis(taxonomy.plane.valence, moods)
         arousal = _axis(taxonomy.plane.arousal, moods)
-        return MoodView(moods, top, {"mood": leader, "confidence": confidence, "clear": bool(top)}, valence, arousal, quadrant(valence, arousal))
+        return MoodView(
+            moods,
+            top,
+            {"mood": leader, "confidence": confidence, "clear": bool(top)},
+            valence,
+            arousal,
+            quadrant(valence, arousal),
+        )
     if taxonomy.source == "valence_arousal":
         network = next(n for n in taxonomy.networks if n.task in ("va", "va_steps"))
         values = track[network.name]
@@ -270,7 +296,14 @@ def _mood_view(taxonomy: Taxonomy, track: dict[str, np.ndarray], scores: np.ndar
         confidence = _r(min(1.0, min(abs(valence), abs(arousal))))
         name = quadrant(valence, arousal)
         clear = confidence >= taxonomy.rule.va_clear
-        return MoodView({}, [{"mood": name, "score": confidence}] if clear else [], {"mood": name, "confidence": confidence, "clear": clear}, valence, arousal, name)
+        return MoodView(
+            {},
+            [{"mood": name, "score": confidence}] if clear else [],
+            {"mood": name, "confidence": confidence, "clear": clear},
+            valence,
+            arousal,
+            name,
+        )
     if taxonomy.source == "classes":
         network = next(n for n in taxonomy.networks if n.task == "classes" and set(QUADRANTS) <= set(n.labels))
         probs = {label: float(p) for label, p in zip(network.labels, track[network.name]) if label in QUADRANTS}
@@ -281,8 +314,19 @@ def _mood_view(taxonomy: Taxonomy, track: dict[str, np.ndarray], scores: np.ndar
         moods = {k: _r(v) for k, v in probs.items()}
         leader = max(QUADRANTS, key=lambda k: moods[k])
         clear = moods[leader] >= taxonomy.rule.class_clear
-        return MoodView(moods, [{"mood": leader, "score": moods[leader]}] if clear else [], {"mood": leader, "confidence": moods[leader], "clear": clear}, valence, arousal, leader)
+        return MoodView(
+            moods,
+            [{"mood": leader, "score": moods[leader]}] if clear else [],
+            {"mood": leader, "confidence": moods[leader], "clear": clear},
+            valence,
+            arousal,
+            leader,
+        )
     return MoodView({}, [], {"mood": None, "confidence": 0.0, "clear": False}, 0.0, 0.0, quadrant(0.0, 0.0))
+
+
+def _ranked(mood: str, score: float) -> dict[str, float | str]:
+    return {"mood": mood, "score": score}
 
 
 def _axis(weights: dict[str, float], moods: dict[str, float]) -> float:
@@ -320,13 +364,19 @@ def summarise(
     labels = {n.name: n.labels for n in taxonomy.networks}
     tags = {name: {label: _r(s) for label, s in zip(labels[name], scores)} for name, scores in track.items()}
     ranked_tags = {
-        name: [{"tag": labels[name][i], "score": tags[name][labels[name][i]]} for i in np.argsort(-scores, kind="stable")[:top_tags]]
+        name: [
+            {"tag": labels[name][i], "score": tags[name][labels[name][i]]}
+            for i in np.argsort(-scores, kind="stable")[:top_tags]
+        ]
         for name, scores in track.items()
     }
     segment = np.floor(patch_starts_s / segment_s).astype(int)
     segments = np.unique(segment)
     in_segment = [segment == seg for seg in segments]
-    rows = {name: np.stack([track[name], *(out.scores[r].mean(axis=0) for r in in_segment)]) for name, out in outputs.items()}
+    rows = {
+        name: np.stack([track[name], *(out.scores[r].mean(axis=0) for r in in_segment)])
+        for name, out in outputs.items()
+    }
     view, *parts = mood_views(taxonomy, rows, top_n)
     timeline = []
     for seg, r, part in zip(segments, in_segment, parts):
@@ -354,7 +404,11 @@ def summarise(
         "quadrant": view.quadrant,
         "timeline": timeline,
         "embeddings": {
-            name: {"dim": int(out.embedding.shape[1]), "dtype": "float16", "data": encode_embedding(out.embedding.mean(axis=0))}
+            name: {
+                "dim": int(out.embedding.shape[1]),
+                "dtype": "float16",
+                "data": encode_embedding(out.embedding.mean(axis=0)),
+            }
             for name, out in outputs.items()
         }
         if embeddings
@@ -370,5 +424,7 @@ def mood_line(record: dict) -> str:
     others = ", ".join(f"{m['mood']} {m['score']:.2f}" for m in record["top_moods"][1:])
     plane = f"valence {record['valence']:+.2f}, arousal {record['arousal']:+.2f} ({record['quadrant']})"
     if lead["clear"]:
-        return f"mood: {lead['mood']} (confidence {lead['confidence']:.2f}){'; also ' + others if others else ''}; {plane}"
+        return (
+            f"mood: {lead['mood']} (confidence {lead['confidence']:.2f}){'; also ' + others if others else ''}; {plane}"
+        )
     return f"mood: unclear (no mood stands out; strongest {lead['mood']} {lead['confidence']:.2f}); {plane}"

@@ -87,7 +87,16 @@ class BatchResult:
 class BatchWorker:
     """Holds the long-lived clients a batch needs; :meth:`process` is the whole stage chain."""
 
-    def __init__(self, config: WorkerConfig, *, scorer: Scorer, taxonomy: Taxonomy, s3_client: Any, make_pool: Callable[[], Executor], publish: Publisher) -> None:
+    def __init__(
+        self,
+        config: WorkerConfig,
+        *,
+        scorer: Scorer,
+        taxonomy: Taxonomy,
+        s3_client: Any,
+        make_pool: Callable[[], Executor],
+        publish: Publisher,
+    ) -> None:
         self.config = config
         self.scorer = scorer
         self.taxonomy = taxonomy
@@ -108,7 +117,15 @@ class BatchWorker:
         tracks: list[_Track] = []
         for raw in raws:
             try:
-                tracks.append(_Track(events.parse_ingested(raw, allow_file_uris=self.config.allow_file_uris, allowed_buckets=self.config.allowed_buckets)))
+                tracks.append(
+                    _Track(
+                        events.parse_ingested(
+                            raw,
+                            allow_file_uris=self.config.allow_file_uris,
+                            allowed_buckets=self.config.allowed_buckets,
+                        )
+                    )
+                )
             except TrackError as exc:
                 dead.append((raw, exc, events.track_id_of(raw)))
 
@@ -117,7 +134,7 @@ class BatchWorker:
         await self._retry_crashed(crashed)
         await asyncio.gather(*(self._score(t) for t in crashed if t.error is None))
 
-        sends: list[Awaitable[None]] = [self._publish_output(t, t.outputs) for t in tracks if t.error is None]
+        sends: list[Awaitable[None]] = [self._publish_output(t) for t in tracks if t.error is None]
         outputs = len(sends)
         for track in tracks:
             if track.error is not None:
@@ -141,7 +158,11 @@ class BatchWorker:
         start = time.perf_counter()
         try:
             ref = track.event.ref
-            track.data = await _until_available("s3", lambda: storage.fetch_async(ref, client=self.s3, max_bytes=self.config.max_object_bytes), self.config.outage_backoff_max_s)
+            track.data = await _until_available(
+                "s3",
+                lambda: storage.fetch_async(ref, client=self.s3, max_bytes=self.config.max_object_bytes),
+                self.config.outage_backoff_max_s,
+            )
             fetched = time.perf_counter()
             track.latency_ms["fetch"] = round((fetched - start) * 1000, 1)
             metrics.STAGE_SECONDS.labels("fetch").observe(fetched - start)
@@ -152,6 +173,8 @@ class BatchWorker:
 
     async def _analyse(self, track: _Track) -> None:
         loop = asyncio.get_running_loop()
+        if track.data is None:
+            raise RuntimeError(f"track {track.event.track_id} is analysed before it is fetched")
         try:
             with handoff.send(track.data) as data:
                 analysis, track.shared = await loop.run_in_executor(self.pool, _analyse_job, data, self.config)
@@ -197,12 +220,16 @@ class BatchWorker:
 
     async def _score(self, track: _Track) -> None:
         """Every network's outputs for the track's patches into ``track.outputs``, or its error."""
+        if track.analysis is None:
+            raise RuntimeError(f"track {track.event.track_id} is scored before it is analysed")
         patches = track.analysis.patches.patches
         shm_key = track.shared.key if track.shared is not None else None
         metrics.BATCH_PATCHES.observe(len(patches))
         start = time.perf_counter()
         try:
-            outputs = await _until_available("triton", lambda: self.scorer.score(patches, shm_key=shm_key), self.config.outage_backoff_max_s)
+            outputs = await _until_available(
+                "triton", lambda: self.scorer.score(patches, shm_key=shm_key), self.config.outage_backoff_max_s
+            )
         except InferenceFailed as exc:
             track.error = exc
             return
@@ -218,18 +245,28 @@ class BatchWorker:
         except InferenceFailed as exc:
             track.error = exc
 
-    async def _publish_output(self, track: _Track, outputs: Outputs) -> None:
-        event = track.event
+    async def _publish_output(self, track: _Track) -> None:
+        event, analysis, outputs = track.event, track.analysis, track.outputs
+        if analysis is None or outputs is None:
+            raise RuntimeError(f"track {event.track_id} has no error, yet no analysis or outputs")
         track.latency_ms["total"] = round((time.perf_counter() - track.started) * 1000, 1)
         record = track_moods(
-            track.analysis, outputs, self.taxonomy,
-            track_id=event.track_id, model=self.model, processed_at=_now(), latency_ms=track.latency_ms,
-            top_moods=self.config.top_moods, segment_s=self.config.timeline_segment_s, embeddings=self.config.embeddings,
-            correlation_id=event.correlation_id, ingested_at=event.ingested_at,
+            analysis,
+            outputs,
+            self.taxonomy,
+            track_id=event.track_id,
+            model=self.model,
+            processed_at=_now(),
+            latency_ms=track.latency_ms,
+            top_moods=self.config.top_moods,
+            segment_s=self.config.timeline_segment_s,
+            embeddings=self.config.embeddings,
+            correlation_id=event.correlation_id,
+            ingested_at=event.ingested_at,
         )
         await self.publish(self.config.output_topic, event.track_id.encode(), record.to_json())
         metrics.OUTPUTS.labels(self.model.name, self.model.version).inc()
-        metrics.AUDIO_SECONDS.inc(track.analysis.patches.analysed_s)
+        metrics.AUDIO_SECONDS.inc(analysis.patches.analysed_s)
         for mood, score in record.analysis["moods"].items():
             metrics.MOOD_SCORE.labels(self.model.name, mood).observe(score)
         if event.ingested_at is not None:
@@ -242,11 +279,19 @@ class BatchWorker:
         log.info("dead letter %s: %s: %s", track_id, error.reason, error)
 
 
-def _analyse_job(data: bytes | handoff.SharedBytes, config: WorkerConfig) -> tuple[Analysis, handoff.SharedPatches | None]:
+def _analyse_job(
+    data: bytes | handoff.SharedBytes, config: WorkerConfig
+) -> tuple[Analysis, handoff.SharedPatches | None]:
     """Runs in a pool process; TrackErrors pickle back to the event loop as they are. The file
     comes in and the patches go back through shared memory (pipeline/worker/handoff.py)."""
     with handoff.opened(data) as source:
-        analysis = analyse(source, max_duration_s=config.max_duration_s, min_duration_s=config.min_duration_s, excerpts=config.excerpts, excerpt_s=config.excerpt_s)
+        analysis = analyse(
+            source,
+            max_duration_s=config.max_duration_s,
+            min_duration_s=config.min_duration_s,
+            excerpts=config.excerpts,
+            excerpt_s=config.excerpt_s,
+        )
     return handoff.share(analysis)
 
 

@@ -63,7 +63,9 @@ app = faust.App(
     consumer_group_instance_id=settings.kafka_group_instance_id or None,
 )
 ingested = app.topic(settings.input_topic, key_type=bytes, value_type=bytes)
-_outputs = {name: app.topic(name, key_type=bytes, value_type=bytes) for name in (settings.output_topic, settings.dlq_topic)}
+_outputs = {
+    name: app.topic(name, key_type=bytes, value_type=bytes) for name in (settings.output_topic, settings.dlq_topic)
+}
 
 
 async def publish(topic: str, key: bytes | None, value: bytes) -> None:
@@ -103,11 +105,19 @@ async def tag_tracks(stream: faust.StreamT) -> None:
     )
     await pool.warm_up(worker.pool, settings.decode_workers)
     pool.freeze_startup_objects()
-    log.info("tagging %s with %s v%s via %s", settings.input_topic, scorer.meta.name, scorer.meta.served_version, settings.scorer.value)
+    log.info(
+        "tagging %s with %s v%s via %s",
+        settings.input_topic,
+        scorer.meta.name,
+        scorer.meta.served_version,
+        settings.scorer.value,
+    )
     try:
         async for batch in stream.take(settings.batch_size, within=settings.batch_window_s):
             result = await _drained(_process_until_done(worker, batch))
-            log.info("batch of %d: %d outputs, dead letters %s", len(batch), result.outputs, result.dead_letters or "none")
+            log.info(
+                "batch of %d: %d outputs, dead letters %s", len(batch), result.outputs, result.dead_letters or "none"
+            )
     finally:
         worker.close()
         await scorer.close()
@@ -165,7 +175,7 @@ async def _partition_lag(consumer: ConsumerT, topic: str) -> dict[int, int]:
     ends = await consumer.highwaters(*partitions)
     # Faust keeps the offsets it committed (and those the group had at assignment) here; there
     # is no public accessor, and asking the broker every few seconds would cost a request more.
-    committed = {tp.partition: consumer._committed_offset.get(tp) for tp in partitions}
+    committed = {tp.partition: consumer._committed_offset.get(tp) for tp in partitions}  # type: ignore[attr-defined]
     missing = [tp for tp in partitions if committed[tp.partition] is None]
     earliest = await consumer.earliest_offsets(*missing) if missing else {}
     return metrics.partition_lag(

@@ -56,11 +56,16 @@ def _new_block(size: int) -> shared_memory.SharedMemory | None:
         return None
     try:
         if hasattr(os, "posix_fallocate"):
-            os.posix_fallocate(block._fd, 0, size)
+            os.posix_fallocate(_fd(block), 0, size)
     except OSError:
         _remove(block)
         return None
     return block
+
+
+def _fd(block: shared_memory.SharedMemory) -> int:
+    """The block's file descriptor: SharedMemory keeps it (POSIX) but does not expose it."""
+    return block._fd  # type: ignore[attr-defined]
 
 
 def _write(block: shared_memory.SharedMemory, data: bytes | memoryview) -> None:
@@ -70,7 +75,7 @@ def _write(block: shared_memory.SharedMemory, data: bytes | memoryview) -> None:
     view = memoryview(data).cast("B")
     done = 0
     while done < len(view):
-        done += os.pwrite(block._fd, view[done:], done)
+        done += os.pwrite(_fd(block), view[done:], done)
 
 
 def _remove(block: shared_memory.SharedMemory) -> None:
@@ -116,7 +121,7 @@ def opened(data: bytes | SharedBytes) -> Iterator[bytes | BinaryIO]:
         return
     block = shared_memory.SharedMemory(name=data.name)
     try:
-        with os.fdopen(os.dup(block._fd), "rb") as file:
+        with open(os.dup(_fd(block)), "rb") as file:
             yield file
     finally:
         block.close()
@@ -156,12 +161,14 @@ class SharedPatches:
         """[n, PATCH_FRAMES, N_MELS] float32: the patches in the block, mapped, not copied. The
         mapping outlives :meth:`release` for as long as this array (or a view of it) lives."""
         if not self._owner:
-            raise RuntimeError(f"shared patches {self.name} are viewed by the process that receives them (or were released)")
+            raise RuntimeError(
+                f"shared patches {self.name} are viewed by the process that receives them (or were released)"
+            )
         block = shared_memory.SharedMemory(name=self.name)
         try:
             # A mapping of our own: the block's is closed below, and closing a mapping that an
             # array still uses raises BufferError; this one is unmapped when the array goes.
-            mapping = mmap.mmap(block._fd, self.nbytes)
+            mapping = mmap.mmap(_fd(block), self.nbytes)
         finally:
             block.close()
         return np.frombuffer(mapping, np.float32).reshape(self.shape)
@@ -194,7 +201,7 @@ def share(analysis: Analysis) -> tuple[Analysis, SharedPatches | None]:
     block = _new_block(patches.nbytes)
     if block is None:
         return analysis, None
-    _write(block, patches)
+    _write(block, patches.data)
     block.close()
     handle = SharedPatches(block.name, patches.shape, owner=False)
     return replace(analysis, patches=replace(analysis.patches, patches=np.empty((0, *PATCH_SHAPE), np.float32))), handle

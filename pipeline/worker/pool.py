@@ -13,7 +13,7 @@ import asyncio
 import gc
 import multiprocessing
 import sys
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Executor, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
@@ -36,7 +36,7 @@ def make_pool(workers: int) -> ProcessPoolExecutor:
     return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
 
 
-async def warm_up(pool: ProcessPoolExecutor, workers: int) -> None:
+async def warm_up(pool: Executor, workers: int) -> None:
     """Start the pool's ``workers`` processes (and their imports) now; ConfigError if they die."""
     loop = asyncio.get_running_loop()
     try:

@@ -42,9 +42,13 @@ def test_prepare_writes_an_fp32_and_a_tensorrt_fp16_entry(tmp_path):
         assert config.name == name and config.platform == "onnxruntime_onnx"
         assert config.instance_group[0].kind == pb.ModelInstanceGroup.KIND_GPU
         assert (tmp_path / name / "1" / "model.onnx").stat().st_size > 1_000_000
-        assert sorted(p.name for p in (tmp_path / name / "1").iterdir()) == ["model.onnx"]  # the CPU backend stays behind
+        assert sorted(p.name for p in (tmp_path / name / "1").iterdir()) == [
+            "model.onnx"
+        ]  # the CPU backend stays behind
     accelerators = _config(tmp_path / names[1] / "config.pbtxt").optimization.execution_accelerators
-    assert [(a.name, a.parameters["precision_mode"]) for a in accelerators.gpu_execution_accelerator] == [("tensorrt", "FP16")]
+    assert [(a.name, a.parameters["precision_mode"]) for a in accelerators.gpu_execution_accelerator] == [
+        ("tensorrt", "FP16")
+    ]
     assert not _config(tmp_path / names[0] / "config.pbtxt").HasField("optimization")
 
 
@@ -72,13 +76,20 @@ def test_direct_says_it_needs_a_gpu():
         direct(MODEL, [1], 0.1, None, None)
 
 
-@pytest.mark.skipif("CUDAExecutionProvider" in __import__("onnxruntime").get_available_providers(), reason="checks the message given without onnxruntime-gpu")
+@pytest.mark.skipif(
+    "CUDAExecutionProvider" in __import__("onnxruntime").get_available_providers(),
+    reason="checks the message given without onnxruntime-gpu",
+)
 def test_onnxruntime_engine_says_it_needs_the_cuda_provider():
     with pytest.raises(SystemExit, match=r"CUDAExecutionProvider.*onnxruntime-gpu"):
         direct(MODEL, [1], 0.1, None, None, onnxruntime_engines(MODEL))
 
 
-@pytest.mark.parametrize("engines", [lambda: onnxruntime_engines(MODEL, provider="CPUExecutionProvider"), lambda: torch_engines(MODEL, device="cpu")], ids=["onnxruntime", "torch"])
+@pytest.mark.parametrize(
+    "engines",
+    [lambda: onnxruntime_engines(MODEL, provider="CPUExecutionProvider"), lambda: torch_engines(MODEL, device="cpu")],
+    ids=["onnxruntime", "torch"],
+)
 def test_direct_measures_both_precisions_of_each_engine(sample, engines):
     """The in-process measurement, run on the CPU: the same loop and scores as on a GPU."""
     rows = direct(MODEL, [2], 0.2, sample[0], sample[1], engines())
@@ -99,7 +110,15 @@ def test_worker_cpu_per_patch_is_over_every_codec_of_the_bench(tmp_path):
     results = tmp_path / "results.json"
     assert worker_cpu_s_per_patch(results, shape) is None
     worker = {"mp3": (2.0, 600.0), "flac": (4.0, 600.0)}  # codec -> (worker CPU s, audio s)
-    results.write_text(json.dumps({"codecs": {c: {"figures": {"worker_triton": {"cpu_s": cpu, "audio_s": s}}} for c, (cpu, s) in worker.items()}}))
+    results.write_text(
+        json.dumps(
+            {
+                "codecs": {
+                    c: {"figures": {"worker_triton": {"cpu_s": cpu, "audio_s": s}}} for c, (cpu, s) in worker.items()
+                }
+            }
+        )
+    )
     assert worker_cpu_s_per_patch(results, shape) == pytest.approx(6.0 / (1200.0 / shape.patch_s))
 
 
@@ -144,7 +163,9 @@ async def test_torch_flavour_serves_the_cpu_scores(tmp_path, sample):
         config.instance_group[0].kind = pb.ModelInstanceGroup.KIND_CPU
         config.ClearField("model_warmup")  # 64 random patches through an FP16 CPU model is slow
         path.write_text(text_format.MessageToString(config))
-    with EmbeddedStack(model_repository=repository, log_dir=tmp_path, models=names, triton_python_env=sys.prefix) as stack:
+    with EmbeddedStack(
+        model_repository=repository, log_dir=tmp_path, models=names, triton_python_env=sys.prefix
+    ) as stack:
         fp32 = await server_scores(stack.triton_grpc_url, names[0], sample[0], batch=4)
         fp16 = await server_scores(stack.triton_grpc_url, names[1], sample[0], batch=4)
     np.testing.assert_allclose(fp32, sample[1], atol=1e-4)

@@ -19,6 +19,8 @@ def test_plain_export_scores_like_the_served_networks_and_is_cached(example_clip
         served = DEFAULT_MODEL_REPOSITORY / checkpoint.stem / "1" / "model.onnx"
         ops = {node.op_type for node in onnx.load(str(plain)).graph.node}
         assert "BatchNormalization" in ops and "ReduceMax" in ops  # the trained graph, not rearranged
-        want = ort.InferenceSession(str(served), providers=["CPUExecutionProvider"]).run(["scores"], {"mel": patches})[0]
+        want = ort.InferenceSession(str(served), providers=["CPUExecutionProvider"]).run(["scores"], {"mel": patches})[
+            0
+        ]
         got = ort.InferenceSession(str(plain), providers=["CPUExecutionProvider"]).run(["scores"], {"mel": patches})[0]
         assert np.abs(got - want).max() <= 1e-4

@@ -32,11 +32,16 @@ def test_concatenated_tracks_have_the_asked_length(long_clip):
 def test_decode_floor_counts_audio_and_cpu(long_clip):
     floor = run.decode_floor([long_clip])
     assert floor["files"] == 1 and floor["audio_s"] == pytest.approx(SECONDS, abs=0.1)
-    assert floor["cpu_s"] > 0 and floor["cpu_s_per_audio_min"] == pytest.approx(floor["cpu_s"] / (floor["audio_s"] / 60))
+    assert floor["cpu_s"] > 0 and floor["cpu_s_per_audio_min"] == pytest.approx(
+        floor["cpu_s"] / (floor["audio_s"] / 60)
+    )
 
 
 def test_floor_of_several_runs_is_their_mean():
-    runs = [{"files": 2, "audio_s": 120.0, "cpu_s": 1.0, "cpu_s_per_audio_min": 0.5}, {"files": 2, "audio_s": 120.0, "cpu_s": 1.2, "cpu_s_per_audio_min": 0.6}]
+    runs = [
+        {"files": 2, "audio_s": 120.0, "cpu_s": 1.0, "cpu_s_per_audio_min": 0.5},
+        {"files": 2, "audio_s": 120.0, "cpu_s": 1.2, "cpu_s_per_audio_min": 0.6},
+    ]
     floor = run.floor_of(runs)
     assert floor["cpu_s"] == pytest.approx(1.1) and floor["cpu_s_per_audio_min"] == pytest.approx(0.55)
     assert floor["runs_cpu_s"] == [1.0, 1.2] and floor["files"] == 2
@@ -73,8 +78,14 @@ def _codec_figures(floor: dict, worker_cpu_s: float, e2e: float, rss_60: float) 
 
 def test_several_rounds_give_the_median_of_their_ratios_and_show_the_median_round():
     floor = {"files": 1, "audio_s": SECONDS, "cpu_s": 1.0, "cpu_s_per_audio_min": 0.6}
-    rounds = [{**_codec_figures(floor, 1.2, e2e, 690.0), "naive": {"tracks_per_s": naive, "audio_s": SECONDS, "cpu_s": 10.0}} for e2e, naive in ((0.36, 0.18), (0.50, 0.20), (0.30, 0.20))]
-    figures = {**{k: run._median_by([r[k] for r in rounds], "tracks_per_s") for k in ("end_to_end", "naive")}, "rounds": rounds}
+    rounds = [
+        {**_codec_figures(floor, 1.2, e2e, 690.0), "naive": {"tracks_per_s": naive, "audio_s": SECONDS, "cpu_s": 10.0}}
+        for e2e, naive in ((0.36, 0.18), (0.50, 0.20), (0.30, 0.20))
+    ]
+    figures = {
+        **{k: run._median_by([r[k] for r in rounds], "tracks_per_s") for k in ("end_to_end", "naive")},
+        "rounds": rounds,
+    }
     figures.update(decode_floor=floor, worker_triton=rounds[0]["worker_triton"], rss=rounds[0]["rss"])
     # Per round 2.0, 2.5 and 1.5: the median is 2.0, not the ratio of the median figures (0.36 / 0.20).
     assert run.ratios(figures)["end_to_end_vs_naive"] == pytest.approx(2.0)
@@ -84,17 +95,34 @@ def test_several_rounds_give_the_median_of_their_ratios_and_show_the_median_roun
 def test_floor_and_worker_rounds_count_in_the_cpu_ratio_only():
     floor = {"files": 1, "audio_s": SECONDS, "cpu_s": 1.0, "cpu_s_per_audio_min": 0.6}
     full = [_codec_figures(floor, cpu, e2e, 690.0) for cpu, e2e in ((1.25, 0.36), (1.58, 0.54), (1.31, 0.27))]
-    cpu_only = [{"decode_floor": floor, "worker_triton": {"tracks": 1, "audio_s": SECONDS, "cpu_s": cpu}} for cpu in (1.20, 1.22)]
+    cpu_only = [
+        {"decode_floor": floor, "worker_triton": {"tracks": 1, "audio_s": SECONDS, "cpu_s": cpu}}
+        for cpu in (1.20, 1.22)
+    ]
     figures = {"rounds": full + cpu_only, "rss": full[0]["rss"]}
     ratios = run.ratios(figures)
     # CPU: the median of five rounds (1.25, 1.58, 1.31, 1.20, 1.22), where the three full rounds
     # alone would give 1.31; throughput: of the three full rounds (2.0, 3.0, 1.5).
     assert ratios["worker_cpu_vs_decode_floor"] == pytest.approx(1.25)
     assert ratios["end_to_end_vs_naive"] == pytest.approx(2.0)
-    results = run.summarise({"codecs": {"vorbis": {**figures, **{k: full[0][k] for k in ("decode_floor", "worker_triton", "end_to_end", "naive")}}}}, Path("music"))
+    results = run.summarise(
+        {
+            "codecs": {
+                "vorbis": {
+                    **figures,
+                    **{k: full[0][k] for k in ("decode_floor", "worker_triton", "end_to_end", "naive")},
+                }
+            }
+        },
+        Path("music"),
+    )
     vorbis = results["codecs"]["vorbis"]
-    assert [sorted(r) for r in vorbis["rounds"]] == [["end_to_end_vs_naive", "worker_cpu_vs_decode_floor"]] * 3 + [["worker_cpu_vs_decode_floor"]] * 2
-    assert "| 1.25 (1.25, 1.58, 1.31, 1.20, 1.22) |" in run.table(results) and "| 2.00 (2.00, 3.00, 1.50) |" in run.table(results)
+    assert [sorted(r) for r in vorbis["rounds"]] == [["end_to_end_vs_naive", "worker_cpu_vs_decode_floor"]] * 3 + [
+        ["worker_cpu_vs_decode_floor"]
+    ] * 2
+    assert "| 1.25 (1.25, 1.58, 1.31, 1.20, 1.22) |" in run.table(
+        results
+    ) and "| 2.00 (2.00, 3.00, 1.50) |" in run.table(results)
 
 
 def test_results_hold_the_three_ratios_per_codec_and_the_table_shows_every_figure(long_clip):
@@ -106,7 +134,12 @@ def test_results_hold_the_three_ratios_per_codec_and_the_table_shows_every_figur
             "flac": _codec_figures(floor, 1.4 * floor["cpu_s"], 0.30, 690.0),
         },
         "tiers": {
-            name: {"cpu_ms_per_patch": cpu * 4, "worker_onnx": {"tracks": 1, "cpu_s": cpu}, "end_to_end": {"tracks_per_s": e2e}, "rss_3min": {"peak_rss_mb": 500.0}}
+            name: {
+                "cpu_ms_per_patch": cpu * 4,
+                "worker_onnx": {"tracks": 1, "cpu_s": cpu},
+                "end_to_end": {"tracks_per_s": e2e},
+                "rss_3min": {"peak_rss_mb": 500.0},
+            }
             for name, cpu, e2e in (("musicnn", 9.0, 0.2), ("musicnn_student", 1.0, 1.5))
         },
         "analysis_window": run.analysis_window([long_clip]),
@@ -115,11 +148,23 @@ def test_results_hold_the_three_ratios_per_codec_and_the_table_shows_every_figur
     opus, flac = results["codecs"]["opus"], results["codecs"]["flac"]
     assert opus["end_to_end_vs_naive"] == pytest.approx(2.0) and flac["end_to_end_vs_naive"] == pytest.approx(30 / 18)
     assert opus["worker_cpu_vs_decode_floor"] == pytest.approx(1.2) and opus["rss_60min_vs_3min"] == pytest.approx(1.15)
-    assert all(opus["met"].values()) and flac["met"] == {"end_to_end_vs_naive": False, "worker_cpu_vs_decode_floor": False, "rss_60min_vs_3min": True}
+    assert all(opus["met"].values()) and flac["met"] == {
+        "end_to_end_vs_naive": False,
+        "worker_cpu_vs_decode_floor": False,
+        "rss_60min_vs_3min": True,
+    }
     assert results["goals_met"] is False and set(results["goals"]) == set(opus["met"])
     assert results["machine"]["cores"] == os.cpu_count() and results["date"]
     text = run.table(results)
-    for expected in ("| opus | ", "| flac | ", "1.67 ✗", "| musicnn_student | 4.00 | 1.00 | 1.500 | 500 |", "analysis window", "3x15s", "goals missed: flac end_to_end_vs_naive, flac worker_cpu_vs_decode_floor"):
+    for expected in (
+        "| opus | ",
+        "| flac | ",
+        "1.67 ✗",
+        "| musicnn_student | 4.00 | 1.00 | 1.500 | 500 |",
+        "analysis window",
+        "3x15s",
+        "goals missed: flac end_to_end_vs_naive, flac worker_cpu_vs_decode_floor",
+    ):
         assert expected in text
 
 

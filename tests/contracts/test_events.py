@@ -52,10 +52,23 @@ def test_dead_letter_reasons_are_exactly_the_error_codes():
 
 def test_round_trip_of_an_announcement():
     at = datetime(2026, 1, 2, 3, 4, 5, 678000, tzinfo=UTC)
-    raw = events.ingested_record(track_id="t-1", audio_uri="s3://music/x y.mp3", size_bytes=12, content_type="audio/mpeg", ingested_at=at, correlation_id="c")
+    raw = events.ingested_record(
+        track_id="t-1",
+        audio_uri="s3://music/x y.mp3",
+        size_bytes=12,
+        content_type="audio/mpeg",
+        ingested_at=at,
+        correlation_id="c",
+    )
     validate(raw, "track_ingested.v1")
     event = events.parse_ingested(raw, allow_file_uris=False, allowed_buckets=ALLOWED)
-    assert (event.track_id, event.audio_uri, event.size_bytes, event.content_type, event.correlation_id) == ("t-1", "s3://music/x y.mp3", 12, "audio/mpeg", "c")
+    assert (event.track_id, event.audio_uri, event.size_bytes, event.content_type, event.correlation_id) == (
+        "t-1",
+        "s3://music/x y.mp3",
+        12,
+        "audio/mpeg",
+        "c",
+    )
     assert event.ref == events.ObjectRef("s3", "music", "x y.mp3")
     assert event.ingested_at == at and event.raw == raw
 
@@ -95,14 +108,23 @@ def test_rfc3339_timestamps_are_accepted(stamp, expected):
         (b'"s3://music/a.mp3"', "JSON object, got a string"),
         (b'{"schema_version": 1, "track_id": "t", "audio_uri": NaN}', "NaN is not a JSON number"),
         (b'{"schema_version": 1, "track_id": "t", "audio_uri": "s3://music/a.mp3", "x": 1e400}', "out of range"),
-        (b'{"schema_version": 1, "track_id": "t", "audio_uri": "s3://music/a.mp3", "audio_uri": "s3://other/a.mp3"}', "duplicate key 'audio_uri'"),
+        (
+            b'{"schema_version": 1, "track_id": "t", "audio_uri": "s3://music/a.mp3", "audio_uri": "s3://other/a.mp3"}',
+            "duplicate key 'audio_uri'",
+        ),
         (b"[" * 5000 + b"]" * 5000, "nested too deeply"),
         (json.dumps(valid(schema_version=2)).encode(), "unknown schema_version 2"),
         (json.dumps(valid(schema_version=0)).encode(), "unknown schema_version 0"),
-        (json.dumps({"track_id": "t", "audio_uri": "s3://music/a.mp3"}).encode(), "'schema_version' is a required property"),
+        (
+            json.dumps({"track_id": "t", "audio_uri": "s3://music/a.mp3"}).encode(),
+            "'schema_version' is a required property",
+        ),
         (json.dumps(valid(schema_version="1")).encode(), r"\$.schema_version"),
         (json.dumps(valid(schema_version=True)).encode(), r"\$.schema_version"),
-        (json.dumps({"schema_version": 1, "audio_uri": "s3://music/a.mp3"}).encode(), "'track_id' is a required property"),
+        (
+            json.dumps({"schema_version": 1, "audio_uri": "s3://music/a.mp3"}).encode(),
+            "'track_id' is a required property",
+        ),
         (json.dumps({"schema_version": 1, "track_id": "t"}).encode(), "'audio_uri' is a required property"),
         (json.dumps(valid(track_id=42)).encode(), r"\$.track_id: 42 is not of type 'string'"),
         (json.dumps(valid(track_id="")).encode(), r"\$.track_id"),
@@ -122,7 +144,7 @@ def test_rfc3339_timestamps_are_accepted(stamp, expected):
         (json.dumps(valid(ingested_at="2026-01-01T00:00:00")).encode(), "time zone"),
         (json.dumps(valid(ingested_at="2026-01-01 00:00:00Z")).encode(), "RFC 3339"),
         (json.dumps(valid(ingested_at="2026-13-01T00:00:00Z")).encode(), "month must be in 1..12"),
-        (json.dumps(valid(track_id=[[[["deep"]]]] )).encode(), r"\$.track_id"),
+        (json.dumps(valid(track_id=[[[["deep"]]]])).encode(), r"\$.track_id"),
     ],
 )
 def test_bad_events_are_refused_with_a_precise_message(raw, message):
@@ -214,7 +236,15 @@ def test_file_uris_only_when_allowed(tmp_path):
 
 @pytest.mark.parametrize(
     "uri",
-    ["file:///tmp/../etc/passwd", "file:///tmp/a%2F..%2Fb.wav", "file:///tmp//a.wav", "file://host/tmp/a.wav", "file:///tmp/a.wav?x=1", "file:///tmp/a%00.wav", "file:tmp/a.wav"],
+    [
+        "file:///tmp/../etc/passwd",
+        "file:///tmp/a%2F..%2Fb.wav",
+        "file:///tmp//a.wav",
+        "file://host/tmp/a.wav",
+        "file:///tmp/a.wav?x=1",
+        "file:///tmp/a%00.wav",
+        "file:tmp/a.wav",
+    ],
 )
 def test_file_uris_with_tricks_are_bad_events(uri):
     with pytest.raises(errors.BadEvent):
@@ -236,10 +266,20 @@ def test_track_id_of_a_bad_event_is_kept_when_valid():
 LEAD = {"mood": "happy", "confidence": 0.9, "clear": True}
 
 
-def moods_record(model: events.ModelRef | None = None, processed_at: datetime | None = None, latency_ms: dict | None = None, correlation_id: str | None = "corr-7", ingested_at: datetime | None = datetime(2026, 1, 1, 11, 59, tzinfo=UTC), **over) -> events.TrackMoods:
+def moods_record(
+    model: events.ModelRef | None = None,
+    processed_at: datetime | None = None,
+    latency_ms: dict | None = None,
+    correlation_id: str | None = "corr-7",
+    ingested_at: datetime | None = datetime(2026, 1, 1, 11, 59, tzinfo=UTC),
+    **over,
+) -> events.TrackMoods:
     analysis = dict(
         tags={"musicnn_msd": {"happy": 0.5, "sad": 0.125, "rock": 1.0}, "musicnn_mtt": {"fast": 0.25}},
-        top_tags={"musicnn_msd": [{"tag": "rock", "score": 1.0}, {"tag": "happy", "score": 0.5}], "musicnn_mtt": [{"tag": "fast", "score": 0.25}]},
+        top_tags={
+            "musicnn_msd": [{"tag": "rock", "score": 1.0}, {"tag": "happy", "score": 0.5}],
+            "musicnn_mtt": [{"tag": "fast", "score": 0.25}],
+        },
         mood_source="tags",
         moods={"happy": 0.9, "sad": 0.125},
         top_moods=[{"mood": "happy", "score": 0.9}],
@@ -248,8 +288,24 @@ def moods_record(model: events.ModelRef | None = None, processed_at: datetime | 
         arousal=-0.25,
         quadrant="relaxed",
         timeline=[
-            {"start_s": 0.0, "end_s": 30.0, "top_moods": [{"mood": "happy", "score": 0.95}], "leading_mood": LEAD, "valence": 0.6, "arousal": 0.1, "quadrant": "happy"},
-            {"start_s": 30.0, "end_s": 42.5, "top_moods": [], "leading_mood": {**LEAD, "clear": False, "confidence": 0.5}, "valence": -0.1, "arousal": -0.2, "quadrant": "sad"},
+            {
+                "start_s": 0.0,
+                "end_s": 30.0,
+                "top_moods": [{"mood": "happy", "score": 0.95}],
+                "leading_mood": LEAD,
+                "valence": 0.6,
+                "arousal": 0.1,
+                "quadrant": "happy",
+            },
+            {
+                "start_s": 30.0,
+                "end_s": 42.5,
+                "top_moods": [],
+                "leading_mood": {**LEAD, "clear": False, "confidence": 0.5},
+                "valence": -0.1,
+                "arousal": -0.2,
+                "quadrant": "sad",
+            },
         ],
         embeddings={"musicnn_msd": {"dim": 2, "dtype": "float16", "data": "ADwAQA=="}},
         duration_s=42.5,
@@ -271,7 +327,11 @@ def moods_record(model: events.ModelRef | None = None, processed_at: datetime | 
 def test_output_validates_against_the_shipped_schema():
     doc = validate(moods_record().to_json(), "track_moods.v2")
     assert doc["schema_version"] == 2
-    assert doc["model"] == {"name": "musicnn", "version": "3+cal.0123abcd", "networks": [{"name": "musicnn_msd", "version": "1"}, {"name": "musicnn_mtt", "version": "1"}]}
+    assert doc["model"] == {
+        "name": "musicnn",
+        "version": "3+cal.0123abcd",
+        "networks": [{"name": "musicnn_msd", "version": "1"}, {"name": "musicnn_mtt", "version": "1"}],
+    }
     assert doc["processed_at"] == "2026-01-01T12:00:00.250000Z" and doc["ingested_at"] == "2026-01-01T11:59:00Z"
     assert set(doc) == set(events.load_schema("track_moods.v2")["required"])
     nulls = validate(moods_record(correlation_id=None, ingested_at=None).to_json(), "track_moods.v2")
@@ -281,7 +341,10 @@ def test_output_validates_against_the_shipped_schema():
 
 def test_a_v1_consumer_validating_its_schema_is_told_the_version_changed():
     doc = json.loads(moods_record().to_json())
-    errors_seen = [(list(e.path), e.message) for e in jsonschema.Draft202012Validator(events.load_schema("track_moods.v1")).iter_errors(doc)]
+    errors_seen = [
+        (list(e.path), e.message)
+        for e in jsonschema.Draft202012Validator(events.load_schema("track_moods.v1")).iter_errors(doc)
+    ]
     assert (["schema_version"], "1 was expected") in errors_seen
 
 
@@ -290,7 +353,9 @@ def test_output_is_deterministic_but_for_the_run_fields():
     again = moods_record(
         processed_at=first.processed_at + timedelta(hours=1),
         latency_ms={"total": 5.0},
-        tags={k: dict(reversed(v.items())) for k, v in reversed(first.analysis["tags"].items())},  # insertion order must not matter
+        tags={
+            k: dict(reversed(v.items())) for k, v in reversed(first.analysis["tags"].items())
+        },  # insertion order must not matter
     )
     assert first.to_json() == moods_record().to_json()
     a, b = json.loads(first.to_json()), json.loads(again.to_json())
@@ -344,7 +409,9 @@ def test_output_refuses_nan_and_naive_times():
     ],
 )
 def test_dead_letter_keeps_a_non_json_original_byte_for_byte(raw, encoding):
-    record = validate(events.dead_letter(raw, errors.BadEvent("bad"), attempts=1, model=None, track_id=None), "track_dead_letter.v1")
+    record = validate(
+        events.dead_letter(raw, errors.BadEvent("bad"), attempts=1, model=None, track_id=None), "track_dead_letter.v1"
+    )
     assert record["original_encoding"] == encoding
     assert events.original_bytes(record) == raw
 
@@ -380,25 +447,53 @@ def test_dead_letter_keeps_a_json_original_as_an_object():
     record = validate(events.dead_letter(raw, error, attempts=3, model=model, track_id="t-1"), "track_dead_letter.v1")
     assert record["original"] == json.loads(raw) and record["original_encoding"] == "json"
     assert json.loads(events.original_bytes(record)) == json.loads(raw)
-    assert (record["track_id"], record["reason"], record["message"], record["attempts"]) == ("t-1", "not_found", str(error), 3)
+    assert (record["track_id"], record["reason"], record["message"], record["attempts"]) == (
+        "t-1",
+        "not_found",
+        str(error),
+        3,
+    )
     assert record["model"] == {"name": "musicnn_msd", "version": "3"}
     assert datetime.fromisoformat(record["failed_at"]).tzinfo is not None
-    assert validate(events.dead_letter(b"[1, 2]", error, attempts=1, model=None, track_id=None), "track_dead_letter.v1")["original"] == [1, 2]
+    assert validate(
+        events.dead_letter(b"[1, 2]", error, attempts=1, model=None, track_id=None), "track_dead_letter.v1"
+    )["original"] == [1, 2]
 
 
 def test_a_missing_value_is_dead_lettered_as_empty_text():
-    record = validate(events.dead_letter(None, errors.BadEvent("record has no value"), attempts=1, model=None, track_id=None), "track_dead_letter.v1")
+    record = validate(
+        events.dead_letter(None, errors.BadEvent("record has no value"), attempts=1, model=None, track_id=None),
+        "track_dead_letter.v1",
+    )
     assert (record["original"], record["original_encoding"]) == ("", "text")
 
 
-@pytest.mark.parametrize("error", [cls("x") for cls in (errors.BadEvent, errors.NotFound, errors.AccessDenied, errors.TooLarge, errors.Undecodable, errors.TooShort, errors.InferenceFailed, errors.TrackError)])
+@pytest.mark.parametrize(
+    "error",
+    [
+        cls("x")
+        for cls in (
+            errors.BadEvent,
+            errors.NotFound,
+            errors.AccessDenied,
+            errors.TooLarge,
+            errors.Undecodable,
+            errors.TooShort,
+            errors.InferenceFailed,
+            errors.TrackError,
+        )
+    ],
+)
 def test_every_reason_makes_a_valid_dead_letter(error):
     record = validate(events.dead_letter(b"{}", error, attempts=1, model=None, track_id=None), "track_dead_letter.v1")
     assert record["reason"] == error.reason
 
 
 def test_dead_letter_message_is_capped():
-    record = validate(events.dead_letter(b"{}", errors.TrackError("x" * 5000), attempts=1, model=None, track_id=None), "track_dead_letter.v1")
+    record = validate(
+        events.dead_letter(b"{}", errors.TrackError("x" * 5000), attempts=1, model=None, track_id=None),
+        "track_dead_letter.v1",
+    )
     assert len(record["message"]) == events.MAX_MESSAGE_CHARS
 
 

@@ -73,8 +73,16 @@ def test_every_query_panel_uses_the_datasource_variable_and_known_metrics():
 def test_the_dashboard_covers_what_operators_watch():
     exprs = " ".join(t["expr"] for p in load()["panels"] for t in p.get("targets", []))
     for needed in (
-        "moodstream_events_consumed_total", "moodstream_consumer_lag_messages", "moodstream_stage_seconds_bucket",
-        "histogram_quantile(0.5", "histogram_quantile(0.95", "histogram_quantile(0.99", "moodstream_dead_letters_total",
-        "nv_inference_queue_duration_us", "nv_inference_compute_infer_duration_us", "nv_gpu_utilization", "moodstream_mood_score",
+        "moodstream_events_consumed_total",
+        "moodstream_consumer_lag_messages",
+        "moodstream_stage_seconds_bucket",
+        "histogram_quantile(0.5",
+        "histogram_quantile(0.95",
+        "histogram_quantile(0.99",
+        "moodstream_dead_letters_total",
+        "nv_inference_queue_duration_us",
+        "nv_inference_compute_infer_duration_us",
+        "nv_gpu_utilization",
+        "moodstream_mood_score",
     ):
         assert needed in exprs, needed

@@ -62,8 +62,10 @@ def test_worker_image_uses_cpu_torch_and_no_build_stage_in_the_final_image():
     assert "--index-url https://download.pytorch.org/whl/cpu" in text
     froms = [args for op, args in ops if op == "FROM"]
     assert len(froms) == 2 and froms[0].endswith(" AS build") and "slim" in (DOCKER / "worker.Dockerfile").read_text()
-    final = ops[max(i for i, (op, _) in enumerate(ops) if op == "FROM"):]
-    assert not any(op == "RUN" and re.search(r"\b(apt-get|gcc|build-essential|pip install)\b", args) for op, args in final)
+    final = ops[max(i for i, (op, _) in enumerate(ops) if op == "FROM") :]
+    assert not any(
+        op == "RUN" and re.search(r"\b(apt-get|gcc|build-essential|pip install)\b", args) for op, args in final
+    )
 
 
 def test_triton_image_is_the_official_one_with_the_model_repository():
@@ -98,9 +100,17 @@ def requirement_names(path) -> set[str]:
 
 
 def test_package_dependencies_cover_every_import_of_the_pipeline():
-    listed = {normalise(re.split(r"[\[<>=;\s]", d)[0]) for d in tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]}
+    listed = {
+        normalise(re.split(r"[\[<>=;\s]", d)[0])
+        for d in tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    }
     # google.protobuf comes with tritonclient[grpc]; pydantic with pydantic-settings; starlette with fastapi.
-    indirect = {"protobuf": "tritonclient", "pydantic": "pydantic-settings", "botocore": "boto3", "starlette": "fastapi"}
+    indirect = {
+        "protobuf": "tritonclient",
+        "pydantic": "pydantic-settings",
+        "botocore": "boto3",
+        "starlette": "fastapi",
+    }
     missing = {d for d in _imported_distributions() if d not in listed and indirect.get(d) not in listed}
     assert not missing, f"pipeline imports these but pyproject.toml's dependencies lack them: {missing}"
     pinned = requirement_names(REPO / "requirements" / "main.txt")
@@ -113,7 +123,11 @@ def test_the_package_ships_no_dev_only_code():
     for source in (REPO / "pipeline").rglob("*.py"):
         tree = ast.parse(source.read_text())
         for node in ast.walk(tree):
-            if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] in ("devstack", "bench", "tests"):
+            if (
+                isinstance(node, ast.ImportFrom)
+                and node.module
+                and node.module.split(".")[0] in ("devstack", "bench", "tests")
+            ):
                 # the demo command imports the stack lazily and says where to find it when it is absent
                 assert source.name == "cli.py" and node.module == "devstack", f"{source} imports {node.module}"
     find = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]["include"]

@@ -41,7 +41,11 @@ def strict(schema):
     schema is structural: fields it does not declare are pruned silently, a typo included)."""
     if isinstance(schema, dict):
         schema = {k: strict(v) for k, v in schema.items()}
-        if "properties" in schema and "additionalProperties" not in schema and not schema.get("x-kubernetes-preserve-unknown-fields"):
+        if (
+            "properties" in schema
+            and "additionalProperties" not in schema
+            and not schema.get("x-kubernetes-preserve-unknown-fields")
+        ):
             schema["additionalProperties"] = False
     elif isinstance(schema, list):
         schema = [strict(v) for v in schema]
@@ -80,7 +84,18 @@ def test_every_object_validates_against_its_schema(objects):
         else:
             kubernetes_validate.validate(obj, KUBERNETES_VERSION, strict=True)
         checked.add(obj["kind"])
-    assert {"Namespace", "ConfigMap", "Deployment", "Service", "PodDisruptionBudget", "NetworkPolicy", "ScaledObject", "ServiceMonitor", "PodMonitor", "PrometheusRule"} <= checked
+    assert {
+        "Namespace",
+        "ConfigMap",
+        "Deployment",
+        "Service",
+        "PodDisruptionBudget",
+        "NetworkPolicy",
+        "ScaledObject",
+        "ServiceMonitor",
+        "PodMonitor",
+        "PrometheusRule",
+    } <= checked
 
 
 def test_the_validators_do_reject_a_broken_object(objects):
@@ -187,7 +202,10 @@ def test_disruption_budgets_and_network_policies_cover_every_workload(objects):
     deny = one(objects, "NetworkPolicy", "default-deny-ingress")
     assert deny["spec"] == {"podSelector": {}, "policyTypes": ["Ingress"]}
     grpc_from = one(objects, "NetworkPolicy", "triton")["spec"]["ingress"][0]["from"]
-    assert grpc_from == [{"podSelector": {"matchLabels": {"app.kubernetes.io/name": name}}} for name in ("moodstream-worker", "moodstream-api")]
+    assert grpc_from == [
+        {"podSelector": {"matchLabels": {"app.kubernetes.io/name": name}}}
+        for name in ("moodstream-worker", "moodstream-api")
+    ]
 
 
 def test_scrape_jobs_and_rules_match_the_alerts_file(objects):
@@ -215,10 +233,19 @@ def test_api_probes_its_health_and_readiness_and_takes_the_catalog_url_from_a_se
     assert int(config["MOODSTREAM_SERVICE_PORT"]) == port and config["MOODSTREAM_SERVICE_HOST"] == "0.0.0.0"
     # Uploads are spooled to /tmp: it must hold the in-flight bound's worth of the largest upload.
     [tmp] = [v for v in pod["volumes"] if v["name"] == "tmp"]
-    assert _bytes(tmp["emptyDir"]["sizeLimit"]) >= int(config["MOODSTREAM_MAX_UPLOAD_BYTES"]) * int(config["MOODSTREAM_MAX_ANALYSES_IN_FLIGHT"])
+    assert _bytes(tmp["emptyDir"]["sizeLimit"]) >= int(config["MOODSTREAM_MAX_UPLOAD_BYTES"]) * int(
+        config["MOODSTREAM_MAX_ANALYSES_IN_FLIGHT"]
+    )
     # The API follows the topic the workers write, on the same cluster, with the same model.
     worker = one_generated(objects, "moodstream-worker")["data"]
-    for key in ("MOODSTREAM_KAFKA_BOOTSTRAP", "MOODSTREAM_KAFKA_SECURITY_PROTOCOL", "MOODSTREAM_OUTPUT_TOPIC", "MOODSTREAM_TRITON_URL", "MOODSTREAM_MODEL", "MOODSTREAM_MODEL_VERSION"):
+    for key in (
+        "MOODSTREAM_KAFKA_BOOTSTRAP",
+        "MOODSTREAM_KAFKA_SECURITY_PROTOCOL",
+        "MOODSTREAM_OUTPUT_TOPIC",
+        "MOODSTREAM_TRITON_URL",
+        "MOODSTREAM_MODEL",
+        "MOODSTREAM_MODEL_VERSION",
+    ):
         assert config[key] == worker[key], key
     service = one(objects, "Service", "moodstream-api")
     assert service["spec"]["selector"] == {"app.kubernetes.io/name": "moodstream-api"}

@@ -104,7 +104,9 @@ def test_promtool_checks_the_alert_rules():
 
 
 def test_each_alert_fires_in_promtool_unit_tests():
-    out = subprocess.run([binary("promtool"), "test", "rules", str(ALERT_TESTS)], capture_output=True, text=True, cwd=ALERT_TESTS.parent)
+    out = subprocess.run(
+        [binary("promtool"), "test", "rules", str(ALERT_TESTS)], capture_output=True, text=True, cwd=ALERT_TESTS.parent
+    )
     assert out.returncode == 0, out.stdout + out.stderr
     tested = set(re.findall(r"alertname: (\w+)", ALERT_TESTS.read_text()))
     assert tested == set(alert_rules()), "every alert needs a promtool unit test"
@@ -126,7 +128,9 @@ class Prometheus:
         config = {
             "global": {"scrape_interval": "1s", "evaluation_interval": "1s", "scrape_timeout": "1s"},
             "rule_files": [str(ALERTS)],
-            "scrape_configs": [{"job_name": job, "static_configs": [{"targets": [target]}]} for job, target in targets.items()],
+            "scrape_configs": [
+                {"job_name": job, "static_configs": [{"targets": [target]}]} for job, target in targets.items()
+            ],
         }
         (workdir / "prometheus.yml").write_text(yaml.safe_dump(config))
         self.log = workdir / "prometheus.log"
@@ -201,7 +205,12 @@ def wave(name: str, clip_uri: str) -> list[tuple[bytes | None, bytes]]:
     now = datetime.now(UTC)
     return [
         (f"{name}-good".encode(), events.ingested_record(track_id=f"{name}-good", audio_uri=clip_uri, ingested_at=now)),
-        (f"{name}-bad".encode(), events.ingested_record(track_id=f"{name}-bad", audio_uri=f"s3://{BUCKET}/{PREFIX}/readme.mp3", ingested_at=now)),
+        (
+            f"{name}-bad".encode(),
+            events.ingested_record(
+                track_id=f"{name}-bad", audio_uri=f"s3://{BUCKET}/{PREFIX}/readme.mp3", ingested_at=now
+            ),
+        ),
         (None, b"{not json"),
     ]
 
@@ -209,7 +218,9 @@ def wave(name: str, clip_uri: str) -> list[tuple[bytes | None, bytes]]:
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
     settings = load_settings()
-    with EmbeddedStack(log_dir=tmp_path_factory.mktemp("logs"), model_repository=settings.model_repository, models=[MODEL]) as s:
+    with EmbeddedStack(
+        log_dir=tmp_path_factory.mktemp("logs"), model_repository=settings.model_repository, models=[MODEL]
+    ) as s:
         os.environ.update({k: v for k, v in s.env().items() if k.startswith("AWS_")})
         storage.make_s3_client().create_bucket(Bucket=BUCKET)
         yield s
@@ -218,7 +229,11 @@ def stack(tmp_path_factory):
 @pytest.mark.integration
 def test_every_dashboard_and_alert_query_returns_data_from_a_real_worker(stack, example_clips, tmp_path):
     binary("prometheus")
-    topics = {"MOODSTREAM_INPUT_TOPIC": f"{PREFIX}.ingested", "MOODSTREAM_OUTPUT_TOPIC": f"{PREFIX}.moods", "MOODSTREAM_DLQ_TOPIC": f"{PREFIX}.moods.dlq"}
+    topics = {
+        "MOODSTREAM_INPUT_TOPIC": f"{PREFIX}.ingested",
+        "MOODSTREAM_OUTPUT_TOPIC": f"{PREFIX}.moods",
+        "MOODSTREAM_DLQ_TOPIC": f"{PREFIX}.moods.dlq",
+    }
     stack.create_topics([topics["MOODSTREAM_INPUT_TOPIC"]], partitions=2)
     stack.create_topics([topics["MOODSTREAM_OUTPUT_TOPIC"], topics["MOODSTREAM_DLQ_TOPIC"]])
     s3 = storage.make_s3_client()
@@ -243,22 +258,38 @@ def test_every_dashboard_and_alert_query_returns_data_from_a_real_worker(stack, 
         "MOODSTREAM_KAFKA_GROUP_INSTANCE_ID": "mon-worker-0",  # static membership, as on Kubernetes
     }
     worker_log = tmp_path / "worker.log"
-    worker = subprocess.Popen([sys.executable, "-m", "pipeline", "worker"], cwd=REPO, env=env, stdout=open(worker_log, "wb"), stderr=subprocess.STDOUT, start_new_session=True)
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "pipeline", "worker"],
+        cwd=REPO,
+        env=env,
+        stdout=open(worker_log, "wb"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     triton_metrics = urllib.parse.urlparse(stack.triton_metrics_url).netloc
     # The API with its catalog following the worker's output topic. Its analysis time limit is
     # too short for any upload: the one upload below is a 504, the server error the API's alert
     # selects (without one its series would not exist).
     api = ServiceProcess(
-        tmp_path / "api", **stack.env(), **topics,
-        MOODSTREAM_MODEL=MODEL, MOODSTREAM_CATALOG_FOLLOW="true", MOODSTREAM_CATALOG_GROUP=f"{PREFIX}-catalog",
+        tmp_path / "api",
+        **stack.env(),
+        **topics,
+        MOODSTREAM_MODEL=MODEL,
+        MOODSTREAM_CATALOG_FOLLOW="true",
+        MOODSTREAM_CATALOG_GROUP=f"{PREFIX}-catalog",
         MOODSTREAM_ANALYSIS_TIMEOUT_S="0.05",
     )
     prometheus = None
     try:
         api.__enter__()
-        prometheus = Prometheus(tmp_path, {
-            "moodstream-worker": f"127.0.0.1:{metrics_port}", "triton": triton_metrics, "moodstream-api": api.url.removeprefix("http://"),
-        })
+        prometheus = Prometheus(
+            tmp_path,
+            {
+                "moodstream-worker": f"127.0.0.1:{metrics_port}",
+                "triton": triton_metrics,
+                "moodstream-api": api.url.removeprefix("http://"),
+            },
+        )
 
         def count(expr: str) -> float:
             result = prometheus.query(expr)
@@ -268,15 +299,34 @@ def test_every_dashboard_and_alert_query_returns_data_from_a_real_worker(stack, 
         # second one to see an increase.
         for n, uri in enumerate(uris, start=1):
             asyncio.run(produce(stack.kafka_bootstrap, topics["MOODSTREAM_INPUT_TOPIC"], wave(f"w{n}", uri)))
-            wait_for(lambda n=n: count("sum(moodstream_outputs_total)") >= n and count("sum(moodstream_dead_letters_total)") >= 2 * n, 240, f"wave {n} scraped", worker_log)
+            wait_for(
+                lambda n=n: (
+                    count("sum(moodstream_outputs_total)") >= n and count("sum(moodstream_dead_letters_total)") >= 2 * n
+                ),
+                240,
+                f"wave {n} scraped",
+                worker_log,
+            )
         # Both partitions are this worker's; once its offsets are committed nothing waits.
-        wait_for(lambda: len(prometheus.query("moodstream_consumer_lag_messages == 0")) == 2, 60, "zero lag on both partitions", worker_log)
-        wait_for(lambda: count("max(moodstream_catalog_tracks)") >= len(uris), 120, "the catalog following the output topic", api.log_path)
+        wait_for(
+            lambda: len(prometheus.query("moodstream_consumer_lag_messages == 0")) == 2,
+            60,
+            "zero lag on both partitions",
+            worker_log,
+        )
+        wait_for(
+            lambda: count("max(moodstream_catalog_tracks)") >= len(uris),
+            120,
+            "the catalog following the output topic",
+            api.log_path,
+        )
         with open(example_clips[0], "rb") as clip:
             upload = requests.post(api.url + "/v1/analyses", files={"file": (example_clips[0].name, clip)}, timeout=60)
         assert upload.status_code == 504 and upload.json()["reason"] == "timeout", upload.text
         assert requests.get(api.url + "/v1/tracks", params={"mood": "happy"}, timeout=10).status_code == 200
-        wait_for(lambda: count('sum(moodstream_http_requests_total{status="504"})') >= 1, 30, "the 504 scraped", api.log_path)
+        wait_for(
+            lambda: count('sum(moodstream_http_requests_total{status="504"})') >= 1, 30, "the 504 scraped", api.log_path
+        )
 
         queries = dashboard_queries()
 
@@ -301,7 +351,11 @@ def test_every_dashboard_and_alert_query_returns_data_from_a_real_worker(stack, 
                 assert prometheus.query(selector), f"{name}: {selector} has no series"
         loaded = {r["name"]: r for r in prometheus.rules()}
         assert set(loaded) == set(rules) and all(r["health"] == "ok" for r in loaded.values()), loaded
-        wait_for(lambda: prometheus.query('ALERTS{alertname="MoodstreamDeadLetterRateHigh", alertstate="pending"}'), 30, "the dead-letter alert pending")
+        wait_for(
+            lambda: prometheus.query('ALERTS{alertname="MoodstreamDeadLetterRateHigh", alertstate="pending"}'),
+            30,
+            "the dead-letter alert pending",
+        )
 
         # Outage: Triton stops while a track waits; the worker retries, then pauses.
         stack.stop_triton()
@@ -310,7 +364,11 @@ def test_every_dashboard_and_alert_query_returns_data_from_a_real_worker(stack, 
             wait_for(lambda q=q: finite(prometheus.query(q)), 120, q, worker_log)
         for name in TRIGGERED_BY_OUTAGE:
             wait_for(lambda name=name: prometheus.query(rules[name]), 60, f"{name} expression", worker_log)
-            wait_for(lambda name=name: prometheus.query(f'ALERTS{{alertname="{name}", alertstate="pending"}}'), 30, f"{name} pending")
+            wait_for(
+                lambda name=name: prometheus.query(f'ALERTS{{alertname="{name}", alertstate="pending"}}'),
+                30,
+                f"{name} pending",
+            )
         assert count('up{job="triton"}') == 0
         # The stuck event is not committed: it shows as lag on its partition.
         wait_for(lambda: count("sum(moodstream_consumer_lag_messages)") == 1, 60, "lag of the stuck event", worker_log)

@@ -30,7 +30,10 @@ def installed(tmp_path_factory):
     wheels = root / "wheels"
     build = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(wheels), str(REPO)],
-        cwd=root, capture_output=True, text=True, timeout=300,
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert build.returncode == 0, build.stderr[-3000:]
     [wheel] = wheels.glob("moodstream-*.whl")
@@ -39,8 +42,20 @@ def installed(tmp_path_factory):
     purelib = next(venv.glob("lib/python3*/site-packages"))
     (purelib / "borrowed-dependencies.pth").write_text("\n".join(site.getsitepackages()) + "\n")
     install = subprocess.run(
-        [sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"), "install", "--no-deps", "-q", str(wheel)],
-        capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "--python",
+            str(venv / "bin" / "python"),
+            "install",
+            "--no-deps",
+            "-q",
+            str(wheel),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert install.returncode == 0, install.stderr[-3000:]
     elsewhere = root / "elsewhere"
@@ -51,8 +66,14 @@ def installed(tmp_path_factory):
 def test_the_wheel_carries_its_data_and_no_dev_only_code(installed):
     _, _, wheel = installed
     names = set(zipfile.ZipFile(wheel).namelist())
-    for needed in ("pipeline/contracts/schemas/track_moods.v2.json", "pipeline/stages/moods.toml", "pipeline/service/web/index.html",
-                   "triton_models/musicnn/config.pbtxt", "triton_models/musicnn/1/model.onnx", "triton_models/musicnn_student/1/model.onnx"):
+    for needed in (
+        "pipeline/contracts/schemas/track_moods.v2.json",
+        "pipeline/stages/moods.toml",
+        "pipeline/service/web/index.html",
+        "triton_models/musicnn/config.pbtxt",
+        "triton_models/musicnn/1/model.onnx",
+        "triton_models/musicnn_student/1/model.onnx",
+    ):
         assert needed in names, needed
     assert not any(n.startswith(("devstack/", "tests/", "bench/")) for n in names)
 
@@ -61,7 +82,13 @@ def test_installed_command_tags_a_clip_from_another_folder(installed, example_cl
     moodstream, elsewhere, _ = installed
     helped = subprocess.run([str(moodstream), "--help"], cwd=elsewhere, capture_output=True, text=True, timeout=120)
     assert helped.returncode == 0 and "tag" in helped.stdout and "serve" in helped.stdout, helped.stderr
-    done = subprocess.run([str(moodstream), "tag", "--json", str(example_clips[0])], cwd=elsewhere, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [str(moodstream), "tag", "--json", str(example_clips[0])],
+        cwd=elsewhere,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     record = json.loads(done.stdout)
     assert record["model"]["name"] == "musicnn" and record["patches"] == 10 and record["leading_mood"]["mood"]

@@ -27,7 +27,10 @@ def test_demo_json_prints_one_valid_output_per_track(example_clips, tmp_path):
 
     done = subprocess.run(
         [sys.executable, "-m", "pipeline", "demo", str(folder), "--json", "--log-dir", str(tmp_path / "logs")],
-        cwd=REPO, capture_output=True, text=True, timeout=600,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     lines = done.stdout.splitlines()
@@ -43,5 +46,7 @@ def test_demo_json_prints_one_valid_output_per_track(example_clips, tmp_path):
     [page] = [line for line in done.stderr.splitlines() if line.startswith("the web page: http://127.0.0.1:")]
     assert "(3 tracks in its catalog" in page
     catalog = CatalogStore.open(f"sqlite:///{tmp_path / 'logs' / 'catalog.db'}")
-    assert sorted(r["track_id"] for r in catalog.ranked(limit=10)) == sorted(json.loads(line)["track_id"] for line in lines)
+    assert sorted(r["track_id"] for r in catalog.ranked(limit=10)) == sorted(
+        json.loads(line)["track_id"] for line in lines
+    )
     catalog.close()

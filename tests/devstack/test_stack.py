@@ -141,7 +141,9 @@ def others() -> set[int]:
 
 @pytest.fixture(scope="module")
 def stack(repo, tmp_path_factory, others):
-    with EmbeddedStack(model_repository=repo, log_dir=tmp_path_factory.mktemp("logs"), models=["tiny", "tiny_var"]) as s:
+    with EmbeddedStack(
+        model_repository=repo, log_dir=tmp_path_factory.mktemp("logs"), models=["tiny", "tiny_var"]
+    ) as s:
         yield s
 
 
@@ -172,7 +174,9 @@ async def test_kafka_round_trip_with_aiokafka(stack):
         await producer.send_and_wait("stack.check", b"hello", key=b"track-1", partition=1)
     finally:
         await producer.stop()
-    consumer = AIOKafkaConsumer("stack.check", bootstrap_servers=stack.kafka_bootstrap, auto_offset_reset="earliest", enable_auto_commit=False)
+    consumer = AIOKafkaConsumer(
+        "stack.check", bootstrap_servers=stack.kafka_bootstrap, auto_offset_reset="earliest", enable_auto_commit=False
+    )
     await consumer.start()
     try:
         assert consumer.partitions_for_topic("stack.check") == {0, 1}
@@ -194,9 +198,13 @@ def test_kafka_round_trip_with_librdkafka(stack):
     assert admin.list_topics(timeout=30).topics["stack.rdkafka"].partitions.keys() == {0, 1}
     delivered = []
     producer = Producer({"bootstrap.servers": stack.kafka_bootstrap, "enable.idempotence": True})
-    producer.produce("stack.rdkafka", b"hello", key=b"track-2", partition=1, on_delivery=lambda err, msg: delivered.append(err))
+    producer.produce(
+        "stack.rdkafka", b"hello", key=b"track-2", partition=1, on_delivery=lambda err, msg: delivered.append(err)
+    )
     assert producer.flush(30) == 0 and delivered == [None]
-    consumer = Consumer({"bootstrap.servers": stack.kafka_bootstrap, "group.id": "stack-rdkafka", "auto.offset.reset": "earliest"})
+    consumer = Consumer(
+        {"bootstrap.servers": stack.kafka_bootstrap, "group.id": "stack-rdkafka", "auto.offset.reset": "earliest"}
+    )
     consumer.subscribe(["stack.rdkafka"])
     try:
         record = None
@@ -297,7 +305,9 @@ async def test_malformed_requests_get_errors_and_the_server_keeps_serving(stack,
     good = [mel(2, seed=3), mel(1, seed=4)]
     aio = grpcaio.InferenceServerClient(stack.triton_grpc_url)
     try:
-        results = await asyncio.gather(infer(aio, good[0]), infer(aio, mel(1, seed=5, time_len=50)), infer(aio, good[1]), return_exceptions=True)
+        results = await asyncio.gather(
+            infer(aio, good[0]), infer(aio, mel(1, seed=5, time_len=50)), infer(aio, good[1]), return_exceptions=True
+        )
     finally:
         await aio.close()
     assert isinstance(results[1], InferenceServerException)
@@ -377,7 +387,17 @@ TANSU_API_VERSIONS_V3 = bytes.fromhex(
     "0000000000120000000400002e0000000000000a00000006000019000000040000180000000500001d00000003000016"
     "000000050000140000000600000d000000050000000000"
     # tagged fields: 4 of them, each (tag, size, value) holding its default value
-    "04" "00" "01" "01" "01" "08" + "ff" * 8 + "02" "01" "01" "03" "01" "00"
+    "04"
+    "00"
+    "01"
+    "01"
+    "01"
+    "08" + "ff" * 8 + "02"
+    "01"
+    "01"
+    "03"
+    "01"
+    "00"
 )
 
 
@@ -440,7 +460,7 @@ def test_normalised_api_versions_answer_drops_default_tags_only():
 
 
 def test_api_versions_answers_that_are_not_normal_pass_or_raise():
-    unsupported = bytes.fromhex("00000002" "0023" "00000001" "0012" "0000" "0004")  # v0 layout, error 35
+    unsupported = bytes.fromhex("00000002002300000001001200000004")  # v0 layout, error 35
     assert normalize_api_versions_response(unsupported) == unsupported
     for broken in (TANSU_API_VERSIONS_V3[:-3], TANSU_API_VERSIONS_V3 + b"\x00", TANSU_API_VERSIONS_V3[:5]):
         with pytest.raises(ValueError):
@@ -462,7 +482,9 @@ def _fake_pb_utils() -> types.ModuleType:
     pb = types.ModuleType("triton_python_backend_utils")
     pb.Tensor = _Tensor
     pb.TritonError = lambda message: types.SimpleNamespace(message=lambda: message)
-    pb.InferenceResponse = lambda output_tensors=(), error=None: types.SimpleNamespace(tensors={t.name: t.array for t in output_tensors}, error=error)
+    pb.InferenceResponse = lambda output_tensors=(), error=None: types.SimpleNamespace(
+        tensors={t.name: t.array for t in output_tensors}, error=error
+    )
     pb.get_input_tensor_by_name = lambda request, name: next((t for t in request if t.name == name), None)
     pb.triton_string_to_numpy = {"TYPE_FP32": np.float32}.__getitem__
     return pb
@@ -486,7 +508,9 @@ def python_model(tmp_path, monkeypatch):
     model.initialize({"model_config": json.dumps(config), "model_repository": str(entry), "model_version": "1"})
     runs = []
     real_run = model._session.run
-    model._session = types.SimpleNamespace(run=lambda names, feed: runs.append(feed["mel"].shape[0]) or real_run(names, feed))
+    model._session = types.SimpleNamespace(
+        run=lambda names, feed: runs.append(feed["mel"].shape[0]) or real_run(names, feed)
+    )
     yield model, runs
     model.finalize()
 

@@ -26,7 +26,9 @@ def stack(tmp_path_factory):
     point clients at it are set for the package and restored afterwards (later tests run
     their own S3 servers or mocks)."""
     settings = load_settings()
-    with EmbeddedStack(log_dir=tmp_path_factory.mktemp("fault-stack-logs"), model_repository=settings.model_repository, models=[MODEL]) as s:
+    with EmbeddedStack(
+        log_dir=tmp_path_factory.mktemp("fault-stack-logs"), model_repository=settings.model_repository, models=[MODEL]
+    ) as s:
         aws = {k: v for k, v in s.env().items() if k.startswith("AWS_")}
         saved = {k: os.environ.get(k) for k in aws}
         os.environ.update(aws)
@@ -46,10 +48,14 @@ def summary(request):
     """summary(announced=, outputs=, dlq=, duplicates=, recovery_s=, **more) records the
     scenario's line for the end-of-run table."""
 
-    def record(*, announced: int, outputs: int, dlq: int, duplicates: int, recovery_s: float | None = None, **more: object) -> None:
+    def record(
+        *, announced: int, outputs: int, dlq: int, duplicates: int, recovery_s: float | None = None, **more: object
+    ) -> None:
         recovery = "-" if recovery_s is None else f"{recovery_s:.1f}"
         extra = "".join(f" {k}={v}" for k, v in more.items())
-        _SUMMARY.append(f"{request.node.name}: announced={announced} outputs={outputs} dlq={dlq} duplicates={duplicates} recovery_s={recovery}{extra}")
+        _SUMMARY.append(
+            f"{request.node.name}: announced={announced} outputs={outputs} dlq={dlq} duplicates={duplicates} recovery_s={recovery}{extra}"
+        )
 
     return record
 

@@ -70,17 +70,44 @@ def bad_audio(hours_file_s: float = 2 * 3600) -> list[AudioCase]:
     sources["vorbis"] = encode(tone(4.0, freq=330.0), "vorbis")
     for seed in SEEDS:
         rng = np.random.default_rng(seed)
-        add = lambda name, ext, data, expected, seed=seed: cases.append(AudioCase(f"{name}-{seed}", ext, data, expected))  # noqa: E731
+        add = lambda name, ext, data, expected, seed=seed: cases.append(
+            AudioCase(f"{name}-{seed}", ext, data, expected)
+        )
         add("zero-bytes", ["mp3", "wav", "flac", "ogg"][seed % 4], b"", "undecodable")
         add("random-bytes", "mp3", rng.bytes(int(rng.integers(16, 200_000))), "undecodable")
-        add("random-text", "ogg", bytes(rng.integers(32, 127, int(rng.integers(100, 5000)), dtype=np.uint8)), "undecodable")
+        add(
+            "random-text",
+            "ogg",
+            bytes(rng.integers(32, 127, int(rng.integers(100, 5000)), dtype=np.uint8)),
+            "undecodable",
+        )
         # A container's first bytes with nothing after them.
         for fmt, data in sources.items():
-            add(f"truncated-head-{fmt}", "ogg" if fmt == "vorbis" else fmt, data[: int(rng.integers(1, 64))], "undecodable")
+            add(
+                f"truncated-head-{fmt}",
+                "ogg" if fmt == "vorbis" else fmt,
+                data[: int(rng.integers(1, 64))],
+                "undecodable",
+            )
         # Cut inside the first 0.3 s of audio: decodable, but shorter than the 1 s minimum.
-        add("truncated-short-wav", "wav", _wav(tone(4.0, rate=16_000, channels=1).T, 16_000)[: 44 + int(rng.integers(100, 9000))], "too_short")
-        add("header-only-wav", "wav", _header_only_wav([8000, 16_000, 44_100, 48_000][seed % 4], 1 + seed % 2), "undecodable")
-        add("one-sample", "wav", _wav(np.full((1, 1 + seed % 2), 0.5, np.float32), [8000, 44_100][seed % 2]), "too_short")
+        add(
+            "truncated-short-wav",
+            "wav",
+            _wav(tone(4.0, rate=16_000, channels=1).T, 16_000)[: 44 + int(rng.integers(100, 9000))],
+            "too_short",
+        )
+        add(
+            "header-only-wav",
+            "wav",
+            _header_only_wav([8000, 16_000, 44_100, 48_000][seed % 4], 1 + seed % 2),
+            "undecodable",
+        )
+        add(
+            "one-sample",
+            "wav",
+            _wav(np.full((1, 1 + seed % 2), 0.5, np.float32), [8000, 44_100][seed % 2]),
+            "too_short",
+        )
         add("half-second", "flac", encode(tone(0.5), "flac"), "too_short")
         add("not-audio-json", "mp3", json.dumps({"seed": seed, "hello": "world"}).encode() * 20, "undecodable")
         add("not-audio-png", "flac", b"\x89PNG\r\n\x1a\n" + rng.bytes(3000), "undecodable")
@@ -92,7 +119,12 @@ def bad_audio(hours_file_s: float = 2 * 3600) -> list[AudioCase]:
         nan = tone(4.0, rate=16_000, channels=1).T.copy()
         nan[rng.integers(0, len(nan), 500)] = [np.nan, np.inf, -np.inf][seed % 3]
         add("nan-inf-float-wav", "wav", _wav(nan, 16_000, "FLOAT"), "output")
-        add("wrong-extension", ["wav", "mp3", "ogg", "flac"][seed % 4], sources[["flac", "ogg", "mp3", "vorbis"][seed % 4]], "output")
+        add(
+            "wrong-extension",
+            ["wav", "mp3", "ogg", "flac"][seed % 4],
+            sources[["flac", "ogg", "mp3", "vorbis"][seed % 4]],
+            "output",
+        )
     cases.append(AudioCase("hours-of-silence", "flac", silent_flac(hours_file_s), "output"))
     return cases
 
@@ -111,14 +143,42 @@ def bad_events(bucket: str, key: str) -> Iterator[EventCase]:
         return EventCase(name, json.dumps(d).encode())
 
     # Not JSON at all.
-    for i, raw in enumerate([b"", b"{", b"not json", b"\xff\xfe\x00garbage", b"[1, 2", b'{"a": NaN}', b"null", b"42", b'"a string"', b"[]", b'{"track_id": "x", "track_id": "y"}', b"{'single': 'quotes'}"]):
+    for i, raw in enumerate(
+        [
+            b"",
+            b"{",
+            b"not json",
+            b"\xff\xfe\x00garbage",
+            b"[1, 2",
+            b'{"a": NaN}',
+            b"null",
+            b"42",
+            b'"a string"',
+            b"[]",
+            b'{"track_id": "x", "track_id": "y"}',
+            b"{'single': 'quotes'}",
+        ]
+    ):
         yield EventCase(f"not-json-{i}", raw)
     yield EventCase("tombstone", None)
     # Missing fields.
     for field in ("track_id", "audio_uri", "schema_version"):
         yield doc(f"missing-{field}", **{field: _DROP})
     # Wrong types.
-    for field, value in [("track_id", 123), ("track_id", None), ("track_id", ["a"]), ("audio_uri", 5), ("audio_uri", {"s3": "x"}), ("schema_version", "1"), ("schema_version", True), ("size_bytes", "big"), ("size_bytes", -1), ("ingested_at", 1700000000), ("ingested_at", "yesterday"), ("correlation_id", 7)]:
+    for field, value in [
+        ("track_id", 123),
+        ("track_id", None),
+        ("track_id", ["a"]),
+        ("audio_uri", 5),
+        ("audio_uri", {"s3": "x"}),
+        ("schema_version", "1"),
+        ("schema_version", True),
+        ("size_bytes", "big"),
+        ("size_bytes", -1),
+        ("ingested_at", 1700000000),
+        ("ingested_at", "yesterday"),
+        ("correlation_id", 7),
+    ]:
         yield doc(f"type-{field}-{type(value).__name__}", **{field: value})
     yield doc("track-id-newline", track_id="ev-a\n")
     yield doc("track-id-empty", track_id="")
@@ -131,14 +191,34 @@ def bad_events(bucket: str, key: str) -> Iterator[EventCase]:
     yield EventCase("deeply-nested", b'{"track_id": "ev-deep", "x": ' + b"[" * 5000 + b"]" * 5000 + b"}")
     yield doc("huge-uri", audio_uri=f"s3://{bucket}/" + "k" * 2000)
     # URIs that are not allowed: other schemes, other buckets, path tricks.
-    for i, uri in enumerate([
-        "file:///etc/passwd", f"file:///tmp/{key}", f"http://127.0.0.1/{bucket}/{key}", f"https://{bucket}.s3.amazonaws.com/{key}",
-        f"ftp://{bucket}/{key}", f"/{bucket}/{key}", f"{bucket}/{key}", "s3://other-bucket/a.mp3", f"s3://{bucket}.evil/{key}",
-        f"s3://{bucket.upper()}/{key}", f"s3://{bucket}", f"s3://{bucket}/", f"s3://{bucket}/../secrets/a.mp3",
-        f"s3://{bucket}/a/./b.mp3", f"s3://{bucket}/a//b.mp3", f"s3://{bucket}/a/%2e%2e/b.mp3", f"s3://{bucket}/a\\..\\b.mp3",
-        f"s3://{bucket}/a\x00.mp3", f"s3://{bucket}/a%00.mp3", f"s3://{bucket}/a\nb.mp3", "s3:///a.mp3", "",
-        f"S3://other-bucket/{key}", f"s3://user:pass@{bucket}/{key}",
-    ]):
+    for i, uri in enumerate(
+        [
+            "file:///etc/passwd",
+            f"file:///tmp/{key}",
+            f"http://127.0.0.1/{bucket}/{key}",
+            f"https://{bucket}.s3.amazonaws.com/{key}",
+            f"ftp://{bucket}/{key}",
+            f"/{bucket}/{key}",
+            f"{bucket}/{key}",
+            "s3://other-bucket/a.mp3",
+            f"s3://{bucket}.evil/{key}",
+            f"s3://{bucket.upper()}/{key}",
+            f"s3://{bucket}",
+            f"s3://{bucket}/",
+            f"s3://{bucket}/../secrets/a.mp3",
+            f"s3://{bucket}/a/./b.mp3",
+            f"s3://{bucket}/a//b.mp3",
+            f"s3://{bucket}/a/%2e%2e/b.mp3",
+            f"s3://{bucket}/a\\..\\b.mp3",
+            f"s3://{bucket}/a\x00.mp3",
+            f"s3://{bucket}/a%00.mp3",
+            f"s3://{bucket}/a\nb.mp3",
+            "s3:///a.mp3",
+            "",
+            f"S3://other-bucket/{key}",
+            f"s3://user:pass@{bucket}/{key}",
+        ]
+    ):
         yield doc(f"uri-{i}", audio_uri=uri)
 
 

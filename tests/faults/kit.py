@@ -35,8 +35,22 @@ class WorkerProcess:
     """``python -m pipeline worker`` as a real child process (its own session, so signals and
     kill -9 reach it alone), logging to ``log_path``."""
 
-    def __init__(self, stack: EmbeddedStack, log_path: Path, s3_endpoint: str | None = None, loglevel: str = "info", **settings: str) -> None:
-        env = {**os.environ, **stack.env(), "MOODSTREAM_METRICS_PORT": "0", "MOODSTREAM_MODEL": MODEL, "MOODSTREAM_ALLOWED_BUCKETS": BUCKET, **settings}
+    def __init__(
+        self,
+        stack: EmbeddedStack,
+        log_path: Path,
+        s3_endpoint: str | None = None,
+        loglevel: str = "info",
+        **settings: str,
+    ) -> None:
+        env = {
+            **os.environ,
+            **stack.env(),
+            "MOODSTREAM_METRICS_PORT": "0",
+            "MOODSTREAM_MODEL": MODEL,
+            "MOODSTREAM_ALLOWED_BUCKETS": BUCKET,
+            **settings,
+        }
         if s3_endpoint:
             env["AWS_ENDPOINT_URL"] = env["AWS_ENDPOINT_URL_S3"] = s3_endpoint
         self.log_path = log_path
@@ -46,7 +60,11 @@ class WorkerProcess:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "pipeline", "worker", "--loglevel", loglevel],
-            cwd=log_path.parent, env=env, stdout=open(log_path, "ab"), stderr=subprocess.STDOUT, start_new_session=True,
+            cwd=log_path.parent,
+            env=env,
+            stdout=open(log_path, "ab"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
 
     @property
@@ -118,13 +136,22 @@ def _children(pid: int) -> list[int]:
 
 def private_topics(stack: EmbeddedStack, prefix: str, partitions: int = 1) -> dict[str, str]:
     """Worker settings giving a scenario its own topics and consumer group, created on the broker."""
-    topics = {"MOODSTREAM_INPUT_TOPIC": f"{prefix}.ingested", "MOODSTREAM_OUTPUT_TOPIC": f"{prefix}.moods", "MOODSTREAM_DLQ_TOPIC": f"{prefix}.moods.dlq"}
+    topics = {
+        "MOODSTREAM_INPUT_TOPIC": f"{prefix}.ingested",
+        "MOODSTREAM_OUTPUT_TOPIC": f"{prefix}.moods",
+        "MOODSTREAM_DLQ_TOPIC": f"{prefix}.moods.dlq",
+    }
     stack.create_topics([topics["MOODSTREAM_INPUT_TOPIC"]], partitions=partitions)
     stack.create_topics([topics["MOODSTREAM_OUTPUT_TOPIC"], topics["MOODSTREAM_DLQ_TOPIC"]])
     return {**topics, "MOODSTREAM_CONSUMER_GROUP": f"{prefix}-group"}
 
 
-def produce(bootstrap: str, topic: str, values: list[tuple[bytes | None, bytes | None]], partition_of: Callable[[int], int] | None = None) -> None:
+def produce(
+    bootstrap: str,
+    topic: str,
+    values: list[tuple[bytes | None, bytes | None]],
+    partition_of: Callable[[int], int] | None = None,
+) -> None:
     """Send (key, value) records in order and wait for every acknowledgement."""
 
     async def run() -> None:
@@ -176,7 +203,13 @@ class Reader:
         assert self._ready.wait(30), "the test's consumer did not start"
 
     async def _run(self) -> None:
-        consumer = AIOKafkaConsumer(*self._topics, bootstrap_servers=self._bootstrap, auto_offset_reset="earliest", enable_auto_commit=False, fetch_max_bytes=16 * 1024 * 1024)
+        consumer = AIOKafkaConsumer(
+            *self._topics,
+            bootstrap_servers=self._bootstrap,
+            auto_offset_reset="earliest",
+            enable_auto_commit=False,
+            fetch_max_bytes=16 * 1024 * 1024,
+        )
         await consumer.start()
         self._ready.set()
         try:
@@ -195,7 +228,9 @@ class Reader:
         finally:
             await consumer.stop()
 
-    def wait(self, condition: Callable[[Seen], bool], timeout_s: float, workers: tuple[WorkerProcess, ...] = ()) -> bool:
+    def wait(
+        self, condition: Callable[[Seen], bool], timeout_s: float, workers: tuple[WorkerProcess, ...] = ()
+    ) -> bool:
         """Wait until ``condition(seen)``; False on timeout or when every given worker exited."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
@@ -228,7 +263,7 @@ def metric(exposition: str, name: str) -> float | None:
 
 def same_content(a: dict, b: dict) -> bool:
     """Two outputs of one track agree on everything but the run fields."""
-    strip = lambda r: {k: v for k, v in r.items() if k not in RUN_FIELDS}  # noqa: E731
+    strip = lambda r: {k: v for k, v in r.items() if k not in RUN_FIELDS}
     return strip(a) == strip(b)
 
 
@@ -287,7 +322,10 @@ class S3FaultProxy:
                     if k.lower() not in ("connection", "transfer-encoding", "content-length"):
                         self.send_header(k, v)
                 # A HEAD answer has no body but states the object's length.
-                self.send_header("Content-Length", resp.getheader("Content-Length", "0") if self.command == "HEAD" else str(len(data)))
+                self.send_header(
+                    "Content-Length",
+                    resp.getheader("Content-Length", "0") if self.command == "HEAD" else str(len(data)),
+                )
                 self.end_headers()
                 conn.close()
                 if self.command == "HEAD":

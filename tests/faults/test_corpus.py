@@ -37,17 +37,32 @@ def test_malformed_corpus_gives_a_reason_or_an_output_and_the_worker_survives(st
     bad = list(bad_events(BUCKET, "corpus/good.mp3"))
     assert len(audio) >= 200 and len(bad) >= 50
 
-    values = [(f"corpus-{c.name}".encode(), events.ingested_record(track_id=f"corpus-{c.name}", audio_uri=f"s3://{BUCKET}/corpus/{c.name}.{c.ext}")) for c in audio]
+    values = [
+        (
+            f"corpus-{c.name}".encode(),
+            events.ingested_record(track_id=f"corpus-{c.name}", audio_uri=f"s3://{BUCKET}/corpus/{c.name}.{c.ext}"),
+        )
+        for c in audio
+    ]
     values += [(e.name.encode(), e.value) for e in bad]
     # Good tracks spread through the stream: bad neighbours must not hold them up.
     goods = [f"good-{i}" for i in range(5)]
     for i, track_id in enumerate(goods):
-        values.insert(i * len(values) // len(goods), (track_id.encode(), events.ingested_record(track_id=track_id, audio_uri=f"s3://{BUCKET}/corpus/good.mp3")))
+        values.insert(
+            i * len(values) // len(goods),
+            (track_id.encode(), events.ingested_record(track_id=track_id, audio_uri=f"s3://{BUCKET}/corpus/good.mp3")),
+        )
     produce(stack.kafka_bootstrap, topics["MOODSTREAM_INPUT_TOPIC"], values)
 
     reader = Reader(stack.kafka_bootstrap, "corpus")
     start = time.monotonic()
-    worker = WorkerProcess(stack, tmp_path / "worker.log", MOODSTREAM_BATCH_SIZE="32", MOODSTREAM_MAX_DURATION_S=str(MAX_DURATION_S), **topics)
+    worker = WorkerProcess(
+        stack,
+        tmp_path / "worker.log",
+        MOODSTREAM_BATCH_SIZE="32",
+        MOODSTREAM_MAX_DURATION_S=str(MAX_DURATION_S),
+        **topics,
+    )
     try:
         done = reader.wait(lambda seen: seen.total >= len(values), timeout_s=420, workers=(worker,))
         elapsed = time.monotonic() - start
@@ -83,8 +98,14 @@ def test_malformed_corpus_gives_a_reason_or_an_output_and_the_worker_survives(st
     assert peaks and max(peaks.values()) < PEAK_RSS_LIMIT_MB, peaks
     expected = Counter(c.expected for c in audio)
     summary(
-        announced=len(values), outputs=len(seen.outputs), dlq=len(seen.dead), duplicates=seen.duplicates(),
-        seconds=round(elapsed), audio_cases=dict(expected), bad_events=len(bad), peak_rss_mb=round(max(peaks.values())),
+        announced=len(values),
+        outputs=len(seen.outputs),
+        dlq=len(seen.dead),
+        duplicates=seen.duplicates(),
+        seconds=round(elapsed),
+        audio_cases=dict(expected),
+        bad_events=len(bad),
+        peak_rss_mb=round(max(peaks.values())),
     )
 
 

@@ -38,10 +38,17 @@ def test_a_killed_worker_loses_nothing_and_its_partition_moves_in_seconds(stack,
         time.sleep(3)
         ids = [f"crash-{i:02d}" for i in range(TRACKS)]
         partition = {t: i % PARTITIONS for i, t in enumerate(ids)}
-        produce(stack.kafka_bootstrap, topics["MOODSTREAM_INPUT_TOPIC"], [(t.encode(), events.ingested_record(track_id=t, audio_uri=f"s3://{BUCKET}/crash/a.mp3")) for t in ids], lambda i: i % PARTITIONS)
+        produce(
+            stack.kafka_bootstrap,
+            topics["MOODSTREAM_INPUT_TOPIC"],
+            [(t.encode(), events.ingested_record(track_id=t, audio_uri=f"s3://{BUCKET}/crash/a.mp3")) for t in ids],
+            lambda i: i % PARTITIONS,
+        )
 
         # Kill one worker as soon as both partitions are being worked on.
-        assert reader.wait(lambda s: {partition[t] for t in s.output_ids()} == set(range(PARTITIONS)), 180, (a, b)), a.log() + b.log()
+        assert reader.wait(lambda s: {partition[t] for t in s.output_ids()} == set(range(PARTITIONS)), 180, (a, b)), (
+            a.log() + b.log()
+        )
         killed_at = time.monotonic()
         a.kill9()
         done_before = set(reader.seen.seen_at)
@@ -52,7 +59,13 @@ def test_a_killed_worker_loses_nothing_and_its_partition_moves_in_seconds(stack,
             return pending <= {partition[t] for t, at in s.seen_at.items() if at > killed_at and t in partition}
 
         assert reader.wait(recovered, 120, (b,)), b.log()
-        recovery_s = max(min(at for t, at in reader.seen.seen_at.items() if at > killed_at and partition.get(t) == p) for p in pending) - killed_at
+        recovery_s = (
+            max(
+                min(at for t, at in reader.seen.seen_at.items() if at > killed_at and partition.get(t) == p)
+                for p in pending
+            )
+            - killed_at
+        )
         a = WorkerProcess(stack, tmp_path / "a-restarted.log", **settings)
         workers.append(a)
         complete = reader.wait(lambda s: s.output_ids() >= set(ids), 240, (a, b))
@@ -70,6 +83,14 @@ def test_a_killed_worker_loses_nothing_and_its_partition_moves_in_seconds(stack,
     for copies in by_id.values():
         assert all(same_content(copies[0], c) for c in copies[1:])
     lost = len(set(ids) - seen.output_ids())
-    summary(announced=TRACKS, outputs=len(seen.outputs), dlq=len(seen.dead), duplicates=seen.duplicates(), recovery_s=recovery_s, lost=lost, session_timeout_s=load_settings().kafka_session_timeout_s)
+    summary(
+        announced=TRACKS,
+        outputs=len(seen.outputs),
+        dlq=len(seen.dead),
+        duplicates=seen.duplicates(),
+        recovery_s=recovery_s,
+        lost=lost,
+        session_timeout_s=load_settings().kafka_session_timeout_s,
+    )
     # The survivor takes over after the session timeout, not after Kafka's default minute and a half.
     assert recovery_s < 60

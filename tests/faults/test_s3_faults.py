@@ -44,9 +44,21 @@ def test_s3_faults_are_retried_or_dead_lettered_never_stuck(stack, tmp_path, sum
     outage = proxy.add(Fault("s3f/outage.mp3", status=503, code="SlowDown"))  # every attempt, until removed
 
     port = free_ports(1)[0]
-    worker = WorkerProcess(stack, tmp_path / "worker.log", s3_endpoint=proxy.endpoint, MOODSTREAM_METRICS_PORT=str(port), MOODSTREAM_S3_MAX_ATTEMPTS="3", MOODSTREAM_MAX_OBJECT_BYTES=str(MAX_OBJECT_BYTES), **topics)
+    worker = WorkerProcess(
+        stack,
+        tmp_path / "worker.log",
+        s3_endpoint=proxy.endpoint,
+        MOODSTREAM_METRICS_PORT=str(port),
+        MOODSTREAM_S3_MAX_ATTEMPTS="3",
+        MOODSTREAM_MAX_OBJECT_BYTES=str(MAX_OBJECT_BYTES),
+        **topics,
+    )
     reader = Reader(stack.kafka_bootstrap, "s3f")
-    announce = lambda ids: produce(stack.kafka_bootstrap, topics["MOODSTREAM_INPUT_TOPIC"], [(t.encode(), events.ingested_record(track_id=t, audio_uri=f"s3://{BUCKET}/s3f/{t}.mp3")) for t in ids])  # noqa: E731
+    announce = lambda ids: produce(
+        stack.kafka_bootstrap,
+        topics["MOODSTREAM_INPUT_TOPIC"],
+        [(t.encode(), events.ingested_record(track_id=t, audio_uri=f"s3://{BUCKET}/s3f/{t}.mp3")) for t in ids],
+    )
     first = ["ok", "missing", "denied", "large", "slow", "throttled-0", "throttled-1", "error500"]
     try:
         start = time.monotonic()
@@ -67,7 +79,9 @@ def test_s3_faults_are_retried_or_dead_lettered_never_stuck(stack, tmp_path, sum
         # input topic again, gives the track its output.
         s3.put_object(Bucket=BUCKET, Key="s3f/missing.mp3", Body=clip)
         dead_missing = next(r for r in reader.seen.dead if r["track_id"] == "missing")
-        produce(stack.kafka_bootstrap, topics["MOODSTREAM_INPUT_TOPIC"], [(b"missing", events.original_bytes(dead_missing))])
+        produce(
+            stack.kafka_bootstrap, topics["MOODSTREAM_INPUT_TOPIC"], [(b"missing", events.original_bytes(dead_missing))]
+        )
         assert reader.wait(lambda s: "missing" in s.output_ids(), 120, (worker,)), worker.log()
     finally:
         worker.stop()
@@ -77,18 +91,33 @@ def test_s3_faults_are_retried_or_dead_lettered_never_stuck(stack, tmp_path, sum
     assert reasons == {"missing": "not_found", "denied": "access_denied", "large": "too_large"}, worker.log()
     # Refused on its GET's headers: one request, and the worker hung up before the body's end.
     large = proxy.seen("s3f/large.mp3")
-    assert [(method, action.split(" after ")[0]) for method, _, action in large] == [("GET", "forward"), ("GET", "client hung up")], large
+    assert [(method, action.split(" after ")[0]) for method, _, action in large] == [
+        ("GET", "forward"),
+        ("GET", "client hung up"),
+    ], large
     sent, total = map(int, re.findall(r"\d+", large[1][2]))
     assert sent < total / 2, large
     assert seen.output_ids() == {"ok", "slow", "throttled-0", "throttled-1", "error500", "outage", "missing"}
     # The transient faults really happened and were retried by the S3 client.
     assert all(t.hits == 2 for t in throttles)
-    assert [a for _, _, a in proxy.seen("s3f/error500.mp3")][:3] == ["500 InternalError", "500 InternalError", "forward"]
+    assert [a for _, _, a in proxy.seen("s3f/error500.mp3")][:3] == [
+        "500 InternalError",
+        "500 InternalError",
+        "forward",
+    ]
     assert any(a.startswith("delay") for _, _, a in proxy.seen("s3f/slow.mp3"))
     outage_requests = [a for _, _, a in proxy.seen("s3f/outage.mp3")]
-    assert outage_requests.count("503 SlowDown") > 3 and outage_requests[-1] == "forward"  # retried past the client's 3 attempts
+    assert (
+        outage_requests.count("503 SlowDown") > 3 and outage_requests[-1] == "forward"
+    )  # retried past the client's 3 attempts
     assert paused_metric == 1.0 and "s3 unavailable, batch paused" in worker.log(100_000)
     summary(
-        announced=len(first) + 1, replayed=1, outputs=len(seen.outputs), dlq=len(seen.dead), duplicates=seen.duplicates(),
-        recovery_s=recovery_s, per_track_faults_s=round(per_track_s, 1), outage_requests_refused=outage_requests.count("503 SlowDown"),
+        announced=len(first) + 1,
+        replayed=1,
+        outputs=len(seen.outputs),
+        dlq=len(seen.dead),
+        duplicates=seen.duplicates(),
+        recovery_s=recovery_s,
+        per_track_faults_s=round(per_track_s, 1),
+        outage_requests_refused=outage_requests.count("503 SlowDown"),
     )

@@ -33,7 +33,15 @@ def test_sigterm_drains_the_batch_in_flight_commits_and_exits(stack, tmp_path, s
     # come out in announcement order.
     values = [(t.encode(), events.ingested_record(track_id=t, audio_uri=f"s3://{BUCKET}/term/a.mp3")) for t in ids]
     for n, position in enumerate((1, BATCH + 1, 2 * BATCH + 1)):
-        values.insert(position + n, (b"term-re", events.ingested_record(track_id="term-re", audio_uri=f"s3://{BUCKET}/term/a.mp3", correlation_id=f"re-{n}")))
+        values.insert(
+            position + n,
+            (
+                b"term-re",
+                events.ingested_record(
+                    track_id="term-re", audio_uri=f"s3://{BUCKET}/term/a.mp3", correlation_id=f"re-{n}"
+                ),
+            ),
+        )
     reader = Reader(stack.kafka_bootstrap, "term")
     first = WorkerProcess(stack, tmp_path / "first.log", s3_endpoint=proxy.endpoint, **settings)
     second = None
@@ -71,4 +79,12 @@ def test_sigterm_drains_the_batch_in_flight_commits_and_exits(stack, tmp_path, s
     assert seen.duplicates() == 0 and seen.dead == []
     assert seen.output_ids() == set(ids) | {"term-re"}
     assert [r["correlation_id"] for r in seen.outputs if r["track_id"] == "term-re"] == ["re-0", "re-1", "re-2"]
-    summary(announced=len(values), outputs=len(seen.outputs), dlq=len(seen.dead), duplicates=seen.duplicates(), recovery_s=recovery_s, exit_after_sigterm_s=round(exit_s, 1), drained=len(drained))
+    summary(
+        announced=len(values),
+        outputs=len(seen.outputs),
+        dlq=len(seen.dead),
+        duplicates=seen.duplicates(),
+        recovery_s=recovery_s,
+        exit_after_sigterm_s=round(exit_s, 1),
+        drained=len(drained),
+    )

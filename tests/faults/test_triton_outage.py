@@ -29,9 +29,21 @@ def test_triton_outage_pauses_and_resumes_without_losing_a_track(stack, example_
     storage.make_s3_client().upload_file(str(example_clips[1]), BUCKET, "tritonout/a.mp3")
     uri = f"s3://{BUCKET}/tritonout/a.mp3"
     port = free_ports(1)[0]
-    worker = WorkerProcess(stack, tmp_path / "worker.log", MOODSTREAM_BATCH_SIZE="4", MOODSTREAM_METRICS_PORT=str(port), MOODSTREAM_TRITON_MAX_ATTEMPTS="2", MOODSTREAM_TRITON_TIMEOUT_S="5", **topics)
+    worker = WorkerProcess(
+        stack,
+        tmp_path / "worker.log",
+        MOODSTREAM_BATCH_SIZE="4",
+        MOODSTREAM_METRICS_PORT=str(port),
+        MOODSTREAM_TRITON_MAX_ATTEMPTS="2",
+        MOODSTREAM_TRITON_TIMEOUT_S="5",
+        **topics,
+    )
     reader = Reader(stack.kafka_bootstrap, "tritonout")
-    announce = lambda ids: produce(stack.kafka_bootstrap, topics["MOODSTREAM_INPUT_TOPIC"], [(t.encode(), events.ingested_record(track_id=t, audio_uri=uri)) for t in ids])  # noqa: E731
+    announce = lambda ids: produce(
+        stack.kafka_bootstrap,
+        topics["MOODSTREAM_INPUT_TOPIC"],
+        [(t.encode(), events.ingested_record(track_id=t, audio_uri=uri)) for t in ids],
+    )
     before = [f"before-{i}" for i in range(4)]
     during = [f"during-{i}" for i in range(12)]
     triton_down = False
@@ -57,7 +69,9 @@ def test_triton_outage_pauses_and_resumes_without_losing_a_track(stack, example_
         restarted_at = time.monotonic()
         complete = reader.wait(lambda s: s.output_ids() >= set(before + during), 240, (worker,))
         drained_s = time.monotonic() - restarted_at
-        recovery_s = min(reader.seen.seen_at[t] for t in during) - restarted_at if complete else None  # first output after the restart
+        recovery_s = (
+            min(reader.seen.seen_at[t] for t in during) - restarted_at if complete else None
+        )  # first output after the restart
         down_after = metric(scrape(port), DOWN)
     finally:
         if triton_down:  # a failed assertion must not leave the rest of the suite without Triton
@@ -70,6 +84,12 @@ def test_triton_outage_pauses_and_resumes_without_losing_a_track(stack, example_
     # Paused: the batch in flight waits, no further events were taken from the topic.
     assert 0 < in_flight <= 4 and consumed <= len(before) + 4
     summary(
-        announced=len(before + during), outputs=len(seen.outputs), dlq=len(seen.dead), duplicates=seen.duplicates(),
-        recovery_s=recovery_s, all_outputs_s=round(drained_s, 1), outage_s=round(restarted_at - stopped_at), triton_restart_s=round(stack.startup_seconds["triton"], 1),
+        announced=len(before + during),
+        outputs=len(seen.outputs),
+        dlq=len(seen.dead),
+        duplicates=seen.duplicates(),
+        recovery_s=recovery_s,
+        all_outputs_s=round(drained_s, 1),
+        outage_s=round(restarted_at - stopped_at),
+        triton_restart_s=round(stack.startup_seconds["triton"], 1),
     )

@@ -21,7 +21,9 @@ pytestmark = pytest.mark.integration
 
 
 async def announced(bootstrap: str, expected: int) -> list[tuple[str, dict]]:
-    consumer = AIOKafkaConsumer("tracks.ingested", bootstrap_servers=bootstrap, auto_offset_reset="earliest", enable_auto_commit=False)
+    consumer = AIOKafkaConsumer(
+        "tracks.ingested", bootstrap_servers=bootstrap, auto_offset_reset="earliest", enable_auto_commit=False
+    )
     await consumer.start()
     out: list[tuple[str, dict]] = []
     try:
@@ -46,7 +48,14 @@ def test_backfill_announces_each_audio_object_and_is_safe_to_rerun(tmp_path):
             s3.put_object(Bucket="catalog", Key=key, Body=b"x")
         env = {**os.environ, **stack.env()}
         for _ in range(2):
-            done = subprocess.run([sys.executable, "-m", "pipeline", "publish", "s3://catalog/2026/", "--rate", "100"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+            done = subprocess.run(
+                [sys.executable, "-m", "pipeline", "publish", "s3://catalog/2026/", "--rate", "100"],
+                cwd=REPO,
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
             assert done.returncode == 0, done.stderr
             assert "3 tracks announced" in done.stderr
         records = asyncio.run(announced(stack.kafka_bootstrap, 6))

@@ -54,7 +54,9 @@ def _flaky(failures: list[str]):
 
 def test_triton_retries_and_errors_are_counted_per_model_and_code():
     before_errors = sample("moodstream_triton_request_errors_total", model="m-retry", code="UNAVAILABLE") or 0
-    result = asyncio.run(scoring._retry(_flaky(["StatusCode.UNAVAILABLE"] * 2), 3, "test", "m-retry", base_delay_s=0.001))
+    result = asyncio.run(
+        scoring._retry(_flaky(["StatusCode.UNAVAILABLE"] * 2), 3, "test", "m-retry", base_delay_s=0.001)
+    )
     assert result == 42
     assert sample("moodstream_triton_request_errors_total", model="m-retry", code="UNAVAILABLE") - before_errors == 2
     assert sample("moodstream_triton_request_retries_total", model="m-retry") == 2
@@ -62,7 +64,9 @@ def test_triton_retries_and_errors_are_counted_per_model_and_code():
 
 def test_exhausted_retries_and_rejections_are_counted_too():
     with pytest.raises(ServiceUnavailable):
-        asyncio.run(scoring._retry(_flaky(["StatusCode.DEADLINE_EXCEEDED"] * 5), 2, "test", "m-out", base_delay_s=0.001))
+        asyncio.run(
+            scoring._retry(_flaky(["StatusCode.DEADLINE_EXCEEDED"] * 5), 2, "test", "m-out", base_delay_s=0.001)
+        )
     assert sample("moodstream_triton_request_errors_total", model="m-out", code="DEADLINE_EXCEEDED") == 2
     assert sample("moodstream_triton_request_retries_total", model="m-out") == 1
     with pytest.raises(InferenceFailed):

@@ -51,7 +51,17 @@ def store(url):
     opened.close()
 
 
-def record(track_id: str, moods: dict[str, float], *, at: datetime = T0, model: events.ModelRef = MODEL, vector: list[float] | None = None, valence: float = 0.0, arousal: float = 0.0, **run: Any) -> dict[str, Any]:
+def record(
+    track_id: str,
+    moods: dict[str, float],
+    *,
+    at: datetime = T0,
+    model: events.ModelRef = MODEL,
+    vector: list[float] | None = None,
+    valence: float = 0.0,
+    arousal: float = 0.0,
+    **run: Any,
+) -> dict[str, Any]:
     """A schema-valid v2 record of ``track_id`` (round-tripped through its JSON, as consumers read it)."""
     top = sorted(moods.items(), key=lambda kv: -kv[1])
     lead = {"mood": top[0][0], "confidence": top[0][1], "clear": True}
@@ -66,16 +76,39 @@ def record(track_id: str, moods: dict[str, float], *, at: datetime = T0, model: 
         "valence": valence,
         "arousal": arousal,
         "quadrant": quadrant,
-        "timeline": [{"start_s": 0.0, "end_s": 30.0, "top_moods": [], "leading_mood": lead, "valence": valence, "arousal": arousal, "quadrant": quadrant}],
-        "embeddings": {} if vector is None else {"musicnn_msd": {"dim": len(vector), "dtype": "float16", "data": encode_embedding(np.asarray(vector, np.float32))}},
+        "timeline": [
+            {
+                "start_s": 0.0,
+                "end_s": 30.0,
+                "top_moods": [],
+                "leading_mood": lead,
+                "valence": valence,
+                "arousal": arousal,
+                "quadrant": quadrant,
+            }
+        ],
+        "embeddings": {}
+        if vector is None
+        else {
+            "musicnn_msd": {
+                "dim": len(vector),
+                "dtype": "float16",
+                "data": encode_embedding(np.asarray(vector, np.float32)),
+            }
+        },
         "duration_s": 30.0,
         "analysed_s": 30.0,
         "patches": 10,
         "decoder": "pyav",
     }
     value = events.TrackMoods(
-        track_id=track_id, model=model, analysis=analysis, processed_at=at,
-        latency_ms=run.get("latency_ms", {"total": 80.0}), correlation_id=run.get("correlation_id", "c-1"), ingested_at=run.get("ingested_at", T0 - timedelta(seconds=5)),
+        track_id=track_id,
+        model=model,
+        analysis=analysis,
+        processed_at=at,
+        latency_ms=run.get("latency_ms", {"total": 80.0}),
+        correlation_id=run.get("correlation_id", "c-1"),
+        ingested_at=run.get("ingested_at", T0 - timedelta(seconds=5)),
     ).to_json()
     parsed = json.loads(value)
     schema = events.load_schema("track_moods.v2")
@@ -112,7 +145,10 @@ def test_an_older_schema_is_migrated_forward_keeping_its_rows(url):
 def test_a_schema_newer_than_the_code_is_refused(url):
     store = CatalogStore.open(url)
     with store._transaction() as cur:  # what a newer release's migration leaves behind
-        cur.execute(store._sql("INSERT INTO schema_migrations (version, applied_at) VALUES (?, CURRENT_TIMESTAMP)"), (len(MIGRATIONS) + 1,))
+        cur.execute(
+            store._sql("INSERT INTO schema_migrations (version, applied_at) VALUES (?, CURRENT_TIMESTAMP)"),
+            (len(MIGRATIONS) + 1,),
+        )
     store.close()
     with pytest.raises(ConfigError, match="newer than this release"):
         CatalogStore.open(url)
@@ -154,7 +190,14 @@ def test_a_redelivered_or_reanalysed_record_changes_nothing(store):
     assert store.upsert(first) is True
     seq = store.last_seq()
     assert store.upsert(first) is False  # at-least-once: the same message again
-    later = record("t-1", {"happy": 0.8, "sad": 0.1}, at=T0 + timedelta(hours=1), latency_ms={"total": 95.0}, correlation_id="c-2", ingested_at=T0)
+    later = record(
+        "t-1",
+        {"happy": 0.8, "sad": 0.1},
+        at=T0 + timedelta(hours=1),
+        latency_ms={"total": 95.0},
+        correlation_id="c-2",
+        ingested_at=T0,
+    )
     assert store.upsert(later) is False  # the same audio tagged again by the same model
     assert store.count() == 1 and store.last_seq() == seq
     assert store.track("t-1") == first
@@ -195,10 +238,23 @@ def test_unknown_tracks_are_none_and_missing_from_summaries(store):
 
 
 def fill(store: CatalogStore) -> None:
-    for i, (track_id, relaxed, valence, arousal) in enumerate([
-        ("calm", 0.95, 0.5, -0.6), ("mid", 0.5, -0.4, -0.3), ("loud", 0.05, 0.6, 0.8), ("grim", 0.3, -0.7, 0.5),
-    ]):
-        store.upsert(record(track_id, {"relaxed": relaxed, "energetic": 1 - relaxed}, at=T0 + timedelta(minutes=i), valence=valence, arousal=arousal))
+    for i, (track_id, relaxed, valence, arousal) in enumerate(
+        [
+            ("calm", 0.95, 0.5, -0.6),
+            ("mid", 0.5, -0.4, -0.3),
+            ("loud", 0.05, 0.6, 0.8),
+            ("grim", 0.3, -0.7, 0.5),
+        ]
+    ):
+        store.upsert(
+            record(
+                track_id,
+                {"relaxed": relaxed, "energetic": 1 - relaxed},
+                at=T0 + timedelta(minutes=i),
+                valence=valence,
+                arousal=arousal,
+            )
+        )
 
 
 def test_ranked_by_mood_best_first_with_a_limit(store):
@@ -206,7 +262,16 @@ def test_ranked_by_mood_best_first_with_a_limit(store):
     ranked = store.ranked(mood="relaxed", limit=3)
     assert [r["track_id"] for r in ranked] == ["calm", "mid", "grim"]
     assert [r["score"] for r in ranked] == pytest.approx([0.95, 0.5, 0.3])
-    assert set(ranked[0]) >= {"track_id", "model", "processed_at", "leading_mood", "moods", "valence", "arousal", "quadrant"}
+    assert set(ranked[0]) >= {
+        "track_id",
+        "model",
+        "processed_at",
+        "leading_mood",
+        "moods",
+        "valence",
+        "arousal",
+        "quadrant",
+    }
     assert "tags" not in ranked[0] and "embeddings" not in ranked[0]
     assert store.ranked(mood="tender") == []
 

@@ -50,7 +50,9 @@ def clip() -> Path:
 def service(tmp_path_factory) -> Iterator[ServiceProcess]:
     try:
         with ServiceProcess(
-            tmp_path_factory.mktemp("service"), MOODSTREAM_MAX_UPLOAD_BYTES=str(MAX_UPLOAD_BYTES), MOODSTREAM_ANALYSIS_TIMEOUT_S=str(ANALYSIS_TIMEOUT_S),
+            tmp_path_factory.mktemp("service"),
+            MOODSTREAM_MAX_UPLOAD_BYTES=str(MAX_UPLOAD_BYTES),
+            MOODSTREAM_ANALYSIS_TIMEOUT_S=str(ANALYSIS_TIMEOUT_S),
         ) as running:
             yield running
     except RuntimeError as exc:  # it exited or never became ready: the message has its log tail
@@ -61,7 +63,9 @@ def service(tmp_path_factory) -> Iterator[ServiceProcess]:
 def uploaded(service, clip) -> dict[str, Any]:
     """The clip's record as an upload gets it."""
     with clip.open("rb") as f:
-        answer = requests.post(service.url + "/v1/analyses", files={"file": (clip.name, f, "audio/mpeg")}, timeout=HTTP_TIMEOUT_S)
+        answer = requests.post(
+            service.url + "/v1/analyses", files={"file": (clip.name, f, "audio/mpeg")}, timeout=HTTP_TIMEOUT_S
+        )
     assert answer.status_code == 200, answer.text
     assert answer.headers["content-type"] == "application/json"
     return answer.json()
@@ -76,7 +80,9 @@ def problem(answer: requests.Response, status: int, reason: str) -> dict[str, An
     assert answer.status_code == status, (answer.status_code, answer.text)
     assert answer.headers["content-type"] == PROBLEM, answer.headers
     body = answer.json()
-    assert body["status"] == status and body["reason"] == reason and body["type"] == f"urn:moodstream:problem:{reason}", body
+    assert (
+        body["status"] == status and body["reason"] == reason and body["type"] == f"urn:moodstream:problem:{reason}"
+    ), body
     assert body["title"] and body["detail"]
     return body
 
@@ -93,7 +99,11 @@ def test_an_upload_gets_the_record_a_catalog_track_gets(uploaded, clip, service)
     assert set(uploaded["latency_ms"]) >= {"upload", "decode", "features", "inference", "total"}
     # The same stages as `moodstream tag` (same model, same frontend): the same tags and moods.
     tagged = subprocess.run(
-        [sys.executable, "-m", "pipeline", "tag", "--json", str(clip)], cwd=REPO, capture_output=True, text=True, timeout=300,
+        [sys.executable, "-m", "pipeline", "tag", "--json", str(clip)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
         env={**os.environ, "MOODSTREAM_ONNX_THREADS": "1"},
     )
     assert tagged.returncode == 0, tagged.stderr
@@ -127,7 +137,11 @@ def test_an_empty_upload_is_refused(service):
 
 
 def test_a_file_that_is_not_audio_is_refused_whatever_its_name(service):
-    body = problem(post(service, files={"file": ("song.mp3", b"<html><body>not a song</body></html>" * 20, "audio/mpeg")}), 415, "undecodable")
+    body = problem(
+        post(service, files={"file": ("song.mp3", b"<html><body>not a song</body></html>" * 20, "audio/mpeg")}),
+        415,
+        "undecodable",
+    )
     assert "container" in body["detail"]
 
 
@@ -159,7 +173,9 @@ def test_a_request_of_the_wrong_type_or_without_the_file_field(service, clip):
     problem(post(service, data=b"hello", headers={"Content-Type": "text/plain"}), 415, "bad_request")
     problem(post(service, data={"name": "no file here"}), 415, "bad_request")  # urlencoded
     problem(post(service, files={"audio": ("song.mp3", clip.read_bytes(), "audio/mpeg")}), 400, "bad_request")
-    problem(post(service, data=b"--x\r\nnot a part", headers={"Content-Type": "multipart/form-data"}), 400, "bad_request")
+    problem(
+        post(service, data=b"--x\r\nnot a part", headers={"Content-Type": "multipart/form-data"}), 400, "bad_request"
+    )
 
 
 def test_beyond_the_bound_uploads_are_told_to_retry_and_a_stalled_one_times_out(service, clip):
@@ -198,7 +214,9 @@ def read_answer(sock: socket.socket) -> str:
         assert chunk, f"the connection closed after {received!r}"
         received += chunk
     head, _, body = received.partition(b"\r\n\r\n")
-    length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:"))
+    length = next(
+        int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")
+    )
     while len(body) < length:
         chunk = sock.recv(65536)
         if not chunk:
@@ -210,7 +228,9 @@ def read_answer(sock: socket.socket) -> str:
 # --- the catalog ---------------------------------------------------------------------------------
 
 
-def variant(record: dict[str, Any], track_id: str, *, relaxed: float, vector: np.ndarray, network: str) -> dict[str, Any]:
+def variant(
+    record: dict[str, Any], track_id: str, *, relaxed: float, vector: np.ndarray, network: str
+) -> dict[str, Any]:
     """``record`` as another track with its own relaxed score and embedding."""
     other = copy.deepcopy(record)
     other["track_id"] = track_id
@@ -227,9 +247,21 @@ def catalog(service, uploaded) -> dict[str, dict[str, Any]]:
     rng = np.random.default_rng(7)
     records = {
         "seed": variant(uploaded, "seed", relaxed=0.6, vector=base, network=network),
-        "near": variant(uploaded, "near", relaxed=0.9, vector=base + 0.01 * rng.standard_normal(base.shape).astype(np.float32), network=network),
+        "near": variant(
+            uploaded,
+            "near",
+            relaxed=0.9,
+            vector=base + 0.01 * rng.standard_normal(base.shape).astype(np.float32),
+            network=network,
+        ),
         "label/album/far": variant(uploaded, "label/album/far", relaxed=0.1, vector=-base, network=network),
-        "middle": variant(uploaded, "middle", relaxed=0.3, vector=base + 0.5 * rng.standard_normal(base.shape).astype(np.float32), network=network),
+        "middle": variant(
+            uploaded,
+            "middle",
+            relaxed=0.3,
+            vector=base + 0.5 * rng.standard_normal(base.shape).astype(np.float32),
+            network=network,
+        ),
     }
     store = CatalogStore.open(service.catalog_url)
     try:
@@ -262,15 +294,25 @@ def test_the_catalog_ranked_by_a_mood_once_per_track(service, catalog):
     ids = [t["track_id"] for t in everything]
     assert sorted(ids) == sorted(catalog) and len(ids) == len(set(ids))
     quadrant = catalog["seed"]["quadrant"]
-    assert len(requests.get(service.url + "/v1/tracks", params={"quadrant": quadrant}, timeout=10).json()["tracks"]) == len(catalog)
+    assert len(
+        requests.get(service.url + "/v1/tracks", params={"quadrant": quadrant}, timeout=10).json()["tracks"]
+    ) == len(catalog)
     v = catalog["seed"]["valence"]
-    region = requests.get(service.url + "/v1/tracks", params={"valence": f"{v - 0.01},{v + 0.01}", "mood": "relaxed"}, timeout=10)
+    region = requests.get(
+        service.url + "/v1/tracks", params={"valence": f"{v - 0.01},{v + 0.01}", "mood": "relaxed"}, timeout=10
+    )
     assert [t["track_id"] for t in region.json()["tracks"]][:1] == ["near"]
 
 
 def test_bad_feed_queries_are_problems(service, catalog):
-    for params, word in (({"mood": "grumpy"}, "unknown mood"), ({"quadrant": "north"}, "unknown quadrant"), ({"valence": "0.5"}, "low,high"),
-                         ({"arousal": "1,-1"}, "low <= high"), ({"limit": "0"}, "limit"), ({"limit": "many"}, "limit")):
+    for params, word in (
+        ({"mood": "grumpy"}, "unknown mood"),
+        ({"quadrant": "north"}, "unknown quadrant"),
+        ({"valence": "0.5"}, "low,high"),
+        ({"arousal": "1,-1"}, "low <= high"),
+        ({"limit": "0"}, "limit"),
+        ({"limit": "many"}, "limit"),
+    ):
         body = problem(requests.get(service.url + "/v1/tracks", params=params, timeout=10), 400, "bad_request")
         assert word in body["detail"], (params, body)
 
@@ -283,9 +325,16 @@ def test_similar_tracks_nearest_first(service, catalog):
     assert [t["track_id"] for t in body["similar"]] == ["near", "middle", "label/album/far"]
     distances = [t["distance"] for t in body["similar"]]
     assert distances == sorted(distances) and distances[0] < 0.01 and distances[-1] > 1.9  # cosine: the opposite is ~2
-    assert requests.get(service.url + "/v1/tracks/label/album/far/similar", params={"limit": 1}, timeout=10).json()["similar"][0]["track_id"] == "middle"
+    assert (
+        requests.get(service.url + "/v1/tracks/label/album/far/similar", params={"limit": 1}, timeout=10).json()[
+            "similar"
+        ][0]["track_id"]
+        == "middle"
+    )
     problem(requests.get(service.url + "/v1/tracks/nobody/similar", timeout=10), 404, "not_found")
-    problem(requests.get(service.url + "/v1/tracks/seed/similar", params={"limit": 1000}, timeout=10), 400, "bad_request")
+    problem(
+        requests.get(service.url + "/v1/tracks/seed/similar", params={"limit": 1000}, timeout=10), 400, "bad_request"
+    )
 
 
 # --- the rest ------------------------------------------------------------------------------------
@@ -296,14 +345,21 @@ def test_moods_health_readiness_metrics_and_docs(service, catalog):
     assert "relaxed" in moods["moods"] and moods["quadrants"] and moods["model"]["name"]
     assert requests.get(service.url + "/healthz", timeout=10).json() == {"status": "ok"}
     ready = requests.get(service.url + "/readyz", timeout=10)
-    assert ready.status_code == 200 and ready.json() == {"status": "ready", "scorer": "ok", "catalog": "ok", "follower": "off"}, ready.text
+    assert ready.status_code == 200 and ready.json() == {
+        "status": "ready",
+        "scorer": "ok",
+        "catalog": "ok",
+        "follower": "off",
+    }, ready.text
     text = requests.get(service.url + "/metrics", timeout=10).text
     assert 'moodstream_http_requests_total{method="GET",route="/v1/tracks",status="200"}' in text
     assert "moodstream_catalog_tracks" in text
     docs = requests.get(service.url + "/docs", timeout=10)
     assert docs.status_code == 200 and "swagger" in docs.text.lower()
     paths = requests.get(service.url + "/openapi.json", timeout=10).json()["paths"]
-    assert {"/v1/analyses", "/v1/tracks", "/v1/tracks/{track_id}", "/v1/tracks/{track_id}/similar", "/v1/moods"} <= set(paths)
+    assert {"/v1/analyses", "/v1/tracks", "/v1/tracks/{track_id}", "/v1/tracks/{track_id}/similar", "/v1/moods"} <= set(
+        paths
+    )
     page = requests.get(service.url + "/", timeout=10)
     assert page.status_code == 200 and "text/html" in page.headers["content-type"]
 

@@ -56,7 +56,9 @@ def clip() -> Path:
 @pytest.fixture(scope="module")
 def service(tmp_path_factory, clip) -> Iterator[ServiceProcess]:
     try:
-        with ServiceProcess(tmp_path_factory.mktemp("web"), ready_timeout_s=120, MOODSTREAM_TIMELINE_SEGMENT_S="10") as running:
+        with ServiceProcess(
+            tmp_path_factory.mktemp("web"), ready_timeout_s=120, MOODSTREAM_TIMELINE_SEGMENT_S="10"
+        ) as running:
             yield running
     except RuntimeError as exc:  # it exited or never became ready: the message has its log tail
         pytest.fail(str(exc))
@@ -155,7 +157,8 @@ def test_phone_layout_has_no_horizontal_scrolling(browser, service, catalog, tmp
         # window (a phone's overlays the page), so the page must fit in what is left.
         widths = browser.execute_script(
             "return {scroll: document.documentElement.scrollWidth, client: document.documentElement.clientWidth,"
-            " chart: document.querySelector('#timeline-chart canvas').getBoundingClientRect().right}")
+            " chart: document.querySelector('#timeline-chart canvas').getBoundingClientRect().right}"
+        )
         assert widths["scroll"] <= widths["client"], widths
         assert widths["chart"] <= widths["client"], widths
         assert chart_pixels(browser)["coloured"] > 500
@@ -173,10 +176,14 @@ def test_catalog_ranks_by_mood_and_opens_a_track(browser, service, catalog, tmp_
     wait_until_similar(service, twin["track_id"], uploaded["track_id"])
 
     browser.get(service.url + "/")
-    select = WebDriverWait(browser, VIEW_TIMEOUT_S).until(lambda d: (s := d.find_element(By.ID, "mood-select")).is_enabled() and s)
+    select = WebDriverWait(browser, VIEW_TIMEOUT_S).until(
+        lambda d: (s := d.find_element(By.ID, "mood-select")).is_enabled() and s
+    )
     assert mood in [o.get_attribute("value") for o in Select(select).options]
     Select(select).select_by_value(mood)
-    rows = WebDriverWait(browser, VIEW_TIMEOUT_S).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#catalog-list .track-row"))
+    rows = WebDriverWait(browser, VIEW_TIMEOUT_S).until(
+        lambda d: d.find_elements(By.CSS_SELECTOR, "#catalog-list .track-row")
+    )
     assert [r.get_attribute("data-track-id") for r in rows] == [r["track_id"] for r in expected]
     for row, record in zip(rows, expected):
         assert f"{mood} {record['moods'][mood]:.2f}" in row.text
@@ -187,7 +194,9 @@ def test_catalog_ranks_by_mood_and_opens_a_track(browser, service, catalog, tmp_
     assert shown_record(browser) == twin
     assert rows[0].get_attribute("aria-current") == "true"
     assert_point_in_quadrant(browser, twin)
-    similar = WebDriverWait(browser, VIEW_TIMEOUT_S).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#similar-list .track-row"))
+    similar = WebDriverWait(browser, VIEW_TIMEOUT_S).until(
+        lambda d: d.find_elements(By.CSS_SELECTOR, "#similar-list .track-row")
+    )
     assert [s.get_attribute("data-track-id") for s in similar] == [uploaded["track_id"]]
     screenshot(browser, tmp_path / "catalog.png")
 
@@ -223,8 +232,15 @@ def test_a_busy_service_says_when_to_try_again(browser, service, clip, tmp_path)
         go_on.wait(timeout=ANALYSIS_TIMEOUT_S)
         yield data[1024:]
 
-    holder = threading.Thread(target=requests.post, args=(service.url + "/v1/analyses",),
-                              kwargs={"data": slow_body(), "headers": {"Content-Type": "application/octet-stream"}, "timeout": ANALYSIS_TIMEOUT_S})
+    holder = threading.Thread(
+        target=requests.post,
+        args=(service.url + "/v1/analyses",),
+        kwargs={
+            "data": slow_body(),
+            "headers": {"Content-Type": "application/octet-stream"},
+            "timeout": ANALYSIS_TIMEOUT_S,
+        },
+    )
     holder.start()
     try:
         deadline = time.monotonic() + VIEW_TIMEOUT_S
@@ -277,8 +293,11 @@ def text(browser: WebDriver, element_id: str) -> str:
 
 def fill_share(browser: WebDriver, bar) -> float:
     """How much of its bar's width the coloured fill takes, as laid out."""
-    return browser.execute_script("const f = arguments[0].querySelector('.bar-fill');"
-                                  " return f.getBoundingClientRect().width / arguments[0].getBoundingClientRect().width;", bar)
+    return browser.execute_script(
+        "const f = arguments[0].querySelector('.bar-fill');"
+        " return f.getBoundingClientRect().width / arguments[0].getBoundingClientRect().width;",
+        bar,
+    )
 
 
 def chart_pixels(browser: WebDriver) -> dict[str, int]:
@@ -301,10 +320,13 @@ def assert_point_in_quadrant(browser: WebDriver, record: dict[str, Any]) -> None
     box = browser.execute_script(
         "const p = document.querySelector('#va-plane .va-point').getBoundingClientRect(),"
         " r = document.getElementById('va-plane').getBoundingClientRect();"
-        " return {x: p.x + p.width / 2, y: p.y + p.height / 2, left: r.left, right: r.right, top: r.top, bottom: r.bottom};")
+        " return {x: p.x + p.width / 2, y: p.y + p.height / 2, left: r.left, right: r.right, top: r.top, bottom: r.bottom};"
+    )
     assert box["left"] < box["x"] < box["right"] and box["top"] < box["y"] < box["bottom"], box
     x = (box["x"] - (box["left"] + box["right"]) / 2) / ((box["right"] - box["left"]) / 2)  # valence, as drawn
-    y = ((box["top"] + box["bottom"]) / 2 - box["y"]) / ((box["bottom"] - box["top"]) / 2)  # arousal (screen y points down)
+    y = ((box["top"] + box["bottom"]) / 2 - box["y"]) / (
+        (box["bottom"] - box["top"]) / 2
+    )  # arousal (screen y points down)
     # The plane leaves a margin: ±1 sits at 90 % of the half-width.
     assert x == pytest.approx(0.9 * record["valence"], abs=0.03), box
     assert y == pytest.approx(0.9 * record["arousal"], abs=0.03), box
@@ -335,13 +357,17 @@ def wait_until_similar(service: ServiceProcess, track_id: str, other: str, timeo
         if answer.status_code == 200 and other in [s["track_id"] for s in answer.json()["similar"]]:
             return
         time.sleep(0.5)
-    pytest.fail(f"/v1/tracks/{track_id}/similar did not list {other} within {timeout_s} s: {answer.status_code} {answer.text[:300]}")
+    pytest.fail(
+        f"/v1/tracks/{track_id}/similar did not list {other} within {timeout_s} s: {answer.status_code} {answer.text[:300]}"
+    )
 
 
 def screenshot(browser: WebDriver, path: Path) -> None:
     """The whole page (not only the window's part of it), through the DevTools protocol."""
     size = browser.execute_cdp_cmd("Page.getLayoutMetrics", {})["cssContentSize"]
     clip = {"x": 0, "y": 0, "width": size["width"], "height": size["height"], "scale": 1}
-    shot = browser.execute_cdp_cmd("Page.captureScreenshot", {"format": "png", "captureBeyondViewport": True, "clip": clip})
+    shot = browser.execute_cdp_cmd(
+        "Page.captureScreenshot", {"format": "png", "captureBeyondViewport": True, "clip": clip}
+    )
     path.write_bytes(base64.b64decode(shot["data"]))
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -12,7 +12,9 @@ from pipeline.stages import frontend as F
 
 def _librosa_log_mel(wave: np.ndarray) -> np.ndarray:
     """What musicnn's extractor computes (but in float32, see pipeline.stages.frontend)."""
-    mel = librosa.feature.melspectrogram(y=wave, sr=F.SAMPLE_RATE, hop_length=F.HOP_LENGTH, n_fft=F.N_FFT, n_mels=F.N_MELS)
+    mel = librosa.feature.melspectrogram(
+        y=wave, sr=F.SAMPLE_RATE, hop_length=F.HOP_LENGTH, n_fft=F.N_FFT, n_mels=F.N_MELS
+    )
     return np.log10(1 + 10000 * mel.T.astype(np.float32))
 
 

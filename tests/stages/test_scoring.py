@@ -34,8 +34,17 @@ def reference_patches(data: bytes) -> np.ndarray:
     """[n, PATCH_FRAMES, N_MELS]: the whole signal, one spectrogram call, a plain reshape."""
     wave, _ = audio.decode_all(data, max_duration_s=3600)
     transform = torchaudio.transforms.MelSpectrogram(
-        sample_rate=F.SAMPLE_RATE, n_fft=F.N_FFT, hop_length=F.HOP_LENGTH, n_mels=F.N_MELS,
-        f_min=0.0, f_max=F.SAMPLE_RATE / 2, power=2.0, center=True, pad_mode="constant", norm="slaney", mel_scale="slaney",
+        sample_rate=F.SAMPLE_RATE,
+        n_fft=F.N_FFT,
+        hop_length=F.HOP_LENGTH,
+        n_mels=F.N_MELS,
+        f_min=0.0,
+        f_max=F.SAMPLE_RATE / 2,
+        power=2.0,
+        center=True,
+        pad_mode="constant",
+        norm="slaney",
+        mel_scale="slaney",
     )
     with torch.inference_mode():
         mel = transform(torch.from_numpy(wave)).T.numpy()
@@ -57,7 +66,10 @@ def reference_outputs(patches: np.ndarray) -> dict[str, tuple[np.ndarray, np.nda
 
 def max_diff(outputs, expected) -> float:
     """Largest |delta| over every network's scores and embedding the outputs hold."""
-    return max(max(np.abs(out.scores - expected[name][0]).max(), np.abs(out.embedding - expected[name][1]).max()) for name, out in outputs.items())
+    return max(
+        max(np.abs(out.scores - expected[name][0]).max(), np.abs(out.embedding - expected[name][1]).max())
+        for name, out in outputs.items()
+    )
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +97,11 @@ def test_in_process_scores_equal_the_reference(clips, model):
 
 def _requests_served(metrics_url: str, model: str) -> float:
     text = urllib.request.urlopen(metrics_url, timeout=10).read().decode()
-    lines = [line for line in text.splitlines() if line.startswith("nv_inference_request_success{") and f'model="{model}"' in line]
+    lines = [
+        line
+        for line in text.splitlines()
+        if line.startswith("nv_inference_request_success{") and f'model="{model}"' in line
+    ]
     return sum(float(line.rsplit(" ", 1)[1]) for line in lines)
 
 
@@ -152,9 +168,12 @@ async def test_the_student_serves_through_triton_as_in_process_with_calibrated_m
             for served, expected in clips:
                 remote = await scorer.score(served)
                 assert set(remote) == set(NETWORKS) and scorer.meta.served_version == local.meta.served_version
-                assert max_diff(remote, {n: (o.scores, o.embedding) for n, o in local.score_sync(served).items()}) <= TOLERANCE
+                assert (
+                    max_diff(remote, {n: (o.scores, o.embedding) for n, o in local.score_sync(served).items()})
+                    <= TOLERANCE
+                )
                 # It imitates the teacher: of the teacher's top-5 tags of a clip, at least 3 are
-                # in its own top 5, 4 on average (4.4 on held-out music, README; the clips come
+                # in its own top 5, 4 on average (4.4 on held-out music, docs/training.md; the clips come
                 # from a held-out package; a ranking that knew nothing of the teacher would
                 # share 0.5 of 50 tags).
                 for network in NETWORKS:

@@ -51,7 +51,19 @@ def test_parse_uri_says_where_the_audio_is(uri, expected):
 
 @pytest.mark.parametrize(
     "uri",
-    ["", "s3://music/a/../b", "s3://music/a/%2e%2E/b", "s3://music//a", "s3://music/a\\b", "s3://music/a%5cb", "s3://music/a\x00", "s3://music/a%00", "s3://music/a\x1b", "gs://music/a", "s3://music"],
+    [
+        "",
+        "s3://music/a/../b",
+        "s3://music/a/%2e%2E/b",
+        "s3://music//a",
+        "s3://music/a\\b",
+        "s3://music/a%5cb",
+        "s3://music/a\x00",
+        "s3://music/a%00",
+        "s3://music/a\x1b",
+        "gs://music/a",
+        "s3://music",
+    ],
 )
 def test_parse_uri_refuses_tricks(uri):
     with pytest.raises(BadEvent):
@@ -91,7 +103,9 @@ def test_object_ref_uri_is_readable():
     ],
 )
 def test_s3_error_responses_are_translated(status, code, error, reason):
-    exc = botocore.exceptions.ClientError({"Error": {"Code": code, "Message": "m"}, "ResponseMetadata": {"HTTPStatusCode": status}}, "GetObject")
+    exc = botocore.exceptions.ClientError(
+        {"Error": {"Code": code, "Message": "m"}, "ResponseMetadata": {"HTTPStatusCode": status}}, "GetObject"
+    )
     translated = storage.translate_s3_error(exc, "s3://music/a.mp3")
     assert type(translated) is error and "s3://music/a.mp3" in str(translated)
     assert getattr(translated, "reason", None) == reason
@@ -136,7 +150,9 @@ def moto_url(tmp_path_factory) -> Iterator[str]:
     port = free_ports(1)[0]
     url = f"http://127.0.0.1:{port}"
     log = (tmp_path_factory.mktemp("moto") / "moto.log").open("wb")
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=subprocess.STDOUT
+    )
     try:
         deadline = time.monotonic() + 60
         while True:
@@ -213,7 +229,9 @@ def test_too_large_is_refused_before_download(s3, monkeypatch):
     gets, heads = calls_to(s3, "GetObject"), calls_to(s3, "HeadObject")
     reads = []
     real_read = botocore.response.StreamingBody.read
-    monkeypatch.setattr(botocore.response.StreamingBody, "read", lambda body, *a, **k: reads.append(a) or real_read(body, *a, **k))
+    monkeypatch.setattr(
+        botocore.response.StreamingBody, "read", lambda body, *a, **k: reads.append(a) or real_read(body, *a, **k)
+    )
     with pytest.raises(TooLarge, match="5000 bytes, more than the 4999 allowed"):
         storage.fetch(ref("big.wav"), client=s3, max_bytes=4999)
     assert reads == []  # refused on the response's headers: the body was never read
@@ -224,7 +242,9 @@ def test_too_large_is_refused_before_download(s3, monkeypatch):
 
 def set_auth_free_requests(moto_url: str, count: str) -> None:
     """How many more requests moto serves before it checks credentials and IAM policies."""
-    request = urllib.request.Request(f"{moto_url}/moto-api/reset-auth", data=count.encode(), method="POST", headers={"Content-Type": "text/plain"})
+    request = urllib.request.Request(
+        f"{moto_url}/moto-api/reset-auth", data=count.encode(), method="POST", headers={"Content-Type": "text/plain"}
+    )
     urllib.request.urlopen(request, timeout=10).close()
 
 

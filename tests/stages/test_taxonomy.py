@@ -106,9 +106,15 @@ def test_families_are_calibrated_means_of_members_across_networks_and_the_rule_p
 
 def test_a_track_below_the_bar_in_every_mood_is_unclear_but_still_has_a_leader(tmp_path: Path):
     path = write(tmp_path, "[a.happy]\nhappy = 1.0\n[a.sad]\nsad = 1.0\n")
-    taxonomy = load_taxonomy(meta([("a", "tags", ("happy", "sad"))], uniform_calibration(["a:happy", "a:sad"], ["happy", "sad"])), path)
+    taxonomy = load_taxonomy(
+        meta([("a", "tags", ("happy", "sad"))], uniform_calibration(["a:happy", "a:sad"], ["happy", "sad"])), path
+    )
     view = mood_view(taxonomy, {"a": np.array([0.6, 0.3])})
-    assert view.top_moods == [] and view.leading_mood == {"mood": "happy", "confidence": pytest.approx(0.6), "clear": False}
+    assert view.top_moods == [] and view.leading_mood == {
+        "mood": "happy",
+        "confidence": pytest.approx(0.6),
+        "clear": False,
+    }
 
 
 def test_a_valence_arousal_network_fills_the_same_fields(tmp_path: Path):
@@ -116,32 +122,51 @@ def test_a_valence_arousal_network_fills_the_same_fields(tmp_path: Path):
     view = mood_view(taxonomy, {"deam": np.array([0.2, 0.9])})
     assert (view.valence, view.arousal, view.quadrant) == (pytest.approx(-0.6), pytest.approx(0.8), "angry")
     assert view.leading_mood == {"mood": "angry", "confidence": pytest.approx(0.6), "clear": True}
-    steps = load_taxonomy(meta([("dyn", "va_steps", ("valence@0.0s", "arousal@0.0s", "valence@0.5s", "arousal@0.5s"))]), write(tmp_path, ""))
+    steps = load_taxonomy(
+        meta([("dyn", "va_steps", ("valence@0.0s", "arousal@0.0s", "valence@0.5s", "arousal@0.5s"))]),
+        write(tmp_path, ""),
+    )
     assert mood_view(steps, {"dyn": np.array([0.5, 0.2, 0.7, 0.2])}).valence == pytest.approx(0.2)
 
 
 def test_a_four_class_network_fills_the_same_fields(tmp_path: Path):
     taxonomy = load_taxonomy(meta([("q", "classes", ("angry", "happy", "relaxed", "sad"))]), write(tmp_path, ""))
     view = mood_view(taxonomy, {"q": np.array([0.1, 0.2, 0.6, 0.1])})
-    assert view.quadrant == "relaxed" and view.leading_mood == {"mood": "relaxed", "confidence": pytest.approx(0.6), "clear": True}
+    assert view.quadrant == "relaxed" and view.leading_mood == {
+        "mood": "relaxed",
+        "confidence": pytest.approx(0.6),
+        "clear": True,
+    }
     assert view.valence == pytest.approx(0.6) and view.arousal == pytest.approx(-0.4)
     assert view.moods == pytest.approx({"angry": 0.1, "happy": 0.2, "relaxed": 0.6, "sad": 0.1})
 
 
 def test_summary_tags_timeline_and_embeddings(tmp_path: Path):
     path = write(tmp_path, "[a.happy]\nhappy = 1.0\n[a.sad]\nsad = 1.0\n")
-    taxonomy = load_taxonomy(meta([("a", "tags", ("happy", "sad"))], uniform_calibration(["a:happy", "a:sad"], ["happy", "sad"])), path)
+    taxonomy = load_taxonomy(
+        meta([("a", "tags", ("happy", "sad"))], uniform_calibration(["a:happy", "a:sad"], ["happy", "sad"])), path
+    )
     starts = np.arange(40) * 2.992  # two minutes
     scores = np.stack([np.where(starts < 60, 0.9, 0.1), np.full(40, 0.3)], axis=1).astype(np.float32)
     embedding = np.tile(np.array([[1.0, -2.0, 0.5, 0.0]], np.float32), (40, 1))
     doc = summarise({"a": NetworkOutput(scores, embedding)}, taxonomy, patch_starts_s=starts, segment_s=30)
-    assert doc["tags"]["a"] == pytest.approx({"happy": (21 * 0.9 + 19 * 0.1) / 40, "sad": 0.3}) and doc["top_tags"]["a"][0]["tag"] == "happy"
+    assert (
+        doc["tags"]["a"] == pytest.approx({"happy": (21 * 0.9 + 19 * 0.1) / 40, "sad": 0.3})
+        and doc["top_tags"]["a"][0]["tag"] == "happy"
+    )
     assert [s["leading_mood"]["clear"] for s in doc["timeline"]] == [True, True, False, False]
     assert [s["quadrant"] for s in doc["timeline"]][:2] == ["happy", "happy"]
     assert doc["timeline"][0]["end_s"] == pytest.approx(10 * 2.992 + 2.992)  # the last patch starting in the segment
     assert all(set(s["moods"]) == set(doc["moods"]) for s in doc["timeline"])  # the page plots these over time
-    assert doc["embeddings"]["a"]["dim"] == 4 and np.allclose(decode_embedding(doc["embeddings"]["a"]["data"]), [1.0, -2.0, 0.5, 0.0])
-    assert summarise({"a": NetworkOutput(scores, embedding)}, taxonomy, patch_starts_s=starts, embeddings=False)["embeddings"] == {}
+    assert doc["embeddings"]["a"]["dim"] == 4 and np.allclose(
+        decode_embedding(doc["embeddings"]["a"]["data"]), [1.0, -2.0, 0.5, 0.0]
+    )
+    assert (
+        summarise({"a": NetworkOutput(scores, embedding)}, taxonomy, patch_starts_s=starts, embeddings=False)[
+            "embeddings"
+        ]
+        == {}
+    )
     json.dumps(doc, allow_nan=False)
 
 

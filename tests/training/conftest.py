@@ -46,7 +46,10 @@ def jamendo(tmp_path_factory) -> Path:
             tags = ["sad", "relaxing"]
         rel = f"{track % 100:02d}/{track}.mp3"
         _audio(root / "audio" / rel, 4.0, (220.0 if low else 1320.0) * (1 + 0.01 * n))
-        rows[split].append(f"track_{track:07d}\tartist_{n:06d}\talbum_{n:06d}\t{rel}\t4.0\t" + "\t".join(f"mood/theme---{t}" for t in tags))
+        rows[split].append(
+            f"track_{track:07d}\tartist_{n:06d}\talbum_{n:06d}\t{rel}\t4.0\t"
+            + "\t".join(f"mood/theme---{t}" for t in tags)
+        )
     _tsv(root / "data" / "autotagging_moodtheme.tsv", [r for split in rows.values() for r in split])
     for split, lines in rows.items():
         _tsv(root / "data" / "splits" / "split-0" / f"autotagging_moodtheme-{split}.tsv", lines)
@@ -73,8 +76,12 @@ def deam(tmp_path_factory) -> Path:
         (first if song < 2000 else second).append(f"{song}, {v:.1f}, 1.2, {a:.1f}, 0.9")
         n = len(times) - (i % 2)  # some rows end early, as shorter songs do in DEAM
         vd, ad = (v - 5) / 4, (a - 5) / 4
-        valence_rows.append(",".join([str(song)] + [f"{vd + 0.01 * k:.3f}" for k in range(n)] + [""] * (len(times) - n)))
-        arousal_rows.append(",".join([str(song)] + [f"{ad - 0.01 * k:.3f}" for k in range(n)] + [""] * (len(times) - n)))
+        valence_rows.append(
+            ",".join([str(song)] + [f"{vd + 0.01 * k:.3f}" for k in range(n)] + [""] * (len(times) - n))
+        )
+        arousal_rows.append(
+            ",".join([str(song)] + [f"{ad - 0.01 * k:.3f}" for k in range(n)] + [""] * (len(times) - n))
+        )
     (static / "static_annotations_averaged_songs_1_2000.csv").write_text("\n".join(first) + "\n")
     (static / "static_annotations_averaged_songs_2000_2058.csv").write_text("\n".join(second) + "\n")
     cols = "song_id," + ",".join(f"sample_{t}ms" for t in times)
@@ -89,7 +96,12 @@ def class_folders(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("classes")
     for c, name in enumerate(CLASSES):
         for n in range(5):
-            _audio(root / name / f"{n}.{('mp3', 'wav', 'flac')[n % 3]}", 3.5, 180.0 * 2**c * (1 + 0.02 * n), ("mp3", "wav", "flac")[n % 3])
+            _audio(
+                root / name / f"{n}.{('mp3', 'wav', 'flac')[n % 3]}",
+                3.5,
+                180.0 * 2**c * (1 + 0.02 * n),
+                ("mp3", "wav", "flac")[n % 3],
+            )
     return root
 
 
@@ -115,5 +127,7 @@ def mel_cache(tmp_path_factory) -> Path:
 def repository(tmp_path) -> Path:
     """A model repository holding only the teacher (the served musicnn entry)."""
     repo = tmp_path / "models"
-    shutil.copytree(DEFAULT_MODEL_REPOSITORY / "musicnn", repo / "musicnn", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(
+        DEFAULT_MODEL_REPOSITORY / "musicnn", repo / "musicnn", ignore=shutil.ignore_patterns("__pycache__")
+    )
     return repo

@@ -58,20 +58,30 @@ def fake_debian(tmp_path, monkeypatch):
     with zipfile.ZipFile(pk3, "w") as z:
         z.writestr("sound/cd/zipped.ogg", ogg)
         z.writestr("maps/level.bsp", b"not audio")
-    (state / "tunes.tar").write_bytes(_tar({
-        "usr/share/tunes/music/a.ogg": ogg,
-        "usr/share/tunes/music/sub/b.wav": encode(tone(1.0), "wav"),
-        "usr/share/tunes/music/notes.txt": b"not audio",
-        "usr/share/tunes/sounds/click.ogg": ogg,
-        "usr/share/tunes/data.pk3": pk3.getvalue(),
-    }))
+    (state / "tunes.tar").write_bytes(
+        _tar(
+            {
+                "usr/share/tunes/music/a.ogg": ogg,
+                "usr/share/tunes/music/sub/b.wav": encode(tone(1.0), "wav"),
+                "usr/share/tunes/music/notes.txt": b"not audio",
+                "usr/share/tunes/sounds/click.ogg": ogg,
+                "usr/share/tunes/data.pk3": pk3.getvalue(),
+            }
+        )
+    )
     (state / "spare.tar").write_bytes(_tar({"usr/share/spare/music/c.ogg": ogg}))
     for name, script in (("apt-get", FAKE_APT), ("dpkg", FAKE_DPKG)):
         (bin_dir / name).write_text(script.format(python=sys.executable, state=str(state)))
         (bin_dir / name).chmod(0o755)
     monkeypatch.setenv("PATH", f"{bin_dir}:/usr/bin:/bin")
     packages = [
-        dm.Package("tunes", "reference", "test tunes", ("usr/share/tunes/music", "unzipped/sound/cd"), ("usr/share/tunes/data.pk3",)),
+        dm.Package(
+            "tunes",
+            "reference",
+            "test tunes",
+            ("usr/share/tunes/music", "unzipped/sound/cd"),
+            ("usr/share/tunes/data.pk3",),
+        ),
         dm.Package("spare", "check", "test check", ("usr/share/spare/music",)),
     ]
     return packages, state / "calls"
@@ -80,7 +90,11 @@ def fake_debian(tmp_path, monkeypatch):
 def test_the_list_parses_and_reserves_the_check_set():
     packages = dm.load()
     roles = {p.name: p.role for p in packages}
-    assert {n for n, r in roles.items() if r == "check"} == dm.RESERVED == {"singularity-music", "asc-music", "hyperrogue-music"}
+    assert (
+        {n for n, r in roles.items() if r == "check"}
+        == dm.RESERVED
+        == {"singularity-music", "asc-music", "hyperrogue-music"}
+    )
     assert len(roles) == len(packages) and set(roles.values()) == set(dm.ROLES)
     for p in packages:
         assert p.music and p.genre and p.tracks > 0 and p.minutes > 0 and p.codec, p.name
@@ -88,7 +102,10 @@ def test_the_list_parses_and_reserves_the_check_set():
     assert len(clips) >= 2 and all(roles[c.package] == "reference" for c in clips)
     # `make music` and `make agreement` fetch reference and check music only; the distill role is
     # the student's training music (`make student`)
-    assert sum(p.download_mb for p in packages if p.role != "distill") < 1500 and sum(p.download_mb for p in packages) < 3000
+    assert (
+        sum(p.download_mb for p in packages if p.role != "distill") < 1500
+        and sum(p.download_mb for p in packages) < 3000
+    )
 
 
 def test_a_reserved_package_cannot_be_given_another_role(tmp_path):
@@ -104,7 +121,12 @@ def test_fetch_unpacks_each_package_once_and_updates_the_index_after_a_failure(f
     folders = dm.fetch(dest, packages=packages)
     assert folders == [dest / "reference" / "tunes", dest / "check" / "spare"]
     assert all((f / dm.READY).is_file() for f in folders)
-    assert calls.read_text().splitlines() == ["download -q tunes", "update -qq", "download -q tunes", "download -q spare"]
+    assert calls.read_text().splitlines() == [
+        "download -q tunes",
+        "update -qq",
+        "download -q tunes",
+        "download -q spare",
+    ]
     assert not (dest / "reference" / "tunes" / "usr/share/tunes/data.pk3").exists()  # unpacked, then removed
     assert not (dest / ".download" / "tunes").exists()
     dm.fetch(dest, packages=packages)
@@ -120,9 +142,13 @@ def test_audio_files_lists_the_music_folders_of_one_role(fake_debian, tmp_path):
     dm.fetch(dest, packages=packages)
     tunes = dest / "reference" / "tunes"
     assert dm.audio_files(dest, "reference", packages=packages) == [
-        tunes / "usr/share/tunes/music/a.ogg", tunes / "usr/share/tunes/music/sub/b.wav", tunes / "unzipped/sound/cd/zipped.ogg",
+        tunes / "usr/share/tunes/music/a.ogg",
+        tunes / "usr/share/tunes/music/sub/b.wav",
+        tunes / "unzipped/sound/cd/zipped.ogg",
     ]
-    assert dm.audio_files(dest, "check", packages=packages) == [dest / "check" / "spare" / "usr/share/spare/music/c.ogg"]
+    assert dm.audio_files(dest, "check", packages=packages) == [
+        dest / "check" / "spare" / "usr/share/spare/music/c.ogg"
+    ]
     m = dm.measure(dm.audio_files(dest, "reference", packages=packages))
     assert m.tracks == 3 and m.minutes == round(5.0 / 60, 1) and m.codec == "opus+pcm_s16le"
 

@@ -41,7 +41,13 @@ from training.models import build, load_checkpoint
 #: The shipped CPU tier (musicnn's networks pruned, made from the teacher's checkpoints, filters
 #: frozen) and the small trunk trained from scratch.
 STUDENTS = {
-    "musicnn_student": ({"channels": [[4, 4, 2, 2, 2], [4, 4, 2, 2, 2]], "frontend_stride": [2, 2]}, {"teacher_checkpoints": ["training/weights/musicnn_msd.pt", "training/weights/musicnn_mtt.pt"], "frozen_filters": True}),
+    "musicnn_student": (
+        {"channels": [[4, 4, 2, 2, 2], [4, 4, 2, 2, 2]], "frontend_stride": [2, 2]},
+        {
+            "teacher_checkpoints": ["training/weights/musicnn_msd.pt", "training/weights/musicnn_mtt.pt"],
+            "frozen_filters": True,
+        },
+    ),
     "separable_student": (TINY_DIMS["separable_student"], {}),
 }
 
@@ -49,14 +55,36 @@ STUDENTS = {
 def _distill_args(source, repository, out, arch, cache, **extra):
     dims, arch_options = STUDENTS[arch]
     args = ["distill", str(source), "--repository", str(repository), "--export"]
-    options = {"arch": arch, "name": "musicnn_student", "version": "student-test", "epochs": 2, "batch_size": 8, "cache_dir": str(cache), "out_dir": str(out), "progress": False, "teacher_workers": 1}
-    options |= {"validation_groups": ["album0"], "holdout_groups": ["album1"], "time_shift": False, "freq_masks": 0, "time_masks": 0} | arch_options | extra
+    options = {
+        "arch": arch,
+        "name": "musicnn_student",
+        "version": "student-test",
+        "epochs": 2,
+        "batch_size": 8,
+        "cache_dir": str(cache),
+        "out_dir": str(out),
+        "progress": False,
+        "teacher_workers": 1,
+    }
+    options |= (
+        {
+            "validation_groups": ["album0"],
+            "holdout_groups": ["album1"],
+            "time_shift": False,
+            "freq_masks": 0,
+            "time_masks": 0,
+        }
+        | arch_options
+        | extra
+    )
     args += [a for k, v in options.items() for a in ("--set", f"{k}={json.dumps(v)}")]
     return args + [a for k, v in dims.items() for a in ("--set", f"dims.{k}={json.dumps(v)}")]
 
 
 @pytest.mark.parametrize("arch", sorted(STUDENTS))
-def test_distill_exports_a_calibrated_student_with_the_teachers_outputs(unlabelled, mel_cache, repository, tmp_path, arch):
+def test_distill_exports_a_calibrated_student_with_the_teachers_outputs(
+    unlabelled, mel_cache, repository, tmp_path, arch
+):
     out = tmp_path / "student"
     assert main(_distill_args(unlabelled, repository, out, arch, mel_cache)) == 0
     report = json.loads((out / "distill_report.json").read_text())
@@ -71,13 +99,20 @@ def test_distill_exports_a_calibrated_student_with_the_teachers_outputs(unlabell
 
     teacher = read_meta(repository, "musicnn")
     student = read_meta(repository, "musicnn_student")
-    assert [(n.name, n.labels, n.embedding_dim) for n in student.networks] == [(n.name, n.labels, n.embedding_dim) for n in teacher.networks]
+    assert [(n.name, n.labels, n.embedding_dim) for n in student.networks] == [
+        (n.name, n.labels, n.embedding_dim) for n in teacher.networks
+    ]
     assert {n.version for n in student.networks} == {"student-test"} and student.outputs == teacher.outputs
     # moods.toml's musicnn sections apply, with the student's own calibration
     taxonomy = load_taxonomy(student)
     assert taxonomy.source == "tags" and taxonomy.calibration.tracks == 10
-    outputs = OnnxScorer(repository, "musicnn_student").score_sync(np.random.default_rng(0).random((3, PATCH_FRAMES, N_MELS), np.float32))
-    assert {k: (v.scores.shape, v.embedding.shape) for k, v in outputs.items()} == {"musicnn_msd": ((3, 50), (3, 200)), "musicnn_mtt": ((3, 50), (3, 200))}
+    outputs = OnnxScorer(repository, "musicnn_student").score_sync(
+        np.random.default_rng(0).random((3, PATCH_FRAMES, N_MELS), np.float32)
+    )
+    assert {k: (v.scores.shape, v.embedding.shape) for k, v in outputs.items()} == {
+        "musicnn_msd": ((3, 50), (3, 200)),
+        "musicnn_mtt": ((3, 50), (3, 200)),
+    }
     # the served graph is the checkpoint's: the second network's scores are the logits' second half
     model, _ = load_checkpoint(out / "best.pt")
     x = np.random.default_rng(1).random((2, PATCH_FRAMES, N_MELS), np.float32)
@@ -90,7 +125,11 @@ def test_distill_exports_a_calibrated_student_with_the_teachers_outputs(unlabell
     # `agreement` scores the served graph on the same held-out tracks without training: the
     # report's figures again (the graph is the checkpoint's to float rounding, which can reorder
     # the near-equal scores of a 2-epoch student on 3 tracks: a ROC-AUC moved by 0.002).
-    agreement_args = [a if a != "distill" else "agreement" for a in _distill_args(unlabelled, repository, out, arch, mel_cache) if a != "--export"]
+    agreement_args = [
+        a if a != "distill" else "agreement"
+        for a in _distill_args(unlabelled, repository, out, arch, mel_cache)
+        if a != "--export"
+    ]
     assert main([*agreement_args, "--out", str(tmp_path / "agreement.json")]) == 0
     again = json.loads((tmp_path / "agreement.json").read_text())
     assert again["student"]["name"] == "musicnn_student" and again["held_out"]["tracks"] == 3
@@ -101,14 +140,36 @@ def test_distill_exports_a_calibrated_student_with_the_teachers_outputs(unlabell
 
 def test_agreement_refuses_a_student_the_repository_lacks(repository, tmp_path):
     with pytest.raises(SystemExit, match="no student 'nobody'"):
-        main(["agreement", "--repository", str(repository), "--set", "name=\"nobody\"", "--set", f"out_dir={json.dumps(str(tmp_path))}"])
+        main(
+            [
+                "agreement",
+                "--repository",
+                str(repository),
+                "--set",
+                'name="nobody"',
+                "--set",
+                f"out_dir={json.dumps(str(tmp_path))}",
+            ]
+        )
 
 
-def test_a_refit_trains_on_the_validation_groups_too_and_keeps_its_last_epoch(unlabelled, mel_cache, repository, tmp_path):
+def test_a_refit_trains_on_the_validation_groups_too_and_keeps_its_last_epoch(
+    unlabelled, mel_cache, repository, tmp_path
+):
     with pytest.raises(ValueError, match="use schedule"):
         from_dict({"refit": True})
     out = tmp_path / "refit"
-    args = _distill_args(unlabelled, repository, out, "separable_student", mel_cache, refit=True, schedule="cosine", lr=0.05, early_stopping=1)
+    args = _distill_args(
+        unlabelled,
+        repository,
+        out,
+        "separable_student",
+        mel_cache,
+        refit=True,
+        schedule="cosine",
+        lr=0.05,
+        early_stopping=1,
+    )
     assert main([a for a in args if a != "--export"]) == 0
     report = json.loads((out / "distill_report.json").read_text())
     assert report["refit"] and report["groups"]["validation"] == ["album0"] and report["epochs_run"] == 2
@@ -121,12 +182,19 @@ def test_a_refit_trains_on_the_validation_groups_too_and_keeps_its_last_epoch(un
     assert (out / "best.pt").read_bytes() == (out / "last.pt").read_bytes()
 
 
-def test_distill_music_trains_the_student_only_never_the_calibration_validation_or_held_out(unlabelled, mel_cache, repository, tmp_path, monkeypatch):
+def test_distill_music_trains_the_student_only_never_the_calibration_validation_or_held_out(
+    unlabelled, mel_cache, repository, tmp_path, monkeypatch
+):
     """Debian's ``distill``-role packages join the training packages; the calibration reference,
     the validation and the held-out music stay the reference packages'."""
     music = tmp_path / "music"
     entries = []
-    for role, package, album in (("reference", "val", "album0"), ("reference", "held", "album1"), ("reference", "tunes", "album2"), ("distill", "extra", "album0")):
+    for role, package, album in (
+        ("reference", "val", "album0"),
+        ("reference", "held", "album1"),
+        ("reference", "tunes", "album2"),
+        ("distill", "extra", "album0"),
+    ):
         shutil.copytree(unlabelled / album, music / role / package / "music")
         (music / role / package / debian_music.READY).write_text("test\n")
         entries.append(f'[[package]]\nname = "{package}"\nrole = "{role}"\ngenre = "test"\nmusic = ["music"]\n')
@@ -135,18 +203,40 @@ def test_distill_music_trains_the_student_only_never_the_calibration_validation_
     monkeypatch.setattr(debian_music, "DEFAULT_DEST", music)
     out = tmp_path / "student"
     groups = {"validation_groups": ["val"], "holdout_groups": ["held"]}
-    assert main(_distill_args("debian", repository, out, "separable_student", mel_cache, distill_music=True, **groups)) == 0
+    assert (
+        main(_distill_args("debian", repository, out, "separable_student", mel_cache, distill_music=True, **groups))
+        == 0
+    )
     report = json.loads((out / "distill_report.json").read_text())
-    assert report["distill_music"] and report["groups"] == {"train": ["extra", "tunes"], "validation": ["val"], "test": ["held"]}
+    assert report["distill_music"] and report["groups"] == {
+        "train": ["extra", "tunes"],
+        "validation": ["val"],
+        "test": ["held"],
+    }
     assert report["tracks"] == {"train": 7, "validation": 4, "test": 3}
     cache = FeatureCache(mel_cache, max_duration_s=600.0)
-    trained = [t for role, package in (("reference", "tunes"), ("distill", "extra")) for t in (music / role / package / "music").iterdir()]
+    trained = [
+        t
+        for role, package in (("reference", "tunes"), ("distill", "extra"))
+        for t in (music / role / package / "music").iterdir()
+    ]
     assert report["patches"]["train"] == sum(len(patch_starts(len(cache.frames(str(t))))) for t in trained)
     # the student's calibration is over the reference packages' 10 tracks, as the teacher's
     assert load_taxonomy(read_meta(repository, "musicnn_student")).calibration.tracks == 10
 
     with pytest.raises(ValueError, match="distill-role packages only train"):
-        main(_distill_args("debian", repository, out, "separable_student", mel_cache, distill_music=True, validation_groups=["extra"], holdout_groups=["held"]))
+        main(
+            _distill_args(
+                "debian",
+                repository,
+                out,
+                "separable_student",
+                mel_cache,
+                distill_music=True,
+                validation_groups=["extra"],
+                holdout_groups=["held"],
+            )
+        )
     with pytest.raises(ValueError, match="is not 'debian'"):
         main(_distill_args(unlabelled, repository, out, "separable_student", mel_cache, distill_music=True))
 
@@ -160,7 +250,9 @@ def _teachers_filters(student) -> list[bool]:
     return [bool(torch.isclose(row.abs(), rows.abs(), atol=1e-6).all(dim=1).any()) for row in kept]
 
 
-def test_the_lite_student_starts_as_the_teachers_networks_and_keeps_their_filters(unlabelled, mel_cache, repository, tmp_path):
+def test_the_lite_student_starts_as_the_teachers_networks_and_keeps_their_filters(
+    unlabelled, mel_cache, repository, tmp_path
+):
     out = tmp_path / "lite"
     assert main(_distill_args(unlabelled, repository, out, "musicnn_student", mel_cache, epochs=1)) == 0
     trained, _ = load_checkpoint(out / "best.pt")
@@ -169,7 +261,12 @@ def test_the_lite_student_starts_as_the_teachers_networks_and_keeps_their_filter
 
 def test_from_unfreeze_epoch_on_the_filters_train_too(unlabelled, mel_cache, repository, tmp_path):
     out = tmp_path / "lite"
-    assert main(_distill_args(unlabelled, repository, out, "musicnn_student", mel_cache, unfreeze_epoch=1, early_stopping=0)) == 0
+    assert (
+        main(
+            _distill_args(unlabelled, repository, out, "musicnn_student", mel_cache, unfreeze_epoch=1, early_stopping=0)
+        )
+        == 0
+    )
     trained, ckpt = load_checkpoint(out / "last.pt")
     assert ckpt["epoch"] == 1 and ckpt["config"]["unfreeze_epoch"] == 1
     assert not any(_teachers_filters(trained))  # every kept filter moved
@@ -178,9 +275,15 @@ def test_from_unfreeze_epoch_on_the_filters_train_too(unlabelled, mel_cache, rep
 def test_teacher_checkpoints_that_are_not_the_served_teacher_are_refused(unlabelled, mel_cache, repository, tmp_path):
     swapped = ["training/weights/musicnn_mtt.pt", "training/weights/musicnn_msd.pt"]
     with pytest.raises(ValueError, match="do not compute the served teacher"):
-        main(_distill_args(unlabelled, repository, tmp_path / "x", "musicnn_student", mel_cache, teacher_checkpoints=swapped))
+        main(
+            _distill_args(
+                unlabelled, repository, tmp_path / "x", "musicnn_student", mel_cache, teacher_checkpoints=swapped
+            )
+        )
     with pytest.raises(ValueError, match="set teacher_checkpoints"):
-        main(_distill_args(unlabelled, repository, tmp_path / "y", "musicnn_student", mel_cache, teacher_checkpoints=[]))
+        main(
+            _distill_args(unlabelled, repository, tmp_path / "y", "musicnn_student", mel_cache, teacher_checkpoints=[])
+        )
 
 
 def test_teacher_outputs_are_the_served_models_on_the_grid_and_halfway_and_cached_once(unlabelled, mel_cache):
@@ -220,10 +323,21 @@ def test_mixed_patches_are_two_tracks_mixed_with_the_teachers_outputs_on_the_mix
         (a, _), (b, _) = (patches[int(i)] for i in mixed.pairs[k])
         np.testing.assert_allclose(mel.numpy(), mix_frames(a.numpy(), b.numpy(), float(mixed.weights[k])), atol=1e-6)
         direct = scorer.score_sync(mel.numpy()[None])
-        served = {f"{name}_{part}": getattr(out, part) for name, out in direct.items() for part in ("scores", "embedding")}
+        served = {
+            f"{name}_{part}": getattr(out, part) for name, out in direct.items() for part in ("scores", "embedding")
+        }
         np.testing.assert_allclose(target.numpy(), teacher_targets(served, teacher.meta.outputs)[0], atol=1e-3)
         # a target is the teacher on the mix, not the mix of the teacher's targets
-        assert np.abs(target.numpy() - (mixed.weights[k] * patches[int(mixed.pairs[k][0])][1].numpy() + (1 - mixed.weights[k]) * patches[int(mixed.pairs[k][1])][1].numpy())).max() > 0.05
+        assert (
+            np.abs(
+                target.numpy()
+                - (
+                    mixed.weights[k] * patches[int(mixed.pairs[k][0])][1].numpy()
+                    + (1 - mixed.weights[k]) * patches[int(mixed.pairs[k][1])][1].numpy()
+                )
+            ).max()
+            > 0.05
+        )
     files = sorted(teacher.folder(cache).glob("mixed-*.npz"))
     stamps = {f: f.stat().st_mtime_ns for f in files}
     again = MixedPatches(patches, 8, teacher, seed=0, workers=1, progress=False)
@@ -232,7 +346,9 @@ def test_mixed_patches_are_two_tracks_mixed_with_the_teachers_outputs_on_the_mix
     assert not np.array_equal(MixedPatches(patches, 8, teacher, seed=1, workers=1, progress=False).pairs, mixed.pairs)
 
 
-def test_the_mix_stage_goes_on_from_init_over_the_patches_and_the_mixes_filters_frozen(unlabelled, mel_cache, repository, tmp_path):
+def test_the_mix_stage_goes_on_from_init_over_the_patches_and_the_mixes_filters_frozen(
+    unlabelled, mel_cache, repository, tmp_path
+):
     first = tmp_path / "first"
     assert main(_distill_args(unlabelled, repository, first, "musicnn_student", mel_cache, epochs=1)) == 0
     second = tmp_path / "second"
@@ -240,13 +356,17 @@ def test_the_mix_stage_goes_on_from_init_over_the_patches_and_the_mixes_filters_
     assert main(_distill_args(unlabelled, repository, second, "musicnn_student", mel_cache, **options)) == 0
     report = json.loads((second / "distill_report.json").read_text())
     assert report["student"]["checkpoint"] == str(second / "mix" / "best.pt") and report["epochs_run"] == 0
-    assert 0 < report["patches"]["mixed"] == report["mix_stage"]["mixes"] <= 12 and report["init"] == str(first / "best.pt")
+    assert 0 < report["patches"]["mixed"] == report["mix_stage"]["mixes"] <= 12 and report["init"] == str(
+        first / "best.pt"
+    )
     (started, ckpt), (trained, stage) = (load_checkpoint(p) for p in (first / "best.pt", second / "mix" / "best.pt"))
     assert stage["version"] == f"{ckpt['version']}-mix" and stage["epoch"] == 0
     assert all(_teachers_filters(trained))  # frozen_filters freezes them again
     assert any(not torch.equal(p, q) for p, q in zip(started.parameters(), trained.parameters()))
     assert read_meta(repository, "musicnn_student").served_version.startswith(f"{ckpt['version']}-mix")
-    narrower = _distill_args(unlabelled, repository, tmp_path / "x", "musicnn_student", mel_cache, init=str(first / "best.pt"))
+    narrower = _distill_args(
+        unlabelled, repository, tmp_path / "x", "musicnn_student", mel_cache, init=str(first / "best.pt")
+    )
     with pytest.raises(ValueError, match="not the configured musicnn_student"):
         main(narrower + ["--set", "dims.channels=[[2, 2, 2, 2, 2], [2, 2, 2, 2, 2]]"])
 
@@ -268,7 +388,13 @@ def test_mix_stage_and_init_options_are_validated(options, message):
 
 def test_patch_starts_are_the_serving_grid_plus_the_points_halfway():
     assert patch_starts(PATCH_FRAMES).tolist() == [0]
-    assert patch_starts(3 * PATCH_FRAMES + 10).tolist() == [0, TEACHER_HOP, PATCH_FRAMES, PATCH_FRAMES + TEACHER_HOP, 2 * PATCH_FRAMES]
+    assert patch_starts(3 * PATCH_FRAMES + 10).tolist() == [
+        0,
+        TEACHER_HOP,
+        PATCH_FRAMES,
+        PATCH_FRAMES + TEACHER_HOP,
+        2 * PATCH_FRAMES,
+    ]
 
 
 def test_split_keeps_groups_whole_and_refuses_unknown_groups():
@@ -395,7 +521,10 @@ def test_mood_agreement_reads_the_leading_mood_against_the_teachers_lead_and_its
     for i, (grid, shift) in enumerate(zip(grids, shifted)):
         starts = [0, PATCH_FRAMES] + ([TEACHER_HOP] if shift is not None else [])
         rows = np.stack([grid, grid] + ([shift] if shift is not None else [])).astype(np.float32)
-        outputs[f"s{i}"] = {"starts": np.array(starts), **{n.scores_output: rows[:, k * 50 : (k + 1) * 50] for k, n in enumerate(meta.networks)}}
+        outputs[f"s{i}"] = {
+            "starts": np.array(starts),
+            **{n.scores_output: rows[:, k * 50 : (k + 1) * 50] for k, n in enumerate(meta.networks)},
+        }
     tracks = [Track(f"t{i}", f"s{i}") for i in range(6)]
     # The student agrees on tracks 0-3, and gives another leading mood on 4 (the teacher leads
     # clearly) and 5 (a near-tie).
@@ -404,5 +533,12 @@ def test_mood_agreement_reads_the_leading_mood_against_the_teachers_lead_and_its
     result = mood_agreement(tracks, student, outputs, teacher, taxonomy, taxonomy)
     assert result["tracks"] == 6 and result["leading_mood_same"] == pytest.approx(4 / 6)
     assert result["teacher_shifted_same"] == pytest.approx(3 / 4)  # only tracks with shifted patches count
-    assert [(r["track"], r["teacher_lead"]) for r in result["disagreements"]] == [("t4", pytest.approx(lead(clear), abs=1e-4)), ("t5", pytest.approx(lead(tie), abs=1e-4))]
-    assert result["leading_mood_same_teacher_leads"] == {"tracks": 5, "same": pytest.approx(4 / 5), "lead_at_least": NEAR_TIE}
+    assert [(r["track"], r["teacher_lead"]) for r in result["disagreements"]] == [
+        ("t4", pytest.approx(lead(clear), abs=1e-4)),
+        ("t5", pytest.approx(lead(tie), abs=1e-4)),
+    ]
+    assert result["leading_mood_same_teacher_leads"] == {
+        "tracks": 5,
+        "same": pytest.approx(4 / 5),
+        "lead_at_least": NEAR_TIE,
+    }

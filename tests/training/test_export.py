@@ -105,9 +105,16 @@ def test_committed_repository_matches_the_committed_weights():
 
 def test_several_checkpoints_export_to_one_graph_with_named_networks(tmp_path):
     weights = REPO / "training" / "weights"
-    result = export([weights / "musicnn_msd.pt", weights / "musicnn_mtt.pt"], "pair", tmp_path, network_names=["msd", "mtt"])
+    result = export(
+        [weights / "musicnn_msd.pt", weights / "musicnn_mtt.pt"], "pair", tmp_path, network_names=["msd", "mtt"]
+    )
     meta = read_meta(tmp_path, "pair")
-    assert [n.name for n in meta.networks] == ["msd", "mtt"] and meta.outputs == ("msd_scores", "msd_embedding", "mtt_scores", "mtt_embedding")
+    assert [n.name for n in meta.networks] == ["msd", "mtt"] and meta.outputs == (
+        "msd_scores",
+        "msd_embedding",
+        "mtt_scores",
+        "mtt_embedding",
+    )
     assert [o.name for o in read_config(tmp_path, "pair", "cpu").output] == list(meta.outputs)
     assert all(v <= PARITY_TOL for v in result.max_rel_diff.values())
     with pytest.raises(ValueError, match="differ"):

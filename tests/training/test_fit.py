@@ -102,13 +102,27 @@ def test_fit_evaluate_export_and_serve(arch, request, mel_cache, tmp_path):
     assert scores.shape == (len(analysis.patches.patches), len(meta.labels))
     assert scores.min() >= 0 and scores.max() <= 1
     with torch.inference_mode():
-        eager = torch.sigmoid(model(torch.from_numpy(analysis.patches.patches))[0]) if task != "classes" else torch.softmax(model(torch.from_numpy(analysis.patches.patches))[0], -1)
+        eager = (
+            torch.sigmoid(model(torch.from_numpy(analysis.patches.patches))[0])
+            if task != "classes"
+            else torch.softmax(model(torch.from_numpy(analysis.patches.patches))[0], -1)
+        )
     np.testing.assert_allclose(scores, eager.numpy(), atol=1e-5)
     fields = describe(analysis, outputs, load_taxonomy(meta))
-    record = events.TrackMoods(track_id="t1", model=events.ModelRef(meta.name, meta.served_version, ((arch, meta.version),)), processed_at=datetime.now(UTC), latency_ms={"total": 1.0}, analysis=fields)
+    record = events.TrackMoods(
+        track_id="t1",
+        model=events.ModelRef(meta.name, meta.served_version, ((arch, meta.version),)),
+        processed_at=datetime.now(UTC),
+        latency_ms={"total": 1.0},
+        analysis=fields,
+    )
     doc = json.loads(record.to_json())
     events.jsonschema.Draft202012Validator(events.load_schema("track_moods.v2")).validate(doc)
-    assert doc["model"]["name"] == arch and doc["model"]["version"] == "test-1" and set(doc["tags"][arch]) == set(meta.labels)
+    assert (
+        doc["model"]["name"] == arch
+        and doc["model"]["version"] == "test-1"
+        and set(doc["tags"][arch]) == set(meta.labels)
+    )
     # A DEAM regressor or a 4-class quadrant network fills the mood plane itself.
     expected_source = {"va": "valence_arousal", "va_steps": "valence_arousal", "classes": "classes"}.get(task, "none")
     assert doc["mood_source"] == expected_source
@@ -186,7 +200,9 @@ def test_config_file_and_overrides(tmp_path):
 
 def test_cosine_cycles_restart_lower_and_anneal_to_zero():
     f = [cosine_factor(e, [4, 2], 0.5) for e in range(7)]
-    np.testing.assert_allclose(f, [1, (1 + np.cos(np.pi / 4)) / 2, 0.5, (1 + np.cos(3 * np.pi / 4)) / 2, 0.5, 0.25, 0], atol=1e-12)
+    np.testing.assert_allclose(
+        f, [1, (1 + np.cos(np.pi / 4)) / 2, 0.5, (1 + np.cos(3 * np.pi / 4)) / 2, 0.5, 0.25, 0], atol=1e-12
+    )
 
 
 def test_a_finished_cosine_run_resumed_with_a_cycle_more_restarts_it():

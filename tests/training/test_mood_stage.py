@@ -38,7 +38,9 @@ def _mood_columns(meta, taxonomy) -> dict[int, str]:
 def test_torch_cdf_is_the_taxonomys_off_ties():
     quantiles = np.array([0.0, 0.0, 0.0, 0.1, 0.2, 0.2, 0.5, 0.9])
     x = np.array([-1.0, 0.01, 0.05, 0.1, 0.15, 0.3, 0.7, 0.9 - 1e-9, 1.0, 2.0])
-    np.testing.assert_allclose(torch_cdf(torch.tensor(quantiles), torch.tensor(x)).numpy(), cdf(quantiles, x), atol=1e-12)
+    np.testing.assert_allclose(
+        torch_cdf(torch.tensor(quantiles), torch.tensor(x)).numpy(), cdf(quantiles, x), atol=1e-12
+    )
 
 
 def test_family_scores_in_torch_are_the_taxonomys_and_have_gradients(served):
@@ -93,7 +95,9 @@ def test_tune_moods_brings_the_students_leading_moods_to_the_teachers_and_keeps_
         scores = rng.uniform(0.01, 0.2, n_labels)
         for column, curve in curves.items():
             scores[column] = np.interp(rng.uniform(0.05, 0.95), np.linspace(0, 1, len(curve)), curve)
-        target = torch.from_numpy(np.concatenate([np.log(scores / (1 - scores)), rng.normal(0, 1, 8)]).astype(np.float32)).repeat(3, 1)
+        target = torch.from_numpy(
+            np.concatenate([np.log(scores / (1 - scores)), rng.normal(0, 1, 8)]).astype(np.float32)
+        ).repeat(3, 1)
         mel = torch.from_numpy(rng.normal(rng.normal(0, 1, N_MELS), 0.3, (3, PATCH_FRAMES, N_MELS)).astype(np.float32))
         targets.append(target)
         tracks.append(TrackTarget(lambda mel=mel: mel, target, families(torch.from_numpy(scores))))
@@ -102,11 +106,35 @@ def test_tune_moods_brings_the_students_leading_moods_to_the_teachers_and_keeps_
 
     def leading_same(student: nn.Module) -> float:
         with torch.no_grad():
-            return float(np.mean([int(families(torch.sigmoid(student(t.patches())[0]).mean(dim=0)).argmax() == t.families.argmax()) for t in tracks]))
+            return float(
+                np.mean(
+                    [
+                        int(
+                            families(torch.sigmoid(student(t.patches())[0]).mean(dim=0)).argmax() == t.families.argmax()
+                        )
+                        for t in tracks
+                    ]
+                )
+            )
 
     def stage(weight: float) -> tuple[nn.Module, list[dict[str, float]]]:
         student, figures = _Toy(n_labels, 1), []
-        tune_moods(student, tracks, loss, families, epochs=20, lr=0.05, weight=weight, temperature=0.05, tracks_per_step=4, weight_decay=0.0, grad_clip=5.0, seed=0, progress=False, on_epoch=lambda e, f: figures.append(f))
+        tune_moods(
+            student,
+            tracks,
+            loss,
+            families,
+            epochs=20,
+            lr=0.05,
+            weight=weight,
+            temperature=0.05,
+            tracks_per_step=4,
+            weight_decay=0.0,
+            grad_clip=5.0,
+            seed=0,
+            progress=False,
+            on_epoch=lambda e, f: figures.append(f),
+        )
         return student, figures
 
     assert leading_same(_Toy(n_labels, 1)) < 0.5
@@ -128,7 +156,22 @@ def test_the_mood_stage_options_are_checked():
 
 def test_distill_with_a_mood_stage_exports_the_stages_model(unlabelled, mel_cache, repository, tmp_path):
     out = tmp_path / "student"
-    assert main(_distill_args(unlabelled, repository, out, "separable_student", mel_cache, mood_epochs=2, mood_lr=0.01, mood_tracks_per_step=2, version="")) == 0
+    assert (
+        main(
+            _distill_args(
+                unlabelled,
+                repository,
+                out,
+                "separable_student",
+                mel_cache,
+                mood_epochs=2,
+                mood_lr=0.01,
+                mood_tracks_per_step=2,
+                version="",
+            )
+        )
+        == 0
+    )
     report = json.loads((out / "distill_report.json").read_text())
     assert [f["epoch"] for f in report["mood_stage"]] == [0, 1]
     assert all(np.isfinite(f[k]) for f in report["mood_stage"] for k in ("patch_loss", "mood_loss", "leading_same"))

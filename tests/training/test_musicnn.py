@@ -62,7 +62,9 @@ def test_the_inference_form_convolves_only_the_filters_the_input_can_move(fixtur
     model, _ = load_checkpoint(REPO / "training" / "weights" / "musicnn_msd.pt")
     served = model.for_serving(log_mel_max())
     assert [branch.channels for branch in served.frontend] == [23, 14, 3, 7, 17]
-    extremes = torch.stack([torch.zeros(187, 96), torch.full((187, 96), log_mel_max()), torch.from_numpy(fixture["patches"][0])])
+    extremes = torch.stack(
+        [torch.zeros(187, 96), torch.full((187, 96), log_mel_max()), torch.from_numpy(fixture["patches"][0])]
+    )
     with torch.inference_mode():
         (want, _), (got, _) = model(extremes), served(extremes)
     assert (got - want).abs().max() <= 1e-4

@@ -75,7 +75,12 @@ def test_strided_filters_see_every_other_frame_and_band_and_keep_the_frames(teac
     with torch.inference_mode():
         x = strided.nets[1].input_affine(patches.unsqueeze(1))
         branch = strided.nets[1].frontend[0]
-        assert branch(x).shape == (6, 204, 187) and branch.mix(F.pad(x, (0, 0, 3, 3))).shape == (6, 204, 94, 30)  # of 187 frames, 59 bands
+        assert branch(x).shape == (6, 204, 187) and branch.mix(F.pad(x, (0, 0, 3, 3))).shape == (
+            6,
+            204,
+            94,
+            30,
+        )  # of 187 frames, 59 bands
         close = (torch.sigmoid(exact(patches)[0]) - torch.sigmoid(want)).abs().mean()
         rough = (torch.sigmoid(strided(patches)[0]) - torch.sigmoid(want)).abs().mean()
     assert close < rough < 0.1  # an approximation of the teacher, before any training
@@ -84,7 +89,9 @@ def test_strided_filters_see_every_other_frame_and_band_and_keep_the_frames(teac
 
 
 def test_frozen_filters_take_no_gradient_and_the_rest_trains(teachers, patches):
-    model = load_teachers(build("musicnn_student", {"channels": [[8, 8, 4, 4, 4]] * 2, "ranks": [[4, 0, 0, 0, 0]] * 2}), teachers, patches)
+    model = load_teachers(
+        build("musicnn_student", {"channels": [[8, 8, 4, 4, 4]] * 2, "ranks": [[4, 0, 0, 0, 0]] * 2}), teachers, patches
+    )
     freeze_filters(model)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
@@ -102,7 +109,14 @@ def test_frozen_filters_take_no_gradient_and_the_rest_trains(teachers, patches):
 def test_a_checkpoint_rebuilds_itself_from_its_dims(teachers, patches, tmp_path):
     dims = {"channels": [[16, 16, 16, 16, 16], [48, 32, 16, 16, 16]], "ranks": [[0, 0, 8, 0, 0], [0, 16, 0, 0, 0]]}
     model = load_teachers(build("musicnn_student", dims), teachers, patches)
-    save_checkpoint(tmp_path / "lite.pt", model, arch="musicnn_student", labels=[f"t{i}" for i in range(100)], version="v", source="test")
+    save_checkpoint(
+        tmp_path / "lite.pt",
+        model,
+        arch="musicnn_student",
+        labels=[f"t{i}" for i in range(100)],
+        version="v",
+        source="test",
+    )
     again, ckpt = load_checkpoint(tmp_path / "lite.pt")
     assert ckpt["dims"]["channels"] == ((16, 16, 16, 16, 16), (48, 32, 16, 16, 16))
     with torch.inference_mode():

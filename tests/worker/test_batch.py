@@ -79,21 +79,35 @@ def announce(track_id, path):
 def test_batch_scores_every_track_in_one_call_and_matches_tagging_alone(scorer, example_clips, tmp_path):
     (tmp_path / "tone.ogg").write_bytes(encode(tone(5.0), "vorbis"))
     (tmp_path / "short.wav").write_bytes(encode(tone(0.2), "wav"))
-    raws = [announce("a", example_clips[0]), announce("b", tmp_path / "tone.ogg"), announce("c", tmp_path / "short.wav"), announce("d", tmp_path / "none.mp3"), b"]["]
+    raws = [
+        announce("a", example_clips[0]),
+        announce("b", tmp_path / "tone.ogg"),
+        announce("c", tmp_path / "short.wav"),
+        announce("d", tmp_path / "none.mp3"),
+        b"][",
+    ]
     publish = Recorder()
     result = asyncio.run(make_worker(scorer, publish).process(raws))
     assert result.outputs == 2 and result.dead_letters == {"too_short": 1, "not_found": 1, "bad_event": 1}
     outputs = {r["track_id"]: r for t, _, r in publish.records if t == "out"}
     assert set(outputs) == {"a", "b"}
     # Batching across tracks changes no score: compare with the track scored alone.
-    alone = scorer.score_sync(analyse(example_clips[0].read_bytes(), max_duration_s=600, min_duration_s=1).patches.patches)
+    alone = scorer.score_sync(
+        analyse(example_clips[0].read_bytes(), max_duration_s=600, min_duration_s=1).patches.patches
+    )
     for network in scorer.meta.networks:
         batched = np.array([outputs["a"]["tags"][network.name][label] for label in network.labels])
         assert np.abs(batched - alone[network.name].scores.mean(axis=0)).max() <= 1e-4
     # musicnn_mtt's top three on the jazz excerpt as `moodstream tag` gives them (0.47, 0.29, 0.20; the next 0.11)
     assert [t["tag"] for t in outputs["a"]["top_tags"]["musicnn_mtt"][:3]] == ["guitar", "slow", "piano"]
-    assert outputs["a"]["model"]["networks"] == [{"name": "musicnn_msd", "version": "1"}, {"name": "musicnn_mtt", "version": "1"}]
-    assert outputs["a"]["leading_mood"]["mood"] is not None and set(outputs["a"]["embeddings"]) == {"musicnn_msd", "musicnn_mtt"}
+    assert outputs["a"]["model"]["networks"] == [
+        {"name": "musicnn_msd", "version": "1"},
+        {"name": "musicnn_mtt", "version": "1"},
+    ]
+    assert outputs["a"]["leading_mood"]["mood"] is not None and set(outputs["a"]["embeddings"]) == {
+        "musicnn_msd",
+        "musicnn_mtt",
+    }
 
 
 class KeyReadingScorer:
@@ -106,7 +120,9 @@ class KeyReadingScorer:
     async def score(self, patches, shm_key=None):
         block = shared_memory.SharedMemory(name=shm_key.lstrip("/"))
         try:
-            self.seen.append((shm_key, np.array(patches), np.ndarray(patches.shape, np.float32, buffer=block.buf).copy()))
+            self.seen.append(
+                (shm_key, np.array(patches), np.ndarray(patches.shape, np.float32, buffer=block.buf).copy())
+            )
         finally:
             block.close()
         return await self.inner.score(patches, shm_key=shm_key)
@@ -115,7 +131,9 @@ class KeyReadingScorer:
 def test_the_scorer_gets_the_patches_block_by_key_and_no_block_outlives_the_batch(example_clips):
     # A scorer of its own: two tracks score concurrently, which binds its lock to this test's loop.
     reader = KeyReadingScorer(OnnxScorer(DEFAULT_MODEL_REPOSITORY, "musicnn"))
-    result = asyncio.run(make_worker(reader, Recorder()).process([announce("a", example_clips[0]), announce("b", example_clips[1])]))
+    result = asyncio.run(
+        make_worker(reader, Recorder()).process([announce("a", example_clips[0]), announce("b", example_clips[1])])
+    )
     assert result.outputs == 2 and len(reader.seen) == 2
     for key, patches, in_block in reader.seen:
         assert len(patches) > 0

@@ -39,7 +39,9 @@ MODEL = "musicnn"  # the default: both networks in one pass
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
     settings = load_settings()
-    with EmbeddedStack(log_dir=tmp_path_factory.mktemp("logs"), model_repository=settings.model_repository, models=[MODEL]) as s:
+    with EmbeddedStack(
+        log_dir=tmp_path_factory.mktemp("logs"), model_repository=settings.model_repository, models=[MODEL]
+    ) as s:
         s.create_topics(["tracks.ingested", "tracks.moods", "tracks.moods.dlq"])
         os.environ.update({k: v for k, v in s.env().items() if k.startswith("AWS_")})
         storage.make_s3_client().create_bucket(Bucket=BUCKET)
@@ -47,12 +49,22 @@ def stack(tmp_path_factory):
 
 
 MOODSTREAM_WORKER = [sys.executable, "-m", "pipeline", "worker"]
-FAUST_WORKER = [str(Path(sys.executable).with_name("faust")), "-A", "pipeline.worker.faust_app", "worker", "--without-web"]
+FAUST_WORKER = [
+    str(Path(sys.executable).with_name("faust")),
+    "-A",
+    "pipeline.worker.faust_app",
+    "worker",
+    "--without-web",
+]
 
 
-def start_worker(stack: EmbeddedStack, log_path: Path, command: list[str] = MOODSTREAM_WORKER, **settings: str) -> subprocess.Popen:
+def start_worker(
+    stack: EmbeddedStack, log_path: Path, command: list[str] = MOODSTREAM_WORKER, **settings: str
+) -> subprocess.Popen:
     env = {**os.environ, **stack.env(), "MOODSTREAM_METRICS_PORT": "0", "MOODSTREAM_MODEL": MODEL, **settings}
-    return subprocess.Popen(command, cwd=REPO, env=env, stdout=open(log_path, "wb"), stderr=subprocess.STDOUT, start_new_session=True)
+    return subprocess.Popen(
+        command, cwd=REPO, env=env, stdout=open(log_path, "wb"), stderr=subprocess.STDOUT, start_new_session=True
+    )
 
 
 def stop_worker(proc: subprocess.Popen) -> None:
@@ -63,10 +75,14 @@ def stop_worker(proc: subprocess.Popen) -> None:
         proc.kill()
 
 
-async def collect(bootstrap: str, expected: int, timeout_s: float, worker: subprocess.Popen, prefix: str = "tracks") -> dict[str, list[dict]]:
+async def collect(
+    bootstrap: str, expected: int, timeout_s: float, worker: subprocess.Popen, prefix: str = "tracks"
+) -> dict[str, list[dict]]:
     """Records on <prefix>.moods and <prefix>.moods.dlq until ``expected`` came (or timeout)."""
     topics = (f"{prefix}.moods", f"{prefix}.moods.dlq")
-    consumer = AIOKafkaConsumer(*topics, bootstrap_servers=bootstrap, auto_offset_reset="earliest", enable_auto_commit=False)
+    consumer = AIOKafkaConsumer(
+        *topics, bootstrap_servers=bootstrap, auto_offset_reset="earliest", enable_auto_commit=False
+    )
     await consumer.start()
     seen: dict[str, list[dict]] = {t: [] for t in topics}
     deadline = time.monotonic() + timeout_s
@@ -82,7 +98,11 @@ async def collect(bootstrap: str, expected: int, timeout_s: float, worker: subpr
 def private_topics(stack: EmbeddedStack, prefix: str) -> dict[str, str]:
     """Worker settings giving a test its own topics (<prefix>.ingested, .moods, .moods.dlq) and
     consumer group, created on the broker."""
-    topics = {"MOODSTREAM_INPUT_TOPIC": f"{prefix}.ingested", "MOODSTREAM_OUTPUT_TOPIC": f"{prefix}.moods", "MOODSTREAM_DLQ_TOPIC": f"{prefix}.moods.dlq"}
+    topics = {
+        "MOODSTREAM_INPUT_TOPIC": f"{prefix}.ingested",
+        "MOODSTREAM_OUTPUT_TOPIC": f"{prefix}.moods",
+        "MOODSTREAM_DLQ_TOPIC": f"{prefix}.moods.dlq",
+    }
     stack.create_topics(list(topics.values()))
     return {**topics, "MOODSTREAM_CONSUMER_GROUP": f"{prefix}-test"}
 
@@ -121,11 +141,18 @@ def test_tracks_in_moods_out_and_bad_events_dead_lettered(stack, example_clips, 
         event("other-bucket", "s3://someone-elses-bucket/a.mp3"),
         (b"garbage", b"{not json"),
     ]
-    values = bad[:2] + [event(t, u) for t, u in list(good.items())[:2]] + bad[2:] + [event(t, u) for t, u in list(good.items())[2:]]
+    values = (
+        bad[:2]
+        + [event(t, u) for t, u in list(good.items())[:2]]
+        + bad[2:]
+        + [event(t, u) for t, u in list(good.items())[2:]]
+    )
     asyncio.run(produce(stack.kafka_bootstrap, values))
 
     metrics_port = free_ports(1)[0]
-    worker = start_worker(stack, tmp_path / "worker.log", MOODSTREAM_ALLOWED_BUCKETS=BUCKET, MOODSTREAM_METRICS_PORT=str(metrics_port))
+    worker = start_worker(
+        stack, tmp_path / "worker.log", MOODSTREAM_ALLOWED_BUCKETS=BUCKET, MOODSTREAM_METRICS_PORT=str(metrics_port)
+    )
     try:
         seen = asyncio.run(collect(stack.kafka_bootstrap, len(values), 180, worker))
         with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as response:
@@ -135,7 +162,7 @@ def test_tracks_in_moods_out_and_bad_events_dead_lettered(stack, example_clips, 
     version = read_meta(REPO / "triton_models", MODEL).served_version
     assert f'moodstream_outputs_total{{model="{MODEL}",version="{version}"}} 3.0' in exposition
     assert 'moodstream_dead_letters_total{reason="bad_event"} 2.0' in exposition
-    assert "moodstream_stage_seconds_count{stage=\"inference\"}" in exposition
+    assert 'moodstream_stage_seconds_count{stage="inference"}' in exposition
     log = (tmp_path / "worker.log").read_text(errors="replace")[-3000:]
 
     outputs = {r["track_id"]: r for r in seen["tracks.moods"]}
@@ -145,13 +172,24 @@ def test_tracks_in_moods_out_and_bad_events_dead_lettered(stack, example_clips, 
         jsonschema.validate(record, schema, format_checker=jsonschema.FormatChecker())
         assert record["model"]["name"] == MODEL and record["model"]["version"] == version
         assert [len(record["tags"][n]) for n in ("musicnn_msd", "musicnn_mtt")] == [50, 50]
-        assert record["leading_mood"]["mood"] is not None and set(record["embeddings"]) == {"musicnn_msd", "musicnn_mtt"}
+        assert record["leading_mood"]["mood"] is not None and set(record["embeddings"]) == {
+            "musicnn_msd",
+            "musicnn_mtt",
+        }
     # musicnn_msd's top tags of the two excerpts, as `moodstream tag` gives them (0.62 and 0.42,
     # the next tag under 0.25): the worker path scores what the local path scores.
-    assert [outputs[f"real-{c.stem}"]["top_tags"]["musicnn_msd"][0]["tag"] for c in example_clips] == ["jazz", "ambient"]
+    assert [outputs[f"real-{c.stem}"]["top_tags"]["musicnn_msd"][0]["tag"] for c in example_clips] == [
+        "jazz",
+        "ambient",
+    ]
 
     reasons = {r["track_id"]: r["reason"] for r in seen["tracks.moods.dlq"]}
-    assert reasons == {"missing": "not_found", "not-audio": "undecodable", "other-bucket": "bad_event", None: "bad_event"}, log
+    assert reasons == {
+        "missing": "not_found",
+        "not-audio": "undecodable",
+        "other-bucket": "bad_event",
+        None: "bad_event",
+    }, log
     dlq_schema = events.load_schema("track_dead_letter.v1")
     for record in seen["tracks.moods.dlq"]:
         jsonschema.validate(record, dlq_schema)
@@ -161,7 +199,9 @@ def test_tracks_in_moods_out_and_bad_events_dead_lettered(stack, example_clips, 
 
 def test_triton_and_onnx_scorers_agree_on_real_audio(stack, example_clips):
     settings = load_settings()
-    patches = np.concatenate([analyse(c.read_bytes(), max_duration_s=60, min_duration_s=1).patches.patches for c in example_clips])
+    patches = np.concatenate(
+        [analyse(c.read_bytes(), max_duration_s=60, min_duration_s=1).patches.patches for c in example_clips]
+    )
 
     async def via_triton():
         scorer = await TritonScorer.connect(stack.triton_grpc_url, MODEL, max_patches=7)
@@ -184,12 +224,16 @@ def test_triton_outage_pauses_the_worker_and_loses_nothing(stack, example_clips,
     topics = private_topics(stack, "outage")
     storage.make_s3_client().upload_file(str(example_clips[0]), BUCKET, "outage/a.mp3")
     uri = f"s3://{BUCKET}/outage/a.mp3"
-    worker = start_worker(stack, tmp_path / "worker.log", MOODSTREAM_ALLOWED_BUCKETS=BUCKET, MOODSTREAM_TRITON_MAX_ATTEMPTS="2", **topics)
+    worker = start_worker(
+        stack, tmp_path / "worker.log", MOODSTREAM_ALLOWED_BUCKETS=BUCKET, MOODSTREAM_TRITON_MAX_ATTEMPTS="2", **topics
+    )
     try:
         asyncio.run(produce(stack.kafka_bootstrap, announcements(["before"], uri), "outage.ingested"))
         assert len(asyncio.run(collect(stack.kafka_bootstrap, 1, 120, worker, "outage"))["outage.moods"]) == 1
         stack.stop_triton()
-        asyncio.run(produce(stack.kafka_bootstrap, announcements([f"during-{i}" for i in range(3)], uri), "outage.ingested"))
+        asyncio.run(
+            produce(stack.kafka_bootstrap, announcements([f"during-{i}" for i in range(3)], uri), "outage.ingested")
+        )
         time.sleep(15)  # the worker meets the outage: it must neither tag nor dead-letter
         assert sum(map(len, asyncio.run(collect(stack.kafka_bootstrap, 99, 3, worker, "outage")).values())) == 1
         stack.start_triton()
@@ -208,7 +252,9 @@ def test_a_worker_stopped_during_a_stuck_batch_commits_nothing(stack, example_cl
     topics = private_topics(stack, "stop")
     storage.make_s3_client().upload_file(str(example_clips[1]), BUCKET, "stop/a.mp3")
     uri = f"s3://{BUCKET}/stop/a.mp3"
-    env = dict(MOODSTREAM_ALLOWED_BUCKETS=BUCKET, MOODSTREAM_TRITON_MAX_ATTEMPTS="2", MOODSTREAM_TRITON_TIMEOUT_S="3", **topics)
+    env = dict(
+        MOODSTREAM_ALLOWED_BUCKETS=BUCKET, MOODSTREAM_TRITON_MAX_ATTEMPTS="2", MOODSTREAM_TRITON_TIMEOUT_S="3", **topics
+    )
     first = start_worker(stack, tmp_path / "first.log", **env)
     try:
         asyncio.run(produce(stack.kafka_bootstrap, announcements(["warm"], uri), "stop.ingested"))
@@ -239,11 +285,15 @@ def test_faust_command_line_runs_the_same_worker(stack, example_clips, tmp_path)
     storage.make_s3_client().upload_file(str(example_clips[1]), BUCKET, "faustcli/a.mp3")
     worker = start_worker(stack, tmp_path / "worker.log", FAUST_WORKER, MOODSTREAM_ALLOWED_BUCKETS=BUCKET, **topics)
     try:
-        asyncio.run(produce(stack.kafka_bootstrap, announcements(["f1"], f"s3://{BUCKET}/faustcli/a.mp3"), "faustcli.ingested"))
+        asyncio.run(
+            produce(stack.kafka_bootstrap, announcements(["f1"], f"s3://{BUCKET}/faustcli/a.mp3"), "faustcli.ingested")
+        )
         seen = asyncio.run(collect(stack.kafka_bootstrap, 1, 120, worker, "faustcli"))
     finally:
         stop_worker(worker)
-    assert [r["track_id"] for r in seen["faustcli.moods"]] == ["f1"], (tmp_path / "worker.log").read_text(errors="replace")[-3000:]
+    assert [r["track_id"] for r in seen["faustcli.moods"]] == ["f1"], (tmp_path / "worker.log").read_text(
+        errors="replace"
+    )[-3000:]
 
 
 def test_the_services_catalog_follows_the_output_topic(stack, example_clips, tmp_path):
@@ -261,10 +311,19 @@ def test_the_services_catalog_follows_the_output_topic(stack, example_clips, tmp
     values = announcements(["cat-a"], uris[0]) + announcements(["cat-b"], uris[1]) + announcements(["cat-a"], uris[0])
     asyncio.run(produce(stack.kafka_bootstrap, values, topic=topics["MOODSTREAM_INPUT_TOPIC"]))
     worker = start_worker(stack, tmp_path / "worker.log", MOODSTREAM_ALLOWED_BUCKETS=BUCKET, **topics)
-    service = ServiceProcess(tmp_path / "api", **stack.env(), **topics, MOODSTREAM_MODEL=MODEL, MOODSTREAM_CATALOG_FOLLOW="true", MOODSTREAM_CATALOG_GROUP="cat-catalog")
+    service = ServiceProcess(
+        tmp_path / "api",
+        **stack.env(),
+        **topics,
+        MOODSTREAM_MODEL=MODEL,
+        MOODSTREAM_CATALOG_FOLLOW="true",
+        MOODSTREAM_CATALOG_GROUP="cat-catalog",
+    )
     try:
         seen = asyncio.run(collect(stack.kafka_bootstrap, len(values), 180, worker, prefix="cat"))
-        assert sorted(r["track_id"] for r in seen["cat.moods"]) == ["cat-a", "cat-a", "cat-b"], (tmp_path / "worker.log").read_text(errors="replace")[-3000:]
+        assert sorted(r["track_id"] for r in seen["cat.moods"]) == ["cat-a", "cat-a", "cat-b"], (
+            tmp_path / "worker.log"
+        ).read_text(errors="replace")[-3000:]
         with service:
             deadline = time.monotonic() + 60
             while service.metric("moodstream_catalog_records_total") < len(values) and time.monotonic() < deadline:

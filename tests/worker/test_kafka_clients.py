@@ -34,7 +34,9 @@ WAIT_S = 180
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
     settings = load_settings()
-    with EmbeddedStack(log_dir=tmp_path_factory.mktemp("logs"), model_repository=settings.model_repository, models=[MODEL]) as s:
+    with EmbeddedStack(
+        log_dir=tmp_path_factory.mktemp("logs"), model_repository=settings.model_repository, models=[MODEL]
+    ) as s:
         s.create_topics(["tracks.ingested", "tracks.moods", "tracks.moods.dlq"])
         with pytest.MonkeyPatch.context() as patch:
             for key, value in s.env().items():
@@ -54,9 +56,22 @@ def audio_uri(stack, example_clips) -> str:
 @pytest.fixture(scope="module")
 def worker(stack, audio_uri, tmp_path_factory):
     log = tmp_path_factory.mktemp("worker") / "worker.log"
-    env = {**os.environ, **stack.env(), "MOODSTREAM_METRICS_PORT": "0", "MOODSTREAM_MODEL": MODEL, "MOODSTREAM_ALLOWED_BUCKETS": BUCKET}
+    env = {
+        **os.environ,
+        **stack.env(),
+        "MOODSTREAM_METRICS_PORT": "0",
+        "MOODSTREAM_MODEL": MODEL,
+        "MOODSTREAM_ALLOWED_BUCKETS": BUCKET,
+    }
     with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "pipeline", "worker"], cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "pipeline", "worker"],
+            cwd=REPO,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     proc.log = log
     yield proc
     proc.send_signal(signal.SIGTERM)
@@ -80,10 +95,17 @@ def test_confluent_kafka_announces_a_track_and_reads_its_moods(stack, audio_uri,
 
     delivered = []
     producer = Producer({"bootstrap.servers": stack.kafka_bootstrap, "acks": "all"})
-    producer.produce("tracks.ingested", events.ingested_record(track_id="rdkafka-1", audio_uri=audio_uri), key=b"rdkafka-1", on_delivery=lambda err, msg: delivered.append(err))
+    producer.produce(
+        "tracks.ingested",
+        events.ingested_record(track_id="rdkafka-1", audio_uri=audio_uri),
+        key=b"rdkafka-1",
+        on_delivery=lambda err, msg: delivered.append(err),
+    )
     assert producer.flush(30) == 0 and delivered == [None]
 
-    consumer = Consumer({"bootstrap.servers": stack.kafka_bootstrap, "group.id": "recommender-rdkafka", "auto.offset.reset": "earliest"})
+    consumer = Consumer(
+        {"bootstrap.servers": stack.kafka_bootstrap, "group.id": "recommender-rdkafka", "auto.offset.reset": "earliest"}
+    )
     consumer.subscribe(["tracks.moods"])
     deadline = time.monotonic() + WAIT_S
     try:
@@ -95,7 +117,9 @@ def test_confluent_kafka_announces_a_track_and_reads_its_moods(stack, audio_uri,
             if record.key() == b"rdkafka-1":
                 break
         else:
-            pytest.fail(f"no tracks.moods record for rdkafka-1; worker log:\n{worker.log.read_text(errors='replace')[-3000:]}")
+            pytest.fail(
+                f"no tracks.moods record for rdkafka-1; worker log:\n{worker.log.read_text(errors='replace')[-3000:]}"
+            )
     finally:
         consumer.close()
     check_moods(record.value(), "rdkafka-1", worker)
@@ -106,9 +130,27 @@ def test_kcat_announces_a_track_and_reads_its_moods(stack, audio_uri, worker):
     version = subprocess.run([KCAT, "-V"], capture_output=True, text=True, check=True).stdout
     print(version.strip().splitlines()[-1])  # says which librdkafka it runs on
     value = events.ingested_record(track_id="kcat-1", audio_uri=audio_uri)
-    subprocess.run([KCAT, "-b", stack.kafka_bootstrap, "-P", "-t", "tracks.ingested", "-k", "kcat-1"], input=value + b"\n", check=True, timeout=60)
+    subprocess.run(
+        [KCAT, "-b", stack.kafka_bootstrap, "-P", "-t", "tracks.ingested", "-k", "kcat-1"],
+        input=value + b"\n",
+        check=True,
+        timeout=60,
+    )
 
-    read = [KCAT, "-b", stack.kafka_bootstrap, "-C", "-t", "tracks.moods", "-o", "beginning", "-e", "-q", "-f", "%k\t%s\n"]
+    read = [
+        KCAT,
+        "-b",
+        stack.kafka_bootstrap,
+        "-C",
+        "-t",
+        "tracks.moods",
+        "-o",
+        "beginning",
+        "-e",
+        "-q",
+        "-f",
+        "%k\t%s\n",
+    ]
     deadline = time.monotonic() + WAIT_S
     while time.monotonic() < deadline and worker.poll() is None:
         lines = subprocess.run(read, capture_output=True, check=True, timeout=60).stdout.splitlines()

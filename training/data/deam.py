@@ -87,7 +87,16 @@ def read_dynamic(root: Path) -> tuple[dict[str, np.ndarray], float]:
     return out, float(start_s or 0.0)
 
 
-def _catalog(kind: str, task: str, labels: tuple[str, ...], root: Path, targets: dict[str, np.ndarray], start_s: float, val_fraction: float, test_fraction: float) -> LabelledSet:
+def _catalog(
+    kind: str,
+    task: str,
+    labels: tuple[str, ...],
+    root: Path,
+    targets: dict[str, np.ndarray],
+    start_s: float,
+    val_fraction: float,
+    test_fraction: float,
+) -> LabelledSet:
     audio = _audio_dir(root)
     present = {k: v for k, v in targets.items() if (audio / f"{k}.mp3").is_file()}
     split_of = hash_split(sorted(present), val_fraction, test_fraction)
@@ -109,4 +118,6 @@ def load_dynamic(root: Path, val_fraction: float = 0.1, test_fraction: float = 0
     root = Path(root)
     series, start_s = read_dynamic(root)
     targets = {k: (v + 1.0) / 2.0 for k, v in series.items()}
-    return _catalog("deam_dynamic", "va_steps", tuple(step_labels(N_STEPS)), root, targets, start_s, val_fraction, test_fraction)
+    return _catalog(
+        "deam_dynamic", "va_steps", tuple(step_labels(N_STEPS)), root, targets, start_s, val_fraction, test_fraction
+    )

@@ -79,7 +79,9 @@ def load(path: Path | None = None) -> list[Package]:
     package given any role but ``check`` (or another package given ``check``)."""
     path = LIST if path is None else path
     data = tomllib.loads(Path(path).read_text())
-    packages = [Package(**{**p, "music": tuple(p["music"]), "unzip": tuple(p.get("unzip", ()))}) for p in data["package"]]
+    packages = [
+        Package(**{**p, "music": tuple(p["music"]), "unzip": tuple(p.get("unzip", ()))}) for p in data["package"]
+    ]
     for p in packages:
         if p.role not in ROLES:
             raise ValueError(f"{path}: {p.name}: unknown role {p.role!r}; known: {ROLES}")
@@ -107,7 +109,12 @@ def package_dir(dest: Path, package: Package) -> Path:
     return Path(dest) / package.role / package.name
 
 
-def fetch(dest: Path = DEFAULT_DEST, roles: tuple[str, ...] = ROLES, names: tuple[str, ...] = (), packages: list[Package] | None = None) -> list[Path]:
+def fetch(
+    dest: Path = DEFAULT_DEST,
+    roles: tuple[str, ...] = ROLES,
+    names: tuple[str, ...] = (),
+    packages: list[Package] | None = None,
+) -> list[Path]:
     """Fetch and unpack the selected packages (see :func:`select`) into
     ``<dest>/<role>/<package>/``; returns those folders. A package with its ``.ready`` marker is
     left alone, so a second call costs nothing; a half-unpacked one is unpacked again."""
@@ -149,7 +156,10 @@ def _download(name: str, folder: Path) -> None:
     first = subprocess.run(["apt-get", "download", "-q", name], cwd=folder, capture_output=True, text=True)
     if first.returncode == 0:
         return
-    _run(["apt-get", "update", "-qq"], f"apt-get download {name} failed ({_tail(first.stderr)}); apt-get update (needs root)")
+    _run(
+        ["apt-get", "update", "-qq"],
+        f"apt-get download {name} failed ({_tail(first.stderr)}); apt-get update (needs root)",
+    )
     _run(["apt-get", "download", "-q", name], f"apt-get download {name}", cwd=folder)
 
 
@@ -173,7 +183,9 @@ def _unzip_audio(archive: Path, into: Path) -> None:
     archive.unlink()
 
 
-def audio_files(dest: Path, role: str, names: tuple[str, ...] = (), packages: list[Package] | None = None) -> list[Path]:
+def audio_files(
+    dest: Path, role: str, names: tuple[str, ...] = (), packages: list[Package] | None = None
+) -> list[Path]:
     """The music files (by :data:`pipeline.stages.storage.AUDIO_EXTENSIONS`) of the fetched packages of
     ``role``, in the packages' music folders only; a package not fetched (no ``.ready``)
     contributes nothing. Sorted by package, then path."""
@@ -237,7 +249,9 @@ def make_clips(out: Path, dest: Path = DEFAULT_DEST, clips: list[Clip] | None = 
     packages = {p.name: p for p in load()}
     for c in clips:
         if packages[c.package].role != "reference":
-            raise ValueError(f"clip {c.file}: {c.package} has role {packages[c.package].role!r}; clips come from reference music only")
+            raise ValueError(
+                f"clip {c.file}: {c.package} has role {packages[c.package].role!r}; clips come from reference music only"
+            )
     fetch(dest, names=tuple(dict.fromkeys(c.package for c in clips)))
     out.mkdir(parents=True, exist_ok=True)
     for c, f in zip(clips, files):

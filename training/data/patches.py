@@ -43,7 +43,9 @@ def step_targets(track: Track, start: int) -> np.ndarray | None:
     times = track.annotations_start_s + STEP_S * np.arange(len(track.target))
     if centres[0] < times[0] - STEP_S / 2 or centres[-1] > times[-1] + STEP_S / 2:
         return None
-    return np.stack([np.interp(centres, times, track.target[:, j]) for j in range(2)], axis=1).astype(np.float32).ravel()
+    return (
+        np.stack([np.interp(centres, times, track.target[:, j]) for j in range(2)], axis=1).astype(np.float32).ravel()
+    )
 
 
 def annotated_starts(track: Track, n_frames: int) -> tuple[int, int]:
@@ -62,7 +64,15 @@ def annotated_starts(track: Track, n_frames: int) -> tuple[int, int]:
 class PatchDataset(Dataset):
     """(mel [PATCH_FRAMES, N_MELS] float32, target) items of labelled tracks (see module doc)."""
 
-    def __init__(self, tracks: list[Track], task: str, cache: FeatureCache, *, patches_per_track: int = 8, time_shift: bool = True) -> None:
+    def __init__(
+        self,
+        tracks: list[Track],
+        task: str,
+        cache: FeatureCache,
+        *,
+        patches_per_track: int = 8,
+        time_shift: bool = True,
+    ) -> None:
         self.task = task
         self.cache = cache
         self.time_shift = time_shift

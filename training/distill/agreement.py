@@ -42,7 +42,11 @@ def compare(student: np.ndarray, teacher: np.ndarray, track_of: np.ndarray) -> d
     tracks = np.unique(track_of)
     s_track = np.stack([student[track_of == t].mean(axis=0) for t in tracks])
     t_track = np.stack([teacher[track_of == t].mean(axis=0) for t in tracks])
-    r = [np.corrcoef(student[:, i], teacher[:, i])[0, 1] for i in range(n_labels) if student[:, i].std() > 0 and teacher[:, i].std() > 0]
+    r = [
+        np.corrcoef(student[:, i], teacher[:, i])[0, 1]
+        for i in range(n_labels)
+        if student[:, i].std() > 0 and teacher[:, i].std() > 0
+    ]
     rho = [spearmanr(s_track[:, i], t_track[:, i])[0] for i in range(n_labels) if len(tracks) > 2]
     s_top5 = np.argsort(-student, axis=1)[:, :5]
     overlap = np.take_along_axis(top5, s_top5, axis=1).sum(axis=1) / 5
@@ -63,7 +67,9 @@ def sigmoid(x: np.ndarray) -> np.ndarray:
 
 
 @torch.inference_mode()
-def student_rows(model: nn.Module, frames: np.ndarray, starts: np.ndarray, batch: int = 256) -> tuple[np.ndarray, np.ndarray]:
+def student_rows(
+    model: nn.Module, frames: np.ndarray, starts: np.ndarray, batch: int = 256
+) -> tuple[np.ndarray, np.ndarray]:
     """(logits [n, n_labels], embedding [n, E]) of the patches starting at ``starts``."""
     logits, embeddings = [], []
     for i in range(0, len(starts), batch):
@@ -74,7 +80,13 @@ def student_rows(model: nn.Module, frames: np.ndarray, starts: np.ndarray, batch
     return np.concatenate(logits), np.concatenate(embeddings)
 
 
-def held_out_rows(student: nn.Module | Any, tracks: list[Track], cache: FeatureCache, outputs: dict[str, dict[str, np.ndarray]], score_names: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def held_out_rows(
+    student: nn.Module | Any,
+    tracks: list[Track],
+    cache: FeatureCache,
+    outputs: dict[str, dict[str, np.ndarray]],
+    score_names: list[str],
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """SeparableStudent and teacher scores [n, n_labels] on the serving grid of ``tracks``, and each
     patch's track index. ``student``: a checkpoint's module, or a served model (an
     :class:`~pipeline.stages.scoring.OnnxScorer`, its networks' scores side by side)."""
@@ -93,22 +105,39 @@ def held_out_rows(student: nn.Module | Any, tracks: list[Track], cache: FeatureC
     return np.concatenate(s_rows), np.concatenate(t_rows), np.array(track_of)
 
 
-def check_set(cfg: FitConfig, cache: FeatureCache, teacher: Teacher) -> tuple[list[Track], dict[str, dict[str, np.ndarray]], dict[str, str]]:
+def check_set(
+    cfg: FitConfig, cache: FeatureCache, teacher: Teacher
+) -> tuple[list[Track], dict[str, dict[str, np.ndarray]], dict[str, str]]:
     """The reserved check packages' tracks with the teacher's outputs, and those skipped (source
     -> reason); nothing when they are not fetched."""
     if not debian_music.audio_files(debian_music.DEFAULT_DEST, "check"):
         return [], {}, {}
     check = distillation_set(DEBIAN, role="check")
-    outputs, failed = teacher_outputs([t.source for t in check], cache, teacher, workers=cfg.teacher_workers, progress=cfg.progress)
+    outputs, failed = teacher_outputs(
+        [t.source for t in check], cache, teacher, workers=cfg.teacher_workers, progress=cfg.progress
+    )
     return [t for t in check if t.source not in failed], outputs, failed
 
 
-def group_agreement(student: nn.Module | Any, meta: Any, group: list[Track], cache: FeatureCache, outputs: dict[str, dict[str, np.ndarray]], teacher: Teacher, student_tax: Any, teacher_tax: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+def group_agreement(
+    student: nn.Module | Any,
+    meta: Any,
+    group: list[Track],
+    cache: FeatureCache,
+    outputs: dict[str, dict[str, np.ndarray]],
+    teacher: Teacher,
+    student_tax: Any,
+    teacher_tax: Any,
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """(tag figures, mood figures) of ``student`` (see :func:`held_out_rows`; ``meta`` its
     networks) against the teacher on ``group``."""
-    s_rows, t_rows, track_of = held_out_rows(student, group, cache, outputs, [n.scores_output for n in teacher.meta.networks])
+    s_rows, t_rows, track_of = held_out_rows(
+        student, group, cache, outputs, [n.scores_output for n in teacher.meta.networks]
+    )
     scores = {t.source: by_network(s_rows[track_of == i].mean(axis=0), meta) for i, t in enumerate(group)}
-    return {"tracks": len(group), **compare(s_rows, t_rows, track_of)}, mood_agreement(group, scores, outputs, teacher, student_tax, teacher_tax)
+    return {"tracks": len(group), **compare(s_rows, t_rows, track_of)}, mood_agreement(
+        group, scores, outputs, teacher, student_tax, teacher_tax
+    )
 
 
 def agreement(cfg: FitConfig, source: str = DEBIAN, *, repository: Path = DEFAULT_MODEL_REPOSITORY) -> dict[str, Any]:
@@ -120,12 +149,16 @@ def agreement(cfg: FitConfig, source: str = DEBIAN, *, repository: Path = DEFAUL
     from pipeline.stages.scoring import OnnxScorer
 
     if not cfg.name or not (repository / cfg.name / "config.pbtxt").is_file():
-        raise ValueError(f"agreement: no student {cfg.name!r} in {repository}; name an exported student with the config's `name` (e.g. --config training/configs/musicnn_student.toml)")
+        raise ValueError(
+            f"agreement: no student {cfg.name!r} in {repository}; name an exported student with the config's `name` (e.g. --config training/configs/musicnn_student.toml)"
+        )
     cache = open_cache(cfg)
     teacher = Teacher.from_repository(repository, cfg.teacher)
     student = OnnxScorer(repository, cfg.name)
     tracks = distillation_set(source)
-    outputs, failed = teacher_outputs([t.source for t in tracks], cache, teacher, workers=cfg.teacher_workers, progress=cfg.progress)
+    outputs, failed = teacher_outputs(
+        [t.source for t in tracks], cache, teacher, workers=cfg.teacher_workers, progress=cfg.progress
+    )
     splits = split_by_group([t for t in tracks if t.source not in failed], cfg)
     sets = {"held_out": (splits["test"], outputs)}
     check, check_outputs, check_failed = check_set(cfg, cache, teacher) if source == DEBIAN else ([], {}, {})
@@ -140,12 +173,16 @@ def agreement(cfg: FitConfig, source: str = DEBIAN, *, repository: Path = DEFAUL
         "skipped": {**failed, **check_failed},
     }
     for key, (group, outs) in sets.items():
-        figures, report[f"moods_{key}"] = group_agreement(student, student.meta, group, cache, outs, teacher, student_tax, teacher_tax)
+        figures, report[f"moods_{key}"] = group_agreement(
+            student, student.meta, group, cache, outs, teacher, student_tax, teacher_tax
+        )
         report[key] = {"groups": sorted({group_of(t) for t in group}), **figures}
     return report
 
 
-def student_track(model: nn.Module, cache: FeatureCache, source: str, out: dict[str, np.ndarray], meta: Any) -> dict[str, np.ndarray]:
+def student_track(
+    model: nn.Module, cache: FeatureCache, source: str, out: dict[str, np.ndarray], meta: Any
+) -> dict[str, np.ndarray]:
     """network -> [n_labels] the student's track scores on ``source`` (mean over the serving grid)."""
     grid = out["starts"][out["starts"] % PATCH_FRAMES == 0]
     return by_network(sigmoid(student_rows(model, cache.frames(source), grid)[0]).mean(axis=0), meta)
@@ -173,7 +210,14 @@ def teacher_track(out: dict[str, np.ndarray], meta: Any, phase: int = 0) -> dict
 NEAR_TIE = 0.05
 
 
-def mood_agreement(tracks: list[Track], student: dict[str, dict[str, np.ndarray]], outputs: dict[str, dict[str, np.ndarray]], teacher: Teacher, student_tax: Any, teacher_tax: Any) -> dict[str, Any]:
+def mood_agreement(
+    tracks: list[Track],
+    student: dict[str, dict[str, np.ndarray]],
+    outputs: dict[str, dict[str, np.ndarray]],
+    teacher: Teacher,
+    student_tax: Any,
+    teacher_tax: Any,
+) -> dict[str, Any]:
     """Leading mood and top moods of student and teacher on ``tracks`` (each through its own
     calibrated taxonomy), and what the leading-mood figure reads against: the agreement where
     the teacher leads by at least ``NEAR_TIE``, and the teacher's agreement with itself on its
@@ -188,7 +232,14 @@ def mood_agreement(tracks: list[Track], student: dict[str, dict[str, np.ndarray]
         top_overlap.append(len(top_s & top_t) / max(1, len(top_s | top_t)))
         scores = sorted(m.moods.values(), reverse=True)
         leads.append(scores[0] - (scores[1] if len(scores) > 1 else 0.0))
-        rows.append({"track": t.key, "teacher": m.leading_mood["mood"], "student": s.leading_mood["mood"], "teacher_lead": round(leads[-1], 4)})
+        rows.append(
+            {
+                "track": t.key,
+                "teacher": m.leading_mood["mood"],
+                "student": s.leading_mood["mood"],
+                "teacher_lead": round(leads[-1], 4),
+            }
+        )
         shifted = teacher_track(outputs[t.source], teacher.meta, TEACHER_HOP)
         if shifted is not None:
             shifted_same += mood_view(teacher_tax, shifted).leading_mood["mood"] == m.leading_mood["mood"]
@@ -198,7 +249,11 @@ def mood_agreement(tracks: list[Track], student: dict[str, dict[str, np.ndarray]
     return {
         "tracks": len(tracks),
         "leading_mood_same": same / n,
-        "leading_mood_same_teacher_leads": {"tracks": len(led), "same": sum(r["teacher"] == r["student"] for r in led) / max(1, len(led)), "lead_at_least": NEAR_TIE},
+        "leading_mood_same_teacher_leads": {
+            "tracks": len(led),
+            "same": sum(r["teacher"] == r["student"] for r in led) / max(1, len(led)),
+            "lead_at_least": NEAR_TIE,
+        },
         "teacher_shifted_same": shifted_same / shifted_n if shifted_n else None,
         "clear_same": clear_same / n,
         "top_moods_jaccard": float(np.mean(top_overlap)) if top_overlap else float("nan"),

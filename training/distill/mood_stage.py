@@ -97,10 +97,17 @@ class TrackTarget:
 
 def mood_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
     """KL(softmax(teacher / T) || softmax(student / T)); student, teacher: [..., n_families]."""
-    return F.kl_div(F.log_softmax(student / temperature, dim=-1), F.log_softmax(teacher / temperature, dim=-1), log_target=True, reduction="sum") / max(1, student[..., 0].numel())
+    return F.kl_div(
+        F.log_softmax(student / temperature, dim=-1),
+        F.log_softmax(teacher / temperature, dim=-1),
+        log_target=True,
+        reduction="sum",
+    ) / max(1, student[..., 0].numel())
 
 
-def _track_step(model: nn.Module, track: TrackTarget, patch_loss: nn.Module, families: FamilyScores, temperature: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _track_step(
+    model: nn.Module, track: TrackTarget, patch_loss: nn.Module, families: FamilyScores, temperature: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(patch loss, mood loss, the student's family scores [n_families]) of one track."""
     logits, embedding = model(track.patches())
     patch = patch_loss(torch.cat([logits, embedding], dim=-1), track.target)
@@ -108,7 +115,23 @@ def _track_step(model: nn.Module, track: TrackTarget, patch_loss: nn.Module, fam
     return patch, mood_loss(student, track.families, temperature), student
 
 
-def tune_moods(model: nn.Module, tracks: list[TrackTarget], patch_loss: nn.Module, families: FamilyScores, *, epochs: int, lr: float, weight: float, temperature: float, tracks_per_step: int, weight_decay: float, grad_clip: float, seed: int, progress: bool, on_epoch: Callable[[int, dict[str, float]], None]) -> None:
+def tune_moods(
+    model: nn.Module,
+    tracks: list[TrackTarget],
+    patch_loss: nn.Module,
+    families: FamilyScores,
+    *,
+    epochs: int,
+    lr: float,
+    weight: float,
+    temperature: float,
+    tracks_per_step: int,
+    weight_decay: float,
+    grad_clip: float,
+    seed: int,
+    progress: bool,
+    on_epoch: Callable[[int, dict[str, float]], None],
+) -> None:
     """Train ``model`` in place for ``epochs`` over ``tracks`` (module doc). After each epoch
     ``on_epoch(epoch, figures)`` gets the epoch's mean patch loss, mood loss and the share of
     tracks whose leading family (through ``families``) was the teacher's, as trained."""
@@ -123,7 +146,13 @@ def tune_moods(model: nn.Module, tracks: list[TrackTarget], patch_loss: nn.Modul
     for epoch in range(epochs):
         order = rng.permutation(len(tracks))
         totals = np.zeros(3)
-        bar = tqdm(range(0, len(order), tracks_per_step), desc=f"mood epoch {epoch}", unit="step", leave=False, disable=not progress)
+        bar = tqdm(
+            range(0, len(order), tracks_per_step),
+            desc=f"mood epoch {epoch}",
+            unit="step",
+            leave=False,
+            disable=not progress,
+        )
         for at in bar:
             batch = order[at : at + tracks_per_step]
             optimizer.zero_grad(set_to_none=True)

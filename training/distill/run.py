@@ -54,22 +54,30 @@ from training.models.musicnn_student import freeze_filters, load_teachers
 _SAME_TEACHER_TOL = 1e-3  # most a teacher checkpoint's score may differ from the served entry's
 
 
-def made_from_teacher(cfg: FitConfig, patches: TeacherPatches, dims: dict[str, Any], n_labels: int, sample: int = 512) -> nn.Module:
+def made_from_teacher(
+    cfg: FitConfig, patches: TeacherPatches, dims: dict[str, Any], n_labels: int, sample: int = 512
+) -> nn.Module:
     """arch ``musicnn_student``: the student made from the teacher's own networks
     (``teacher_checkpoints``) on ``sample`` training patches spread over the tracks, after
     checking that those networks compute the served teacher's scores."""
     if not cfg.teacher_checkpoints:
-        raise ValueError("arch musicnn_student is made from the teacher's networks: set teacher_checkpoints (their PyTorch checkpoints, in the entry's network order)")
+        raise ValueError(
+            "arch musicnn_student is made from the teacher's networks: set teacher_checkpoints (their PyTorch checkpoints, in the entry's network order)"
+        )
     nets = [load_checkpoint(Path(p) if Path(p).is_absolute() else REPO_ROOT / p)[0] for p in cfg.teacher_checkpoints]
     index = np.linspace(0, len(patches) - 1, min(sample, len(patches))).astype(int)
     mel, target = (torch.stack(t) for t in zip(*(patches[i] for i in index)))
     with torch.no_grad():
         logits = torch.cat([net(mel)[0] for net in nets], dim=1)
     if logits.shape[1] != n_labels:
-        raise ValueError(f"teacher_checkpoints {cfg.teacher_checkpoints} give {logits.shape[1]} scores, the served teacher {cfg.teacher} {n_labels}")
+        raise ValueError(
+            f"teacher_checkpoints {cfg.teacher_checkpoints} give {logits.shape[1]} scores, the served teacher {cfg.teacher} {n_labels}"
+        )
     gap = float((torch.sigmoid(logits) - torch.sigmoid(target[:, :n_labels])).abs().max())
     if gap > _SAME_TEACHER_TOL:
-        raise ValueError(f"teacher_checkpoints {cfg.teacher_checkpoints} do not compute the served teacher {cfg.teacher}'s scores (largest difference {gap:.2g} on {len(index)} patches)")
+        raise ValueError(
+            f"teacher_checkpoints {cfg.teacher_checkpoints} do not compute the served teacher {cfg.teacher}'s scores (largest difference {gap:.2g} on {len(index)} patches)"
+        )
     model = load_teachers(build(cfg.arch, dims), nets, mel)
     if cfg.frozen_filters:
         freeze_filters(model)
@@ -81,7 +89,9 @@ def student_from(path: Path, cfg: FitConfig, dims: dict[str, Any]) -> tuple[nn.M
     again with ``frozen_filters``; refused unless it is a ``cfg.arch`` of ``dims``."""
     model, ckpt = load_checkpoint(path)
     if ckpt["arch"] != cfg.arch or json.dumps({k: ckpt["dims"].get(k) for k in dims}) != json.dumps(dims):
-        raise ValueError(f"checkpoint {path} is a {ckpt['arch']} of dims {ckpt['dims']}, not the configured {cfg.arch} of dims {dims}")
+        raise ValueError(
+            f"checkpoint {path} is a {ckpt['arch']} of dims {ckpt['dims']}, not the configured {cfg.arch} of dims {dims}"
+        )
     if cfg.frozen_filters:
         freeze_filters(model)
     return model, ckpt
@@ -98,7 +108,9 @@ def initial_model(cfg: FitConfig, patches: TeacherPatches, dims: dict[str, Any],
 # -- the run ---------------------------------------------------------------------------------
 
 
-def distill(cfg: FitConfig, source: str = DEBIAN, *, repository: Path = DEFAULT_MODEL_REPOSITORY, export_to: Path | None = None) -> dict[str, Any]:
+def distill(
+    cfg: FitConfig, source: str = DEBIAN, *, repository: Path = DEFAULT_MODEL_REPOSITORY, export_to: Path | None = None
+) -> dict[str, Any]:
     """Train ``cfg.arch`` on ``source`` against the served entry ``cfg.teacher``; returns (and
     writes) the report. With ``export_to`` (a model repository) the student is exported,
     calibrated and its moods compared (module doc)."""
@@ -108,16 +120,22 @@ def distill(cfg: FitConfig, source: str = DEBIAN, *, repository: Path = DEFAULT_
     teacher = Teacher.from_repository(repository, cfg.teacher)
     tracks = distillation_set(source)
     extra = distill_music(cfg, source)
-    outputs, failed = teacher_outputs([t.source for t in tracks + extra], cache, teacher, workers=cfg.teacher_workers, progress=cfg.progress)
+    outputs, failed = teacher_outputs(
+        [t.source for t in tracks + extra], cache, teacher, workers=cfg.teacher_workers, progress=cfg.progress
+    )
     tracks = [t for t in tracks if t.source not in failed]
     splits = split_by_group(tracks, cfg)
     splits["train"] += [t for t in extra if t.source not in failed]
     meta = teacher.meta
     labels = tuple(f"{n.name}:{label}" for n in meta.networks for label in n.labels)
-    train_ds = TeacherPatches(splits["train"] + (splits["validation"] if cfg.refit else []), cache, outputs, meta.outputs, grid_only=False)
+    train_ds = TeacherPatches(
+        splits["train"] + (splits["validation"] if cfg.refit else []), cache, outputs, meta.outputs, grid_only=False
+    )
     val_ds = TeacherPatches(splits["validation"], cache, outputs, meta.outputs, grid_only=True)
     # the loss scales each output by the teacher's spread over these patches; the mix stage keeps it
-    loss_fn = DistillLoss(train_ds.all_targets(), len(labels), cfg.embedding_weight, mood_tag_weights(meta, cfg.mood_tag_weight)).to(rt.device)
+    loss_fn = DistillLoss(
+        train_ds.all_targets(), len(labels), cfg.embedding_weight, mood_tag_weights(meta, cfg.mood_tag_weight)
+    ).to(rt.device)
     score_names = [n.scores_output for n in meta.networks]
     n_labels = len(labels)
 
@@ -159,7 +177,14 @@ def distill(cfg: FitConfig, source: str = DEBIAN, *, repository: Path = DEFAULT_
         "date": datetime.now(UTC).strftime("%Y-%m-%d"),
         "source": source,
         "teacher": {"name": cfg.teacher, "version": meta.served_version},
-        "student": {"checkpoint": str(best), "arch": cfg.arch, "dims": ckpt["dims"], "version": ckpt["version"], "best_epoch": ckpt["epoch"], "parameters": sum(p.numel() for p in model.parameters())},
+        "student": {
+            "checkpoint": str(best),
+            "arch": cfg.arch,
+            "dims": ckpt["dims"],
+            "version": ckpt["version"],
+            "best_epoch": ckpt["epoch"],
+            "parameters": sum(p.numel() for p in model.parameters()),
+        },
         "refit": cfg.refit,
         "distill_music": cfg.distill_music,
         "groups": {k: sorted({group_of(t) for t in v}) for k, v in splits.items()},
@@ -168,18 +193,32 @@ def distill(cfg: FitConfig, source: str = DEBIAN, *, repository: Path = DEFAULT_
         "init": cfg.init,
         "skipped": failed,
         "mood_stage": mood_figures,
-        "epochs_run": int(torch.load(Path(cfg.out_dir) / "last.pt", map_location="cpu", weights_only=False)["epoch"]) + 1 if cfg.epochs else 0,
+        "epochs_run": int(torch.load(Path(cfg.out_dir) / "last.pt", map_location="cpu", weights_only=False)["epoch"])
+        + 1
+        if cfg.epochs
+        else 0,
         "mix_stage": {"epochs": cfg.mix_epochs, "mixes": mixes, "lr": cfg.mix_lr} if cfg.mix_epochs else None,
         "train_wall_s": round(time.monotonic() - started, 1),
         "held_out": compare(s_rows, t_rows, track_of),
     }
     if export_to is not None:
-        report.update(export_student(best, cfg, splits, tracks, cache, outputs, teacher, export_to, check=source == DEBIAN))
+        report.update(
+            export_student(best, cfg, splits, tracks, cache, outputs, teacher, export_to, check=source == DEBIAN)
+        )
     (Path(cfg.out_dir) / "distill_report.json").write_text(json.dumps(report, indent=2))
     return report
 
 
-def mood_stage(best: Path, cfg: FitConfig, tracks: list[Track], reference: list[Track], cache: FeatureCache, outputs: dict[str, dict[str, np.ndarray]], teacher: Teacher, loss_fn: nn.Module) -> tuple[Path, list[dict[str, float]]]:
+def mood_stage(
+    best: Path,
+    cfg: FitConfig,
+    tracks: list[Track],
+    reference: list[Track],
+    cache: FeatureCache,
+    outputs: dict[str, dict[str, np.ndarray]],
+    teacher: Teacher,
+    loss_fn: nn.Module,
+) -> tuple[Path, list[dict[str, float]]]:
     """The mood stage (:mod:`training.distill.mood_stage`) from checkpoint ``best`` over ``tracks``,
     the student's families through its own calibration over ``reference`` at the start:
     (<out_dir>/mood.pt, the figures of each of its epochs)."""
@@ -199,7 +238,10 @@ def mood_stage(best: Path, cfg: FitConfig, tracks: list[Track], reference: list[
         figures.append({"epoch": epoch, **{k: round(v, 5) for k, v in values.items()}})
         for key, value in values.items():
             writer.add_scalar(f"mood_stage/{key}", value, epoch)
-        print(f"mood epoch {epoch}: patch loss {values['patch_loss']:.4f}, mood loss {values['mood_loss']:.4f}, leading mood as the teacher's on {values['leading_same']:.1%} of {len(targets)} training tracks (as trained)", flush=True)
+        print(
+            f"mood epoch {epoch}: patch loss {values['patch_loss']:.4f}, mood loss {values['mood_loss']:.4f}, leading mood as the teacher's on {values['leading_same']:.1%} of {len(targets)} training tracks (as trained)",
+            flush=True,
+        )
 
     tune_moods(
         model, targets, loss_fn.to("cpu"), FamilyScores(own, teacher.meta.networks), epochs=cfg.mood_epochs, lr=cfg.mood_lr, weight=cfg.mood_weight,
@@ -211,25 +253,61 @@ def mood_stage(best: Path, cfg: FitConfig, tracks: list[Track], reference: list[
     named = ("arch", "dims", "labels", "task", "frontend", "version", "source", "optimizer", "scheduler", "scaler")
     # new weights, a new version (unless the run names one): every output event carries it
     version = cfg.version or f"{ckpt['version']}-mood"
-    save_checkpoint(path, model.eval(), arch=ckpt["arch"], labels=ckpt["labels"], version=version, source=ckpt["source"], **{k: v for k, v in ckpt.items() if k not in named}, mood_stage=figures)
+    save_checkpoint(
+        path,
+        model.eval(),
+        arch=ckpt["arch"],
+        labels=ckpt["labels"],
+        version=version,
+        source=ckpt["source"],
+        **{k: v for k, v in ckpt.items() if k not in named},
+        mood_stage=figures,
+    )
     return path, figures
 
 
-def mix_stage(best: Path, cfg: FitConfig, patches: TeacherPatches, teacher: Teacher, loop: Callable[[FitConfig, Dataset, nn.Module], Path]) -> tuple[Path, int]:
+def mix_stage(
+    best: Path,
+    cfg: FitConfig,
+    patches: TeacherPatches,
+    teacher: Teacher,
+    loop: Callable[[FitConfig, Dataset, nn.Module], Path],
+) -> tuple[Path, int]:
     """The mix stage (module doc) from checkpoint ``best``: ``loop`` (the main loop) over
     ``patches`` and ``cfg.mixed_patches`` mixes of them, for ``mix_epochs`` at ``mix_lr``, into
     <out_dir>/mix: (its best.pt, the number of mixes)."""
-    mixed = MixedPatches(patches, cfg.mixed_patches, teacher, seed=cfg.seed, workers=cfg.teacher_workers, progress=cfg.progress)
+    mixed = MixedPatches(
+        patches, cfg.mixed_patches, teacher, seed=cfg.seed, workers=cfg.teacher_workers, progress=cfg.progress
+    )
     seed_everything(cfg.seed)  # the stage is the same run whatever ran before it in the process
     model, ckpt = student_from(best, cfg, cfg.dims)
-    stage = replace(cfg, epochs=cfg.mix_epochs, lr=cfg.mix_lr, unfreeze_epoch=0, cosine_cycles=[], out_dir=str(Path(cfg.out_dir) / "mix"), version=cfg.version or f"{ckpt['version']}-mix")
+    stage = replace(
+        cfg,
+        epochs=cfg.mix_epochs,
+        lr=cfg.mix_lr,
+        unfreeze_epoch=0,
+        cosine_cycles=[],
+        out_dir=str(Path(cfg.out_dir) / "mix"),
+        version=cfg.version or f"{ckpt['version']}-mix",
+    )
     return loop(stage, ConcatDataset([patches, mixed]), model), len(mixed)
 
 
 # -- served like any model ---------------------------------------------------------------------
 
 
-def export_student(best: Path, cfg: FitConfig, splits: dict[str, list[Track]], reference: list[Track], cache: FeatureCache, outputs: dict[str, dict[str, np.ndarray]], teacher: Teacher, repository: Path, *, check: bool) -> dict[str, Any]:
+def export_student(
+    best: Path,
+    cfg: FitConfig,
+    splits: dict[str, list[Track]],
+    reference: list[Track],
+    cache: FeatureCache,
+    outputs: dict[str, dict[str, np.ndarray]],
+    teacher: Teacher,
+    repository: Path,
+    *,
+    check: bool,
+) -> dict[str, Any]:
     """Export ``best`` as ``cfg.name``, calibrate its moods over ``reference`` (every group, as
     the teacher's calibration was made), and compare leading moods with the teacher's on the
     held-out groups and on the reserved check packages (when fetched)."""
@@ -243,26 +321,43 @@ def export_student(best: Path, cfg: FitConfig, splits: dict[str, list[Track]], r
     scores, calibration = student_calibration(model, meta, reference, cache, outputs)
     write_calibration(repository, name, calibration)
 
-    result: dict[str, Any] = {"exported": {"name": name, "directory": str(exported.directory.relative_to(repository.parent) if exported.directory.is_relative_to(repository.parent) else exported.directory), "parity_max_rel_diff": exported.max_rel_diff}}
+    result: dict[str, Any] = {
+        "exported": {
+            "name": name,
+            "directory": str(
+                exported.directory.relative_to(repository.parent)
+                if exported.directory.is_relative_to(repository.parent)
+                else exported.directory
+            ),
+            "parity_max_rel_diff": exported.max_rel_diff,
+        }
+    }
     student_tax = load_taxonomy(read_meta(repository, name))
     teacher_tax = load_taxonomy(teacher.meta)
     result["moods_held_out"] = mood_agreement(splits["test"], scores, outputs, teacher, student_tax, teacher_tax)
     check, check_outputs, _ = check_set(cfg, cache, teacher) if check else ([], {}, {})
     if check:
-        figures, result["moods_check"] = group_agreement(model, meta, check, cache, check_outputs, teacher, student_tax, teacher_tax)
+        figures, result["moods_check"] = group_agreement(
+            model, meta, check, cache, check_outputs, teacher, student_tax, teacher_tax
+        )
         result["check"] = {"packages": sorted({group_of(t) for t in check}), **figures}
     return result
 
 
-def student_calibration(model: nn.Module, meta: Any, reference: list[Track], cache: FeatureCache, outputs: dict[str, dict[str, np.ndarray]]) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, Any]]:
+def student_calibration(
+    model: nn.Module, meta: Any, reference: list[Track], cache: FeatureCache, outputs: dict[str, dict[str, np.ndarray]]
+) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, Any]]:
     """({source: network -> [n_labels] track scores}, the calibration document) of ``model``
     (networks as ``meta``'s) over ``reference``, every group, as the teacher's was made."""
     from training.calibrate import TrackSet, calibration_for
 
     scores = {t.source: student_track(model, cache, t.source, outputs[t.source], meta) for t in reference}
     files = sorted(scores)
-    trackset = TrackSet(files=files, scores={n.name: np.stack([scores[f][n.name] for f in files]) for n in meta.networks}, embeddings={}, patches=np.zeros(len(files), int))
+    trackset = TrackSet(
+        files=files,
+        scores={n.name: np.stack([scores[f][n.name] for f in files]) for n in meta.networks},
+        embeddings={},
+        patches=np.zeros(len(files), int),
+    )
     uncalibrated = load_taxonomy(meta, DEFAULT_MOODS_FILE, calibrated=False)
     return scores, calibration_for(uncalibrated, trackset, sorted({group_of(t) for t in reference}))
-
-

@@ -14,7 +14,7 @@ measured) and the patches halfway between (twice the training patches for the sa
                              patches (:func:`mixed_outputs`, the distillation's mix stage)
 
 Tracks are scored in ``workers`` processes of one onnxruntime thread each (one patch per run, the
-cheapest on a CPU: see the README's Performance section); the mel frames come from the same
+cheapest on a CPU: see docs/performance.md); the mel frames come from the same
 :class:`~training.data.cache.FeatureCache` the training reads.
 """
 
@@ -118,7 +118,9 @@ def _score(patches: Iterable[np.ndarray]) -> dict[str, np.ndarray]:
     names = [o.name for o in _session.get_outputs()]
     rows: dict[str, list[np.ndarray]] = {n: [] for n in names}
     for patch in patches:
-        for name, value in zip(names, _session.run(names, {"mel": np.ascontiguousarray(patch, dtype=np.float32)[None]})):
+        for name, value in zip(
+            names, _session.run(names, {"mel": np.ascontiguousarray(patch, dtype=np.float32)[None]})
+        ):
             rows[name].append(value[0])
     return {n: np.stack(v).astype(np.float32) for n, v in rows.items()}
 
@@ -133,13 +135,20 @@ def _save(path: Path, **arrays: np.ndarray) -> None:
 def _pool(teacher: Teacher, cache: FeatureCache, workers: int) -> ProcessPoolExecutor:
     """``workers`` processes, each with the teacher's session (one thread) and ``cache``."""
     spawn = multiprocessing.get_context("spawn")
-    return ProcessPoolExecutor(workers, mp_context=spawn, initializer=_init, initargs=(str(teacher.onnx), str(cache.dir.parent), cache.max_duration_s))
+    return ProcessPoolExecutor(
+        workers,
+        mp_context=spawn,
+        initializer=_init,
+        initargs=(str(teacher.onnx), str(cache.dir.parent), cache.max_duration_s),
+    )
 
 
 # -- the pass over a collection --------------------------------------------------------------
 
 
-def teacher_outputs(sources: list[str], cache: FeatureCache, teacher: Teacher, *, workers: int = 2, progress: bool = True) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, str]]:
+def teacher_outputs(
+    sources: list[str], cache: FeatureCache, teacher: Teacher, *, workers: int = 2, progress: bool = True
+) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, str]]:
     """({source: {"starts": [n], output name: [n, width]}}, {source: reason skipped}).
 
     Tracks already in the cache cost a hash of their file; the others are decoded, turned into
@@ -165,7 +174,15 @@ def teacher_outputs(sources: list[str], cache: FeatureCache, teacher: Teacher, *
     return out, failed
 
 
-def mixed_outputs(pairs: list[tuple[str, int, str, int, float]], cache: FeatureCache, teacher: Teacher, *, workers: int = 2, progress: bool = True, chunk: int = 256) -> dict[str, np.ndarray]:
+def mixed_outputs(
+    pairs: list[tuple[str, int, str, int, float]],
+    cache: FeatureCache,
+    teacher: Teacher,
+    *,
+    workers: int = 2,
+    progress: bool = True,
+    chunk: int = 256,
+) -> dict[str, np.ndarray]:
     """{output name: [len(pairs), width]}: the teacher's outputs on mixes of two tracks'
     patches (:func:`~training.data.patches.mix_frames`; each pair is source a, its first frame,
     source b, its first frame, the power weight of a), every track's frames already cached.
@@ -176,7 +193,9 @@ def mixed_outputs(pairs: list[tuple[str, int, str, int, float]], cache: FeatureC
 
     folder = teacher.folder(cache)
     folder.mkdir(parents=True, exist_ok=True)
-    key = hashlib.sha256(repr([(cache.digest(a), sa, cache.digest(b), sb, float(np.float32(w))) for a, sa, b, sb, w in pairs]).encode()).hexdigest()[:16]
+    key = hashlib.sha256(
+        repr([(cache.digest(a), sa, cache.digest(b), sb, float(np.float32(w))) for a, sa, b, sb, w in pairs]).encode()
+    ).hexdigest()[:16]
     path = folder / f"mixed-{key}.npz"
     if path.is_file():
         with np.load(path) as data:

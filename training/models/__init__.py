@@ -69,7 +69,9 @@ def build(arch: str, dims: dict[str, Any] | None = None) -> nn.Module:
     return cls(dims_cls(**values))
 
 
-def save_checkpoint(path: Path, model: nn.Module, *, arch: str, labels: list[str], version: str, source: str, **extra: Any) -> None:
+def save_checkpoint(
+    path: Path, model: nn.Module, *, arch: str, labels: list[str], version: str, source: str, **extra: Any
+) -> None:
     """Write ``model`` with everything needed to rebuild and serve it (see module doc)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(
@@ -93,8 +95,7 @@ def load_checkpoint(path: Path) -> tuple[nn.Module, dict[str, Any]]:
     ckpt = torch.load(path, map_location="cpu", weights_only=False)
     if ckpt.get("frontend") != frontend_constants():
         raise ValueError(
-            f"{path} was trained with frontend {ckpt.get('frontend')}, "
-            f"but this code computes {frontend_constants()}"
+            f"{path} was trained with frontend {ckpt.get('frontend')}, but this code computes {frontend_constants()}"
         )
     model = build(ckpt["arch"], ckpt["dims"])
     model.load_state_dict(ckpt.pop("state_dict"))

@@ -76,7 +76,9 @@ class ConvGRUFormer(nn.Module):
         self.convs = nn.Sequential(*blocks)
         self.to_model = nn.Linear(c_in * freq, dims.d_model)
         self.gru = nn.GRU(dims.d_model, dims.d_model // 2, batch_first=True, bidirectional=True)
-        self.encoder = nn.ModuleList(_EncoderLayer(dims.d_model, dims.heads, dims.ff, dims.dropout) for _ in range(dims.layers))
+        self.encoder = nn.ModuleList(
+            _EncoderLayer(dims.d_model, dims.heads, dims.ff, dims.dropout) for _ in range(dims.layers)
+        )
         self.ln = nn.LayerNorm(dims.d_model)
         self.dropout = nn.Dropout(dims.dropout)
         self.head = nn.Linear(dims.d_model, dims.n_classes)

@@ -53,11 +53,15 @@ class LSTMVA(nn.Module):
     def __init__(self, dims: LSTMVADims) -> None:
         super().__init__()
         if dims.task != "va_steps" or dims.n_classes != 2 * N_STEPS:
-            raise ValueError(f"LSTMVA predicts {N_STEPS} steps of (valence, arousal): task va_steps, n_classes {2 * N_STEPS}")
+            raise ValueError(
+                f"LSTMVA predicts {N_STEPS} steps of (valence, arousal): task va_steps, n_classes {2 * N_STEPS}"
+            )
         self.dims = dims
         self.task = dims.task
         self.norm = nn.BatchNorm1d(dims.n_mels)
-        self.lstm = nn.LSTM(dims.n_mels, dims.hidden, dims.layers, batch_first=True, dropout=dims.dropout if dims.layers > 1 else 0.0)
+        self.lstm = nn.LSTM(
+            dims.n_mels, dims.hidden, dims.layers, batch_first=True, dropout=dims.dropout if dims.layers > 1 else 0.0
+        )
         self.head = nn.Linear(dims.hidden, len(TARGETS))
         self.bounds = step_bounds()
 

@@ -113,7 +113,9 @@ class _PooledBranch(nn.Module):
         self.register_buffer("scale", scale[live][None, :, None])
         self.register_buffer("shift", shift[live][None, :, None])
         # what a constant channel outputs: its batch norm of ReLU(bias), the input's part nil
-        self.register_buffer("dead_value", (scale[dead] * F.relu(conv.bias[dead]) + shift[dead]).detach()[None, :, None])
+        self.register_buffer(
+            "dead_value", (scale[dead] * F.relu(conv.bias[dead]) + shift[dead]).detach()[None, :, None]
+        )
         # Computed channels first, then the constant ones: this puts them back in order.
         self.register_buffer("order", torch.argsort(torch.cat([live, dead])))
 
@@ -150,23 +152,16 @@ class Musicnn(nn.Module):
         self.input_bn = nn.BatchNorm2d(1, eps=_TF_BN_EPS)
         w = dims.timbral_width
         timbral_pad = ((w - 1) // 2, w - 1 - (w - 1) // 2)
-        branches = [
-            _Branch(dims.timbral_filters, (w, int(h * dims.n_mels)), timbral_pad)
-            for h in dims.timbral_heights
-        ]
+        branches = [_Branch(dims.timbral_filters, (w, int(h * dims.n_mels)), timbral_pad) for h in dims.timbral_heights]
         # TensorFlow's "same" padding puts the odd extra row at the end.
         branches += [
-            _Branch(dims.temporal_filters, (k, 1), ((k - 1) // 2, k - 1 - (k - 1) // 2))
-            for k in dims.temporal_lengths
+            _Branch(dims.temporal_filters, (k, 1), ((k - 1) // 2, k - 1 - (k - 1) // 2)) for k in dims.temporal_lengths
         ]
         self.frontend = nn.ModuleList(branches)
-        front = dims.timbral_filters * len(dims.timbral_heights) + dims.temporal_filters * len(
-            dims.temporal_lengths
-        )
+        front = dims.timbral_filters * len(dims.timbral_heights) + dims.temporal_filters * len(dims.temporal_lengths)
         m = dims.midend_filters
         self.midend = nn.ModuleList(
-            [_MidendLayer(front, m, dims.midend_width)]
-            + [_MidendLayer(m, m, dims.midend_width) for _ in range(2)]
+            [_MidendLayer(front, m, dims.midend_width)] + [_MidendLayer(m, m, dims.midend_width) for _ in range(2)]
         )
         pooled = 2 * (front + 3 * m)  # max and mean of every channel
         self.pool_bn = nn.BatchNorm1d(pooled, eps=_TF_BN_EPS)
@@ -184,7 +179,9 @@ class Musicnn(nn.Module):
             a = float(self.input_bn.weight[0] / torch.sqrt(self.input_bn.running_var[0] + self.input_bn.eps))
             b = float(self.input_bn.bias[0] - self.input_bn.running_mean[0] * a)
         input_max = max(abs(b), abs(a * mel_max + b))  # |x| after the input batch norm
-        served.frontend = nn.ModuleList([_PooledBranch(branch, self.dims.n_mels, input_max) for branch in self.frontend])
+        served.frontend = nn.ModuleList(
+            [_PooledBranch(branch, self.dims.n_mels, input_max) for branch in self.frontend]
+        )
         return served
 
     def forward(self, mel: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -39,7 +39,9 @@ from torch import nn
 from training.models.musicnn import Musicnn, MusicnnDims, _Branch
 
 GEOMETRY = MusicnnDims()  # kernel sizes, filter counts of the teacher, mid-end and embedding width
-_FULL = (GEOMETRY.timbral_filters,) * len(GEOMETRY.timbral_heights) + (GEOMETRY.temporal_filters,) * len(GEOMETRY.temporal_lengths)
+_FULL = (GEOMETRY.timbral_filters,) * len(GEOMETRY.timbral_heights) + (GEOMETRY.temporal_filters,) * len(
+    GEOMETRY.temporal_lengths
+)
 
 
 @dataclass(frozen=True)
@@ -82,7 +84,9 @@ class _LiteBranch(nn.Module):
     """[B, 1, T, F] (after the input affine) -> [B, channels, T]: conv (factorised when rank > 0),
     max over frequency, signed ReLU, affine."""
 
-    def __init__(self, channels: int, rank: int, kernel: tuple[int, int], time_pad: tuple[int, int], stride: tuple[int, int]) -> None:
+    def __init__(
+        self, channels: int, rank: int, kernel: tuple[int, int], time_pad: tuple[int, int], stride: tuple[int, int]
+    ) -> None:
         super().__init__()
         self.time_pad = time_pad
         self.time_stride = stride[0]
@@ -121,22 +125,38 @@ class _LiteMidend(nn.Module):
 class LiteNetwork(nn.Module):
     """One imitated network: mel [B, T, 96] -> (logits [B, n_labels], embedding [B, 200])."""
 
-    def __init__(self, channels: Sequence[int], ranks: Sequence[int], n_labels: int, embedding_dim: int, dropout: float, stride: tuple[int, int]) -> None:
+    def __init__(
+        self,
+        channels: Sequence[int],
+        ranks: Sequence[int],
+        n_labels: int,
+        embedding_dim: int,
+        dropout: float,
+        stride: tuple[int, int],
+    ) -> None:
         super().__init__()
         g = GEOMETRY
         if len(channels) != len(_FULL) or len(ranks) != len(_FULL):
-            raise ValueError(f"channels {tuple(channels)} and ranks {tuple(ranks)} need one entry per front-end branch ({len(_FULL)})")
+            raise ValueError(
+                f"channels {tuple(channels)} and ranks {tuple(ranks)} need one entry per front-end branch ({len(_FULL)})"
+            )
         w = g.timbral_width
         kernels = [((w, int(h * g.n_mels)), ((w - 1) // 2, w - 1 - (w - 1) // 2)) for h in g.timbral_heights]
         kernels += [((k, 1), ((k - 1) // 2, k - 1 - (k - 1) // 2)) for k in g.temporal_lengths]
         if any(not 1 <= c <= full for c, full in zip(channels, _FULL)):
             raise ValueError(f"channels {tuple(channels)} must be within 1..{_FULL} per branch")
         if any(not 0 <= r <= min(c, kt * kf) for r, c, ((kt, kf), _) in zip(ranks, channels, kernels)):
-            raise ValueError(f"ranks {tuple(ranks)} must be within 0..min(filters, kernel size) per branch (0: not factorised)")
+            raise ValueError(
+                f"ranks {tuple(ranks)} must be within 0..min(filters, kernel size) per branch (0: not factorised)"
+            )
         self.input_affine = _Affine(1)
-        self.frontend = nn.ModuleList([_LiteBranch(c, r, k, p, stride) for c, r, (k, p) in zip(channels, ranks, kernels)])
+        self.frontend = nn.ModuleList(
+            [_LiteBranch(c, r, k, p, stride) for c, r, (k, p) in zip(channels, ranks, kernels)]
+        )
         front, m = sum(channels), g.midend_filters
-        self.midend = nn.ModuleList([_LiteMidend(front, m, g.midend_width)] + [_LiteMidend(m, m, g.midend_width) for _ in range(2)])
+        self.midend = nn.ModuleList(
+            [_LiteMidend(front, m, g.midend_width)] + [_LiteMidend(m, m, g.midend_width) for _ in range(2)]
+        )
         self.dense = nn.Linear(2 * (front + 3 * m), embedding_dim)
         self.dense_affine = _Affine(embedding_dim)
         self.classifier = nn.Linear(embedding_dim, n_labels)
@@ -164,14 +184,28 @@ class MusicnnStudent(nn.Module):
         ranks = tuple(tuple(r) for r in dims.ranks)
         counts = (len(dims.label_counts), len(dims.embedding_dims), len(channels), len(ranks))
         if len(set(counts)) != 1 or sum(dims.label_counts) != dims.n_classes:
-            raise ValueError(f"label_counts {dims.label_counts} (summing to n_classes {dims.n_classes}), embedding_dims, channels and ranks need one entry per imitated network")
+            raise ValueError(
+                f"label_counts {dims.label_counts} (summing to n_classes {dims.n_classes}), embedding_dims, channels and ranks need one entry per imitated network"
+            )
         stride = tuple(dims.frontend_stride)
         if len(stride) != 2 or min(stride) < 1:
             raise ValueError(f"frontend_stride {stride} must be (time, frequency) steps >= 1")
-        self.dims = MusicnnStudentDims(dims.n_classes, dims.task, tuple(dims.label_counts), tuple(dims.embedding_dims), channels, ranks, stride, dims.dropout)
+        self.dims = MusicnnStudentDims(
+            dims.n_classes,
+            dims.task,
+            tuple(dims.label_counts),
+            tuple(dims.embedding_dims),
+            channels,
+            ranks,
+            stride,
+            dims.dropout,
+        )
         self.task = dims.task
         self.nets = nn.ModuleList(
-            [LiteNetwork(c, r, n, e, dims.dropout, stride) for c, r, n, e in zip(channels, ranks, dims.label_counts, dims.embedding_dims)]
+            [
+                LiteNetwork(c, r, n, e, dims.dropout, stride)
+                for c, r, n, e in zip(channels, ranks, dims.label_counts, dims.embedding_dims)
+            ]
         )
 
     def forward(self, mel: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -199,7 +233,9 @@ def freeze_filters(model: MusicnnStudent) -> None:
     then moves what follows the max over frequency. On a CPU the filters' gradients are 5/6 of
     a training step (the kernels are up to 128 frames long and read the whole patch)."""
     for net in model.nets:
-        for module in [net.input_affine] + [nn.ModuleList([b.mix] + ([b.basis] if b.basis is not None else [])) for b in net.frontend]:
+        for module in [net.input_affine] + [
+            nn.ModuleList([b.mix] + ([b.basis] if b.basis is not None else [])) for b in net.frontend
+        ]:
             for p in module.parameters():
                 p.requires_grad_(False)
 
@@ -258,7 +294,9 @@ def _compress(teacher: Musicnn, net: LiteNetwork, mel: torch.Tensor) -> None:
     dropped_columns = torch.stack([2 * dropped_idx, 2 * dropped_idx + 1], dim=1).flatten()
     dropped_values = torch.stack([front.amax(dim=2).mean(0), front.mean(dim=(0, 2))], dim=1).flatten()[dropped_columns]
     net.dense.weight.copy_(dense_w[:, columns])
-    net.dense.bias.copy_(teacher.dense.bias + teacher.dense.weight @ pool_shift + dense_w[:, dropped_columns] @ dropped_values)
+    net.dense.bias.copy_(
+        teacher.dense.bias + teacher.dense.weight @ pool_shift + dense_w[:, dropped_columns] @ dropped_values
+    )
     net.dense_affine.load_bn(teacher.dense_bn)
     net.classifier.load_state_dict(teacher.classifier.state_dict())
 

@@ -67,7 +67,9 @@ class SeparableStudent(nn.Module):
         if len(dims.blocks) != len(dims.widths) - 1:
             raise ValueError(f"blocks {dims.blocks} need one entry per width after the stem {dims.widths}")
         if sum(dims.label_counts) != dims.n_classes or len(dims.label_counts) != len(dims.embedding_dims):
-            raise ValueError(f"label_counts {dims.label_counts} must sum to n_classes {dims.n_classes} and match embedding_dims {dims.embedding_dims}")
+            raise ValueError(
+                f"label_counts {dims.label_counts} must sum to n_classes {dims.n_classes} and match embedding_dims {dims.embedding_dims}"
+            )
         self.dims = dims
         self.task = dims.task
         layers: list[nn.Module] = [nn.Conv2d(1, dims.widths[0], 3, 2, 1, bias=False), *_bn_relu(dims.widths[0])]
@@ -77,7 +79,9 @@ class SeparableStudent(nn.Module):
         freq = N_MELS
         for _ in dims.widths:
             freq = (freq + 1) // 2
-        self.head = nn.Sequential(nn.Linear(2 * dims.widths[-1] * freq, dims.hidden), nn.ReLU(inplace=True), nn.Dropout(dims.dropout))
+        self.head = nn.Sequential(
+            nn.Linear(2 * dims.widths[-1] * freq, dims.hidden), nn.ReLU(inplace=True), nn.Dropout(dims.dropout)
+        )
         self.logits = nn.Linear(dims.hidden, dims.n_classes)
         self.embedding = nn.Linear(dims.hidden, sum(dims.embedding_dims))
 

@@ -42,7 +42,10 @@ class TritonPythonModel:
         config = json.loads(args["model_config"])
         self._batching = int(config.get("max_batch_size", 0)) > 0
         # (name, dims the model sees): reshape, when configured, is what reaches the backend
-        self._inputs = [(t["name"], [int(d) for d in t.get("reshape", {"shape": t["dims"]}).get("shape", [])]) for t in config["input"]]
+        self._inputs = [
+            (t["name"], [int(d) for d in t.get("reshape", {"shape": t["dims"]}).get("shape", [])])
+            for t in config["input"]
+        ]
         self._outputs = [(t["name"], pb_utils.triton_string_to_numpy(t["data_type"])) for t in config["output"]]
         parameters = {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
         self._open(args, parameters)
@@ -127,7 +130,10 @@ class TritonPythonModel:
         parts = [np.split(r, np.cumsum(sizes)[:-1]) for r in results] if self._batching else [[r] for r in results]
         responses = []
         for k in range(len(members)):
-            tensors = [self._tensor(name, part[k].astype(dtype, copy=False)) for (name, dtype), part in zip(self._outputs, parts)]
+            tensors = [
+                self._tensor(name, part[k].astype(dtype, copy=False))
+                for (name, dtype), part in zip(self._outputs, parts)
+            ]
             responses.append(pb_utils.InferenceResponse(output_tensors=tensors))
         return responses
 
