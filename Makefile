@@ -124,6 +124,13 @@ bench: env
 	@if [ -z "$(AUDIO_DIR)" ]; then $(PY) -m training fetch-music --dest $(MUSIC) --package flare-game; fi
 	$(PY) -m bench.run $(or $(AUDIO_DIR),$(BENCH_DEFAULT_DIR)) $(if $(CODECS),--codecs $(CODECS))
 
+# `make lock`: main.txt, every environment's pins, with hashes (uv and pip install by hash);
+# image.txt, the images' lock: the package's dependencies (pyproject.toml) and setuptools to build
+# it, at main.txt's pins and hashes, without torch's CUDA wheels (deploy/docker/worker.Dockerfile
+# installs it with pip --require-hashes --no-deps).
+CUDA_WHEELS = $(shell grep -oE '^(nvidia-[a-z0-9-]+-cu12|triton)==' requirements/main.txt | tr -d '=')
 lock: env
-	.venv/bin/uv pip compile -q requirements/main.in -o requirements/main.txt --python-version 3.11
+	.venv/bin/uv pip compile -q requirements/main.in -o requirements/main.txt --python-version 3.11 --generate-hashes
+	echo "setuptools>=68" | .venv/bin/uv pip compile -q pyproject.toml - -c requirements/main.txt -o requirements/image.txt \
+	  --python-version 3.11 --python-platform x86_64-manylinux_2_28 --generate-hashes $(addprefix --no-emit-package ,$(CUDA_WHEELS))
 	.venv/bin/uv pip compile -q requirements/triton-stub.in -o requirements/triton-stub.txt --python-version 3.11
