@@ -220,6 +220,10 @@ def build(name: str, dockerfile: str, sources: list[Path], args: dict[str, str])
     print(f"building {tag} ({dockerfile}) ...", file=sys.stderr, flush=True)
     podman(*command, str(REPO), capture=False)
     podman("tag", tag, f"localhost/{name}:latest")
+    # Earlier builds of this image go (2.5 GB each for the worker); the build cache stays.
+    for old in podman("images", "--format", "{{.Repository}}:{{.Tag}}", f"localhost/{name}").split():
+        if old not in (tag, f"localhost/{name}:latest"):
+            podman("rmi", old, check=False)
     return tag, key, time.monotonic() - started
 
 
