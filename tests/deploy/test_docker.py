@@ -1,6 +1,7 @@
-"""The Dockerfiles, without a Docker engine: what they copy exists (and passes .dockerignore),
-the worker image installs the package, whose dependencies cover every import of pipeline/, and
-no dev-only code; both run as non-root. Building the images is not tested here."""
+"""The Dockerfiles, read without building them: what they copy exists (and passes .dockerignore),
+the worker image installs the package by hash from the images' lock, whose pins are main.txt's,
+and no dev-only code; every image runs as non-root. Building and running the images:
+test_images.py (marker ``images``)."""
 
 from __future__ import annotations
 
@@ -37,7 +38,10 @@ def dockerignore_allows(path: str) -> bool:
     return allowed
 
 
-@pytest.mark.parametrize("dockerfile", ["worker.Dockerfile", "triton.Dockerfile"])
+DOCKERFILES = ["worker.Dockerfile", "models.Dockerfile", "triton.Dockerfile"]
+
+
+@pytest.mark.parametrize("dockerfile", ["worker.Dockerfile", "models.Dockerfile"])
 def test_copied_sources_exist_and_reach_the_build_context(dockerfile):
     copies = [args for op, args in instructions(dockerfile) if op == "COPY" and "--from=" not in args]
     assert copies
@@ -48,7 +52,7 @@ def test_copied_sources_exist_and_reach_the_build_context(dockerfile):
             assert dockerignore_allows(source.rstrip("/")), f"{source} is excluded by .dockerignore"
 
 
-@pytest.mark.parametrize("dockerfile", ["worker.Dockerfile", "triton.Dockerfile"])
+@pytest.mark.parametrize("dockerfile", DOCKERFILES)
 def test_final_stage_runs_as_a_non_root_user(dockerfile):
     ops = instructions(dockerfile)
     last_from = max(i for i, (op, _) in enumerate(ops) if op == "FROM")
@@ -56,23 +60,52 @@ def test_final_stage_runs_as_a_non_root_user(dockerfile):
     assert users and users[-1].split(":")[0] not in ("root", "0")
 
 
-def test_worker_image_uses_cpu_torch_and_no_build_stage_in_the_final_image():
+def test_worker_image_uses_cpu_torch_by_hash_and_no_build_stage_in_the_final_image():
     ops = instructions("worker.Dockerfile")
-    text = " ".join(args for _, args in ops)
-    assert "--index-url https://download.pytorch.org/whl/cpu" in text
-    froms = [args for op, args in ops if op == "FROM"]
-    assert len(froms) == 2 and froms[0].endswith(" AS build") and "slim" in (DOCKER / "worker.Dockerfile").read_text()
+    args = dict(a.split("=", 1) for op, a in ops if op == "ARG" and "=" in a)
+    # Users get PyTorch's CPU builds; `make images` passes PyPI (deploy/images.py).
+    assert args["TORCH_INDEX"] == "https://download.pytorch.org/whl/cpu"
+    assert args["PYTHON_IMAGE"].startswith("python:3.11-slim")
+    text = " ".join(a for _, a in ops)
+    assert "--require-hashes --no-deps -r /tmp/requirements/image.txt" in text
+    assert "--no-deps --no-index --no-build-isolation /src" in text
+    froms = [a for op, a in ops if op == "FROM"]
+    assert len(froms) == 2 and froms[0].endswith(" AS build") and froms[1] == "${PYTHON_IMAGE}"
     final = ops[max(i for i, (op, _) in enumerate(ops) if op == "FROM") :]
-    assert not any(
-        op == "RUN" and re.search(r"\b(apt-get|gcc|build-essential|pip install)\b", args) for op, args in final
-    )
+    assert not any(op == "RUN" and re.search(r"\b(apt-get|gcc|cc|build-essential|pip install)\b", a) for op, a in final)
+    labels = " ".join(a for op, a in final if op == "LABEL")
+    assert "org.opencontainers.image.revision=" in labels and "io.moodstream.lock.sha256=" in labels
 
 
-def test_triton_image_is_the_official_one_with_the_model_repository():
+def test_triton_image_is_the_official_one_with_the_model_repository_image():
     ops = instructions("triton.Dockerfile")
     [arg] = [args for op, args in ops if op == "ARG" and args.startswith("TRITON_IMAGE=")]
     assert re.fullmatch(r"TRITON_IMAGE=nvcr\.io/nvidia/tritonserver:\d\d\.\d\d-py3", arg)
-    assert ("COPY", "--chown=root:root triton_models/ /models/") in ops
+    assert ("FROM", "${MODELS_IMAGE} AS models") in ops
+    assert ("COPY", "--from=models --chown=root:root /models/ /models/") in ops
+    assert ("COPY", "--chown=root:root triton_models/ /models/") in instructions("models.Dockerfile")
+
+
+def _pins(path) -> dict[str, tuple[str, frozenset[str]]]:
+    """name -> (version, hashes) of a lock written with --generate-hashes."""
+    text = re.sub(r"\\\n\s*", " ", path.read_text())
+    pins = {}
+    for line in text.splitlines():
+        if m := re.match(r"^([A-Za-z0-9][A-Za-z0-9._-]*)(?:\[[^\]]*\])?==(\S+)(.*)$", line):
+            pins[normalise(m.group(1))] = (m.group(2), frozenset(re.findall(r"--hash=(\S+)", m.group(3))))
+    return pins
+
+
+def test_the_images_lock_is_main_txt_restricted_to_the_package_without_cuda_wheels():
+    """requirements/image.txt (make lock): every pin with its hashes, each as main.txt has it;
+    the package's dependencies all there; none of torch's CUDA wheels."""
+    main, image = _pins(REPO / "requirements" / "main.txt"), _pins(REPO / "requirements" / "image.txt")
+    assert image and all(hashes for _, hashes in image.values())
+    for name, (version, hashes) in image.items():
+        assert main[name][0] == version and hashes <= main[name][1], name
+    assert not [n for n in image if n.startswith("nvidia-") or n == "triton"]
+    dependencies = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    assert {normalise(re.split(r"[\[<>=;\s]", d)[0]) for d in dependencies} | {"setuptools"} <= set(image)
 
 
 def _imported_distributions() -> set[str]:
@@ -132,5 +165,17 @@ def test_the_package_ships_no_dev_only_code():
                 assert source.name == "cli.py" and node.module == "devstack", f"{source} imports {node.module}"
     find = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]["include"]
     assert not any(p.startswith(("devstack", "bench", "tests")) for p in find)
-    for dev in ("devstack", "bench", "tests"):
+    for dev in ("devstack", "bench", "tests", "deploy/k8s", "deploy/images.py", "requirements/main.txt", ".venv"):
         assert not dockerignore_allows(dev)
+    allowed = {
+        line[1:].rstrip("/") for line in (REPO / ".dockerignore").read_text().splitlines() if line.startswith("!")
+    }
+    assert allowed == {
+        "requirements/image.txt",
+        "pyproject.toml",
+        "README.md",
+        "pipeline",
+        "training",
+        "triton_models",
+        "deploy/docker/cuda_stubs.py",
+    }
