@@ -17,6 +17,7 @@ queries also take a token of their client's bucket (:mod:`pipeline.service.limit
 from __future__ import annotations
 
 import asyncio
+import re
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -119,13 +120,13 @@ async def tracks(
         None,
         description="only tracks whose valence lies in low,high (-1 <= low <= high <= 1)",
         examples=["0.2,1"],
-        pattern=_RANGE,
+        json_schema_extra={"pattern": _RANGE},
     ),
     arousal: str | None = Query(
         None,
         description="only tracks whose arousal lies in low,high (-1 <= low <= high <= 1)",
         examples=["-1,0"],
-        pattern=_RANGE,
+        json_schema_extra={"pattern": _RANGE},
     ),
     quadrant: str | None = Query(
         None,
@@ -259,6 +260,8 @@ def _range(text: str | None, name: str) -> tuple[float, float] | None:
     if text is None:
         return None
     try:
+        if not re.fullmatch(_RANGE, text):
+            raise ValueError(text)
         low, high = (float(x) for x in text.split(","))
     except ValueError:
         raise Problem(400, "bad_request", f"{name} must be low,high (two numbers in [-1, 1]), got {text!r}") from None
