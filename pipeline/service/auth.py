@@ -354,7 +354,7 @@ class Authenticator:
             raise self._refuse(401, "invalid_token", f"the token is not valid yet: {exc}") from None
         except jwt.InvalidSignatureError:
             raise self._refuse(401, "invalid_token", "the token's signature does not verify") from None
-        except jwt.InvalidTokenError as exc:  # malformed, wrong algorithm, unknown key, …
+        except jwt.PyJWTError as exc:  # malformed, wrong algorithm, unknown key, …
             raise self._refuse(401, "invalid_token", f"the token is not accepted: {_plain(str(exc))}") from None
         subject = claims["sub"]
         if not isinstance(subject, str) or not subject:
@@ -415,7 +415,7 @@ class Authenticator:
 def _kid(token: str) -> str | None:
     try:
         kid = jwt.get_unverified_header(token).get("kid")
-    except jwt.InvalidTokenError:
+    except jwt.PyJWTError:
         return None
     return None if kid is None else str(kid)
 
