@@ -27,6 +27,7 @@ import requests
 from serving import REPO, ServiceProcess
 from support import real_clip
 
+from devstack import free_ports
 from pipeline.contracts import events
 from pipeline.service.catalog import CatalogStore, embedding_of
 from pipeline.service.uploads import RETRY_AFTER_S
@@ -53,6 +54,7 @@ def service(tmp_path_factory) -> Iterator[ServiceProcess]:
             tmp_path_factory.mktemp("service"),
             MOODSTREAM_MAX_UPLOAD_BYTES=str(MAX_UPLOAD_BYTES),
             MOODSTREAM_ANALYSIS_TIMEOUT_S=str(ANALYSIS_TIMEOUT_S),
+            MOODSTREAM_SERVICE_METRICS_PORT=str(free_ports(1)[0]),
         ) as running:
             yield running
     except RuntimeError as exc:  # it exited or never became ready: the message has its log tail
@@ -351,7 +353,9 @@ def test_moods_health_readiness_metrics_and_docs(service, catalog):
         "catalog": "ok",
         "follower": "off",
     }, ready.text
-    text = requests.get(service.url + "/metrics", timeout=10).text
+    # /metrics on a port of its own (MOODSTREAM_SERVICE_METRICS_PORT), not on the service's.
+    text = requests.get(service.metrics_url, timeout=10).text
+    problem(requests.get(service.url + "/metrics", timeout=10), 404, "not_found")
     assert 'moodstream_http_requests_total{method="GET",route="/v1/tracks",status="200"}' in text
     assert "moodstream_catalog_tracks" in text
     # Swagger UI runs inline script from a CDN, which the CSP forbids: the document alone is served.
