@@ -11,6 +11,7 @@ import hashlib
 import hmac
 import http.server
 import json
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -343,3 +344,16 @@ def test_limits_answer_429_with_retry_after_and_a_rate_of_0_is_off():
     limits.take(ANALYSES, "token:b")
     for _ in range(1000):
         limits.take(QUERIES, "token:a")  # off
+
+
+def test_moodstream_api_key_prints_a_key_and_the_entry_that_admits_it(capsys):
+    from pipeline.cli import main
+
+    assert main(["api-key", "recommender-2026-12", "moods:read", "moods:analyse"]) == 0
+    out, err = capsys.readouterr()
+    key = re.search(r"msk_\S+", err).group()
+    entry = out.strip()
+    assert key.startswith("msk_") and key not in out
+    auth = authenticator(auth_api_keys=entry)
+    assert check(auth, key=key, scope=ANALYSE).name == "recommender-2026-12"
+    assert main(["api-key", "x", "moods:write"]) == 2
