@@ -5,6 +5,7 @@ moodstream worker [--loglevel info]
 moodstream demo [AUDIO_DIR] [--json] [--scorer triton|onnx]
 moodstream publish s3://bucket/prefix [--rate N] [--dry-run]
 moodstream serve [--loglevel info]
+moodstream api-key NAME SCOPE...
 moodstream settings
 """
 
@@ -158,6 +159,21 @@ def _serve(args: argparse.Namespace) -> int:
     return serve(load_settings())
 
 
+def _api_key(args: argparse.Namespace) -> int:
+    from pipeline.service.auth import SCOPES, key_hash, new_api_key, parse_api_keys
+
+    unknown = sorted(set(args.scopes) - set(SCOPES))
+    if unknown:
+        raise ConfigError(f"unknown scopes {unknown}; one or more of {', '.join(SCOPES)}")
+    key = new_api_key()
+    entry = f"{args.name}:{key_hash(key)}:{' '.join(args.scopes)}"
+    parse_api_keys(entry, "the new entry")  # the name is checked as the service will
+    print(f"key (give it to the client once; it is stored nowhere):\n  {key}", file=sys.stderr)
+    print("entry (add it to MOODSTREAM_AUTH_API_KEYS or the keys file; remove it to revoke):", file=sys.stderr)
+    print(entry)
+    return 0
+
+
 def _settings(args: argparse.Namespace) -> int:
     from pipeline.settings import describe
 
@@ -224,6 +240,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--loglevel", default="info")
     serve.set_defaults(func=_serve)
+
+    key = sub.add_parser(
+        "api-key",
+        help="make a new API key for the HTTP service: prints the key (stderr) and its hashed entry (stdout)",
+    )
+    key.add_argument("name", help="who holds it, e.g. recommender-2026-12 (letters, digits, . _ -)")
+    key.add_argument("scopes", nargs="+", metavar="SCOPE", help="moods:read, moods:analyse, moods:admin")
+    key.set_defaults(func=_api_key)
 
     settings = sub.add_parser("settings", help="list every setting with its variable, type, default and doc")
     settings.set_defaults(func=_settings)

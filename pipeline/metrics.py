@@ -123,3 +123,27 @@ ANALYSES = Counter(
     "Uploads answered: tagged, refused (busy, too large, not audio…) by reason, or failed.",
     ["outcome"],
 )
+
+# --- who may ask and how often (pipeline/service/auth.py, limits.py) --------------------------
+
+AUTH_REFUSALS = Counter(
+    "moodstream_auth_refusals_total",
+    "Requests refused for their credentials: unauthenticated (none), invalid_token, invalid_api_key (401) or insufficient_scope (403).",
+    ["reason"],
+)
+RATE_LIMITED = Counter(
+    "moodstream_rate_limited_total",
+    "Requests refused with 429 because their client was over its per-client limit (analyses or queries).",
+    ["limit"],
+)
+RATE_LIMIT_CLIENTS = Gauge(
+    "moodstream_rate_limit_clients",
+    "Clients whose token bucket this process keeps, per limit.",
+    ["limit"],
+)
+# Every series exists from the start (at 0), so rates and dashboards show 0 rather than nothing.
+for _reason in ("unauthenticated", "invalid_token", "invalid_api_key", "insufficient_scope"):
+    AUTH_REFUSALS.labels(_reason)
+for _limit in ("analyses", "queries"):
+    RATE_LIMITED.labels(_limit)
+    RATE_LIMIT_CLIENTS.labels(_limit)

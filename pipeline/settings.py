@@ -14,11 +14,12 @@ plain arguments; model code never sees this object.
 from __future__ import annotations
 
 import json
+import re
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from pydantic_settings.exceptions import SettingsError
 
@@ -161,7 +162,12 @@ class Settings(BaseSettings):
 
     # --- HTTP service (moodstream serve) and its catalog --------------------------------------
     service_host: str = Field("127.0.0.1", description="Address the HTTP service listens on (0.0.0.0 in a container).")
-    service_port: int = Field(8080, ge=1, le=65535, description="Port of the HTTP service (page, API, /metrics).")
+    service_port: int = Field(
+        8080,
+        ge=1,
+        le=65535,
+        description="Port of the HTTP service (page, API; /metrics unless MOODSTREAM_SERVICE_METRICS_PORT).",
+    )
     catalog_url: SecretStr = Field(
         SecretStr("sqlite:///.moodstream/catalog.db"),
         description="The catalog's database: sqlite:///path.db (embedded default) or postgresql://user:password@host:port/db (mount it from a secret; never logged).",
@@ -194,9 +200,73 @@ class Settings(BaseSettings):
         description="Uploads analysed at once; beyond it POST /v1/analyses answers 503 with Retry-After.",
     )
 
-    @field_validator("allowed_buckets", mode="before")
+    service_metrics_port: int = Field(
+        0,
+        ge=0,
+        le=65535,
+        description="Serve the HTTP service's Prometheus /metrics on this port alone, unauthenticated, for Prometheus (keep it off the ingress). 0: on the service port, where with auth on it needs the moods:admin scope.",
+    )
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        [],
+        description="Origins (scheme://host[:port]) whose pages may call the API from a browser (CORS; JSON list or comma separated). Empty: no CORS headers at all, only the service's own page.",
+    )
+
+    # --- authentication and per-client limits of the HTTP service -----------------------------
+    auth_enabled: bool = Field(
+        False,
+        description="Require credentials on the API: an OAuth2/OIDC bearer token (JWT) or an API key, with the scope each route needs (moods:read, moods:analyse, moods:admin). Off: anyone who reaches the port is served (the local demo). /healthz, /readyz, the page and its assets stay open.",
+    )
+    auth_issuer: str = Field(
+        "", description="The tokens' required issuer (the iss claim), e.g. https://login.example.com/realms/music."
+    )
+    auth_audience: str = Field("", description="The tokens' required audience (one of the aud claim), e.g. moodstream.")
+    auth_jwks_url: str = Field(
+        "",
+        description="Where the token signing keys (a JWKS) are: https://… (http:// only to localhost), or a file (path or file://…), re-read every MOODSTREAM_AUTH_JWKS_REFRESH_S and when a token names a key it does not know.",
+    )
+    auth_jwks_refresh_s: float = Field(
+        300.0,
+        ge=10,
+        le=86400,
+        description="How long the signing keys are kept before they are fetched again, in seconds.",
+    )
+    auth_algorithms: Annotated[list[str], NoDecode] = Field(
+        ["RS256", "ES256"],
+        description="Token signature algorithms accepted (JSON list or comma separated): RS256/384/512, PS256/384/512, ES256/384/512, EdDSA. Shared-secret (HS*) and none are refused.",
+    )
+    auth_leeway_s: float = Field(
+        30.0, ge=0, le=300, description="Clock skew allowed when checking a token's exp, nbf and iat, in seconds."
+    )
+    auth_api_keys: SecretStr = Field(
+        SecretStr(""),
+        description="API keys for machines, stored as SHA-256 hashes: entries NAME:SHA256HEX:SCOPE [SCOPE…] separated by ; or newlines (moodstream api-key makes one). Several at once, for rotation (mount from a secret; never logged).",
+    )
+    auth_api_keys_file: Path | None = Field(
+        None,
+        description="A file of API key entries in the MOODSTREAM_AUTH_API_KEYS format, one a line (# comments), re-read when it changes (a mounted secret); its keys are valid beside those of MOODSTREAM_AUTH_API_KEYS.",
+    )
+    analyses_per_minute: float = Field(
+        30.0,
+        ge=0,
+        le=100000,
+        description="Uploads (POST /v1/analyses) one client (token subject, API key, or without auth its address) may start per minute, on average; beyond: 429 with Retry-After (0: no per-client limit).",
+    )
+    analyses_burst: int = Field(
+        10, ge=1, le=100000, description="Uploads one client may start at once before its rate applies."
+    )
+    queries_per_second: float = Field(
+        20.0,
+        ge=0,
+        le=100000,
+        description="Expensive catalog queries (GET /v1/tracks, /v1/tracks/{id}/similar) one client may make per second, on average; beyond: 429 with Retry-After (0: no per-client limit).",
+    )
+    queries_burst: int = Field(
+        100, ge=1, le=100000, description="Expensive queries one client may make at once before its rate applies."
+    )
+
+    @field_validator("allowed_buckets", "cors_origins", "auth_algorithms", mode="before")
     @classmethod
-    def _split_buckets(cls, value: object) -> object:
+    def _split_lists(cls, value: object) -> object:
         if isinstance(value, str):
             if value.lstrip().startswith("["):
                 try:
@@ -205,6 +275,37 @@ class Settings(BaseSettings):
                     return value  # reported by validation as "not a valid list"
             return [b.strip() for b in value.split(",") if b.strip()]
         return value
+
+    @field_validator("auth_algorithms")
+    @classmethod
+    def _asymmetric_only(cls, value: list[str]) -> list[str]:
+        allowed = {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"}
+        wrong = [a for a in value if a not in allowed]
+        if wrong or not value:
+            raise ValueError(f"accepted: {', '.join(sorted(allowed))} (a public-key algorithm; HS* and none never)")
+        return value
+
+    @field_validator("cors_origins")
+    @classmethod
+    def _origins(cls, value: list[str]) -> list[str]:
+        for origin in value:
+            if origin == "*" or not re.fullmatch(r"https?://[A-Za-z0-9.-]+(:\d{1,5})?", origin):
+                raise ValueError(f"{origin!r} is not an origin like https://tools.example.com (no *, no path)")
+        return value
+
+    @model_validator(mode="after")
+    def _auth_complete(self) -> Settings:
+        if self.auth_enabled and self.auth_jwks_url and not (self.auth_issuer and self.auth_audience):
+            raise ValueError(
+                "MOODSTREAM_AUTH_JWKS_URL needs MOODSTREAM_AUTH_ISSUER and MOODSTREAM_AUTH_AUDIENCE: tokens are checked against both"
+            )
+        if self.auth_enabled and not (
+            self.auth_jwks_url or self.auth_api_keys.get_secret_value() or self.auth_api_keys_file
+        ):
+            raise ValueError(
+                "MOODSTREAM_AUTH_ENABLED needs a way in: MOODSTREAM_AUTH_JWKS_URL (tokens) or MOODSTREAM_AUTH_API_KEYS / _FILE (keys)"
+            )
+        return self
 
 
 def load_settings(**overrides: Any) -> Settings:
@@ -217,6 +318,9 @@ def load_settings(**overrides: Any) -> Settings:
         lines = []
         for err in exc.errors():
             field = ".".join(str(p) for p in err["loc"])
+            if not field:  # a rule over several settings: its message names them
+                lines.append(f"  {err['msg'].removeprefix('Value error, ')}")
+                continue
             lines.append(f"  MOODSTREAM_{field.upper()}: {err['msg']} (got {err.get('input')!r})")
         raise ConfigError("invalid settings:\n" + "\n".join(lines)) from None
 

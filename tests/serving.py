@@ -44,6 +44,10 @@ class ServiceProcess:
             "MOODSTREAM_INDEX_DIR": str(folder / "index"),
             "MOODSTREAM_SERVICE_PORT": str(self.port),
             "MOODSTREAM_MAX_ANALYSES_IN_FLIGHT": "1",
+            # Per-client limits off: these tests send many requests from one client on purpose;
+            # tests/service/test_auth_service.py turns them on.
+            "MOODSTREAM_ANALYSES_PER_MINUTE": "0",
+            "MOODSTREAM_QUERIES_PER_SECOND": "0",
             "TMPDIR": str(folder / "tmp"),  # where uploads are spooled: tests look for leftovers
             **env,
         }
@@ -88,10 +92,19 @@ class ServiceProcess:
             "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:]) if self.log_path.exists() else ""
         )
 
-    def metric(self, name: str) -> float:
-        """Sum of every series of ``name`` on /metrics (0 when it has none)."""
+    @property
+    def metrics_url(self) -> str:
+        """Where /metrics is: its own port when MOODSTREAM_SERVICE_METRICS_PORT is set."""
+        port = self.env.get("MOODSTREAM_SERVICE_METRICS_PORT", "0")
+        return f"http://127.0.0.1:{port}/metrics" if port != "0" else self.url + "/metrics"
+
+    def metric(self, name: str, headers: dict[str, str] | None = None) -> float:
+        """Sum of every series of ``name`` on /metrics (0 when it has none); ``headers`` carry
+        credentials where auth is on and /metrics is on the service port."""
         total = 0.0
-        for line in requests.get(self.url + "/metrics", timeout=10).text.splitlines():
+        answer = requests.get(self.metrics_url, headers=headers, timeout=10)
+        answer.raise_for_status()
+        for line in answer.text.splitlines():
             if line.startswith(name + "{") or line.startswith(name + " "):
                 total += float(line.rsplit(" ", 1)[1])
         return total

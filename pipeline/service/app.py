@@ -12,6 +12,7 @@ another replica fills).
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -19,17 +20,22 @@ from contextlib import asynccontextmanager, suppress
 from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import Response
 from fastapi.staticfiles import StaticFiles
+from prometheus_client import start_http_server
 
 from pipeline import metrics
 from pipeline.contracts import events
 from pipeline.errors import ConfigError, ServiceUnavailable
 from pipeline.kafka import kafka_options
+from pipeline.service.auth import Authenticator
 from pipeline.service.catalog import REFRESH_S, CatalogStore, follow
+from pipeline.service.headers import add_headers
+from pipeline.service.limits import Limits
 from pipeline.service.neighbours import NeighbourIndex
-from pipeline.service.problems import add_error_handlers
-from pipeline.service.routes import WEB_DIR, router
+from pipeline.service.problems import PROBLEM_SCHEMA, add_error_handlers
+from pipeline.service.routes import WEB_DIR, mood_names, router
 from pipeline.service.state import RECONNECT_S, State
 from pipeline.settings import Settings
 from pipeline.stages.scoring import Scorer, open_scorer
@@ -63,22 +69,30 @@ def create_app(settings: Settings, *, catalog: CatalogStore | None = None, score
             model=events.ModelRef(meta.name, meta.served_version, tuple((n.name, n.version) for n in meta.networks)),
             network=network,
             pool=pool.make_pool(settings.max_analyses_in_flight),
+            auth=Authenticator(settings),
+            limits=Limits(settings),
         )
         app.state.moodstream = state
         metrics.MODEL_INFO.labels(state.model.name, state.model.version).set(1)
         await pool.warm_up(state.pool, settings.max_analyses_in_flight)
         tasks = [asyncio.create_task(_open_catalog(state, catalog))]
+        metrics_server = None
+        if settings.service_metrics_port:
+            metrics_server, _ = start_http_server(settings.service_metrics_port, addr=settings.service_host)
         log.info(
-            "moodstream serve: %s v%s, similar tracks by %s, page at http://%s:%d/",
+            "moodstream serve: %s v%s, similar tracks by %s, page at http://%s:%d/, %s",
             meta.name,
             meta.served_version,
             network,
             settings.service_host,
             settings.service_port,
+            _auth_summary(state.auth),
         )
         try:
             yield
         finally:
+            if metrics_server is not None:
+                metrics_server.shutdown()
             state.stop.set()
             for task in tasks:
                 with suppress(asyncio.CancelledError, Exception):
@@ -96,12 +110,61 @@ def create_app(settings: Settings, *, catalog: CatalogStore | None = None, score
         summary="Mood tags for every track: upload a song, look up, rank and find similar tracks in the tagged catalog.",
         version="1",
         lifespan=lifespan,
+        # Swagger UI and ReDoc load scripts from a CDN and run inline ones, which the page's
+        # Content-Security-Policy forbids: the document is at /openapi.json for any viewer.
+        docs_url=None,
+        redoc_url=None,
     )
     add_error_handlers(app)
     _add_metrics_middleware(app)
     app.include_router(router)
     app.mount("/static", StaticFiles(directory=WEB_DIR, check_dir=False), name="static")
+    add_headers(app, settings)
+    app.openapi = lambda: _openapi(app, settings)  # type: ignore[method-assign]
     return app
+
+
+def _openapi(app: FastAPI, settings: Settings) -> dict[str, Any]:
+    """FastAPI's document, told what the service really answers: its errors are problem
+    documents (400 for a bad parameter, not FastAPI's 422 body), the mood families are the
+    model's, and the security schemes are required only where auth is on."""
+    if app.openapi_schema is not None:
+        return app.openapi_schema
+    document = get_openapi(
+        title=app.title, version=app.version, summary=app.summary, routes=app.routes, description=app.description
+    )
+    components = document.setdefault("components", {})
+    schemas = components.setdefault("schemas", {})
+    schemas["Problem"] = PROBLEM_SCHEMA
+    state = getattr(app.state, "moodstream", None)
+    for path in document["paths"].values():
+        for operation in path.values():
+            responses = operation.get("responses", {})
+            invalid = responses.pop("422", None)
+            if invalid is not None and "HTTPValidationError" not in json.dumps(invalid):
+                responses["422"] = invalid  # the route's own 422 (an upload that is not audio)
+            for parameter in operation.get("parameters", []):
+                if parameter["name"] == "mood" and state is not None and mood_names(state):
+                    parameter["schema"] = {"type": "string", "enum": mood_names(state)}
+            if not settings.auth_enabled:
+                operation.pop("security", None)
+                for status in ("401", "403"):
+                    responses.pop(status, None)
+    for unused in ("HTTPValidationError", "ValidationError"):
+        schemas.pop(unused, None)
+    if not settings.auth_enabled:
+        components.pop("securitySchemes", None)
+    app.openapi_schema = document
+    return document
+
+
+def _auth_summary(auth: Authenticator) -> str:
+    if not auth.enabled:
+        return "authentication OFF (MOODSTREAM_AUTH_ENABLED=false: anyone who reaches the port is served)"
+    kinds = [f"tokens of {auth.issuer} for {auth.audience}"] if auth.jwks is not None else []
+    if auth.keys:
+        kinds.append("API keys")
+    return "authentication: " + " and ".join(kinds)
 
 
 async def _open_catalog(state: State, given: CatalogStore | None) -> None:

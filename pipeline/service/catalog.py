@@ -179,6 +179,8 @@ class CatalogStore:
 
     def track(self, track_id: str) -> dict[str, Any] | None:
         """The newest record of ``track_id`` (over its models), or None."""
+        if not _storable(track_id):
+            return None
         rows = self._query(
             "SELECT r.record FROM track_latest l JOIN records r ON r.seq = l.seq WHERE l.track_id = ?", (track_id,)
         )
@@ -196,6 +198,8 @@ class CatalogStore:
         """One summary per track (its newest record), best first: by ``moods[mood]`` when
         ``mood`` is given, else newest first; optionally within a valence/arousal region
         ([low, high] in [-1, 1]) or a quadrant."""
+        if not (_storable(mood) and _storable(quadrant)):
+            return []
         where: list[str] = []
         params: list[Any] = []
         if valence is not None:
@@ -221,7 +225,7 @@ class CatalogStore:
     def summaries(self, track_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
         """track_id -> summary of its newest record, for the ids that are in the catalog."""
         found: dict[str, dict[str, Any]] = {}
-        ids = list(dict.fromkeys(track_ids))
+        ids = [i for i in dict.fromkeys(track_ids) if _storable(i)]
         for start in range(0, len(ids), 500):
             chunk = ids[start : start + 500]
             marks = ", ".join("?" * len(chunk))
@@ -339,6 +343,29 @@ def _translated(dialect: str) -> Iterator[None]:
         raise
 
 
+def _storable(text: str | None) -> bool:
+    """Whether ``text`` can be a stored key: PostgreSQL's text holds no NUL character (its driver
+    refuses to send one), so a value with one is never stored, on either database, and a
+    lookup by one finds nothing."""
+    return text is None or "\x00" not in text
+
+
+def _unstorable_keys(record: dict[str, Any]) -> str | None:
+    """The first column value of ``record`` that no catalog can store, or None."""
+    model = record["model"]
+    for name, value in (
+        ("track_id", record["track_id"]),
+        ("model.name", model["name"]),
+        ("model.version", model["version"]),
+        ("processed_at", record["processed_at"]),
+        ("quadrant", record.get("quadrant")),
+        *(("mood names", mood) for mood in record.get("moods") or {}),
+    ):
+        if isinstance(value, str) and not _storable(value):
+            return name
+    return None
+
+
 def _content(record: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in record.items() if k not in VOLATILE_FIELDS}
 
@@ -414,5 +441,9 @@ def _valid(value: bytes | None, validator: Any, where: str) -> dict[str, Any] | 
     error = jsonschema.exceptions.best_match(validator.iter_errors(record))
     if error is not None:
         log.warning("catalog: %s breaks the tracks.moods v2 schema (%s); skipped", where, error.message[:300])
+        return None
+    unstorable = _unstorable_keys(record)
+    if unstorable is not None:
+        log.warning("catalog: %s has a NUL character in its %s, which no catalog stores; skipped", where, unstorable)
         return None
     return record

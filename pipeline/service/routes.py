@@ -7,11 +7,17 @@ GET  /v1/tracks/{track_id}/similar   nearest tracks by audio embedding
 GET  /v1/moods                       the mood families and quadrants one can rank by
 GET  /                               the page (``web/``; its assets under /static)
 GET  /healthz  /readyz  /metrics
+
+Who may call which (``MOODSTREAM_AUTH_ENABLED``, :mod:`pipeline.service.auth`): the catalog and
+the moods need the scope moods:read, uploads moods:analyse, /metrics on this port moods:admin;
+the page, its assets, /healthz, /readyz and /openapi.json are open. Uploads and the expensive
+queries also take a token of their client's bucket (:mod:`pipeline.service.limits`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import re
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -22,8 +28,10 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from pipeline import metrics
 from pipeline.errors import ServiceUnavailable
+from pipeline.service.auth import ADMIN, ANALYSE, READ, allow
 from pipeline.service.catalog import embedding_of
-from pipeline.service.problems import Problem
+from pipeline.service.limits import ANALYSES, QUERIES
+from pipeline.service.problems import Problem, documented
 from pipeline.service.state import RECONNECT_S, State, state_of
 from pipeline.service.uploads import RETRY_AFTER_S, Job, release_when_done, tag_upload
 from pipeline.stages.taxonomy import QUADRANTS
@@ -32,6 +40,26 @@ from pipeline.stages.taxonomy import QUADRANTS
 WEB_DIR = Path(str(resources.files("pipeline.service").joinpath("web")))
 
 router = APIRouter()
+
+#: The upload's body as the OpenAPI document describes it (the route reads the stream itself).
+_UPLOAD_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["file"],
+                    "properties": {"file": {"type": "string", "format": "binary", "description": "the audio"}},
+                }
+            },
+            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+            "audio/*": {"schema": {"type": "string", "format": "binary"}},
+        },
+    }
+}
+#: A region of the mood plane's axis: low,high.
+_RANGE = r"^-?(\d+\.?\d*|\.\d+),-?(\d+\.?\d*|\.\d+)$"
 
 
 @router.get("/", include_in_schema=False)
@@ -43,13 +71,9 @@ async def page() -> FileResponse:
     "/v1/analyses",
     summary="Tag an uploaded audio file",
     description="Multipart form with the audio in the field `file` (or the audio itself as the body, with an audio/* or application/octet-stream type). The answer is the record a catalog track gets on tracks.moods; the track_id is `upload-` and the first 16 hex digits of the file's SHA-256.",
-    responses={
-        413: {"description": "larger than MOODSTREAM_MAX_UPLOAD_BYTES"},
-        415: {"description": "not an audio container"},
-        422: {"description": "audio, but undecodable or too short"},
-        503: {"description": "busy (Retry-After) or the scorer is unavailable"},
-        504: {"description": "longer than MOODSTREAM_ANALYSIS_TIMEOUT_S"},
-    },
+    dependencies=[allow(ANALYSE, limit=ANALYSES)],
+    responses=documented(400, 401, 403, 413, 415, 422, 429, 502, 503, 504),
+    openapi_extra=_UPLOAD_BODY,
 )
 async def analyses(request: Request) -> Response:
     state = state_of(request)
@@ -81,26 +105,39 @@ async def analyses(request: Request) -> Response:
     return Response(record, media_type="application/json")
 
 
-@router.get("/v1/tracks", summary="The catalog ranked for a feed")
+@router.get(
+    "/v1/tracks",
+    summary="The catalog ranked for a feed",
+    dependencies=[allow(READ, limit=QUERIES)],
+    responses=documented(400, 401, 403, 429, 503),
+)
 async def tracks(
     request: Request,
     mood: str | None = Query(
         None, description="rank by this mood family's score (GET /v1/moods lists them); without it, newest first"
     ),
     valence: str | None = Query(
-        None, description="only tracks whose valence lies in low,high (within [-1, 1])", examples=["0.2,1"]
+        None,
+        description="only tracks whose valence lies in low,high (-1 <= low <= high <= 1)",
+        examples=["0.2,1"],
+        json_schema_extra={"pattern": _RANGE},
     ),
     arousal: str | None = Query(
-        None, description="only tracks whose arousal lies in low,high (within [-1, 1])", examples=["-1,0"]
+        None,
+        description="only tracks whose arousal lies in low,high (-1 <= low <= high <= 1)",
+        examples=["-1,0"],
+        json_schema_extra={"pattern": _RANGE},
     ),
     quadrant: str | None = Query(
-        None, description="only tracks in this quadrant of the mood plane: " + ", ".join(QUADRANTS)
+        None,
+        description="only tracks in this quadrant of the mood plane: " + ", ".join(QUADRANTS),
+        json_schema_extra={"enum": list(QUADRANTS)},
     ),
     limit: int = Query(50, ge=1, le=500),
 ) -> dict[str, Any]:
     state = state_of(request)
     the_catalog, _ = state.need_catalog()
-    moods = _mood_names(state)
+    moods = mood_names(state)
     if mood is not None and mood not in moods:
         raise Problem(
             400,
@@ -115,7 +152,12 @@ async def tracks(
 
 
 # Track ids may hold '/': the similar route comes first so its suffix is not read as one.
-@router.get("/v1/tracks/{track_id:path}/similar", summary="Tracks that sound like this one (nearest audio embeddings)")
+@router.get(
+    "/v1/tracks/{track_id:path}/similar",
+    summary="Tracks that sound like this one (nearest audio embeddings)",
+    dependencies=[allow(READ, limit=QUERIES)],
+    responses=documented(400, 401, 403, 404, 429, 503),
+)
 async def similar(request: Request, track_id: str, limit: int = Query(20, ge=1, le=200)) -> dict[str, Any]:
     state = state_of(request)
     the_catalog, index = state.need_catalog()
@@ -142,7 +184,12 @@ async def similar(request: Request, track_id: str, limit: int = Query(20, ge=1, 
     return {"track_id": track_id, "network": index.network, "similar": near}
 
 
-@router.get("/v1/tracks/{track_id:path}", summary="A track's latest record")
+@router.get(
+    "/v1/tracks/{track_id:path}",
+    summary="A track's latest record",
+    dependencies=[allow(READ)],
+    responses=documented(401, 403, 404, 503),
+)
 async def track(request: Request, track_id: str) -> Response:
     the_catalog, _ = state_of(request).need_catalog()
     record = await _read(the_catalog.track, track_id)
@@ -151,11 +198,16 @@ async def track(request: Request, track_id: str) -> Response:
     return JSONResponse(record)
 
 
-@router.get("/v1/moods", summary="Mood families and quadrants the catalog can be ranked by")
+@router.get(
+    "/v1/moods",
+    summary="Mood families and quadrants the catalog can be ranked by",
+    dependencies=[allow(READ)],
+    responses=documented(401, 403),
+)
 async def moods(request: Request) -> dict[str, Any]:
     state = state_of(request)
     return {
-        "moods": _mood_names(state),
+        "moods": mood_names(state),
         "quadrants": list(QUADRANTS),
         "source": state.taxonomy.source,
         "model": {"name": state.model.name, "version": state.model.version},
@@ -167,7 +219,11 @@ async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz", summary="Readiness: the scorer and the catalog answer")
+@router.get(
+    "/readyz",
+    summary="Readiness: the scorer and the catalog answer",
+    responses={503: {"description": "not ready: which of the scorer and the catalog does not answer"}},
+)
 async def readyz(request: Request) -> JSONResponse:
     state = state_of(request)
     checks = {"scorer": "ok", "catalog": "ok", "follower": state.follower if state.settings.catalog_follow else "off"}
@@ -185,12 +241,16 @@ async def readyz(request: Request) -> JSONResponse:
     return JSONResponse({"status": "ready" if ok else "not ready", **checks}, status_code=200 if ok else 503)
 
 
-@router.get("/metrics", include_in_schema=False)
-async def prometheus() -> Response:
+@router.get("/metrics", include_in_schema=False, dependencies=[allow(ADMIN)])
+async def prometheus(request: Request) -> Response:
+    port = state_of(request).settings.service_metrics_port
+    if port:
+        raise Problem(404, "not_found", f"the metrics are served on port {port} (MOODSTREAM_SERVICE_METRICS_PORT)")
     return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
 
-def _mood_names(state: State) -> list[str]:
+def mood_names(state: State) -> list[str]:
+    """The mood families one can rank by (the model's classes' quadrants for a class model)."""
     if state.taxonomy.families:
         return [f.name for f in state.taxonomy.families]
     return list(QUADRANTS) if state.taxonomy.source == "classes" else []
@@ -200,6 +260,8 @@ def _range(text: str | None, name: str) -> tuple[float, float] | None:
     if text is None:
         return None
     try:
+        if not re.fullmatch(_RANGE, text):
+            raise ValueError(text)
         low, high = (float(x) for x in text.split(","))
     except ValueError:
         raise Problem(400, "bad_request", f"{name} must be low,high (two numbers in [-1, 1]), got {text!r}") from None

@@ -1,4 +1,5 @@
-"""What the service's routes share: the settings, the scorer, the process pool, the catalog."""
+"""What the service's routes share: the settings, the scorer, the process pool, who may ask and
+how often, the catalog."""
 
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ from dataclasses import dataclass, field
 from fastapi import Request
 
 from pipeline.contracts import events
+from pipeline.service.auth import Authenticator
 from pipeline.service.catalog import CatalogStore
+from pipeline.service.limits import Limits
 from pipeline.service.neighbours import NeighbourIndex
 from pipeline.service.problems import Problem
 from pipeline.settings import Settings
@@ -30,6 +33,8 @@ class State:
     model: events.ModelRef
     network: str  # whose embeddings /similar compares
     pool: ProcessPoolExecutor
+    auth: Authenticator  # who may ask (pipeline/service/auth.py)
+    limits: Limits  # how often each client may (pipeline/service/limits.py)
     catalog: CatalogStore | None = None
     index: NeighbourIndex | None = None
     in_flight: int = 0

@@ -84,5 +84,8 @@ def test_the_dashboard_covers_what_operators_watch():
         "nv_inference_compute_infer_duration_us",
         "nv_gpu_utilization",
         "moodstream_mood_score",
+        "moodstream_auth_refusals_total",
+        "moodstream_rate_limited_total",
+        "moodstream_rate_limit_clients",
     ):
         assert needed in exprs, needed

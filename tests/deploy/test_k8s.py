@@ -267,3 +267,41 @@ def _bytes(quantity: str) -> int:
         if quantity.endswith(unit):
             return int(quantity[: -len(unit)]) * factor
     return int(quantity)
+
+
+def test_the_api_serves_metrics_on_their_own_port_to_prometheus_only(objects):
+    pod = one(objects, "Deployment", "moodstream-api")["spec"]["template"]["spec"]
+    ports = {p["name"]: p["containerPort"] for p in pod["containers"][0]["ports"]}
+    config = one_generated(objects, "moodstream-api")["data"]
+    assert int(config["MOODSTREAM_SERVICE_METRICS_PORT"]) == ports["metrics"] != ports["http"]
+    endpoint = one(objects, "PodMonitor", "moodstream-api")["spec"]["podMetricsEndpoints"][0]
+    assert endpoint["port"] == "metrics"
+    # The Service (what the ingress and clients reach) exposes the page and the API only.
+    assert [p["targetPort"] for p in one(objects, "Service", "moodstream-api")["spec"]["ports"]] == ["http"]
+    monitoring = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
+    for rule in one(objects, "NetworkPolicy", "moodstream-api")["spec"]["ingress"]:
+        reaches = {p["port"] for p in rule["ports"]}
+        assert reaches == ({"metrics"} if rule["from"] == [monitoring] else {"http"}), rule
+
+
+def test_production_requires_credentials_and_limits_each_client():
+    from pipeline.settings import load_settings
+
+    objects = build("prod")
+    config = one_generated(objects, "moodstream-api")["data"]
+    settings = load_settings(
+        **{k.removeprefix("MOODSTREAM_").lower(): v for k, v in config.items() if k.startswith("MOODSTREAM_")}
+    )
+    assert settings.auth_enabled and settings.auth_jwks_url.startswith("https://")
+    assert settings.auth_issuer.startswith("https://") and settings.auth_audience
+    assert settings.analyses_per_minute > 0 and settings.queries_per_second > 0
+    assert "MOODSTREAM_AUTH_API_KEYS" not in config  # entries come from the Secret's file
+    pod = one(objects, "Deployment", "moodstream-api")["spec"]["template"]["spec"]
+    [keys] = [v for v in pod["volumes"] if v["name"] == "api-keys"]
+    assert keys["secret"]["secretName"] == "moodstream-api-keys" and not keys["secret"].get("optional")
+    [mount] = [m for m in pod["containers"][0]["volumeMounts"] if m["name"] == "api-keys"]
+    assert mount["readOnly"] and settings.auth_api_keys_file.parent.as_posix() == mount["mountPath"]
+    assert not of_kind(objects, "Secret")  # the keys' entries are created by the operator, never here
+    # The dev overlay is a shared cluster too, but keeps the base's default: auth off.
+    dev = one_generated(build("dev"), "moodstream-api")["data"]
+    assert dev.get("MOODSTREAM_AUTH_ENABLED", "false") == "false"

@@ -47,6 +47,7 @@ def url(request, tmp_path) -> str:
 @pytest.fixture
 def store(url):
     opened = CatalogStore.open(url)
+    opened._url = url  # for tests that open the same database again
     yield opened
     opened.close()
 
@@ -359,3 +360,119 @@ async def test_follow_stores_each_record_once_skips_bad_ones_and_commits_after_s
     assert metrics.CATALOG_LAG.labels("0")._value.get() == 0
     assert metrics.CATALOG_TRACKS._value.get() == 2
     assert "is not JSON" in caplog.text and "breaks the tracks.moods v2 schema" in caplog.text
+
+
+# --- SQL injection through every filter ------------------------------------------------------------
+
+#: What an attacker puts where a mood, quadrant or track id goes: quotes closing the literal,
+#: stacked statements, unions, comments, LIKE wildcards, a NUL, a slow query.
+INJECTIONS = (
+    "' OR '1'='1",
+    "relaxed' OR 1=1 --",
+    "relaxed') OR ('a'='a",
+    "x'; DROP TABLE records; --",
+    'x"; DROP TABLE track_latest; --',
+    "' UNION SELECT record, 1.0 FROM records --",
+    "1; DELETE FROM schema_migrations",
+    "relaxed'/**/OR/**/'1'='1",
+    "%",
+    "_",
+    "\\'; SELECT pg_sleep(5); --",
+    "x\x00' OR '1'='1",
+)
+
+
+def catalog_state(store: CatalogStore) -> tuple[int, int, list[str]]:
+    tracks = sorted(t["track_id"] for t in store.ranked(limit=500))
+    return store.count(), store.schema_version, tracks
+
+
+def test_injection_through_every_filter_matches_nothing_and_changes_nothing(store):
+    store.upsert(record("t-1", {"relaxed": 0.9, "happy": 0.2}, valence=0.5, arousal=-0.5))
+    store.upsert(record("t-2", {"happy": 0.8}, valence=0.6, arousal=0.6))
+    hostile = "x' OR '1'='1; DROP TABLE records; --"
+    store.upsert(record(hostile, {"relaxed": 0.1}))  # a track whose id is itself a payload
+    before = catalog_state(store)
+    for payload in INJECTIONS:
+        assert store.track(payload) is None, payload
+        assert store.ranked(mood=payload) == [], payload
+        assert store.ranked(quadrant=payload) == [], payload
+        assert store.ranked(mood="relaxed", quadrant=payload) == [], payload
+        assert set(store.summaries([payload, "t-1"])) == {"t-1"}, payload
+    # The one payload that is a stored id finds exactly that track, and only it.
+    assert store.track(hostile)["track_id"] == hostile
+    assert set(store.summaries([hostile])) == {hostile}
+    assert [t["track_id"] for t in store.ranked(mood="relaxed")] == ["t-1", hostile]
+    # Numbers go in as numbers: a range or limit cannot carry text into the statement.
+    with pytest.raises((ValueError, TypeError)):
+        store.ranked(limit="1; DROP TABLE records")  # type: ignore[arg-type]
+    assert catalog_state(store) == before
+    again = CatalogStore.open(store_url(store))  # every table still there, same schema
+    assert again.schema_version == len(MIGRATIONS) and again.count() == 3
+    again.close()
+
+
+def store_url(store: CatalogStore) -> str:
+    return store._url  # set by the fixture below
+
+
+@pytest.mark.integration
+def test_injection_through_the_http_api_on_both_databases(url, tmp_path):
+    """Every filter of the catalog routes, through a running service on SQLite and on
+    PostgreSQL: a payload is refused (400) or matches nothing (200 with no tracks, 404),
+    never an error of the database (5xx), and the catalog is unchanged afterwards."""
+    import requests
+    from serving import ServiceProcess
+
+    store = CatalogStore.open(url)
+    store.upsert(record("t-1", {"relaxed": 0.9}, valence=0.5, arousal=-0.5))
+    store.upsert(record("t-2", {"happy": 0.8}, valence=0.6, arousal=0.6))
+    before = catalog_state(store)
+    store.close()
+    asked = 0
+    with ServiceProcess(tmp_path, MOODSTREAM_CATALOG_URL=url) as service:
+        for payload in INJECTIONS:
+            for params in (
+                {"mood": payload},
+                {"quadrant": payload},
+                {"valence": payload},
+                {"arousal": payload},
+                {"valence": f"0,1{payload}"},
+                {"limit": payload},
+                {"mood": "relaxed", "valence": "0,1", "arousal": "-1,0", "quadrant": payload},
+            ):
+                answer = requests.get(service.url + "/v1/tracks", params=params, timeout=30)
+                asked += 1
+                assert answer.status_code in (200, 400), (params, answer.status_code, answer.text)
+                if answer.status_code == 200:
+                    assert answer.json()["tracks"] == [], params
+                else:
+                    assert answer.headers["content-type"] == "application/problem+json"
+            for path in (f"/v1/tracks/{payload}", f"/v1/tracks/{payload}/similar"):
+                answer = requests.get(service.url + path.replace("%", "%25"), timeout=30)
+                asked += 1
+                assert answer.status_code in (400, 404), (path, answer.status_code, answer.text)
+                assert answer.headers["content-type"] == "application/problem+json"
+        ranked = requests.get(service.url + "/v1/tracks", params={"mood": "relaxed"}, timeout=30).json()
+        assert [t["track_id"] for t in ranked["tracks"]] == ["t-1"]
+    assert asked == len(INJECTIONS) * 9
+    store = CatalogStore.open(url)
+    assert catalog_state(store) == before
+    store.close()
+
+
+async def test_a_record_no_catalog_can_store_is_skipped_and_the_catalog_follows_on(store, caplog):
+    """A NUL in a track id or mood name (valid JSON, valid v2) would make PostgreSQL refuse the
+    row and stop the consumer: it is rejected like a record off the schema."""
+    poison = [
+        json.dumps(record("bad\x00id", {"happy": 0.5})).encode(),
+        json.dumps(record("t-9", {"hap\x00py": 0.5})).encode(),
+    ]
+    good = json.dumps(record("t-1", {"happy": 0.5})).encode()
+    stop = asyncio.Event()
+    consumer = FakeConsumer([[*poison, good]], stop)
+    before = metrics.CATALOG_RECORDS.labels("rejected")._value.get()
+    await asyncio.wait_for(follow(consumer, store, None, stop=stop), 30)
+    assert metrics.CATALOG_RECORDS.labels("rejected")._value.get() - before == 2
+    assert store.count() == 1 and store.track("t-1") is not None and consumer.committed == [3]
+    assert "NUL character in its track_id" in caplog.text and "in its mood names" in caplog.text

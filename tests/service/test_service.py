@@ -27,6 +27,7 @@ import requests
 from serving import REPO, ServiceProcess
 from support import real_clip
 
+from devstack import free_ports
 from pipeline.contracts import events
 from pipeline.service.catalog import CatalogStore, embedding_of
 from pipeline.service.uploads import RETRY_AFTER_S
@@ -53,6 +54,7 @@ def service(tmp_path_factory) -> Iterator[ServiceProcess]:
             tmp_path_factory.mktemp("service"),
             MOODSTREAM_MAX_UPLOAD_BYTES=str(MAX_UPLOAD_BYTES),
             MOODSTREAM_ANALYSIS_TIMEOUT_S=str(ANALYSIS_TIMEOUT_S),
+            MOODSTREAM_SERVICE_METRICS_PORT=str(free_ports(1)[0]),
         ) as running:
             yield running
     except RuntimeError as exc:  # it exited or never became ready: the message has its log tail
@@ -351,17 +353,42 @@ def test_moods_health_readiness_metrics_and_docs(service, catalog):
         "catalog": "ok",
         "follower": "off",
     }, ready.text
-    text = requests.get(service.url + "/metrics", timeout=10).text
+    # /metrics on a port of its own (MOODSTREAM_SERVICE_METRICS_PORT), not on the service's.
+    text = requests.get(service.metrics_url, timeout=10).text
+    problem(requests.get(service.url + "/metrics", timeout=10), 404, "not_found")
     assert 'moodstream_http_requests_total{method="GET",route="/v1/tracks",status="200"}' in text
     assert "moodstream_catalog_tracks" in text
-    docs = requests.get(service.url + "/docs", timeout=10)
-    assert docs.status_code == 200 and "swagger" in docs.text.lower()
-    paths = requests.get(service.url + "/openapi.json", timeout=10).json()["paths"]
+    # Swagger UI runs inline script from a CDN, which the CSP forbids: the document alone is served.
+    problem(requests.get(service.url + "/docs", timeout=10), 404, "not_found")
+    document = requests.get(service.url + "/openapi.json", timeout=10).json()
+    paths = document["paths"]
     assert {"/v1/analyses", "/v1/tracks", "/v1/tracks/{track_id}", "/v1/tracks/{track_id}/similar", "/v1/moods"} <= set(
         paths
     )
     page = requests.get(service.url + "/", timeout=10)
     assert page.status_code == 200 and "text/html" in page.headers["content-type"]
+    # Auth is off here (the default): the document asks for no credentials and lists no 401/403.
+    assert "securitySchemes" not in document.get("components", {})
+    assert not any("security" in op or "401" in op["responses"] for path in paths.values() for op in path.values())
+
+
+def test_every_answer_carries_the_security_headers_and_no_cors_unless_configured(service, catalog):
+    origin = {"Origin": "https://elsewhere.example"}
+    for path in ("/", "/static/app.js", "/v1/moods", "/v1/tracks/nobody", "/healthz"):
+        answer = requests.get(service.url + path, headers=origin, timeout=10)
+        assert "script-src 'self'" in answer.headers["content-security-policy"], path
+        assert "unsafe-inline" not in answer.headers["content-security-policy"], path
+        assert answer.headers["x-content-type-options"] == "nosniff", path
+        assert answer.headers["referrer-policy"] == "no-referrer", path
+        assert not any(h.lower().startswith("access-control-") for h in answer.headers), (path, answer.headers)
+    assert requests.get(service.url + "/v1/moods", timeout=10).headers["cache-control"] == "no-store"
+    preflight = requests.options(
+        service.url + "/v1/tracks",
+        headers={**origin, "Access-Control-Request-Method": "GET", "Access-Control-Request-Headers": "authorization"},
+        timeout=10,
+    )
+    problem(preflight, 405, "method_not_allowed")
+    assert "access-control-allow-origin" not in preflight.headers
 
 
 def test_unknown_routes_and_methods_are_problems(service):

@@ -6,12 +6,22 @@ real clip, checks what the result view shows against the record the page receive
 out at a phone's width, ranks the catalog by a mood and opens a track from it, and uploads a file
 that is not audio. Screenshots of each view are written to the test's tmp_path.
 
+Then hostile values, against a second service with auth on that follows a real broker's output
+topic (the embedded stack's Tansu): a record whose track id, mood family, tags and correlation
+id are markup (``<img onerror>``, ``<script>``, ``<svg onload>``) is announced on the topic, and
+a real clip is uploaded under a file name that is markup. The page, given its token in its
+address, shows them and the test proves nothing ran: the payloads' flag is unset, no element of
+theirs exists, and the browser reported no Content-Security-Policy violation (any markup that got
+in would have tried to run and been blocked). Markup put into the page behind its back is
+blocked by the CSP, and without a token the page shows the service's 401.
+
 Needs the clips of ``make clips`` in MOODSTREAM_TEST_CLIPS, and Chromium with its chromedriver
 on PATH (Debian's chromium and chromium-driver, which ``make tools`` installs).
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import copy
 import json
@@ -21,10 +31,12 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import quote, urlencode
 
 import pytest
 import requests
+from aiokafka import AIOKafkaProducer
+from identity import IdentityProvider
 from selenium import webdriver
 from selenium.webdriver.chrome.options import Options
 from selenium.webdriver.chrome.service import Service
@@ -34,6 +46,7 @@ from selenium.webdriver.support.ui import Select, WebDriverWait
 from serving import ServiceProcess
 from support import real_clip
 
+from devstack import EmbeddedStack
 from pipeline.service.catalog import CatalogStore
 from pipeline.service.uploads import RETRY_AFTER_S
 
@@ -75,6 +88,8 @@ def browser() -> Iterator[WebDriver]:
         options.add_argument(arg)
     driver = webdriver.Chrome(options=options, service=Service(chromedriver))
     driver.set_window_size(*DESKTOP)
+    # Before any page script: record every Content-Security-Policy violation the page reports.
+    driver.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument", {"source": WATCH_CSP})
     yield driver
     driver.quit()
 
@@ -258,6 +273,175 @@ def test_a_busy_service_says_when_to_try_again(browser, service, clip, tmp_path)
     finally:
         go_on.set()
         holder.join(timeout=ANALYSIS_TIMEOUT_S)
+
+
+# --- hostile values: shown as text, never run --------------------------------------------------------
+
+#: What a hostile producer or uploader sends; each payload would set window.__xss if it ran.
+MARKUP = '<img src=x onerror="window.__xss=1"><script>window.__xss=2</script>'
+HOSTILE_ID = 'label/<img src=x onerror="window.__xss=3">/<svg onload="window.__xss=4">"\'&amp;'
+HOSTILE_FILE = "<img src=x onerror=window.__xss=5><svg onload=window.__xss=6>.ogg"
+WATCH_CSP = """
+window.__violations = [];
+document.addEventListener('securitypolicyviolation',
+  (e) => window.__violations.push(e.violatedDirective + ' ' + (e.blockedURI || e.sample || '')));
+"""
+
+
+@pytest.fixture(scope="module")
+def broker(tmp_path_factory) -> Iterator[EmbeddedStack]:
+    """A real Kafka-protocol broker (Tansu, and moto beside it; no Triton)."""
+    with EmbeddedStack(model_repository=None, log_dir=tmp_path_factory.mktemp("broker")) as stack:
+        stack.create_topics(["xss.moods"])
+        yield stack
+
+
+@pytest.fixture(scope="module")
+def guarded(tmp_path_factory, broker) -> Iterator[tuple[ServiceProcess, IdentityProvider]]:
+    """The service with auth on, its catalog following the broker's xss.moods."""
+    folder = tmp_path_factory.mktemp("guarded")
+    idp = IdentityProvider(folder)
+    try:
+        with ServiceProcess(
+            folder,
+            ready_timeout_s=120,
+            **broker.env(),
+            **idp.settings(),
+            MOODSTREAM_OUTPUT_TOPIC="xss.moods",
+            MOODSTREAM_CATALOG_FOLLOW="true",
+            MOODSTREAM_CATALOG_GROUP="xss-catalog",
+        ) as running:
+            yield running, idp
+    except RuntimeError as exc:
+        pytest.fail(str(exc))
+
+
+@pytest.fixture(scope="module")
+def hostile(guarded, broker, clip) -> dict[str, Any]:
+    """A real record made hostile, announced on the output topic and taken in by the catalog."""
+    service, idp = guarded
+    with clip.open("rb") as f:
+        answer = requests.post(
+            service.url + "/v1/analyses",
+            files={"file": (clip.name, f)},
+            headers=bearer(idp, "moods:analyse"),
+            timeout=ANALYSIS_TIMEOUT_S,
+        )
+    assert answer.status_code == 200, answer.text
+    record = answer.json()
+    record["track_id"] = HOSTILE_ID
+    record["correlation_id"] = MARKUP
+    lead = record["leading_mood"]["mood"]
+    record["moods"][MARKUP] = record["moods"].pop(lead)  # a mood family named with markup
+    record["leading_mood"]["mood"] = MARKUP
+    for ranked in record["top_tags"].values():
+        ranked[0]["tag"] = MARKUP
+
+    async def announce() -> None:
+        producer = AIOKafkaProducer(bootstrap_servers=broker.kafka_bootstrap, acks="all")
+        await producer.start()
+        try:
+            await producer.send_and_wait("xss.moods", json.dumps(record).encode(), key=HOSTILE_ID.encode())
+        finally:
+            await producer.stop()
+
+    asyncio.run(announce())
+    path = "/v1/tracks/" + quote(HOSTILE_ID, safe="/")
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        stored = requests.get(service.url + path, headers=bearer(idp, "moods:read"), timeout=10)
+        if stored.status_code == 200:
+            assert stored.json() == record
+            return record
+        time.sleep(0.5)
+    pytest.fail(f"the catalog did not take in the announced record: {stored.status_code} {service.log_tail()}")
+
+
+def test_markup_in_an_announced_record_is_shown_as_text(browser, guarded, hostile, tmp_path):
+    service, idp = guarded
+    token = idp.token(scope="moods:read")
+    browser.get("about:blank")
+    browser.get(f"{service.url}/#{urlencode({'access_token': token, 'track': HOSTILE_ID})}")
+    wait_for_result(browser, VIEW_TIMEOUT_S, HOSTILE_ID)
+    assert "access_token" not in browser.current_url  # taken out of the address and history
+    assert text(browser, "result-track") == HOSTILE_ID
+    assert text(browser, "leading-mood") == MARKUP
+    assert shown_record(browser) == hostile
+    labels = [b.get_attribute("data-mood") for b in browser.find_elements(By.CSS_SELECTOR, "#mood-bars .mood-bar")]
+    assert MARKUP in labels
+    legend = [s.text for s in browser.find_elements(By.CSS_SELECTOR, "#timeline-chart .u-legend .u-label")]
+    assert MARKUP in legend
+    tags = [b.get_attribute("data-tag") for b in browser.find_elements(By.CSS_SELECTOR, ".tag-bar")]
+    assert MARKUP in tags
+    # The catalog lists it as text too (ranked by a mood it still has a score for).
+    mood = next(m for m in hostile["moods"] if m != MARKUP)
+    Select(browser.find_element(By.ID, "mood-select")).select_by_value(mood)
+    rows = WebDriverWait(browser, VIEW_TIMEOUT_S).until(
+        lambda d: d.find_elements(By.CSS_SELECTOR, "#catalog-list .track-row")
+    )
+    assert HOSTILE_ID in [r.find_element(By.CSS_SELECTOR, ".track-id").text for r in rows]
+    assert_nothing_ran(browser)
+    screenshot(browser, tmp_path / "hostile-record.png")
+
+
+def test_an_upload_named_with_markup_shows_its_name_as_text(browser, guarded, clip, tmp_path):
+    service, idp = guarded
+    named = tmp_path / HOSTILE_FILE
+    shutil.copyfile(clip, named)
+    browser.get("about:blank")
+    browser.get(f"{service.url}/#{urlencode({'access_token': idp.token(scope='moods:read moods:analyse')})}")
+    upload(browser, named)
+    wait_for_result(browser, ANALYSIS_TIMEOUT_S)
+    assert text(browser, "status").startswith(f"Analysed {HOSTILE_FILE} in ")
+    assert_nothing_ran(browser)
+    screenshot(browser, tmp_path / "hostile-upload.png")
+
+
+def test_markup_put_into_the_page_behind_its_back_is_blocked_by_the_csp(browser, guarded):
+    """Defence in depth: were a value ever written as HTML, its inline handler or script would
+    still not run."""
+    service, _ = guarded
+    browser.get("about:blank")
+    browser.get(service.url + "/")
+    browser.execute_script(
+        "const box = document.createElement('div');"
+        ' box.innerHTML = \'<img src="/static/no-such.png" onerror="window.__xss=7">\';'
+        " document.body.append(box);"
+        " const s = document.createElement('script'); s.textContent = 'window.__xss = 8'; document.body.append(s);"
+    )
+    WebDriverWait(browser, VIEW_TIMEOUT_S).until(lambda d: len(d.execute_script("return window.__violations")) >= 2)
+    assert browser.execute_script("return window.__xss") is None
+    violations = browser.execute_script("return window.__violations")
+    assert all(v.startswith("script-src") for v in violations), violations
+
+
+def test_without_a_token_the_page_shows_the_services_401(browser, guarded, clip, tmp_path):
+    service, _ = guarded
+    browser.get(service.url + "/")
+    browser.execute_script("sessionStorage.clear()")
+    browser.get("about:blank")
+    browser.get(service.url + "/")
+    WebDriverWait(browser, VIEW_TIMEOUT_S).until(lambda d: "Authentication required" in text(d, "catalog-status"))
+    upload(browser, clip)
+    WebDriverWait(browser, VIEW_TIMEOUT_S).until(lambda d: d.find_element(By.ID, "problem").is_displayed())
+    assert text(browser, "problem-reason") == "unauthenticated"
+    assert "HTTP 401" in text(browser, "problem-status")
+    screenshot(browser, tmp_path / "unauthenticated.png")
+
+
+def assert_nothing_ran(browser: WebDriver) -> None:
+    """No payload ran, none of their elements exists, no CSP violation was reported."""
+    found = browser.execute_script("""
+        const handlers = [...document.querySelectorAll('*')].filter(
+          (e) => [...e.attributes].some((a) => a.name.startsWith('on')));
+        return {xss: window.__xss ?? null, violations: window.__violations,
+                scripts: document.scripts.length, images: document.images.length,
+                svgs: document.querySelectorAll('svg').length, handlers: handlers.length};""")
+    assert found == {"xss": None, "violations": [], "scripts": 1, "images": 0, "svgs": 1, "handlers": 0}, found
+
+
+def bearer(idp: IdentityProvider, scope: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {idp.token(scope=scope)}"}
 
 
 # --- helpers ----------------------------------------------------------------------------------------

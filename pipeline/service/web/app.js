@@ -10,8 +10,15 @@
  * Errors arrive as application/problem+json {type, title, status, detail, reason}.
  *
  * Everything taken from a record goes onto the page as text (textContent, attributes), never
- * as HTML: track ids and tags come from uploads and catalogs we do not control.
+ * as HTML: track ids and tags come from uploads and catalogs we do not control. The service's
+ * Content-Security-Policy forbids inline script, so this file holds every handler.
  * A stored track's view has an address (#track=<id>), so it can be linked and reloaded.
+ *
+ * Credentials (where the service requires them, docs/http-api.md): a gateway in front may add
+ * the Authorization header itself, and the page then does nothing. Otherwise the page sends the
+ * bearer token it is given: in its address as #access_token=<token> (moved at once into this
+ * tab's sessionStorage and out of the address and history) or already in sessionStorage under
+ * "moodstream.token".
  */
 import uPlot from "/static/vendor/uplot/uPlot.esm.js";
 
@@ -30,7 +37,26 @@ const MOOD_COLOURS = {
 };
 const SPARE_COLOURS = ["#7F7F7F", "#8C564B"];
 
+const TOKEN_KEY = "moodstream.token";
+
 const $ = (id) => document.getElementById(id);
+
+/** Move a token handed over in the address (#access_token=…) into this tab's storage. */
+function takeTokenFromAddress() {
+  const params = new URLSearchParams(location.hash.slice(1));
+  const token = params.get("access_token");
+  if (token === null) return;
+  if (token) sessionStorage.setItem(TOKEN_KEY, token);
+  for (const name of ["access_token", "token_type", "expires_in", "scope"]) params.delete(name);
+  const rest = params.toString();
+  history.replaceState(null, "", location.pathname + location.search + (rest ? `#${rest}` : ""));
+}
+
+/** The Authorization header for the token this page was given, if any. */
+function credentials() {
+  const token = sessionStorage.getItem(TOKEN_KEY);
+  return token ? { Authorization: `Bearer ${token}` } : {};
+}
 
 /** What went wrong with a request, as the API's problem document describes it. */
 class Problem extends Error {
@@ -44,7 +70,10 @@ class Problem extends Error {
 async function api(path, options = {}) {
   let response;
   try {
-    response = await fetch(path, { ...options, headers: { Accept: "application/json, application/problem+json" } });
+    response = await fetch(path, {
+      ...options,
+      headers: { Accept: "application/json, application/problem+json", ...credentials() },
+    });
   } catch (err) {
     throw new Problem({ status: 0, title: "The service does not answer", detail: err.message, reason: "unreachable" });
   }
@@ -99,13 +128,17 @@ function showProblem(problem) {
   $("problem-status").textContent = problem.status ? `(HTTP ${problem.status})` : "";
   $("problem-detail").textContent = problem.detail;
   const retry = $("problem-retry");
-  // 503 is "busy" (too many analyses in flight) or "unavailable" (a store it needs is down).
-  retry.hidden = problem.status !== 503;
+  // 503 is "busy" (too many analyses in flight) or "unavailable" (a store it needs is down);
+  // 429 is this client over its own rate.
+  retry.hidden = problem.status !== 503 && problem.status !== 429;
   if (!retry.hidden) {
     // Retry-After may also be an HTTP date; only a number of seconds is worth reading out.
     const seconds = /^\d+$/.test(problem.retryAfter ?? "") ? Number(problem.retryAfter) : null;
+    const when = seconds === null ? "later" : `in ${seconds} s`;
     const state = problem.reason === "unavailable" ? "unavailable" : "busy";
-    retry.textContent = `The service is ${state}, try again ${seconds === null ? "later" : `in ${seconds} s`}.`;
+    retry.textContent = problem.status === 429
+      ? `You have sent many requests in a short time; try again ${when}.`
+      : `The service is ${state}, try again ${when}.`;
   }
   $("problem-reason").textContent = problem.reason || "not given";
   $("problem").hidden = false;
@@ -407,6 +440,7 @@ function openTrack(trackId) {
 }
 
 function route() {
+  takeTokenFromAddress();
   const trackId = trackInAddress();
   if (trackId) loadTrack(trackId);
 }
@@ -418,5 +452,6 @@ $("catalog-form").addEventListener("submit", (event) => {
   loadCatalog();
 });
 window.addEventListener("hashchange", route);
+takeTokenFromAddress();
 loadMoods();
 route();
