@@ -202,7 +202,11 @@ def build(name: str, dockerfile: str, sources: list[Path], args: dict[str, str])
     tag = f"localhost/{name}:{key}"
     if exists(tag):
         return tag, key, None
-    labels = {"SOURCE_REVISION": revision(), "LOCK_SHA256": file_sha256(IMAGE_LOCK)}
+    # The lock's hash labels only an image built from it (its key includes the lock): the
+    # models' image holds no Python packages and is reused across lock changes.
+    labels = {"SOURCE_REVISION": revision()}
+    if IMAGE_LOCK in sources:
+        labels["LOCK_SHA256"] = file_sha256(IMAGE_LOCK)
     command = ["build", "--network=host", "-f", str(DOCKER / dockerfile), "-t", tag]
     for k, v in {**args, **labels}.items():
         command += ["--build-arg", f"{k}={v}"]

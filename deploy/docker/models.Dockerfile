@@ -12,13 +12,11 @@
 ARG BASE_IMAGE=debian:bookworm-slim
 FROM ${BASE_IMAGE}
 ARG SOURCE_REVISION=unknown
-ARG LOCK_SHA256=unknown
 LABEL org.opencontainers.image.title="moodstream-models" \
       org.opencontainers.image.description="moodstream's Triton model repository, in /models" \
       org.opencontainers.image.version="0.1.0" \
       org.opencontainers.image.licenses="Apache-2.0 AND ISC" \
-      org.opencontainers.image.revision="${SOURCE_REVISION}" \
-      io.moodstream.lock.sha256="${LOCK_SHA256}"
+      org.opencontainers.image.revision="${SOURCE_REVISION}"
 COPY --chown=root:root triton_models/ /models/
 USER 10001:10001
 # As an init container: copy the repository into the volume mounted at /repository.

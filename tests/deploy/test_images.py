@@ -250,8 +250,9 @@ def test_images_are_labelled_lean_and_have_their_sbom(images):
     lock = hashlib.sha256((REPO / "requirements" / "image.txt").read_bytes()).hexdigest()
     for image in (worker, models):
         labels = json.loads(podman("image", "inspect", "--format", "{{json .Labels}}", image.tag).stdout)
-        assert labels["io.moodstream.lock.sha256"] == lock
         assert len(labels["org.opencontainers.image.revision"].split("-")[0]) == 40
+        # the models' image holds no Python packages: it is reused across lock changes, unlabelled
+        assert labels.get("io.moodstream.lock.sha256") == (lock if image is worker else None)
     sbom = json.loads(Path(worker.sbom).read_text())
     names = {c["name"] for c in sbom["components"]}
     assert sbom["metadata"]["component"]["name"] == "moodstream"
