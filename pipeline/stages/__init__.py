@@ -1,0 +1,1 @@
+"""The stages: plain functions a test can call, one concern each."""
