@@ -99,23 +99,24 @@ def tools_missing() -> list[str]:
     return missing
 
 
-def song_specs(count: int = 96, *, seconds: float = 40.0, seed: int = 2026) -> list[SongSpec]:
+def song_specs(count: int = 96, *, seconds: float = 40.0, seed: int = 2026, prefix: str = "", style_offset: int = 0) -> list[SongSpec]:
     """``count`` songs over the 24 keys (major and minor alternate, every tonic), styles in
-    turn, each about ``seconds`` long."""
+    turn, each about ``seconds`` long; another ``seed`` (and a ``prefix`` for the names) makes
+    another set, e.g. one held out from any tuning."""
     rng = np.random.default_rng(seed)
     specs = []
     for i in range(count):
         key = i % 24
         tonic, mode = (key * 7) % 12, 1 - (key // 12)  # around the circle of fifths, majors then minors
         # Each pass over the keys starts the style rotation elsewhere, so a key meets many styles.
-        style = STYLES[(i + 5 * (i // 24)) % len(STYLES)]
+        style = STYLES[(i + 5 * (i // 24) + style_offset) % len(STYLES)]
         lo, hi = style.tempo
         tempo = int(rng.integers(lo, hi + 1))
         bars = max(8, int(round(seconds * tempo / 60 / style.meter)))
         bars = (bars + 7) // 8 * 8  # whole charts: the song ends on its cadence
         chart = int(rng.integers(len(MAJOR_CHARTS)))
         rate = 44_100 if i % 2 == 0 else 48_000
-        name = f"{i:03d}-{style.groove.lower()}-{KEY_NAMES[tonic]}{'' if mode else 'm'}-{tempo}bpm"
+        name = f"{prefix}{i:03d}-{style.groove.lower()}-{KEY_NAMES[tonic]}{'' if mode else 'm'}-{tempo}bpm"
         specs.append(SongSpec(name, style.groove, style.meter, tempo, tonic, mode, chart, bars, rate, seed + i))
     return specs
 
@@ -225,3 +226,13 @@ def render(spec: SongSpec, cache: Path = CACHE) -> tuple[Path, dict]:
     }
     truth_path.write_text(json.dumps(truth))
     return audio, truth
+
+
+#: The two sets of the benchmark: ``tuning`` (the estimators' constants were chosen on it) and
+#: ``held_out`` (never looked at while tuning: its figures are the ones to trust).
+def tuning_set() -> list[SongSpec]:
+    return song_specs(96)
+
+
+def held_out_set() -> list[SongSpec]:
+    return song_specs(48, seed=7, prefix="h", style_offset=7)
