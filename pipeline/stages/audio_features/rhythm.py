@@ -81,15 +81,20 @@ def tempogram(o: np.ndarray, fps: float, window_s: float = WINDOW_S) -> tuple[np
         return np.zeros(1, int), np.zeros((1, 1))
     hop = max(1, w // 2)
     starts = np.arange(0, len(o) - w + 1, hop)
-    frames = np.lib.stride_tricks.sliding_window_view(o, w)[starts]
-    frames = frames - frames.mean(axis=1, keepdims=True)
     n = scipy.fft.next_fast_len(2 * w)
-    spec = scipy.fft.rfft(frames, n=n, axis=1)
-    acf = scipy.fft.irfft(spec.real**2 + spec.imag**2, n=n, axis=1)[:, :w]
-    acf /= np.arange(w, 0, -1)  # unbiased: each lag's mean product
-    zero = acf[:, :1]
-    acf = np.where(zero > 1e-12, acf / np.maximum(zero, 1e-12), 0.0)
-    return starts, acf
+    out = np.empty((len(starts), w), np.float32)
+    views = np.lib.stride_tricks.sliding_window_view(o, w)
+    unbias = np.arange(w, 0, -1)
+    # In batches of windows: a three-hour track has ~2,700 of them, and the FFTs of all at once
+    # held 35 MB of temporaries.
+    for at in range(0, len(starts), 256):
+        frames = views[starts[at : at + 256]]
+        frames = frames - frames.mean(axis=1, keepdims=True)
+        spec = scipy.fft.rfft(frames, n=n, axis=1)
+        acf = scipy.fft.irfft(spec.real**2 + spec.imag**2, n=n, axis=1)[:, :w] / unbias
+        zero = acf[:, :1]
+        out[at : at + 256] = np.where(zero > 1e-12, acf / np.maximum(zero, 1e-12), 0.0)
+    return starts, out
 
 
 def _at(acf: np.ndarray, lags: np.ndarray) -> np.ndarray:
@@ -274,7 +279,7 @@ def analyse(onset: np.ndarray, low: np.ndarray, chroma: np.ndarray, fps: float, 
     if not len(o) or not o.any():
         return Rhythm(None, 0.0)
     gram = tempogram(o, fps)
-    acf = gram[1].mean(axis=0)
+    acf = gram[1].mean(axis=0, dtype=np.float64)
     bpm, strength = estimate_tempo(acf, fps)
     peakiness = _peakiness(onset)
     confidence = float(np.clip(strength, 0.0, 1.0) * peakiness)
@@ -283,7 +288,7 @@ def analyse(onset: np.ndarray, low: np.ndarray, chroma: np.ndarray, fps: float, 
     # The metrical level: the candidate and its double (or half), decided by OCTAVE_COEF.
     slow = bpm if bpm < OCTAVE_SPLIT_BPM else bpm / 2
     ol = normalise(low, fps)
-    acf_low = tempogram(ol, fps)[1].mean(axis=0) if ol.any() else np.zeros_like(acf)
+    acf_low = tempogram(ol, fps)[1].mean(axis=0, dtype=np.float64) if ol.any() else np.zeros_like(acf)
     fast_frames = track_beats(o, fps, 2 * slow) if 2 * slow <= MAX_BPM else np.empty(0, int)
     if len(fast_frames) >= 4 and OCTAVE_BIAS + OCTAVE_COEF @ octave_features(o, ol, acf, acf_low, fps, slow, fast_frames) > 0:
         frames = fast_frames
@@ -322,7 +327,7 @@ def segment_tempo(track: Rhythm, onset: np.ndarray, fps: float, start: int, stop
     inside = np.flatnonzero((starts + half >= start) & (starts + half < stop))
     if not len(inside):
         inside = np.array([int(np.argmin(np.abs(starts + half - (start + stop) / 2)))])
-    bpm, strength = estimate_tempo(acf[inside].mean(axis=0), fps)
+    bpm, strength = estimate_tempo(acf[inside].mean(axis=0, dtype=np.float64), fps)
     if bpm is None:
         return None, 0.0
     if track.tempo:
