@@ -117,7 +117,7 @@ def test_three_hours_stream_in_bounded_memory():
     """A 3-hour stream (mono at 8 kHz to keep the test short: what grows with the duration is
     the per-frame envelopes, the same at any rate; ``python -m bench.audio_features`` runs it
     in stereo at 44.1 kHz): the stage's peak allocation stays a few tens of MB (its envelopes,
-    about 40 bytes per 100 ms, and the finish's work on them), not the audio (346 MB of float32
+    about 70 bytes per 100 ms, and the finish's work on them), not the audio (346 MB of float32
     here)."""
     rate, chunk = 8_000, 64_000
     loop = click_track(125, 12.0, rate)[None, :]

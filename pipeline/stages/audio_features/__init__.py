@@ -10,9 +10,9 @@
 :func:`analyse` does the same for a whole signal in memory. Modules: ``loudness`` (BS.1770-4,
 EBU Tech 3342, true peak), ``spectral`` (the low-rate frames), ``rhythm`` (tempo, beats,
 meter), ``tonal`` (key), ``descriptors`` (energy, danceability, speechiness, fades, the
-model-derived fields), ``stream`` (the accumulator). Nothing here imports the rest of the
-product but :mod:`pipeline.errors`'s conventions: inputs are numpy arrays. docs/audio-features.md
-describes every field.
+model-derived fields), ``result`` (the dataclasses), ``stream`` (the accumulator). Nothing
+here imports the rest of the product: inputs are numpy arrays, misuse raises ValueError or
+RuntimeError, bad audio gives defined fields. docs/audio-features.md describes every field.
 """
 
 from __future__ import annotations
