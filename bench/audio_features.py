@@ -40,7 +40,7 @@ import sys
 import time
 import tracemalloc
 from concurrent.futures import ProcessPoolExecutor
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -151,13 +151,30 @@ def ebu_report() -> list[dict]:
             elif measure == "true_peak":
                 got = result.true_peak
             else:
-                series = loudness.short_term(energies, lengths) if measure == "short_term" else loudness.momentary(energies, lengths)
+                series = (
+                    loudness.short_term(energies, lengths)
+                    if measure == "short_term"
+                    else loudness.momentary(energies, lengths)
+                )
                 # Every value once the window is full of the signal (the spec's reading).
                 start = 30 if measure == "short_term" else 4
                 series = series[start:]
-                got = float(series.min()) if abs(series.min() - value) > abs(series.max() - value) else float(series.max())
+                got = (
+                    float(series.min())
+                    if abs(series.min() - value) > abs(series.max() - value)
+                    else float(series.max())
+                )
             ok = got is not None and value - minus <= got <= value + plus
-            out.append({"case": case.name, "measure": measure, "expected": value, "tolerance": [-minus, plus], "measured": got, "ok": bool(ok)})
+            out.append(
+                {
+                    "case": case.name,
+                    "measure": measure,
+                    "expected": value,
+                    "tolerance": [-minus, plus],
+                    "measured": got,
+                    "ok": bool(ok),
+                }
+            )
     return out
 
 
@@ -172,16 +189,24 @@ def speech_report(specs: list[songs.SongSpec]) -> dict:
         values = [analyse(speech.mix(music, rate, r), rate).speechiness for r in speech.RATIOS_DB]
         # Ordered: each louder speech reads at least as high, within 0.02 (speech 20 dB under
         # the music is inaudible, and there two readings may tie).
-        rows.append({"name": spec.name, "speechiness": values, "monotonic": bool(all(b >= a - 0.02 for a, b in zip(values, values[1:])))})
+        rows.append(
+            {
+                "name": spec.name,
+                "speechiness": values,
+                "monotonic": bool(all(b >= a - 0.02 for a, b in zip(values, values[1:]))),
+            }
+        )
     labels = ["music"] + [f"{r:+.0f} dB" for r in speech.RATIOS_DB[1:-1]] + ["speech"]
     means = np.mean([r["speechiness"] for r in rows], axis=0).tolist()
     return {"ratios": labels, "mean": means, "monotonic_songs": sum(r["monotonic"] for r in rows), "songs": rows}
 
 
 def cost_report(folder: Path, rounds: int = 3) -> dict:
-    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in (".ogg", ".mp3", ".flac", ".wav", ".opus") and "/audio/" in str(p)) or sorted(
-        p for p in folder.rglob("*") if p.suffix.lower() in (".ogg", ".mp3", ".flac", ".wav", ".opus")
-    )
+    files = sorted(
+        p
+        for p in folder.rglob("*")
+        if p.suffix.lower() in (".ogg", ".mp3", ".flac", ".wav", ".opus") and "/audio/" in str(p)
+    ) or sorted(p for p in folder.rglob("*") if p.suffix.lower() in (".ogg", ".mp3", ".flac", ".wav", ".opus"))
     if not files:
         return {"error": f"no audio under {folder} (make music fetches it)"}
     # Decode once (not timed): the stage's cost alone is wanted. The decode floor of the same
@@ -263,7 +288,12 @@ def memory_report(hours: float = 3.0, rate: int = 44_100) -> dict:
         result = stream.finish()
         _, peak = tracemalloc.get_traced_memory()
         tracemalloc.stop()
-        out[label] = {"peak_mb": round(peak / 2**20, 1), "cpu_s": round(time.process_time() - started, 1), "tempo": result.tempo, "beats": len(result.beats)}
+        out[label] = {
+            "peak_mb": round(peak / 2**20, 1),
+            "cpu_s": round(time.process_time() - started, 1),
+            "tempo": result.tempo,
+            "beats": len(result.beats),
+        }
     return out
 
 
@@ -307,12 +337,17 @@ def fit_octave() -> None:
 
 
 def _table(report: dict) -> str:
-    lines = ["| set | songs | tempo Acc1 (≥ 0.95) | tempo Acc2 (≥ 0.99) | beat F (≥ 0.90) | downbeat F | time signature | key weighted (≥ 0.90) | key exact |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| set | songs | tempo Acc1 (≥ 0.95) | tempo Acc2 (≥ 0.99) | beat F (≥ 0.90) | downbeat F | time signature | key weighted (≥ 0.90) | key exact |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for name in ("tuning", "held_out"):
         if name not in report:
             continue
         s = report[name]["summary"]
-        lines.append(f"| {name.replace('_', '-')} | {s['songs']} | {s['tempo_acc1']:.3f} | {s['tempo_acc2']:.3f} | {s['beat_f']:.3f} | {s['downbeat_f']:.3f} | {s['time_signature']:.3f} | {s['key_weighted']:.3f} | {s['key_exact']:.3f} |")
+        lines.append(
+            f"| {name.replace('_', '-')} | {s['songs']} | {s['tempo_acc1']:.3f} | {s['tempo_acc2']:.3f} | {s['beat_f']:.3f} | {s['downbeat_f']:.3f} | {s['time_signature']:.3f} | {s['key_weighted']:.3f} | {s['key_exact']:.3f} |"
+        )
     return "\n".join(lines)
 
 
@@ -333,28 +368,53 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     missing = songs.tools_missing() + speech.tools_missing()
     if missing:
-        print(f"missing: {', '.join(missing)} (apt-get install mma fluidsynth fluid-soundfont-gm espeak-ng)", file=sys.stderr)
+        print(
+            f"missing: {', '.join(missing)} (apt-get install mma fluidsynth fluid-soundfont-gm espeak-ng)",
+            file=sys.stderr,
+        )
         return 1
-    started = datetime.now(timezone.utc)
-    report: dict = {"date": started.isoformat(timespec="seconds"), "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.processor() or platform.platform()}", "command": "python -m bench.audio_features"}
+    started = datetime.now(UTC)
+    report: dict = {
+        "date": started.isoformat(timespec="seconds"),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.processor() or platform.platform()}",
+        "command": "python -m bench.audio_features",
+    }
     tuning, held_out = songs.tuning_set(), songs.held_out_set()
     with ProcessPoolExecutor(args.workers) as pool:  # render (cached) before timing anything
         list(pool.map(songs.render, tuning + held_out))
     for name, specs in (("tuning", tuning), ("held_out", held_out)):
         report[name] = songs_report(specs, args.workers)
-        print(f"{name}: " + json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in report[name]["summary"].items()}), flush=True)
+        print(
+            f"{name}: "
+            + json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in report[name]["summary"].items()}),
+            flush=True,
+        )
     report["ebu"] = ebu_report()
-    print("EBU: " + ", ".join(f"{r['case']} {r['measure']} {r['measured']:.2f}{'' if r['ok'] else ' MISSED'}" for r in report["ebu"]), flush=True)
+    print(
+        "EBU: "
+        + ", ".join(
+            f"{r['case']} {r['measure']} {r['measured']:.2f}{'' if r['ok'] else ' MISSED'}" for r in report["ebu"]
+        ),
+        flush=True,
+    )
     report["speech"] = speech_report(held_out[::3])
-    print(f"speech: mean {[round(v, 2) for v in report['speech']['mean']]}, monotonic in {report['speech']['monotonic_songs']}/{len(report['speech']['songs'])} songs", flush=True)
+    print(
+        f"speech: mean {[round(v, 2) for v in report['speech']['mean']]}, monotonic in {report['speech']['monotonic_songs']}/{len(report['speech']['songs'])} songs",
+        flush=True,
+    )
     if not args.skip_cost:
         report["cost"] = cost_report(args.music)
         print(f"cost: {report['cost']}", flush=True)
     if not args.skip_memory:
         report["memory"] = memory_report()
         print(f"memory: {report['memory']}", flush=True)
-    report["minutes"] = round((datetime.now(timezone.utc) - started).total_seconds() / 60, 1)
-    missed = [f"{name} {goal}" for name in ("held_out", "tuning") for goal, floor in GOALS.items() if report[name]["summary"][goal] < floor]
+    report["minutes"] = round((datetime.now(UTC) - started).total_seconds() / 60, 1)
+    missed = [
+        f"{name} {goal}"
+        for name in ("held_out", "tuning")
+        for goal, floor in GOALS.items()
+        if report[name]["summary"][goal] < floor
+    ]
     missed += [f"EBU {r['case']} {r['measure']}" for r in report["ebu"] if not r["ok"]]
     if report["speech"]["monotonic_songs"] < len(report["speech"]["songs"]):
         missed.append("speechiness order")

@@ -29,7 +29,9 @@ class Case:
     expected: dict[str, tuple[float, float, float]]  # measure -> (value, -tol, +tol)
 
 
-def _tone(seconds: float, dbfs: float, rate: int = RATE, freq: float = 1000.0, phase: float = 0.0, ramp_s: float = 0.0) -> np.ndarray:
+def _tone(
+    seconds: float, dbfs: float, rate: int = RATE, freq: float = 1000.0, phase: float = 0.0, ramp_s: float = 0.0
+) -> np.ndarray:
     """A stereo sine (both channels) at ``dbfs`` peak level; ``ramp_s`` of raised-cosine fade
     in and out (the true-peak cases: an abrupt start from silence overshoots between samples,
     as any band-limited reconstruction of a step does, which the cases do not test)."""
@@ -61,10 +63,25 @@ def _sequence(parts: list[tuple[float, float]], rate: int = RATE) -> np.ndarray:
 def tech3341() -> Iterator[Case]:
     """Tech 3341 cases 1-5, 9, 12 (loudness) and 15-19 (true peak)."""
     lu = (0.1, 0.1)
-    yield Case("3341-1", RATE, _tone(20, -23.0), {"integrated": (-23.0, *lu), "short_term": (-23.0, *lu), "momentary": (-23.0, *lu)})
-    yield Case("3341-2", RATE, _tone(20, -33.0), {"integrated": (-33.0, *lu), "short_term": (-33.0, *lu), "momentary": (-33.0, *lu)})
+    yield Case(
+        "3341-1",
+        RATE,
+        _tone(20, -23.0),
+        {"integrated": (-23.0, *lu), "short_term": (-23.0, *lu), "momentary": (-23.0, *lu)},
+    )
+    yield Case(
+        "3341-2",
+        RATE,
+        _tone(20, -33.0),
+        {"integrated": (-33.0, *lu), "short_term": (-33.0, *lu), "momentary": (-33.0, *lu)},
+    )
     yield Case("3341-3", RATE, _sequence([(10, -36.0), (60, -23.0), (10, -36.0)]), {"integrated": (-23.0, *lu)})
-    yield Case("3341-4", RATE, _sequence([(10, -72.0), (10, -36.0), (60, -23.0), (10, -36.0), (10, -72.0)]), {"integrated": (-23.0, *lu)})
+    yield Case(
+        "3341-4",
+        RATE,
+        _sequence([(10, -72.0), (10, -36.0), (60, -23.0), (10, -36.0), (10, -72.0)]),
+        {"integrated": (-23.0, *lu)},
+    )
     yield Case("3341-5", RATE, _sequence([(20, -26.0), (20.1, -20.0), (20, -26.0)]), {"integrated": (-23.0, *lu)})
     # Case 9: 1.34 s at -20 dBFS, 1.66 s at -30 dBFS, repeated: every 3-s window reads -23.0.
     yield Case("3341-9", RATE, _sequence([(1.34, -20.0), (1.66, -30.0)] * 20), {"short_term": (-23.0, *lu)})
@@ -81,7 +98,12 @@ def tech3341() -> Iterator[Case]:
         ("3341-18", RATE / 8, 67.5, -6.0, -6.0),
         ("3341-19", RATE / 4, 45.0, 20 * np.log10(np.sqrt(2.0)), 3.0),
     ):
-        yield Case(name, RATE, _tone(5.0, peak_db, freq=freq, phase=np.deg2rad(phase_deg), ramp_s=0.5), {"true_peak": (expect, *tp)})
+        yield Case(
+            name,
+            RATE,
+            _tone(5.0, peak_db, freq=freq, phase=np.deg2rad(phase_deg), ramp_s=0.5),
+            {"true_peak": (expect, *tp)},
+        )
 
 
 def tech3342() -> Iterator[Case]:
@@ -90,7 +112,12 @@ def tech3342() -> Iterator[Case]:
     yield Case("3342-1", RATE, _sequence([(20, -20.0), (20, -30.0)]), {"loudness_range": (10.0, *lu)})
     yield Case("3342-2", RATE, _sequence([(20, -20.0), (20, -15.0)]), {"loudness_range": (5.0, *lu)})
     yield Case("3342-3", RATE, _sequence([(20, -40.0), (20, -20.0)]), {"loudness_range": (20.0, *lu)})
-    yield Case("3342-4", RATE, _sequence([(20, -50.0), (20, -35.0), (20, -20.0), (20, -35.0), (20, -50.0)]), {"loudness_range": (15.0, *lu)})
+    yield Case(
+        "3342-4",
+        RATE,
+        _sequence([(20, -50.0), (20, -35.0), (20, -20.0), (20, -35.0), (20, -50.0)]),
+        {"loudness_range": (15.0, *lu)},
+    )
 
 
 def cases() -> list[Case]:

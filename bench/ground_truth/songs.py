@@ -99,7 +99,9 @@ def tools_missing() -> list[str]:
     return missing
 
 
-def song_specs(count: int = 96, *, seconds: float = 40.0, seed: int = 2026, prefix: str = "", style_offset: int = 0) -> list[SongSpec]:
+def song_specs(
+    count: int = 96, *, seconds: float = 40.0, seed: int = 2026, prefix: str = "", style_offset: int = 0
+) -> list[SongSpec]:
     """``count`` songs over the 24 keys (major and minor alternate, every tonic), styles in
     turn, each about ``seconds`` long; another ``seed`` (and a ``prefix`` for the names) makes
     another set, e.g. one held out from any tuning."""
@@ -192,7 +194,9 @@ def render(spec: SongSpec, cache: Path = CACHE) -> tuple[Path, dict]:
             return audio, truth
     missing = tools_missing()
     if missing:
-        raise RuntimeError(f"cannot render songs: missing {', '.join(missing)} (apt-get install mma fluidsynth fluid-soundfont-gm)")
+        raise RuntimeError(
+            f"cannot render songs: missing {', '.join(missing)} (apt-get install mma fluidsynth fluid-soundfont-gm)"
+        )
     folder.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="mma-") as tmp:
         source, midi = Path(tmp) / "song.mma", Path(tmp) / "song.mid"
@@ -204,13 +208,17 @@ def render(spec: SongSpec, cache: Path = CACHE) -> tuple[Path, dict]:
         part = audio.with_name(audio.name + ".part")
         run = subprocess.run(
             ["fluidsynth", "-ni", "-q", "-T", "flac", "-F", str(part), "-r", str(spec.rate), str(SOUNDFONT), str(midi)],
-            capture_output=True, text=True, check=False,
+            capture_output=True,
+            text=True,
+            check=False,
         )
         if run.returncode != 0 or not part.is_file():
             raise RuntimeError(f"fluidsynth failed on {spec.name}: {run.stderr[-500:]}")
         part.rename(audio)
     if meter != spec.meter or abs(tempo - spec.tempo) > 0.01 or first_tick != 0:
-        raise RuntimeError(f"{spec.name}: the MIDI file says {tempo} BPM, {meter} beats a bar, first note at tick {first_tick}")
+        raise RuntimeError(
+            f"{spec.name}: the MIDI file says {tempo} BPM, {meter} beats a bar, first note at tick {first_tick}"
+        )
     period = 60.0 / tempo
     beats = [round(k * period, 6) for k in range(spec.bars * meter)]
     truth = {

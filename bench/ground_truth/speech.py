@@ -44,7 +44,9 @@ def speech(rate: int, cache: Path = CACHE, voice: str = "en") -> np.ndarray:
         path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp) / "speech.wav"
-            subprocess.run(["espeak-ng", "-v", voice, "-s", "160", "-w", str(out), TEXT], check=True, capture_output=True)
+            subprocess.run(
+                ["espeak-ng", "-v", voice, "-s", "160", "-w", str(out), TEXT], check=True, capture_output=True
+            )
             shutil.move(out, path)
     x, source_rate = soundfile.read(path, dtype="float32", always_2d=True)
     mono = x.mean(axis=1)

@@ -38,7 +38,9 @@ def rendered(tmp_path_factory) -> list[tuple[songs.SongSpec, Path, dict]]:
     """The regression songs rendered into the session's temporary folder (a few seconds)."""
     missing = songs.tools_missing()
     if missing:
-        pytest.skip(f"rendering test songs needs Debian's mma, fluidsynth and fluid-soundfont-gm (`make tools`); missing: {', '.join(missing)}")
+        pytest.skip(
+            f"rendering test songs needs Debian's mma, fluidsynth and fluid-soundfont-gm (`make tools`); missing: {', '.join(missing)}"
+        )
     cache = tmp_path_factory.mktemp("ground-truth")
     return [(spec, *songs.render(spec, cache)) for spec in REGRESSION_SONGS]
 

@@ -19,7 +19,9 @@ def test_key_of_synthetic_chord_progressions(key):
     root, minor = key % 12, key >= 12
     x = chord_track(root, minor)
     result = stream(x, 22_050)
-    assert (result.key, result.mode) == (root, 0 if minor else 1), f"{tonal.NAMES[root]} {'minor' if minor else 'major'}: got {tonal.NAMES[result.key]} mode {result.mode}"
+    assert (result.key, result.mode) == (root, 0 if minor else 1), (
+        f"{tonal.NAMES[root]} {'minor' if minor else 'major'}: got {tonal.NAMES[result.key]} mode {result.mode}"
+    )
     assert result.key_confidence > 0.2
 
 
@@ -50,7 +52,9 @@ def test_meter_and_downbeats_from_the_accented_beat(meter):
     result = stream(x, rate)
     assert result.time_signature == meter
     reference = np.arange(0, 30.0 - 0.1, meter * 60.0 / bpm)
-    assert mir_eval.beat.f_measure(mir_eval.beat.trim_beats(reference), mir_eval.beat.trim_beats(result.downbeats)) > 0.9
+    assert (
+        mir_eval.beat.f_measure(mir_eval.beat.trim_beats(reference), mir_eval.beat.trim_beats(result.downbeats)) > 0.9
+    )
 
 
 def test_fades_of_a_shaped_noise():
@@ -86,17 +90,25 @@ def test_energy_grows_with_level_and_density():
 def test_speechiness_orders_speech_in_music(rendered):
     if speech.tools_missing():
         pytest.skip("speechiness needs Debian's espeak-ng (`make tools`)")
-    spec, path, _ = rendered[0]
+    _spec, path, _ = rendered[0]
     music, rate = load(path)
     cache = path.parent.parent
-    values = [stream(speech.mix(music, rate, ratio, cache), rate).speechiness for ratio in (None, -5.0, 5.0, float("inf"))]
+    values = [
+        stream(speech.mix(music, rate, ratio, cache), rate).speechiness for ratio in (None, -5.0, 5.0, float("inf"))
+    ]
     assert values == sorted(values), values
     assert values[0] < 0.33 and values[-1] > 0.66
 
 
 def test_model_derived_fields_from_tag_scores():
-    vocal = {"musicnn_mtt": {"vocal": 0.8, "voice": 0.6, "no vocals": 0.05, "guitar": 0.7, "electronic": 0.05}, "musicnn_msd": {"acoustic": 0.6, "instrumental": 0.02}}
-    instrumental = {"musicnn_mtt": {"vocal": 0.02, "no vocals": 0.7, "synth": 0.8, "techno": 0.6}, "musicnn_msd": {"instrumental": 0.5, "electronic": 0.9}}
+    vocal = {
+        "musicnn_mtt": {"vocal": 0.8, "voice": 0.6, "no vocals": 0.05, "guitar": 0.7, "electronic": 0.05},
+        "musicnn_msd": {"acoustic": 0.6, "instrumental": 0.02},
+    }
+    instrumental = {
+        "musicnn_mtt": {"vocal": 0.02, "no vocals": 0.7, "synth": 0.8, "techno": 0.6},
+        "musicnn_msd": {"instrumental": 0.5, "electronic": 0.9},
+    }
     a, b = from_tags(vocal), from_tags(instrumental)
     assert a["instrumentalness"] < 0.5 < b["instrumentalness"]
     assert a["acousticness"] > 0.5 > b["acousticness"]

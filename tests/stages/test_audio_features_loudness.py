@@ -37,7 +37,9 @@ def test_ebu_cases_within_the_specifications_tolerance(case):
         else:
             got = loudness.momentary(energies, lengths)[4:]
         got = np.asarray(got, float)
-        assert np.all((got >= value - minus) & (got <= value + plus)), f"{case.name} {measure}: {got.min():.3f}..{got.max():.3f}, expected {value} -{minus}/+{plus}"
+        assert np.all((got >= value - minus) & (got <= value + plus)), (
+            f"{case.name} {measure}: {got.min():.3f}..{got.max():.3f}, expected {value} -{minus}/+{plus}"
+        )
 
 
 def test_full_scale_sine_on_one_channel_reads_minus_3_lufs():
@@ -93,7 +95,9 @@ def test_parseval_path_matches_the_exact_k_filter(rate):
     exact = per_sample[: blocks * n].reshape(blocks, n).sum(axis=1)
     exact_lengths = np.full(blocks, n)
     assert loudness.integrated(energies, lengths) == pytest.approx(loudness.integrated(exact, exact_lengths), abs=0.05)
-    assert loudness.loudness_range(energies, lengths) == pytest.approx(loudness.loudness_range(exact, exact_lengths), abs=0.05)
+    assert loudness.loudness_range(energies, lengths) == pytest.approx(
+        loudness.loudness_range(exact, exact_lengths), abs=0.05
+    )
     diff = np.abs(loudness.momentary(energies, lengths) - loudness.momentary(exact, exact_lengths))
     assert np.quantile(diff, 0.95) < 0.1
 
@@ -111,7 +115,9 @@ def test_parseval_path_matches_the_exact_k_filter_on_sines(rate, freq):
     sq, _ = loudness.k_weighted_block_energies(x, rate)
     n = rate // 10
     exact = sq.sum(axis=0)[: len(energies) * n].reshape(len(energies), n).sum(axis=1)
-    assert loudness.integrated(energies, lengths) == pytest.approx(loudness.integrated(exact, np.full(len(exact), n)), abs=0.08)
+    assert loudness.integrated(energies, lengths) == pytest.approx(
+        loudness.integrated(exact, np.full(len(exact), n)), abs=0.08
+    )
 
 
 def test_parseval_path_on_rendered_music_matches_the_exact_filter(rendered):
@@ -121,7 +127,9 @@ def test_parseval_path_on_rendered_music_matches_the_exact_filter(rendered):
         sq, _ = loudness.k_weighted_block_energies(x, rate)
         n = rate // 10
         exact = sq.sum(axis=0)[: len(energies) * n].reshape(len(energies), n).sum(axis=1)
-        assert loudness.integrated(energies, lengths) == pytest.approx(loudness.integrated(exact, np.full(len(exact), n)), abs=0.05), spec.name
+        assert loudness.integrated(energies, lengths) == pytest.approx(
+            loudness.integrated(exact, np.full(len(exact), n)), abs=0.05
+        ), spec.name
 
 
 def test_results_do_not_depend_on_chunk_sizes():

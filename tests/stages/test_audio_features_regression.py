@@ -21,16 +21,25 @@ def scored(rendered):
         result = stream(x, rate)
         reference = truth["tempo"]
         estimate = f"{tonal.NAMES[result.key]} {'major' if result.mode == 1 else 'minor'}" if result.key >= 0 else "N"
-        rows.append({
-            "name": spec.name,
-            "acc1": result.tempo is not None and abs(result.tempo - reference) / reference <= 0.04,
-            "acc2": result.tempo is not None and any(abs(result.tempo * k - reference) / reference <= 0.04 for k in (1, 2, 0.5)),
-            "beat_f": mir_eval.beat.f_measure(mir_eval.beat.trim_beats(np.array(truth["beats"])), mir_eval.beat.trim_beats(np.asarray(result.beats))),
-            "downbeat_f": mir_eval.beat.f_measure(mir_eval.beat.trim_beats(np.array(truth["downbeats"])), mir_eval.beat.trim_beats(np.asarray(result.downbeats))),
-            "key": mir_eval.key.weighted_score(truth["key_name"], estimate),
-            "meter": result.time_signature == truth["time_signature"],
-            "result": result,
-        })
+        rows.append(
+            {
+                "name": spec.name,
+                "acc1": result.tempo is not None and abs(result.tempo - reference) / reference <= 0.04,
+                "acc2": result.tempo is not None
+                and any(abs(result.tempo * k - reference) / reference <= 0.04 for k in (1, 2, 0.5)),
+                "beat_f": mir_eval.beat.f_measure(
+                    mir_eval.beat.trim_beats(np.array(truth["beats"])),
+                    mir_eval.beat.trim_beats(np.asarray(result.beats)),
+                ),
+                "downbeat_f": mir_eval.beat.f_measure(
+                    mir_eval.beat.trim_beats(np.array(truth["downbeats"])),
+                    mir_eval.beat.trim_beats(np.asarray(result.downbeats)),
+                ),
+                "key": mir_eval.key.weighted_score(truth["key_name"], estimate),
+                "meter": result.time_signature == truth["time_signature"],
+                "result": result,
+            }
+        )
     return rows
 
 

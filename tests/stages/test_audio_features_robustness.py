@@ -18,7 +18,14 @@ def _defined(result: AudioFeatures) -> None:
     record = result.to_dict()
     for name in DSP_FIELDS:
         assert name in record
-    for name in ("tempo_confidence", "key_confidence", "energy", "danceability", "speechiness", "time_signature_confidence"):
+    for name in (
+        "tempo_confidence",
+        "key_confidence",
+        "energy",
+        "danceability",
+        "speechiness",
+        "time_signature_confidence",
+    ):
         assert 0.0 <= record[name] <= 1.0, name
     assert record["key"] in range(-1, 12) and record["mode"] in (-1, 0, 1)
     assert record["time_signature"] == -1 or 3 <= record["time_signature"] <= 7

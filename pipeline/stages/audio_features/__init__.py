@@ -23,10 +23,21 @@ from pipeline.stages.audio_features.descriptors import from_tags
 from pipeline.stages.audio_features.result import DSP_FIELDS, MODEL_FIELDS, AudioFeatures, Section
 from pipeline.stages.audio_features.stream import DEFAULT_SEGMENT_S, AudioFeatureStream
 
-__all__ = ["AudioFeatureStream", "AudioFeatures", "Section", "analyse", "from_tags", "DSP_FIELDS", "MODEL_FIELDS", "DEFAULT_SEGMENT_S"]
+__all__ = [
+    "DEFAULT_SEGMENT_S",
+    "DSP_FIELDS",
+    "MODEL_FIELDS",
+    "AudioFeatureStream",
+    "AudioFeatures",
+    "Section",
+    "analyse",
+    "from_tags",
+]
 
 
-def analyse(samples: np.ndarray, rate: int, *, segment_s: float = DEFAULT_SEGMENT_S, chunk: int = 65_536) -> AudioFeatures:
+def analyse(
+    samples: np.ndarray, rate: int, *, segment_s: float = DEFAULT_SEGMENT_S, chunk: int = 65_536
+) -> AudioFeatures:
     """The features of a whole signal: float32 [channels, n] (or [n]) at ``rate``."""
     x = np.asarray(samples, np.float32)
     if x.ndim == 1:

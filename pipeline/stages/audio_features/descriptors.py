@@ -41,7 +41,9 @@ def fades(momentary: np.ndarray, integrated: float | None, duration_s: float) ->
     return float(fade_in), float(fade_out)
 
 
-def energy(integrated: float | None, lra: float | None, onset: np.ndarray, fps: float, shape: dict[str, float]) -> float:
+def energy(
+    integrated: float | None, lra: float | None, onset: np.ndarray, fps: float, shape: dict[str, float]
+) -> float:
     """0-1: perceived intensity. Loudness (0.45: the term is 0.01 at -30 LUFS, 0.5 at -17 and
     0.95 at -8), onset density (0.2: onset-envelope peaks per second), spectral noisiness and
     brightness (0.2: flatness and the power share above 2 kHz, distorted guitars and cymbals)
@@ -106,10 +108,74 @@ def speechiness(windows: list[tuple[float, float, float, float]]) -> float:
 # -- model-derived -----------------------------------------------------------------------------
 
 #: Tags (musicnn's MTT and MSD vocabularies) that speak for or against each field.
-ACOUSTIC = {"acoustic": 1.0, "guitar": 0.5, "classical": 1.0, "classic": 0.5, "piano": 0.8, "strings": 0.8, "violin": 1.0, "cello": 1.0, "harp": 1.0, "harpsichord": 1.0, "flute": 1.0, "sitar": 0.8, "folk": 0.8, "country": 0.5, "soft": 0.3, "choral": 0.6, "opera": 0.6}
-ELECTRIC = {"electronic": 1.0, "techno": 1.0, "synth": 1.0, "electronica": 1.0, "electro": 1.0, "House": 1.0, "dance": 0.6, "beat": 0.5, "beats": 0.5, "metal": 0.6, "heavy metal": 0.6, "hard rock": 0.5, "trance": 1.0, "Hip-Hop": 0.5, "loud": 0.3}
-VOICE = {"vocal": 1.0, "vocals": 1.0, "voice": 1.0, "singing": 1.0, "male vocal": 1.0, "female vocal": 1.0, "male voice": 1.0, "female voice": 1.0, "male": 0.8, "female": 0.8, "man": 0.8, "woman": 0.8, "choir": 1.0, "choral": 1.0, "opera": 1.0, "female vocalists": 1.0, "male vocalists": 1.0, "female vocalist": 1.0, "rnb": 0.5, "Hip-Hop": 0.6}
-NO_VOICE = {"no vocal": 1.0, "no vocals": 1.0, "no voice": 1.0, "instrumental": 1.0, "ambient": 0.4, "techno": 0.4, "classical": 0.4, "new age": 0.3}
+ACOUSTIC = {
+    "acoustic": 1.0,
+    "guitar": 0.5,
+    "classical": 1.0,
+    "classic": 0.5,
+    "piano": 0.8,
+    "strings": 0.8,
+    "violin": 1.0,
+    "cello": 1.0,
+    "harp": 1.0,
+    "harpsichord": 1.0,
+    "flute": 1.0,
+    "sitar": 0.8,
+    "folk": 0.8,
+    "country": 0.5,
+    "soft": 0.3,
+    "choral": 0.6,
+    "opera": 0.6,
+}
+ELECTRIC = {
+    "electronic": 1.0,
+    "techno": 1.0,
+    "synth": 1.0,
+    "electronica": 1.0,
+    "electro": 1.0,
+    "House": 1.0,
+    "dance": 0.6,
+    "beat": 0.5,
+    "beats": 0.5,
+    "metal": 0.6,
+    "heavy metal": 0.6,
+    "hard rock": 0.5,
+    "trance": 1.0,
+    "Hip-Hop": 0.5,
+    "loud": 0.3,
+}
+VOICE = {
+    "vocal": 1.0,
+    "vocals": 1.0,
+    "voice": 1.0,
+    "singing": 1.0,
+    "male vocal": 1.0,
+    "female vocal": 1.0,
+    "male voice": 1.0,
+    "female voice": 1.0,
+    "male": 0.8,
+    "female": 0.8,
+    "man": 0.8,
+    "woman": 0.8,
+    "choir": 1.0,
+    "choral": 1.0,
+    "opera": 1.0,
+    "female vocalists": 1.0,
+    "male vocalists": 1.0,
+    "female vocalist": 1.0,
+    "rnb": 0.5,
+    "Hip-Hop": 0.6,
+}
+NO_VOICE = {
+    "no vocal": 1.0,
+    "no vocals": 1.0,
+    "no voice": 1.0,
+    "instrumental": 1.0,
+    "ambient": 0.4,
+    "techno": 0.4,
+    "classical": 0.4,
+    "new age": 0.3,
+}
 #: Neither vocabulary has a "live" tag; these lean towards recordings of a performance in a
 #: room with an audience, weakly. Liveness stays low unless calibration finds better.
 LIVE = {"rock": 0.2, "classic rock": 0.3, "blues": 0.3, "jazz": 0.3, "60s": 0.2, "70s": 0.2, "punk": 0.2}

@@ -68,8 +68,14 @@ def k_weighting_sos(rate: float) -> np.ndarray:
     vh = 10.0 ** (_SHELF_DB / 20.0)
     vb = vh**0.4996667741545416
     a0 = 1.0 + k / _SHELF_Q + k * k
-    shelf = [(vh + vb * k / _SHELF_Q + k * k) / a0, 2.0 * (k * k - vh) / a0, (vh - vb * k / _SHELF_Q + k * k) / a0,
-             1.0, 2.0 * (k * k - 1.0) / a0, (1.0 - k / _SHELF_Q + k * k) / a0]
+    shelf = [
+        (vh + vb * k / _SHELF_Q + k * k) / a0,
+        2.0 * (k * k - vh) / a0,
+        (vh - vb * k / _SHELF_Q + k * k) / a0,
+        1.0,
+        2.0 * (k * k - 1.0) / a0,
+        (1.0 - k / _SHELF_Q + k * k) / a0,
+    ]
     k = math.tan(math.pi * _HIGHPASS_HZ / rate)
     a0 = 1.0 + k / _HIGHPASS_Q + k * k
     highpass = [1.0, -2.0, 1.0, 1.0, 2.0 * (k * k - 1.0) / a0, (1.0 - k / _HIGHPASS_Q + k * k) / a0]
@@ -121,7 +127,9 @@ def _fitted_highpass(rate: float, low_rate: float) -> np.ndarray:
         _, h = scipy.signal.freqz(gain * np.array([1.0, -2.0, 1.0]), [1.0, a1, a2], worN=2 * np.pi * freqs / low_rate)
         return np.abs(h) ** 2
 
-    fit = scipy.optimize.least_squares(lambda p: response(p) - target, [1.0 / np.sqrt(highpass_gain(low_rate)), start[4], start[5]])
+    fit = scipy.optimize.least_squares(
+        lambda p: response(p) - target, [1.0 / np.sqrt(highpass_gain(low_rate)), start[4], start[5]]
+    )
     gain, a1, a2 = fit.x
     return np.array([[gain, -2.0 * gain, gain, 1.0, a1, a2]])
 
@@ -201,7 +209,9 @@ def _low_band_weights(rate: int, n: int, q: int) -> tuple[float, np.ndarray]:
     return g, v.astype(np.float32)
 
 
-def k_weighted_block_energies(x: np.ndarray, rate: float, zi: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+def k_weighted_block_energies(
+    x: np.ndarray, rate: float, zi: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """The exact time-domain reference: [channels, n] -> (K-weighted sample energies [channels, n]
     as float64, the filter state to continue with). Used for rates without a whole-sample
     block and by the tests."""
@@ -228,7 +238,7 @@ class KWeightedBlocks:
         if plan is None:
             self.block, self.q = 0, 1
             self.analysis_rate = float(self.rate)
-            self._zi = None
+            self._zi: np.ndarray | None = None
             self._acc = np.zeros(1)  # energy and samples of the open block
             self._acc_n = 0
             self._blocks_done = 0
@@ -337,7 +347,9 @@ class KWeightedBlocks:
         y = (1 + 2 * a) * ext[:, 1:-1] - a * (ext[:, :-2] + ext[:, 2:])
         filtered, self._hp_state = scipy.signal.sosfilt(self._hp, y, axis=-1, zi=self._hp_state)
         before, after = y.reshape(c, nb, -1), filtered.reshape(c, nb, -1)
-        removed = np.einsum("cbm,cbm->cb", before, before, dtype=np.float64) - np.einsum("cbm,cbm->cb", after, after, dtype=np.float64)
+        removed = np.einsum("cbm,cbm->cb", before, before, dtype=np.float64) - np.einsum(
+            "cbm,cbm->cb", after, after, dtype=np.float64
+        )
         return self._hp_gain * removed / (self.q * self.q2)
 
     # -- exact path ----------------------------------------------------------------------------
@@ -485,7 +497,7 @@ class TruePeak:
     def __init__(self, rate: int, channels: int) -> None:
         self.rate, self.channels = int(rate), int(channels)
         self.factor = 4 if rate < 96_000 else 2 if rate < 192_000 else 1
-        self._taps = _interpolator(self.factor) if self.factor > 1 else None
+        self._taps: np.ndarray | None = _interpolator(self.factor) if self.factor > 1 else None
         self._margin = 10 ** (-TRUE_PEAK_MARGIN_DB / 20)
         self.peak = 0.0  # the running true peak (linear)
         self.sample_peak = 0.0
@@ -537,7 +549,7 @@ class TruePeak:
     def _refine(self, row: np.ndarray, positions: np.ndarray) -> None:
         """The interpolated peaks between each candidate sample of ``row`` and both its
         neighbours, where ``row`` holds the taps (other intervals wait for the next chunk)."""
-        if not len(positions):
+        if not len(positions) or self._taps is None:  # no taps: sampled at 4x or more already
             return
         starts = np.unique(np.concatenate([positions - 1, positions]))  # interval [k, k + 1]
         lo = starts - (_TAPS // 2 - 1)  # x[k-5 .. k+6] feeds it

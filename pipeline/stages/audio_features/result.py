@@ -11,9 +11,24 @@ import numpy as np
 #: Fields computed from the signal alone, and fields derived from the tagging model's scores
 #: (:func:`~pipeline.stages.audio_features.descriptors.from_tags`).
 DSP_FIELDS = (
-    "tempo", "tempo_confidence", "beats", "downbeats", "time_signature", "time_signature_confidence",
-    "key", "mode", "key_confidence", "loudness", "loudness_range", "true_peak",
-    "fade_in_end_s", "fade_out_start_s", "energy", "danceability", "speechiness", "sections",
+    "tempo",
+    "tempo_confidence",
+    "beats",
+    "downbeats",
+    "time_signature",
+    "time_signature_confidence",
+    "key",
+    "mode",
+    "key_confidence",
+    "loudness",
+    "loudness_range",
+    "true_peak",
+    "fade_in_end_s",
+    "fade_out_start_s",
+    "energy",
+    "danceability",
+    "speechiness",
+    "sections",
 )
 MODEL_FIELDS = ("acousticness", "instrumentalness", "liveness")
 
@@ -68,7 +83,13 @@ class AudioFeatures:
         score}}, as the tagging stage reports them)."""
         from pipeline.stages.audio_features.descriptors import from_tags
 
-        return dataclasses.replace(self, **from_tags(scores))
+        fields = from_tags(scores)
+        return dataclasses.replace(
+            self,
+            acousticness=fields["acousticness"],
+            instrumentalness=fields["instrumentalness"],
+            liveness=fields["liveness"],
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready: seconds to the millisecond, other floats to 3-4 digits."""

@@ -169,11 +169,10 @@ def track_beats(o: np.ndarray, fps: float, bpm: float, tightness: float = TIGHTN
     # The last beat: the best score among the frames of the last period whose onset is real.
     tail = np.arange(max(0, n - int(round(period))), n)
     last = int(tail[np.argmax(score[tail])])
-    beats = [last]
-    while back[beats[-1]] >= 0:
-        beats.append(int(back[beats[-1]]))
-    beats = np.array(beats[::-1])
-    return _trim(beats, local)
+    chain = [last]
+    while back[chain[-1]] >= 0:
+        chain.append(int(back[chain[-1]]))
+    return _trim(np.array(chain[::-1]), local)
 
 
 def beat_tempo(frames: np.ndarray, fps: float) -> float:
@@ -218,7 +217,9 @@ def _harmonic_change(chroma: np.ndarray, chroma_fps: float, beat_s: np.ndarray) 
     return np.where(den > 1e-12, 1.0 - num / np.maximum(den, 1e-12), 0.0)
 
 
-def meter(beat_frames: np.ndarray, onset: np.ndarray, low: np.ndarray, chroma: np.ndarray, fps: float, chroma_fps: float) -> tuple[int, int, float]:
+def meter(
+    beat_frames: np.ndarray, onset: np.ndarray, low: np.ndarray, chroma: np.ndarray, fps: float, chroma_fps: float
+) -> tuple[int, int, float]:
     """(beats per bar 3 or 4, phase of the first downbeat, confidence 0-1)."""
     if len(beat_frames) < 8:
         return 4, 0, 0.0
@@ -253,19 +254,29 @@ def meter(beat_frames: np.ndarray, onset: np.ndarray, low: np.ndarray, chroma: n
     return m, phase, float(np.clip(margin / 2.0, 0.0, 1.0))
 
 
-def octave_features(o: np.ndarray, low: np.ndarray, acf: np.ndarray, acf_low: np.ndarray, fps: float, slow: float, beats_fast: np.ndarray) -> np.ndarray:
+def octave_features(
+    o: np.ndarray,
+    low: np.ndarray,
+    acf: np.ndarray,
+    acf_low: np.ndarray,
+    fps: float,
+    slow: float,
+    beats_fast: np.ndarray,
+) -> np.ndarray:
     """The features of the choice between ``slow`` BPM and twice it (see OCTAVE_COEF)."""
     fast = 2 * slow
     p_slow, p_fast = np.array([60 * fps / slow]), np.array([60 * fps / fast])
     smooth = scipy.ndimage.uniform_filter1d(o, 3)
     smooth_low = scipy.ndimage.uniform_filter1d(low, 3)
-    return np.array([
-        np.log2(fast / 120.0),
-        _at(acf, p_fast)[0] - _at(acf, p_slow)[0],
-        _at(acf_low, p_fast)[0] - _at(acf_low, p_slow)[0],
-        _alternation(smooth, beats_fast),
-        _alternation(smooth_low, beats_fast),
-    ])
+    return np.array(
+        [
+            np.log2(fast / 120.0),
+            _at(acf, p_fast)[0] - _at(acf, p_slow)[0],
+            _at(acf_low, p_fast)[0] - _at(acf_low, p_slow)[0],
+            _alternation(smooth, beats_fast),
+            _alternation(smooth_low, beats_fast),
+        ]
+    )
 
 
 def _alternation(envelope: np.ndarray, frames: np.ndarray) -> float:
@@ -295,7 +306,10 @@ def analyse(onset: np.ndarray, low: np.ndarray, chroma: np.ndarray, fps: float, 
     ol = normalise(low, fps)
     acf_low = tempogram(ol, fps)[1].mean(axis=0, dtype=np.float64) if ol.any() else np.zeros_like(acf)
     fast_frames = track_beats(o, fps, 2 * slow) if 2 * slow <= MAX_BPM else np.empty(0, int)
-    if len(fast_frames) >= 4 and OCTAVE_BIAS + OCTAVE_COEF @ octave_features(o, ol, acf, acf_low, fps, slow, fast_frames) > 0:
+    if (
+        len(fast_frames) >= 4
+        and OCTAVE_BIAS + OCTAVE_COEF @ octave_features(o, ol, acf, acf_low, fps, slow, fast_frames) > 0
+    ):
         frames = fast_frames
     else:
         frames = track_beats(o, fps, slow)

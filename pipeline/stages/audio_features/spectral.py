@@ -95,7 +95,11 @@ class _Framer:
     def push(self, x: np.ndarray) -> np.ndarray:
         buf = np.concatenate([self._buffer, x]) if len(self._buffer) else np.asarray(x, np.float32)
         count = 0 if len(buf) < self.n_fft else (len(buf) - self.n_fft) // self.hop + 1
-        frames = np.lib.stride_tricks.sliding_window_view(buf, self.n_fft)[:: self.hop][:count] if count else np.empty((0, self.n_fft), np.float32)
+        frames = (
+            np.lib.stride_tricks.sliding_window_view(buf, self.n_fft)[:: self.hop][:count]
+            if count
+            else np.empty((0, self.n_fft), np.float32)
+        )
         self._buffer = buf[count * self.hop :].copy()
         return frames
 
@@ -124,7 +128,9 @@ class LowRateAnalysis:
         self._speech = (self.band_hz >= SPEECH_BAND_HZ[0]) & (self.band_hz <= SPEECH_BAND_HZ[1])
         self._high = self.band_hz >= 2_000
         self._speech_buf = np.empty((0, int(self._speech.sum())), np.float32)
-        self.speech_windows: list[tuple[float, float, float, float]] = []  # (syllabic share, depth dB, periodicity, peak power)
+        self.speech_windows: list[
+            tuple[float, float, float, float]
+        ] = []  # (syllabic share, depth dB, periodicity, peak power)
         # Spectral shape sums (weighted by band power): centroid, flatness, high-frequency share.
         self._shape = np.zeros(4)
         self.frames = 0
@@ -176,7 +182,7 @@ class LowRateAnalysis:
         rate (2-8 Hz), the envelopes' depth (standard deviation over time, dB, mean over
         bands) and their periodicity. Speech has the first two high and the third low; music's
         modulation is slower or faster, shallower, and repeats with the beat."""
-        k, n, _ = power.shape
+        _k, n, _ = power.shape
         top = power.max(axis=(1, 2))
         floor = top[:, None, None] * np.float32(SPEECH_FLOOR) + np.float32(1e-20)
         level = 10.0 * np.log10(power + floor)
@@ -214,4 +220,8 @@ class LowRateAnalysis:
         total = self._shape[0]
         if total <= 1e-9:
             return {"centroid_hz": 0.0, "flatness": 0.0, "high_share": 0.0}
-        return {"centroid_hz": float(self._shape[1] / total), "flatness": float(self._shape[2] / total), "high_share": float(self._shape[3] / total)}
+        return {
+            "centroid_hz": float(self._shape[1] / total),
+            "flatness": float(self._shape[2] / total),
+            "high_share": float(self._shape[3] / total),
+        }

@@ -48,7 +48,14 @@ def single_threaded() -> contextlib.AbstractContextManager:
 class AudioFeatureStream:
     """Accumulates one track's audio; see the module docstring."""
 
-    def __init__(self, rate: int, channels: int, *, segment_s: float = DEFAULT_SEGMENT_S, channel_weights: np.ndarray | None = None) -> None:
+    def __init__(
+        self,
+        rate: int,
+        channels: int,
+        *,
+        segment_s: float = DEFAULT_SEGMENT_S,
+        channel_weights: np.ndarray | None = None,
+    ) -> None:
         if rate <= 0 or channels <= 0:
             raise ValueError(f"rate and channels must be positive (got {rate}, {channels})")
         self.rate, self.channels = int(rate), int(channels)
@@ -151,8 +158,23 @@ def summarise(stream: AudioFeatureStream, energies: np.ndarray, lengths: np.ndar
         s_tempo, s_conf = rhythm.segment_tempo(beat, onset, fps, int(round(start * fps)), int(round(end * fps)))
         s_key, s_mode, s_key_conf = tonal.key_of(tonal.mean_chroma(chroma[c]))
         # The segment's gating blocks: its 100-ms steps plus the three after (a block is 400 ms).
-        s_loud = loudness.integrated(energies[b.start : b.stop + 3], lengths[b.start : b.stop + 3]) if b.stop > b.start else None
-        sections.append(Section(start=start, duration=end - start, tempo=s_tempo, tempo_confidence=s_conf, key=s_key, mode=s_mode, key_confidence=s_key_conf, loudness=s_loud))
+        s_loud = (
+            loudness.integrated(energies[b.start : b.stop + 3], lengths[b.start : b.stop + 3])
+            if b.stop > b.start
+            else None
+        )
+        sections.append(
+            Section(
+                start=start,
+                duration=end - start,
+                tempo=s_tempo,
+                tempo_confidence=s_conf,
+                key=s_key,
+                mode=s_mode,
+                key_confidence=s_key_conf,
+                loudness=s_loud,
+            )
+        )
 
     shape = a.shape()
     energy = descriptors.energy(integrated, lra, onset, fps, shape)
