@@ -40,6 +40,7 @@ def _tag(args: argparse.Namespace) -> int:
                 min_duration_s=settings.min_duration_s,
                 excerpts=settings.excerpts,
                 excerpt_s=settings.excerpt_s,
+                audio_features_segment_s=settings.timeline_segment_s if settings.audio_features else None,
             )
         except (TrackError, OSError) as exc:
             reason = exc.reason if isinstance(exc, TrackError) else "unreadable"
@@ -74,6 +75,7 @@ def _tag(args: argparse.Namespace) -> int:
 
 
 def _table(result: dict, top: int) -> str:
+    from pipeline.stages.analysis import audio_line
     from pipeline.stages.taxonomy import mood_line
 
     lines = [
@@ -85,6 +87,7 @@ def _table(result: dict, top: int) -> str:
         for t in ranked[:top]:
             lines.append(f"    {t['tag']:<{width}}  {t['score']:.3f}  {'#' * round(t['score'] * 40)}")
     lines.append("  " + mood_line(result))
+    lines.append("  " + audio_line(result))
     return "\n".join(lines) + "\n"
 
 

@@ -147,6 +147,11 @@ class Settings(BaseSettings):
     onnx_threads: int = Field(0, ge=0, description="onnxruntime intra-op threads for the onnx scorer (0 = all cores).")
 
     # --- Output ------------------------------------------------------------------------------
+    audio_features: bool = Field(
+        True,
+        description="Compute each track's audio features (tempo, beats, key, loudness, energy, danceability... "
+        "per track and timeline segment; docs/audio-features.md) from the audio the worker decodes anyway.",
+    )
     moods_file: Path | None = Field(
         None,
         description="Mood families, the top-mood rule and the mood plane (TOML; unset: the moods.toml shipped in pipeline/stages).",

@@ -5,8 +5,8 @@ what the input is validated against; this module adds what a schema cannot say (
 of :func:`pipeline.stages.storage.parse_uri`, RFC 3339 timestamps, strict JSON) and builds the output
 and dead-letter records. It knows nothing about Kafka clients; topic names are settings.
 
-Outputs on ``tracks.moods`` are schema version 2 (``track_moods.v2.json``; docs/events.md says
-what changed since version 1); ingestion events and dead letters are version 1.
+Outputs on ``tracks.moods`` are schema version 3 (``track_moods.v3.json``; docs/events.md says
+what changed since versions 1 and 2); ingestion events and dead letters are version 1.
 
 Delivery is at least once, so a track can be tagged twice. An output is deterministic per
 (track_id, model name, model version) except ``processed_at`` and ``latency_ms``, which
@@ -35,7 +35,7 @@ from pipeline.stages.storage import ObjectRef, parse_uri
 #: The shipped JSON Schemas (package data, read through importlib.resources).
 SCHEMA_DIR = resources.files(__package__).joinpath("schemas")
 SCHEMA_VERSION = 1  # tracks.ingested and tracks.moods.dlq
-MOODS_SCHEMA_VERSION = 2  # tracks.moods
+MOODS_SCHEMA_VERSION = 3  # tracks.moods
 MAX_EVENT_BYTES = 64 * 1024
 MAX_MESSAGE_CHARS = 2000  # of a dead letter's message; the schema says the same
 
@@ -74,6 +74,8 @@ class TrackIngested:
     ingested_at: datetime | None  # time-zone aware
     correlation_id: str | None
     raw: bytes = field(repr=False)  # the value as received, for its dead letter
+    title: str | None = None  # as the producer gave them: text, passed through to the record
+    artist: str | None = None
 
 
 def parse_ingested(raw: bytes | None, *, allow_file_uris: bool, allowed_buckets: Collection[str]) -> TrackIngested:
@@ -102,6 +104,8 @@ def parse_ingested(raw: bytes | None, *, allow_file_uris: bool, allowed_buckets:
         ingested_at=_parse_timestamp(doc.get("ingested_at"), "ingested_at"),
         correlation_id=doc.get("correlation_id"),
         raw=raw,
+        title=doc.get("title"),
+        artist=doc.get("artist"),
     )
 
 
@@ -140,24 +144,29 @@ def ingested_record(
     content_type: str | None = None,
     ingested_at: datetime | None = None,
     correlation_id: str | None = None,
+    title: str | None = None,
+    artist: str | None = None,
 ) -> bytes:
-    """A ``tracks.ingested`` value, as producers (and ``moodstream publish``) write it."""
-    return _dumps(
-        {
-            "schema_version": SCHEMA_VERSION,
-            "track_id": track_id,
-            "audio_uri": audio_uri,
-            "size_bytes": size_bytes,
-            "content_type": content_type,
-            "ingested_at": _format_timestamp(ingested_at),
-            "correlation_id": correlation_id,
-        }
-    )
+    """A ``tracks.ingested`` value, as producers (and ``moodstream publish``) write it; ``title``
+    and ``artist`` only when given (older workers ignore them)."""
+    doc = {
+        "schema_version": SCHEMA_VERSION,
+        "track_id": track_id,
+        "audio_uri": audio_uri,
+        "size_bytes": size_bytes,
+        "content_type": content_type,
+        "ingested_at": _format_timestamp(ingested_at),
+        "correlation_id": correlation_id,
+    }
+    for name, value in (("title", title), ("artist", artist)):
+        if value is not None:
+            doc[name] = value
+    return _dumps(doc)
 
 
 @dataclass(frozen=True)
 class TrackMoods:
-    """A ``tracks.moods`` value (schema version 2); ``analysis`` holds the fields that
+    """A ``tracks.moods`` value (schema version 3); ``analysis`` holds the fields that
     :func:`pipeline.stages.analysis.describe` computes (tags, moods, plane, timeline, embeddings, audio).
 
     Scores are in [0, 1]; valence and arousal in [-1, 1]; times in seconds; ``latency_ms`` maps
@@ -171,6 +180,9 @@ class TrackMoods:
     latency_ms: dict[str, float]
     correlation_id: str | None = None
     ingested_at: datetime | None = None
+    title: str | None = None
+    artist: str | None = None
+    audio_uri: str | None = None  # the announced object, for players; None for an upload
 
     def to_json(self) -> bytes:
         """The record: compact JSON, keys sorted; raises ValueError on a NaN or infinity."""
@@ -187,6 +199,9 @@ class TrackMoods:
                 "latency_ms": self.latency_ms,
                 "correlation_id": self.correlation_id,
                 "ingested_at": _format_timestamp(self.ingested_at),
+                "title": self.title,
+                "artist": self.artist,
+                "audio_uri": self.audio_uri,
             }
         )
 

@@ -1,10 +1,11 @@
 """What travels with a served model: its networks' labels, tasks and versions, the frontend
-constants, and the mood calibration.
+constants, the mood calibration and the heads learned from human labels.
 
 They live in the model's ``config.pbtxt`` as JSON string parameters, ``moodstream`` (written by
-``moodstream-train export``) and ``moodstream_calibration`` (written by ``moodstream-train
-calibrate-moods``), so the repository entry is the single source of truth and a Triton server
-hands them to a worker that has no access to the repository's files.
+``moodstream-train export``), ``moodstream_calibration`` (written by ``moodstream-train
+calibrate-moods``) and ``moodstream_heads`` (written by ``moodstream-train heads``), so the
+repository entry is the single source of truth and a Triton server hands them to a worker that
+has no access to the repository's files.
 
 A served model runs one or more *networks* on the same input in one request: ``musicnn`` runs
 ``musicnn_msd`` and ``musicnn_mtt``. Which networks make it up, and which output tensors carry
@@ -36,6 +37,7 @@ from pipeline.stages.frontend import frontend_constants
 
 META_PARAMETER = "moodstream"
 CALIBRATION_PARAMETER = "moodstream_calibration"
+HEADS_PARAMETER = "moodstream_heads"
 TASKS = ("tags", "classes", "va", "va_steps")
 #: Output tensor names of a single-network entry in the flat form.
 SCORES = "scores"
@@ -73,14 +75,19 @@ class ModelMeta:
     frontend: dict[str, Any]  # pipeline.stages.frontend.frontend_constants() at training time
     networks: tuple[Network, ...]
     calibration: dict[str, Any] | None = None  # see pipeline.stages.taxonomy.Calibration
+    heads: dict[str, Any] | None = None  # see pipeline.stages.heads.Heads
 
     @property
     def served_version(self) -> str:
-        """The version every output reports: the exported version, plus the calibration's id
-        when there is one, so that recalibrating changes the dedup key of the outputs."""
-        if not self.calibration:
-            return self.version
-        return f"{self.version}+cal.{calibration_id(self.calibration)}"
+        """The version every output reports: the exported version, plus the calibration's and
+        the heads' ids when there are some, so that recalibrating or retraining the heads
+        changes the dedup key of the outputs."""
+        version = self.version
+        if self.calibration:
+            version += f"+cal.{calibration_id(self.calibration)}"
+        if self.heads:
+            version += f"+heads.{calibration_id(self.heads)}"
+        return version
 
     @property
     def network(self) -> Network:
@@ -126,7 +133,7 @@ def label_columns(networks: tuple[Network, ...] | list[Network]) -> dict[str, sl
 
 
 def calibration_id(calibration: dict[str, Any]) -> str:
-    """8 hex digits naming a calibration by its content."""
+    """8 hex digits naming a calibration (or a head set) by its content."""
     return hashlib.sha256(json.dumps(calibration, sort_keys=True).encode()).hexdigest()[:8]
 
 
@@ -138,15 +145,18 @@ def from_config(config: pb.ModelConfig) -> ModelMeta:
             networks = tuple(_network(n) for n in raw["networks"])
         else:  # the flat single-network form
             networks = (_network({**raw, "name": config.name, "scores": SCORES, "embedding": EMBEDDING}),)
-        calibration = None
+        calibration = heads = None
         if CALIBRATION_PARAMETER in config.parameters:
             calibration = json.loads(config.parameters[CALIBRATION_PARAMETER].string_value)
+        if HEADS_PARAMETER in config.parameters:
+            heads = json.loads(config.parameters[HEADS_PARAMETER].string_value)
         meta = ModelMeta(
             name=config.name,
             version=str(raw["version"]),
             frontend=raw["frontend"],
             networks=networks,
             calibration=calibration,
+            heads=heads,
         )
     except (KeyError, ValueError, TypeError) as exc:
         raise ConfigError(

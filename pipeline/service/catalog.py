@@ -76,7 +76,42 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "CREATE INDEX track_latest_plane ON track_latest (valence, arousal)",
         "CREATE INDEX track_latest_seq ON track_latest (seq)",
     ),
+    (  # 3: the audio features of each track's newest record (schema 3), for filters and sorting
+        """CREATE TABLE track_features (
+            track_id TEXT PRIMARY KEY,
+            tempo {real},
+            key INTEGER,
+            mode INTEGER,
+            time_signature INTEGER,
+            loudness {real},
+            energy {real},
+            danceability {real},
+            valence {real},
+            acousticness {real},
+            instrumentalness {real},
+            speechiness {real},
+            liveness {real})""",
+        "CREATE INDEX track_features_tempo ON track_features (tempo)",
+        "CREATE INDEX track_features_key ON track_features (key, mode)",
+        "CREATE INDEX track_features_energy ON track_features (energy)",
+        "CREATE INDEX track_features_danceability ON track_features (danceability)",
+    ),
 )
+
+#: The audio features a feed can filter by (a range) and sort by, as columns of track_features.
+FEATURES = (
+    "tempo",
+    "loudness",
+    "energy",
+    "danceability",
+    "valence",
+    "acousticness",
+    "instrumentalness",
+    "speechiness",
+    "liveness",
+)
+#: The whole-number features a feed can filter by value.
+EXACT_FEATURES = ("key", "mode", "time_signature")
 
 _MIGRATION_LOCK = 0x6D6F6F64  # PostgreSQL advisory lock key of the migrations ("mood")
 
@@ -125,7 +160,7 @@ class CatalogStore:
     # --- writing ----------------------------------------------------------------------------
 
     def upsert(self, record: dict[str, Any]) -> bool:
-        """Store a (schema-valid) v2 record; True when it inserted or changed a row."""
+        """Store a (schema-valid) v2 or v3 record; True when it inserted or changed a row."""
         key = (record["track_id"], record["model"]["name"], record["model"]["version"])
         text = json.dumps(record, sort_keys=True, separators=(",", ":"))
         with self._transaction() as cur:
@@ -174,6 +209,18 @@ class CatalogStore:
                 self._sql("INSERT INTO track_moods (track_id, mood, score) VALUES (?, ?, ?)"),
                 [(track_id, mood, float(score)) for mood, score in moods.items()],
             )
+        if self.schema_version < 3:  # opened at an older schema (migration tests): no features table
+            return
+        cur.execute(self._sql("DELETE FROM track_features WHERE track_id = ?"), (track_id,))
+        features = record.get("audio_features")
+        if features:
+            columns = (*FEATURES, *EXACT_FEATURES)
+            cur.execute(
+                self._sql(
+                    f"INSERT INTO track_features (track_id, {', '.join(columns)}) VALUES (?{', ?' * len(columns)})"
+                ),
+                (track_id, *(features.get(c) for c in columns)),
+            )
 
     # --- reading ----------------------------------------------------------------------------
 
@@ -193,15 +240,34 @@ class CatalogStore:
         valence: tuple[float, float] | None = None,
         arousal: tuple[float, float] | None = None,
         quadrant: str | None = None,
+        ranges: dict[str, tuple[float, float]] | None = None,
+        exact: dict[str, int] | None = None,
+        sort: str | None = None,
         limit: int = 50,
     ) -> list[dict[str, Any]]:
         """One summary per track (its newest record), best first: by ``moods[mood]`` when
-        ``mood`` is given, else newest first; optionally within a valence/arousal region
-        ([low, high] in [-1, 1]) or a quadrant."""
+        ``mood`` is given, by an audio feature when ``sort`` names one (``-energy``: highest
+        first), else newest first; optionally within a valence/arousal region ([low, high] in
+        [-1, 1]), a quadrant, audio-feature ``ranges`` ({"tempo": (120, 128)}) and ``exact``
+        values ({"key": 9, "mode": 0}). Feature names are checked against :data:`FEATURES` and
+        :data:`EXACT_FEATURES` (they become column names); values are always parameters."""
         if not (_storable(mood) and _storable(quadrant)):
             return []
+        ranges, exact = ranges or {}, exact or {}
+        sort_column = (sort or "").lstrip("-")
+        unknown = (set(ranges) - set(FEATURES)) | (set(exact) - set(EXACT_FEATURES))
+        if sort_column and sort_column not in FEATURES + EXACT_FEATURES:
+            unknown.add(sort_column)
+        if unknown:
+            raise ValueError(f"unknown audio features {sorted(unknown)}")
         where: list[str] = []
         params: list[Any] = []
+        for name, (low, high) in ranges.items():
+            where.append(f"f.{name} BETWEEN ? AND ?")
+            params += [low, high]
+        for name, value in exact.items():
+            where.append(f"f.{name} = ?")
+            params.append(value)
         if valence is not None:
             where.append("l.valence BETWEEN ? AND ?")
             params += list(valence)
@@ -211,13 +277,19 @@ class CatalogStore:
         if quadrant is not None:
             where.append("l.quadrant = ?")
             params.append(quadrant)
+        # Filtering or sorting by a feature keeps only tracks whose record has features.
+        features = " JOIN track_features f ON f.track_id = l.track_id" if ranges or exact or sort_column else ""
         if mood is not None:
-            sql = "SELECT r.record, m.score FROM track_moods m JOIN track_latest l ON l.track_id = m.track_id JOIN records r ON r.seq = l.seq WHERE m.mood = ?"
+            sql = f"SELECT r.record, m.score FROM track_moods m JOIN track_latest l ON l.track_id = m.track_id JOIN records r ON r.seq = l.seq{features} WHERE m.mood = ?"
             params.insert(0, mood)
             order = "m.score DESC, l.track_id"
         else:
-            sql = "SELECT r.record, NULL FROM track_latest l JOIN records r ON r.seq = l.seq WHERE 1 = 1"
+            sql = f"SELECT r.record, NULL FROM track_latest l JOIN records r ON r.seq = l.seq{features} WHERE 1 = 1"
             order = "l.processed_at DESC, l.track_id"
+        if sort_column:
+            direction = "DESC" if (sort or "").startswith("-") else "ASC"
+            where.append(f"f.{sort_column} IS NOT NULL")
+            order = f"f.{sort_column} {direction}, l.track_id"
         sql += "".join(f" AND {w}" for w in where) + f" ORDER BY {order} LIMIT ?"
         rows = self._query(sql, (*params, int(limit)))
         return [summary(json.loads(text), score) for text, score in rows]
@@ -370,10 +442,18 @@ def _content(record: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in record.items() if k not in VOLATILE_FIELDS}
 
 
+#: The audio features a feed's summary carries (the record has them all).
+SUMMARY_FEATURES = ("tempo", "key", "mode", "time_signature", "loudness", "energy", "danceability", "valence")
+
+
 def summary(record: dict[str, Any], score: float | None = None) -> dict[str, Any]:
-    """What a feed needs of a record: ids, the mood view, no tags or embeddings."""
+    """What a feed needs of a record: ids, title and artist, the mood view, a few audio
+    features; no tags, embeddings, beats or sections."""
+    features = record.get("audio_features")
     return {
         "track_id": record["track_id"],
+        "title": record.get("title"),
+        "artist": record.get("artist"),
         "model": {"name": record["model"]["name"], "version": record["model"]["version"]},
         "processed_at": record["processed_at"],
         "duration_s": record.get("duration_s"),
@@ -383,6 +463,8 @@ def summary(record: dict[str, Any], score: float | None = None) -> dict[str, Any
         "valence": record.get("valence"),
         "arousal": record.get("arousal"),
         "quadrant": record.get("quadrant"),
+        "quadrant_probabilities": record.get("quadrant_probabilities"),
+        "audio_features": {k: features.get(k) for k in SUMMARY_FEATURES} if features else None,
         "score": None if score is None else round(float(score), 6),
     }
 
@@ -403,19 +485,21 @@ async def follow(consumer: Any, catalog: CatalogStore, index: Any | None, *, sto
 
     ``consumer``: a started aiokafka consumer with its own group and ``enable_auto_commit=False``.
     Offsets are committed after the batch's records are stored (at-least-once; duplicates change
-    nothing). A record that is not valid JSON or breaks the v2 schema is counted, logged and
+    nothing). A record that is not valid JSON or breaks its schema (version 2 or 3) is counted, logged and
     skipped: it can never be stored, and it must not stop the catalog. ``index`` (a
     :class:`pipeline.service.neighbours.NeighbourIndex`) catches up after every batch and every
     :data:`REFRESH_S` otherwise, so it also learns what other replicas stored.
     """
-    schema = events.load_schema("track_moods.v2")
-    validator = jsonschema.validators.validator_for(schema)(schema)
+    validators = {}
+    for version in (2, 3):
+        schema = events.load_schema(f"track_moods.v{version}")
+        validators[version] = jsonschema.validators.validator_for(schema)(schema)
     metrics.CATALOG_TRACKS.set(await asyncio.to_thread(catalog.count))
     while not stop.is_set():
         batches = await consumer.getmany(timeout_ms=int(REFRESH_S * 1000))
         for tp, messages in batches.items():
             for message in messages:
-                record = _valid(message.value, validator, f"{tp.topic}[{tp.partition}]@{message.offset}")
+                record = _valid(message.value, validators, f"{tp.topic}[{tp.partition}]@{message.offset}")
                 if record is None:
                     metrics.CATALOG_RECORDS.labels("rejected").inc()
                     continue
@@ -432,15 +516,26 @@ async def follow(consumer: Any, catalog: CatalogStore, index: Any | None, *, sto
                 metrics.CATALOG_LAG.labels(str(tp.partition)).set(max(0, high - await consumer.position(tp)))
 
 
-def _valid(value: bytes | None, validator: Any, where: str) -> dict[str, Any] | None:
+def _valid(value: bytes | None, validators: dict[int, Any], where: str) -> dict[str, Any] | None:
+    """The record in ``value`` when it is JSON and valid under the schema of its version (2 or 3:
+    a topic holds the previous version's records for a while after an upgrade), else None."""
     try:
         record = json.loads(value or b"")
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         log.warning("catalog: %s is not JSON (%s); skipped", where, exc)
         return None
+    version = record.get("schema_version") if isinstance(record, dict) else None
+    validator = validators.get(version) if isinstance(version, int) and not isinstance(version, bool) else None
+    if validator is None:
+        log.warning(
+            "catalog: %s is not a tracks.moods record of a version this catalog stores (%s); skipped",
+            where,
+            sorted(validators),
+        )
+        return None
     error = jsonschema.exceptions.best_match(validator.iter_errors(record))
     if error is not None:
-        log.warning("catalog: %s breaks the tracks.moods v2 schema (%s); skipped", where, error.message[:300])
+        log.warning("catalog: %s breaks the tracks.moods v%d schema (%s); skipped", where, version, error.message[:300])
         return None
     unstorable = _unstorable_keys(record)
     if unstorable is not None:

@@ -30,6 +30,8 @@ CSP = "; ".join(
         "script-src 'self'",
         "style-src 'self'",
         "img-src 'self' data:",
+        # the player plays an upload's own file or a track's fetched audio, as blob: URLs
+        "media-src 'self' blob:",
         "connect-src 'self'",
         "font-src 'self'",
         "manifest-src 'self'",

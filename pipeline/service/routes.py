@@ -1,8 +1,11 @@
 """The service's routes: thin, each one reads the request, calls what does the work and answers.
 
 POST /v1/analyses                    an upload -> the record a track gets on tracks.moods
-GET  /v1/tracks?mood=relaxed&limit=50   the catalog ranked for a feed (also valence=, arousal=, quadrant=)
+GET  /v1/tracks?mood=relaxed&limit=50   the catalog ranked for a feed (also valence=, arousal=, quadrant=,
+                                     audio features: tempo=120,128&key=9&mode=0&sort=-energy)
 GET  /v1/tracks/{track_id}           a track's latest record
+GET  /v1/tracks/{track_id}/features  its audio features in Spotify's audio-features shape
+GET  /v1/tracks/{track_id}/audio     its audio as announced, for the page's player
 GET  /v1/tracks/{track_id}/similar   nearest tracks by audio embedding
 GET  /v1/moods                       the mood families and quadrants one can rank by
 GET  /                               the page (``web/``; its assets under /static)
@@ -27,13 +30,15 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from pipeline import metrics
-from pipeline.errors import ServiceUnavailable
+from pipeline.errors import ServiceUnavailable, TooLarge, TrackError
 from pipeline.service.auth import ADMIN, ANALYSE, READ, allow
-from pipeline.service.catalog import embedding_of
+from pipeline.service.catalog import EXACT_FEATURES, FEATURES, embedding_of
 from pipeline.service.limits import ANALYSES, QUERIES
 from pipeline.service.problems import Problem, documented
 from pipeline.service.state import RECONNECT_S, State, state_of
 from pipeline.service.uploads import RETRY_AFTER_S, Job, release_when_done, tag_upload
+from pipeline.stages import storage
+from pipeline.stages.audio import sniff
 from pipeline.stages.taxonomy import QUADRANTS
 
 #: The page's assets (package data, read through importlib.resources).
@@ -60,6 +65,11 @@ _UPLOAD_BODY = {
 }
 #: A region of the mood plane's axis: low,high.
 _RANGE = r"^-?(\d+\.?\d*|\.\d+),-?(\d+\.?\d*|\.\d+)$"
+#: Each audio feature's bounds: a filter's low,high lies within them.
+_FEATURE_BOUNDS = {"tempo": (0.0, 1000.0), "loudness": (-100.0, 20.0)}
+_UNIT = (0.0, 1.0)
+_EXACT_BOUNDS = {"key": (-1, 11), "mode": (-1, 1), "time_signature": (-1, 7)}
+_SORTS = [f"{sign}{name}" for name in (*FEATURES, *EXACT_FEATURES) for sign in ("", "-")]
 
 
 @router.get("/", include_in_schema=False)
@@ -133,11 +143,69 @@ async def tracks(
         description="only tracks in this quadrant of the mood plane: " + ", ".join(QUADRANTS),
         json_schema_extra={"enum": list(QUADRANTS)},
     ),
+    tempo: str | None = Query(
+        None,
+        description="only tracks whose tempo (BPM) lies in low,high",
+        examples=["120,128"],
+        json_schema_extra={"pattern": _RANGE},
+    ),
+    loudness: str | None = Query(
+        None,
+        description="integrated loudness (LUFS) in low,high",
+        examples=["-14,-6"],
+        json_schema_extra={"pattern": _RANGE},
+    ),
+    energy: str | None = Query(
+        None, description="energy (0-1) in low,high", examples=["0.7,1"], json_schema_extra={"pattern": _RANGE}
+    ),
+    danceability: str | None = Query(
+        None, description="danceability (0-1) in low,high", json_schema_extra={"pattern": _RANGE}
+    ),
+    acousticness: str | None = Query(
+        None, description="acousticness (0-1) in low,high", json_schema_extra={"pattern": _RANGE}
+    ),
+    instrumentalness: str | None = Query(
+        None, description="instrumentalness (0-1) in low,high", json_schema_extra={"pattern": _RANGE}
+    ),
+    speechiness: str | None = Query(
+        None, description="speechiness (0-1) in low,high", json_schema_extra={"pattern": _RANGE}
+    ),
+    liveness: str | None = Query(None, description="liveness (0-1) in low,high", json_schema_extra={"pattern": _RANGE}),
+    key: int | None = Query(None, ge=-1, le=11, description="pitch class of the key, 0 = C (-1: no key)"),
+    mode: int | None = Query(None, ge=-1, le=1, description="1 major, 0 minor"),
+    time_signature: int | None = Query(None, ge=-1, le=7, description="beats per bar"),
+    sort: str | None = Query(
+        None,
+        description="order by an audio feature, highest first with a leading '-' (e.g. -energy)",
+        json_schema_extra={"enum": _SORTS},
+    ),
     limit: int = Query(50, ge=1, le=500),
 ) -> dict[str, Any]:
     state = state_of(request)
     the_catalog, _ = state.need_catalog()
     moods = mood_names(state)
+    asked = {
+        "tempo": tempo,
+        "loudness": loudness,
+        "energy": energy,
+        "danceability": danceability,
+        "acousticness": acousticness,
+        "instrumentalness": instrumentalness,
+        "speechiness": speechiness,
+        "liveness": liveness,
+    }
+    ranges = {
+        name: _range(text, name, _FEATURE_BOUNDS.get(name, _UNIT)) for name, text in asked.items() if text is not None
+    }
+    exact = {
+        name: value
+        for name, value in (("key", key), ("mode", mode), ("time_signature", time_signature))
+        if value is not None
+    }
+    if sort is not None and sort not in _SORTS:
+        raise Problem(
+            400, "bad_request", f"sort must be an audio feature, optionally after '-': one of {', '.join(_SORTS)}"
+        )
     if mood is not None and mood not in moods:
         raise Problem(
             400,
@@ -147,8 +215,10 @@ async def tracks(
     if quadrant is not None and quadrant not in QUADRANTS:
         raise Problem(400, "bad_request", f"unknown quadrant {quadrant!r}; one of: {', '.join(QUADRANTS)}")
     region = {"valence": _range(valence, "valence"), "arousal": _range(arousal, "arousal")}
-    found = await _read(the_catalog.ranked, mood=mood, quadrant=quadrant, limit=limit, **region)
-    return {"tracks": found, "count": len(found), "mood": mood}
+    found = await _read(
+        the_catalog.ranked, mood=mood, quadrant=quadrant, ranges=ranges, exact=exact, sort=sort, limit=limit, **region
+    )
+    return {"tracks": found, "count": len(found), "mood": mood, "sort": sort}
 
 
 # Track ids may hold '/': the similar route comes first so its suffix is not read as one.
@@ -185,6 +255,78 @@ async def similar(request: Request, track_id: str, limit: int = Query(20, ge=1, 
 
 
 @router.get(
+    "/v1/tracks/{track_id:path}/features",
+    summary="A track's audio features, in the shape of Spotify's audio-features object",
+    dependencies=[allow(READ)],
+    responses=documented(401, 403, 404, 503),
+)
+async def features(request: Request, track_id: str) -> dict[str, Any]:
+    the_catalog, _ = state_of(request).need_catalog()
+    record = await _read(the_catalog.track, track_id)
+    if record is None:
+        raise Problem(404, "not_found", f"no track {track_id!r} in the catalog")
+    found = record.get("audio_features")
+    if not found:
+        raise Problem(
+            404,
+            "not_found",
+            f"track {track_id!r} has no audio features (tagged with MOODSTREAM_AUDIO_FEATURES off, or before schema 3)",
+        )
+    return spotify_features(track_id, found, request.url_for("track", track_id=track_id).path)
+
+
+#: Media types of the containers the audio route may hand to a browser, by sniffed container.
+_AUDIO_TYPES = {
+    "mp3": "audio/mpeg",
+    "ogg": "audio/ogg",
+    "flac": "audio/flac",
+    "mp4": "audio/mp4",
+    "aac": "audio/aac",
+    "wav": "audio/wav",
+    "matroska": "audio/webm",
+    "aiff": "audio/aiff",
+}
+
+
+@router.get(
+    "/v1/tracks/{track_id:path}/audio",
+    summary="A track's audio, from where its announcement said it is (for the page's player)",
+    dependencies=[allow(READ, limit=QUERIES)],
+    responses=documented(401, 403, 404, 413, 429, 503),
+    response_class=Response,
+)
+async def audio_of(request: Request, track_id: str) -> Response:
+    state = state_of(request)
+    the_catalog, _ = state.need_catalog()
+    record = await _read(the_catalog.track, track_id)
+    if record is None:
+        raise Problem(404, "not_found", f"no track {track_id!r} in the catalog")
+    uri = record.get("audio_uri")
+    if not uri:
+        raise Problem(
+            404, "not_found", f"track {track_id!r} has no audio to play (an upload, or a record before schema 3)"
+        )
+    s = state.settings
+    try:
+        # The record's URI passes the worker's own checks again: a record is no licence to read
+        # outside the allowed buckets.
+        ref = storage.parse_uri(uri, allowed_buckets=s.allowed_buckets, allow_file_uris=s.allow_file_uris)
+        data = await storage.fetch_async(ref, client=await asyncio.to_thread(state.s3), max_bytes=s.max_object_bytes)
+    except TooLarge as exc:
+        raise Problem(413, "too_large", str(exc)) from None
+    except TrackError as exc:
+        raise Problem(404, "not_found", f"track {track_id!r}: its audio cannot be read ({exc.reason})") from None
+    except ServiceUnavailable as exc:
+        raise Problem(503, "unavailable", str(exc), retry_after_s=RETRY_AFTER_S) from None
+    kind = sniff(data[:64])
+    return Response(
+        data,
+        media_type=_AUDIO_TYPES.get(kind or "", "application/octet-stream"),
+        headers={"Cache-Control": "private, max-age=300", "Accept-Ranges": "none"},
+    )
+
+
+@router.get(
     "/v1/tracks/{track_id:path}",
     summary="A track's latest record",
     dependencies=[allow(READ)],
@@ -209,7 +351,7 @@ async def moods(request: Request) -> dict[str, Any]:
     return {
         "moods": mood_names(state),
         "quadrants": list(QUADRANTS),
-        "source": state.taxonomy.source,
+        "source": "heads" if state.taxonomy.heads is not None else state.taxonomy.source,
         "model": {"name": state.model.name, "version": state.model.version},
     }
 
@@ -251,22 +393,60 @@ async def prometheus(request: Request) -> Response:
 
 def mood_names(state: State) -> list[str]:
     """The mood families one can rank by (the model's classes' quadrants for a class model)."""
+    heads = state.taxonomy.heads
+    if heads is not None:
+        return list(heads.families.labels) if heads.families is not None else list(QUADRANTS)
     if state.taxonomy.families:
         return [f.name for f in state.taxonomy.families]
     return list(QUADRANTS) if state.taxonomy.source == "classes" else []
 
 
-def _range(text: str | None, name: str) -> tuple[float, float] | None:
+def spotify_features(track_id: str, found: dict[str, Any], href: str) -> dict[str, Any]:
+    """A record's ``audio_features`` as Spotify's audio-features object: the same field names,
+    types and ranges, so code written against it reads it unchanged. Spotify's fields are never
+    null: a track without a pulse has tempo 0 and time_signature 4 (Spotify's default meter),
+    silence loudness -60 dB, and a model-derived field that no tag could give reads 0."""
+
+    def number(name: str, default: float) -> float:
+        value = found.get(name)
+        return float(default if value is None else value)
+
+    return {
+        "acousticness": number("acousticness", 0.0),
+        "analysis_url": href,
+        "danceability": number("danceability", 0.0),
+        "duration_ms": round(number("duration_s", 0.0) * 1000),
+        "energy": number("energy", 0.0),
+        "id": track_id,
+        "instrumentalness": number("instrumentalness", 0.0),
+        "key": int(found.get("key", -1)),
+        "liveness": number("liveness", 0.0),
+        "loudness": number("loudness", -60.0),
+        "mode": max(0, int(found.get("mode", 0))),  # Spotify's mode is 0 or 1; no key reads minor
+        "speechiness": number("speechiness", 0.0),
+        "tempo": number("tempo", 0.0),
+        "time_signature": int(found["time_signature"]) if found.get("time_signature", -1) >= 3 else 4,
+        "track_href": href,
+        "type": "audio_features",
+        "uri": f"moodstream:track:{track_id}",
+        "valence": number("valence", 0.5),
+    }
+
+
+def _range(text: str | None, name: str, bounds: tuple[float, float] = (-1.0, 1.0)) -> tuple[float, float] | None:
     if text is None:
         return None
+    lowest, highest = bounds
     try:
         if not re.fullmatch(_RANGE, text):
             raise ValueError(text)
         low, high = (float(x) for x in text.split(","))
     except ValueError:
-        raise Problem(400, "bad_request", f"{name} must be low,high (two numbers in [-1, 1]), got {text!r}") from None
-    if not -1 <= low <= high <= 1:
-        raise Problem(400, "bad_request", f"{name} must satisfy -1 <= low <= high <= 1, got {text!r}")
+        raise Problem(
+            400, "bad_request", f"{name} must be low,high (two numbers in [{lowest:g}, {highest:g}]), got {text!r}"
+        ) from None
+    if not lowest <= low <= high <= highest:
+        raise Problem(400, "bad_request", f"{name} must satisfy {lowest:g} <= low <= high <= {highest:g}, got {text!r}")
     return low, high
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 from fastapi import Request
 
@@ -16,6 +17,7 @@ from pipeline.service.limits import Limits
 from pipeline.service.neighbours import NeighbourIndex
 from pipeline.service.problems import Problem
 from pipeline.settings import Settings
+from pipeline.stages import storage
 from pipeline.stages.scoring import Scorer
 from pipeline.stages.taxonomy import Taxonomy
 
@@ -40,6 +42,13 @@ class State:
     in_flight: int = 0
     follower: str = "off"  # the catalog consumer's state, for /readyz
     stop: asyncio.Event = field(default_factory=asyncio.Event)
+    _s3: Any = None
+
+    def s3(self) -> Any:
+        """The S3 client the audio route reads tracks with, made on first use."""
+        if self._s3 is None:
+            self._s3 = storage.make_s3_client(self.settings.s3_max_attempts)
+        return self._s3
 
     def need_catalog(self) -> tuple[CatalogStore, NeighbourIndex]:
         if self.catalog is None or self.index is None:

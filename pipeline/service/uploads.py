@@ -70,6 +70,7 @@ async def tag_upload(request: Request, state: State, job: Job) -> bytes:
         min_duration_s=s.min_duration_s,
         excerpts=s.excerpts,
         excerpt_s=s.excerpt_s,
+        audio_features_segment_s=s.timeline_segment_s if s.audio_features else None,
     )
     try:
         future = loop.run_in_executor(state.pool, task)

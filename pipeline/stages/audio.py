@@ -8,12 +8,16 @@ undecodable; the decoder that succeeded is reported with the result.
 Channels are averaged to mono, then resampled with soxr at its HQ setting, as
 ``librosa.load`` does. Decoding is streaming: the caller receives chunks and decoding stops at
 ``max_duration_s``, so a tiny file that claims hours of audio costs no more than the cap.
+
+A stage that needs the audio as decoded, every channel at the source rate (loudness reads the
+channels, not their mean), adds a tap to the stream: each ``[channels, n]`` block reaches the
+taps before the downmix, capped at ``max_duration_s`` like the rest.
 """
 
 from __future__ import annotations
 
 import io
-from collections.abc import Generator, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
@@ -29,6 +33,9 @@ from pipeline.stages.frontend import SAMPLE_RATE
 _SF_BLOCK = 65_536
 #: Source samples downmixed and resampled per call (about 0.7 s at 48 kHz).
 _GROUP_SAMPLES = 32_768
+
+#: Receives every decoded block, float32 [channels, n] at the source rate, before the downmix.
+Tap = Callable[[np.ndarray], None]
 
 #: Encoded audio: the bytes themselves (an S3 object), or a seekable binary file opened by the
 #: caller (a local file: read as decoding goes, so memory does not grow with the file's size).
@@ -60,6 +67,7 @@ class DecodedStream:
     channels: int
     stats: dict[str, float] = field(default_factory=dict)  # duration_s, truncated
     expected_s: float | None = None  # the duration the container states (capped), if any
+    taps: list[Tap] = field(default_factory=list)  # add before reading ``chunks``
 
 
 def decode(data: Source, *, max_duration_s: float, min_duration_s: float = 0.0) -> DecodedStream:
@@ -90,6 +98,9 @@ class Excerpts:
     decoder: str
     duration_s: float  # the whole track's, from the container
     starts_s: list[float]
+    source_rate: int  # Hz, before resampling
+    channels: int
+    taps: list[Tap] = field(default_factory=list)  # every excerpt's blocks, in order
 
 
 def decode_excerpts(data: Source, *, count: int, excerpt_s: float, max_duration_s: float) -> Excerpts | None:
@@ -114,16 +125,18 @@ def decode_excerpts(data: Source, *, count: int, excerpt_s: float, max_duration_
     # Centred in ``count`` equal sections of the track.
     starts = [min(max(0.0, (i + 0.5) * span / count - excerpt_s / 2), span - excerpt_s) for i in range(count)]
 
+    taps: list[Tap] = []
+
     def parts() -> Generator[tuple[float, Iterator[np.ndarray]], None, None]:
         try:
             for start in starts:
                 stats: dict[str, float] = {}
                 planar = _pyav_from(container, stream, start)
-                yield start, _mono_resampled(planar, int(rate), excerpt_s, 0.0, stats)
+                yield start, _mono_resampled(planar, int(rate), excerpt_s, 0.0, stats, taps)
         finally:
             container.close()
 
-    return Excerpts(parts(), "pyav", duration, starts)
+    return Excerpts(parts(), "pyav", duration, starts, int(rate), int(stream.codec_context.channels or 1), taps)
 
 
 def _container_duration_s(container: av.container.InputContainer, stream: av.AudioStream | None) -> float | None:
@@ -203,10 +216,11 @@ def _decode_pyav(data: Source, max_duration_s: float, min_duration_s: float) -> 
         finally:
             container.close()
 
-    chunks = _mono_resampled(planar(), int(rate), max_duration_s, min_duration_s, stats)
+    taps: list[Tap] = []
+    chunks = _mono_resampled(planar(), int(rate), max_duration_s, min_duration_s, stats, taps)
     stated = _container_duration_s(container, stream)
     expected = min(stated, max_duration_s) if stated else None
-    return DecodedStream(chunks, "pyav", int(rate), int(channels), stats, expected)
+    return DecodedStream(chunks, "pyav", int(rate), int(channels), stats, expected, taps)
 
 
 def _pyav_frames(container: av.container.InputContainer, stream: av.AudioStream) -> Iterator[np.ndarray]:
@@ -260,9 +274,10 @@ def _decode_soundfile(data: Source, max_duration_s: float, min_duration_s: float
         finally:
             sf.close()
 
-    chunks = _mono_resampled(planar(), int(sf.samplerate), max_duration_s, min_duration_s, stats)
+    taps: list[Tap] = []
+    chunks = _mono_resampled(planar(), int(sf.samplerate), max_duration_s, min_duration_s, stats, taps)
     expected = min(sf.frames / sf.samplerate, max_duration_s) if sf.frames > 0 else None
-    return DecodedStream(chunks, "soundfile", int(sf.samplerate), int(sf.channels), stats, expected)
+    return DecodedStream(chunks, "soundfile", int(sf.samplerate), int(sf.channels), stats, expected, taps)
 
 
 def _mono_resampled(
@@ -271,13 +286,18 @@ def _mono_resampled(
     max_duration_s: float,
     min_duration_s: float,
     stats: dict[str, float],
+    taps: list[Tap] | None = None,
 ) -> Iterator[np.ndarray]:
-    """[channels, n] blocks at ``rate`` -> [m] float32 mono blocks at SAMPLE_RATE, capped."""
+    """[channels, n] blocks at ``rate`` -> [m] float32 mono blocks at SAMPLE_RATE, capped; each
+    block (capped too) goes to the ``taps`` first."""
     limit = int(max_duration_s * rate)  # source samples
     taken = 0
     resampler = soxr.ResampleStream(rate, SAMPLE_RATE, 1, dtype="float32", quality="HQ")
     stats["truncated"] = 0.0
     for block in _grouped(planar):
+        if taps:
+            for tap in taps:
+                tap(block[:, : limit - taken])
         mono = block.mean(axis=0, dtype=np.float32) if block.shape[0] > 1 else block[0]
         if not np.all(np.isfinite(mono)):
             # NaN/Inf samples (broken float WAVs) would poison every score of the track.

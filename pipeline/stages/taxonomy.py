@@ -42,6 +42,7 @@ import numpy as np
 from pipeline.contracts.model_meta import ModelMeta, Network
 from pipeline.errors import ConfigError
 from pipeline.stages.frontend import PATCH_SECONDS
+from pipeline.stages.heads import Heads
 
 #: The mood rules shipped with the package (package data, read through importlib.resources).
 DEFAULT_MOODS_FILE = Path(str(resources.files(__package__).joinpath("moods.toml")))
@@ -72,6 +73,7 @@ class Family:
 @dataclass(frozen=True)
 class Rule:
     present: float  # tags: calibrated family score at which a family counts (top_moods)
+    probable: float  # heads: family probability at which a family counts
     class_clear: float  # classes: class probability at which the leading class counts
     va_clear: float  # valence_arousal: distance from the nearer axis at which the quadrant counts
 
@@ -108,6 +110,7 @@ class Taxonomy:
     rule: Rule
     plane: Plane
     calibration: Calibration | None  # required for source "tags" (None while calibrating)
+    heads: Heads | None = None  # learned from human labels: when present, they fill the mood fields
 
 
 def load_taxonomy(meta: ModelMeta, path: Path | None = None, *, calibrated: bool = True) -> Taxonomy:
@@ -123,11 +126,11 @@ def load_taxonomy(meta: ModelMeta, path: Path | None = None, *, calibrated: bool
         raise ConfigError(f"mood file {path}: {exc}") from None
     known = doc.get("families", {})
     try:
-        rule = Rule(**{k: float(doc["rule"][k]) for k in ("present", "class_clear", "va_clear")})
+        rule = Rule(**{k: float(doc["rule"][k]) for k in ("present", "probable", "class_clear", "va_clear")})
         plane = Plane(valence=dict(doc["plane"]["valence"]), arousal=dict(doc["plane"]["arousal"]))
     except (KeyError, TypeError, ValueError) as exc:
         raise ConfigError(
-            f"{path}: [rule] needs present, class_clear and va_clear, [plane] needs valence and arousal ({exc!r})"
+            f"{path}: [rule] needs present, probable, class_clear and va_clear, [plane] needs valence and arousal ({exc!r})"
         ) from None
     for axis, weights in (("valence", plane.valence), ("arousal", plane.arousal)):
         unknown = sorted(set(weights) - set(known))
@@ -165,7 +168,11 @@ def load_taxonomy(meta: ModelMeta, path: Path | None = None, *, calibrated: bool
             raise ConfigError(
                 f"model {meta.name}: its calibration lacks {lacking}; calibrate it again after editing {path}"
             )
-    return Taxonomy(meta.name, meta.networks, source, families, rule, plane, calibration)
+    heads = None
+    if meta.heads:
+        dims = {n.name: (len(n.labels), n.embedding_dim) for n in meta.networks}
+        heads = Heads.from_json(meta.heads, dims)
+    return Taxonomy(meta.name, meta.networks, source, families, rule, plane, calibration, heads)
 
 
 def _source(meta: ModelMeta, has_families: bool) -> str:
@@ -242,6 +249,7 @@ class MoodView:
     valence: float  # [-1, 1]
     arousal: float  # [-1, 1]
     quadrant: str  # one of QUADRANTS
+    quadrant_probabilities: dict[str, float] | None = None  # P(each quadrant), when the source gives them
 
 
 def quadrant(valence: float, arousal: float) -> str:
@@ -321,6 +329,7 @@ def _mood_view(taxonomy: Taxonomy, track: dict[str, np.ndarray], scores: np.ndar
             valence,
             arousal,
             leader,
+            {k: _r(v) for k, v in p.items()},
         )
     return MoodView({}, [], {"mood": None, "confidence": 0.0, "clear": False}, 0.0, 0.0, quadrant(0.0, 0.0))
 
@@ -377,7 +386,10 @@ def summarise(
         name: np.stack([track[name], *(out.scores[r].mean(axis=0) for r in in_segment)])
         for name, out in outputs.items()
     }
-    view, *parts = mood_views(taxonomy, rows, top_n)
+    tagged = mood_views(taxonomy, rows, top_n)  # [track, *segments]
+    views = tagged if taxonomy.heads is None else heads_views(taxonomy, taxonomy.heads, outputs, in_segment, top_n)
+    percentiles = [v.moods if taxonomy.source == "tags" else {} for v in tagged]
+    view, *parts = views
     timeline = []
     for seg, r, part in zip(segments, in_segment, parts):
         timeline.append(
@@ -390,18 +402,21 @@ def summarise(
                 "valence": part.valence,
                 "arousal": part.arousal,
                 "quadrant": part.quadrant,
+                "quadrant_probabilities": part.quadrant_probabilities,
             }
         )
     return {
         "tags": tags,
         "top_tags": ranked_tags,
-        "mood_source": taxonomy.source,
+        "mood_source": "heads" if taxonomy.heads is not None else taxonomy.source,
         "moods": view.moods,
         "top_moods": view.top_moods,
         "leading_mood": view.leading_mood,
         "valence": view.valence,
         "arousal": view.arousal,
         "quadrant": view.quadrant,
+        "quadrant_probabilities": view.quadrant_probabilities,
+        "mood_percentiles": percentiles[0],
         "timeline": timeline,
         "embeddings": {
             name: {
@@ -414,6 +429,56 @@ def summarise(
         if embeddings
         else {},
     }
+
+
+def heads_views(
+    taxonomy: Taxonomy, heads: Heads, outputs: dict[str, Any], in_segment: list[np.ndarray], top_n: int
+) -> list[MoodView]:
+    """The mood views of a track and its segments from the heads: [track, *segments].
+
+    The heads run on each segment's patches; the track's probabilities are the patch-weighted
+    mean of its segments' (``track`` "segments", as heads learned on clips of a segment's length
+    are applied) or the heads on all its patches (``track`` "whole")."""
+    everything = np.ones(len(in_segment[0]), bool)
+    quadrants, families = heads.predict(outputs, [everything, *in_segment])
+    if heads.track == "segments":
+        weights = np.array([r.sum() for r in in_segment], np.float64)
+        quadrants[0] = weights @ quadrants[1:] / weights.sum()
+        if families is not None:
+            families[0] = weights @ families[1:] / weights.sum()
+    labels = heads.families.labels if heads.families is not None else ()
+    return [
+        _heads_view(taxonomy, q, families[i] if families is not None else None, labels, top_n)
+        for i, q in enumerate(quadrants)
+    ]
+
+
+def _heads_view(
+    taxonomy: Taxonomy, q: np.ndarray, families: np.ndarray | None, labels: tuple[str, ...], top_n: int
+) -> MoodView:
+    """q: [4] quadrant probabilities; families: [F] family probabilities (or None)."""
+    probabilities = {name: _r(v) for name, v in zip(QUADRANTS, q)}
+    p = dict(zip(QUADRANTS, q))
+    valence = _r(p["happy"] + p["relaxed"] - p["angry"] - p["sad"])
+    arousal = _r(p["happy"] + p["angry"] - p["sad"] - p["relaxed"])
+    leader_quadrant = QUADRANTS[int(np.argmax(q))]
+    if families is None:
+        # Without family heads, the quadrant is the mood (its four names are the quadrants').
+        moods, ranked = probabilities, sorted(probabilities.items(), key=lambda kv: (-kv[1], kv[0]))
+    else:
+        moods = {name: _r(v) for name, v in zip(labels, families)}
+        ranked = sorted(moods.items(), key=lambda kv: (-kv[1], kv[0]))
+    top = [_ranked(m, s) for m, s in ranked if s >= taxonomy.rule.probable][:top_n]
+    leader, confidence = ranked[0]
+    return MoodView(
+        moods,
+        top,
+        {"mood": leader, "confidence": confidence, "clear": confidence >= taxonomy.rule.probable},
+        valence,
+        arousal,
+        leader_quadrant,
+        probabilities,
+    )
 
 
 def mood_line(record: dict) -> str:

@@ -62,6 +62,7 @@ class WorkerConfig:
     embeddings: bool = True  # the track's audio embedding per network in the output
     excerpts: int = 0  # 0: the whole track
     excerpt_s: float = 15.0
+    audio_features: bool = True  # tempo, key, loudness... beside the moods
     outage_backoff_max_s: float = 10.0  # a service that is back is noticed within this long
 
 
@@ -263,6 +264,9 @@ class BatchWorker:
             embeddings=self.config.embeddings,
             correlation_id=event.correlation_id,
             ingested_at=event.ingested_at,
+            title=event.title,
+            artist=event.artist,
+            audio_uri=event.audio_uri,
         )
         await self.publish(self.config.output_topic, event.track_id.encode(), record.to_json())
         metrics.OUTPUTS.labels(self.model.name, self.model.version).inc()
@@ -291,6 +295,7 @@ def _analyse_job(
             min_duration_s=config.min_duration_s,
             excerpts=config.excerpts,
             excerpt_s=config.excerpt_s,
+            audio_features_segment_s=config.timeline_segment_s if config.audio_features else None,
         )
     return handoff.share(analysis)
 

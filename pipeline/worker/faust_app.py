@@ -88,6 +88,7 @@ def worker_config(s: Settings) -> WorkerConfig:
         top_moods=s.top_moods,
         timeline_segment_s=s.timeline_segment_s,
         embeddings=s.embeddings,
+        audio_features=s.audio_features,
     )
 
 

@@ -36,7 +36,7 @@ def validate(record: bytes, schema: str) -> dict:
 
 def test_shipped_schemas_are_valid_draft_2020_12():
     names = sorted(p.name.removesuffix(".json") for p in events.SCHEMA_DIR.iterdir() if p.name.endswith(".json"))
-    assert names == ["track_dead_letter.v1", "track_ingested.v1", "track_moods.v1", "track_moods.v2"]
+    assert names == ["track_dead_letter.v1", "track_ingested.v1", "track_moods.v1", "track_moods.v2", "track_moods.v3"]
     for name in names:
         schema = events.load_schema(name)
         assert schema["$schema"] == "https://json-schema.org/draft/2020-12/schema"
@@ -287,26 +287,33 @@ def moods_record(
         valence=0.5,
         arousal=-0.25,
         quadrant="relaxed",
+        quadrant_probabilities=None,
+        mood_percentiles={"happy": 0.9, "sad": 0.125},
         timeline=[
             {
                 "start_s": 0.0,
                 "end_s": 30.0,
+                "moods": {"happy": 0.95, "sad": 0.1},
                 "top_moods": [{"mood": "happy", "score": 0.95}],
                 "leading_mood": LEAD,
                 "valence": 0.6,
                 "arousal": 0.1,
                 "quadrant": "happy",
+                "quadrant_probabilities": None,
             },
             {
                 "start_s": 30.0,
                 "end_s": 42.5,
+                "moods": {"happy": 0.5, "sad": 0.3},
                 "top_moods": [],
                 "leading_mood": {**LEAD, "clear": False, "confidence": 0.5},
                 "valence": -0.1,
                 "arousal": -0.2,
                 "quadrant": "sad",
+                "quadrant_probabilities": None,
             },
         ],
+        audio_features=None,
         embeddings={"musicnn_msd": {"dim": 2, "dtype": "float16", "data": "ADwAQA=="}},
         duration_s=42.5,
         analysed_s=42.0,
@@ -325,18 +332,19 @@ def moods_record(
 
 
 def test_output_validates_against_the_shipped_schema():
-    doc = validate(moods_record().to_json(), "track_moods.v2")
-    assert doc["schema_version"] == 2
+    doc = validate(moods_record().to_json(), "track_moods.v3")
+    assert doc["schema_version"] == 3
     assert doc["model"] == {
         "name": "musicnn",
         "version": "3+cal.0123abcd",
         "networks": [{"name": "musicnn_msd", "version": "1"}, {"name": "musicnn_mtt", "version": "1"}],
     }
     assert doc["processed_at"] == "2026-01-01T12:00:00.250000Z" and doc["ingested_at"] == "2026-01-01T11:59:00Z"
-    assert set(doc) == set(events.load_schema("track_moods.v2")["required"])
-    nulls = validate(moods_record(correlation_id=None, ingested_at=None).to_json(), "track_moods.v2")
+    assert set(doc) == set(events.load_schema("track_moods.v3")["required"])
+    nulls = validate(moods_record(correlation_id=None, ingested_at=None).to_json(), "track_moods.v3")
     assert nulls["correlation_id"] is None and nulls["ingested_at"] is None
-    assert validate(moods_record(embeddings={}).to_json(), "track_moods.v2")["embeddings"] == {}
+    assert nulls["title"] is None and nulls["artist"] is None
+    assert validate(moods_record(embeddings={}).to_json(), "track_moods.v3")["embeddings"] == {}
 
 
 def test_a_v1_consumer_validating_its_schema_is_told_the_version_changed():
@@ -384,7 +392,7 @@ def test_output_is_deterministic_but_for_the_run_fields():
 def test_schema_catches_a_broken_output(over):
     latency = over.pop("latency_ms", None)
     with pytest.raises(jsonschema.ValidationError):
-        validate(moods_record(latency_ms=latency, **over).to_json(), "track_moods.v2")
+        validate(moods_record(latency_ms=latency, **over).to_json(), "track_moods.v3")
 
 
 def test_output_refuses_nan_and_naive_times():

@@ -35,7 +35,7 @@ def test_demo_json_prints_one_valid_output_per_track(example_clips, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     lines = done.stdout.splitlines()
     assert len(lines) == 3, done.stdout
-    schema = events.load_schema("track_moods.v2")
+    schema = events.load_schema("track_moods.v3")
     for line in lines:
         jsonschema.validate(json.loads(line), schema)
     for line in lines:

@@ -63,7 +63,7 @@ def record(
     arousal: float = 0.0,
     **run: Any,
 ) -> dict[str, Any]:
-    """A schema-valid v2 record of ``track_id`` (round-tripped through its JSON, as consumers read it)."""
+    """A schema-valid v3 record of ``track_id`` (round-tripped through its JSON, as consumers read it)."""
     top = sorted(moods.items(), key=lambda kv: -kv[1])
     lead = {"mood": top[0][0], "confidence": top[0][1], "clear": True}
     quadrant = taxonomy.quadrant(valence, arousal)
@@ -77,17 +77,22 @@ def record(
         "valence": valence,
         "arousal": arousal,
         "quadrant": quadrant,
+        "quadrant_probabilities": None,
+        "mood_percentiles": moods,
         "timeline": [
             {
                 "start_s": 0.0,
                 "end_s": 30.0,
+                "moods": moods,
                 "top_moods": [],
                 "leading_mood": lead,
                 "valence": valence,
                 "arousal": arousal,
                 "quadrant": quadrant,
+                "quadrant_probabilities": None,
             }
         ],
+        "audio_features": run.pop("audio_features", None),
         "embeddings": {}
         if vector is None
         else {
@@ -112,7 +117,7 @@ def record(
         ingested_at=run.get("ingested_at", T0 - timedelta(seconds=5)),
     ).to_json()
     parsed = json.loads(value)
-    schema = events.load_schema("track_moods.v2")
+    schema = events.load_schema("track_moods.v3")
     jsonschema.validate(parsed, schema)
     return parsed
 
@@ -288,6 +293,92 @@ def test_ranked_within_a_region_of_the_mood_plane(store):
 # --- what the neighbour index reads ----------------------------------------------------------------
 
 
+def features(tempo: float | None, key: int, mode: int, energy: float, **over: Any) -> dict[str, Any]:
+    """A schema-valid ``audio_features`` object."""
+    return {
+        "duration_s": 30.0,
+        "sample_rate": 44100,
+        "channels": 2,
+        "analysed": "track",
+        "tempo": tempo,
+        "tempo_confidence": 0.8 if tempo else 0.0,
+        "beats": [0.5, 1.0],
+        "downbeats": [0.5],
+        "time_signature": 4 if tempo else -1,
+        "time_signature_confidence": 0.7,
+        "key": key,
+        "mode": mode,
+        "key_confidence": 0.6,
+        "loudness": -12.0,
+        "loudness_range": 6.0,
+        "true_peak": -1.0,
+        "fade_in_end_s": 0.0,
+        "fade_out_start_s": 30.0,
+        "energy": energy,
+        "danceability": 0.5,
+        "speechiness": 0.05,
+        "acousticness": 0.3,
+        "instrumentalness": 0.9,
+        "liveness": 0.1,
+        "valence": 0.6,
+        "sections": [
+            {
+                "start": 0.0,
+                "duration": 30.0,
+                "tempo": tempo,
+                "tempo_confidence": 0.5,
+                "key": key,
+                "mode": mode,
+                "key_confidence": 0.5,
+                "loudness": -12.0,
+            }
+        ],
+        **over,
+    }
+
+
+def test_ranked_by_audio_features_filters_and_sorts(store):
+    for i, (track_id, tempo, key, mode, energy) in enumerate(
+        [
+            ("a", 124.0, 9, 0, 0.9),
+            ("b", 126.0, 9, 0, 0.4),
+            ("c", 90.0, 9, 0, 0.95),
+            ("d", 125.0, 2, 1, 0.7),
+            ("e", None, -1, -1, 0.1),
+        ]
+    ):
+        store.upsert(
+            record(
+                track_id,
+                {"relaxed": 0.5},
+                at=T0 + timedelta(minutes=i),
+                audio_features=features(tempo, key, mode, energy),
+            )
+        )
+    store.upsert(record("no-features", {"relaxed": 0.5}, at=T0 + timedelta(minutes=9)))
+    found = store.ranked(ranges={"tempo": (120.0, 128.0)}, exact={"key": 9, "mode": 0}, sort="-energy")
+    assert [t["track_id"] for t in found] == ["a", "b"]
+    assert found[0]["audio_features"]["tempo"] == 124.0 and found[0]["audio_features"]["key"] == 9
+    assert [t["track_id"] for t in store.ranked(sort="energy")] == ["e", "b", "d", "a", "c"]
+    assert [t["track_id"] for t in store.ranked(ranges={"energy": (0.8, 1.0)}, sort="-tempo")] == ["a", "c"]
+    assert len(store.ranked()) == 6  # without a feature filter, tracks without features too
+    with pytest.raises(ValueError, match="unknown audio features"):
+        store.ranked(sort="-energy; DROP TABLE records")
+    with pytest.raises(ValueError, match="unknown audio features"):
+        store.ranked(ranges={"tempo) OR (1=1": (0.0, 1.0)})
+
+
+def test_a_newer_record_without_features_drops_the_old_ones(store):
+    store.upsert(record("x", {"relaxed": 0.5}, at=T0, audio_features=features(120.0, 0, 1, 0.5)))
+    assert [t["track_id"] for t in store.ranked(exact={"key": 0})] == ["x"]
+    store.upsert(
+        record(
+            "x", {"relaxed": 0.5}, at=T0 + timedelta(minutes=1), model=events.ModelRef("other", "1", (("net", "1"),))
+        )
+    )
+    assert store.ranked(exact={"key": 0}) == [] and store.track("x")["audio_features"] is None
+
+
 def test_changed_since_pages_through_the_newest_rows_and_embeddings_decode(store):
     for i in range(5):
         store.upsert(record(f"t-{i}", {"happy": 0.5}, vector=[1.0, float(i), 0.5]))
@@ -399,6 +490,10 @@ def test_injection_through_every_filter_matches_nothing_and_changes_nothing(stor
         assert store.ranked(quadrant=payload) == [], payload
         assert store.ranked(mood="relaxed", quadrant=payload) == [], payload
         assert set(store.summaries([payload, "t-1"])) == {"t-1"}, payload
+        with pytest.raises(ValueError):  # a feature name becomes a column: only known ones
+            store.ranked(sort=payload)
+        with pytest.raises(ValueError):
+            store.ranked(ranges={payload: (0.0, 1.0)})
     # The one payload that is a stored id finds exactly that track, and only it.
     assert store.track(hostile)["track_id"] == hostile
     assert set(store.summaries([hostile])) == {hostile}
@@ -440,6 +535,10 @@ def test_injection_through_the_http_api_on_both_databases(url, tmp_path):
                 {"valence": f"0,1{payload}"},
                 {"limit": payload},
                 {"mood": "relaxed", "valence": "0,1", "arousal": "-1,0", "quadrant": payload},
+                {"tempo": payload},
+                {"key": payload},
+                {"sort": payload},
+                {"energy": f"0,1{payload}", "mode": "0"},
             ):
                 answer = requests.get(service.url + "/v1/tracks", params=params, timeout=30)
                 asked += 1
@@ -448,14 +547,14 @@ def test_injection_through_the_http_api_on_both_databases(url, tmp_path):
                     assert answer.json()["tracks"] == [], params
                 else:
                     assert answer.headers["content-type"] == "application/problem+json"
-            for path in (f"/v1/tracks/{payload}", f"/v1/tracks/{payload}/similar"):
+            for path in (f"/v1/tracks/{payload}", f"/v1/tracks/{payload}/similar", f"/v1/tracks/{payload}/features"):
                 answer = requests.get(service.url + path.replace("%", "%25"), timeout=30)
                 asked += 1
                 assert answer.status_code in (400, 404), (path, answer.status_code, answer.text)
                 assert answer.headers["content-type"] == "application/problem+json"
         ranked = requests.get(service.url + "/v1/tracks", params={"mood": "relaxed"}, timeout=30).json()
         assert [t["track_id"] for t in ranked["tracks"]] == ["t-1"]
-    assert asked == len(INJECTIONS) * 9
+    assert asked == len(INJECTIONS) * 14
     store = CatalogStore.open(url)
     assert catalog_state(store) == before
     store.close()

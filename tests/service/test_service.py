@@ -93,7 +93,7 @@ def problem(answer: requests.Response, status: int, reason: str) -> dict[str, An
 
 
 def test_an_upload_gets_the_record_a_catalog_track_gets(uploaded, clip, service):
-    jsonschema.validate(uploaded, events.load_schema("track_moods.v2"))
+    jsonschema.validate(uploaded, events.load_schema("track_moods.v3"))
     digest = hashlib.sha256(clip.read_bytes()).hexdigest()[:16]
     assert uploaded["track_id"] == f"upload-{digest}"
     assert uploaded["moods"] and uploaded["leading_mood"]["mood"] in uploaded["moods"]
@@ -231,12 +231,13 @@ def read_answer(sock: socket.socket) -> str:
 
 
 def variant(
-    record: dict[str, Any], track_id: str, *, relaxed: float, vector: np.ndarray, network: str
+    record: dict[str, Any], track_id: str, *, relaxed: float, vector: np.ndarray, network: str, **features: float
 ) -> dict[str, Any]:
-    """``record`` as another track with its own relaxed score and embedding."""
+    """``record`` as another track with its own relaxed score, embedding and audio features."""
     other = copy.deepcopy(record)
     other["track_id"] = track_id
     other["moods"]["relaxed"] = relaxed
+    other["audio_features"].update(features)
     other["embeddings"][network] = {"dim": int(vector.shape[0]), "dtype": "float16", "data": encode_embedding(vector)}
     return other
 
@@ -248,21 +249,41 @@ def catalog(service, uploaded) -> dict[str, dict[str, Any]]:
     base = embedding_of(uploaded, network)
     rng = np.random.default_rng(7)
     records = {
-        "seed": variant(uploaded, "seed", relaxed=0.6, vector=base, network=network),
+        "seed": variant(
+            uploaded, "seed", relaxed=0.6, vector=base, network=network, tempo=124.0, energy=0.5, key=9, mode=0
+        ),
         "near": variant(
             uploaded,
             "near",
             relaxed=0.9,
             vector=base + 0.01 * rng.standard_normal(base.shape).astype(np.float32),
             network=network,
+            tempo=126.0,
+            energy=0.8,
+            key=9,
+            mode=0,
         ),
-        "label/album/far": variant(uploaded, "label/album/far", relaxed=0.1, vector=-base, network=network),
+        "label/album/far": variant(
+            uploaded,
+            "label/album/far",
+            relaxed=0.1,
+            vector=-base,
+            network=network,
+            tempo=90.0,
+            energy=0.9,
+            key=2,
+            mode=1,
+        ),
         "middle": variant(
             uploaded,
             "middle",
             relaxed=0.3,
             vector=base + 0.5 * rng.standard_normal(base.shape).astype(np.float32),
             network=network,
+            tempo=122.0,
+            energy=0.2,
+            key=9,
+            mode=1,
         ),
     }
     store = CatalogStore.open(service.catalog_url)
@@ -306,6 +327,57 @@ def test_the_catalog_ranked_by_a_mood_once_per_track(service, catalog):
     assert [t["track_id"] for t in region.json()["tracks"]][:1] == ["near"]
 
 
+def test_the_catalog_filtered_and_sorted_by_audio_features(service, catalog):
+    params = {"tempo": "120,128", "key": "9", "mode": "0", "sort": "-energy"}
+    answer = requests.get(service.url + "/v1/tracks", params=params, timeout=10)
+    assert answer.status_code == 200, answer.text
+    assert [t["track_id"] for t in answer.json()["tracks"]] == ["near", "seed"]
+    assert answer.json()["tracks"][0]["audio_features"]["tempo"] == 126.0
+    by_energy = requests.get(service.url + "/v1/tracks", params={"sort": "energy"}, timeout=10).json()["tracks"]
+    assert [t["track_id"] for t in by_energy] == ["middle", "seed", "near", "label/album/far"]
+    loud = requests.get(service.url + "/v1/tracks", params={"energy": "0.85,1", "mood": "relaxed"}, timeout=10)
+    assert [t["track_id"] for t in loud.json()["tracks"]] == ["label/album/far"]
+
+
+def test_a_tracks_features_in_spotifys_shape(service, catalog):
+    """The fields, types and ranges of Spotify's audio-features object, from the record's."""
+    answer = requests.get(service.url + "/v1/tracks/label/album/far/features", timeout=10)
+    assert answer.status_code == 200, answer.text
+    body = answer.json()
+    spotify = {
+        "acousticness": float,
+        "analysis_url": str,
+        "danceability": float,
+        "duration_ms": int,
+        "energy": float,
+        "id": str,
+        "instrumentalness": float,
+        "key": int,
+        "liveness": float,
+        "loudness": float,
+        "mode": int,
+        "speechiness": float,
+        "tempo": float,
+        "time_signature": int,
+        "track_href": str,
+        "type": str,
+        "uri": str,
+        "valence": float,
+    }
+    assert set(body) == set(spotify)
+    assert all(isinstance(body[k], kind) for k, kind in spotify.items()), body
+    record = catalog["label/album/far"]["audio_features"]
+    assert body["id"] == "label/album/far" and body["type"] == "audio_features"
+    assert body["tempo"] == 90.0 and body["key"] == 2 and body["mode"] == 1 and body["energy"] == 0.9
+    assert body["duration_ms"] == round(record["duration_s"] * 1000) and body["loudness"] == record["loudness"]
+    assert all(
+        0.0 <= body[k] <= 1.0
+        for k in ("acousticness", "danceability", "energy", "instrumentalness", "liveness", "speechiness", "valence")
+    )
+    assert requests.get(service.url + body["track_href"], timeout=10).json()["track_id"] == "label/album/far"
+    problem(requests.get(service.url + "/v1/tracks/nobody/features", timeout=10), 404, "not_found")
+
+
 def test_bad_feed_queries_are_problems(service, catalog):
     for params, word in (
         ({"mood": "grumpy"}, "unknown mood"),
@@ -314,6 +386,10 @@ def test_bad_feed_queries_are_problems(service, catalog):
         ({"arousal": "1,-1"}, "low <= high"),
         ({"limit": "0"}, "limit"),
         ({"limit": "many"}, "limit"),
+        ({"tempo": "128,120"}, "low <= high"),
+        ({"energy": "0,2"}, "high <= 1"),
+        ({"key": "12"}, "key"),
+        ({"sort": "-volume"}, "sort"),
     ):
         body = problem(requests.get(service.url + "/v1/tracks", params=params, timeout=10), 400, "bad_request")
         assert word in body["detail"], (params, body)

@@ -121,7 +121,7 @@ def test_upload_shows_the_record(browser, service, clip, tmp_path):
     wait_for_result(browser, ANALYSIS_TIMEOUT_S)
     assert "Analysed" in text(browser, "status")
     record = shown_record(browser)
-    assert text(browser, "result-track") == record["track_id"]
+    assert text(browser, "result-title") == record["track_id"]  # an upload has no title
     assert record["track_id"].startswith("upload-")
 
     leading = record["leading_mood"]
@@ -157,6 +157,35 @@ def test_upload_shows_the_record(browser, service, clip, tmp_path):
     assert_point_in_quadrant(browser, record)
     assert record["quadrant"] in text(browser, "va-text")
 
+    quadrant_bars = browser.find_elements(By.CSS_SELECTOR, "#quadrant-bars .quadrant-bar")
+    probabilities = record["quadrant_probabilities"]
+    assert [b.get_attribute("data-quadrant") for b in quadrant_bars] == (
+        ["happy", "angry", "sad", "relaxed"] if probabilities else []
+    )
+    for bar in quadrant_bars:
+        assert fill_share(browser, bar) == pytest.approx(probabilities[bar.get_attribute("data-quadrant")], abs=0.01)
+    features = record["audio_features"]
+    facts = text(browser, "features-list")
+    assert f"{features['loudness']:.1f} LUFS" in facts and f"{len(features['beats'])} (" in facts
+    assert (f"{features['tempo']:.1f} BPM" if features["tempo"] else "no pulse") in facts
+    assert {b.get_attribute("data-feature") for b in browser.find_elements(By.CSS_SELECTOR, ".feature-bar")} >= {
+        "energy",
+        "danceability",
+        "valence",
+    }
+    # The upload plays from the page's own copy, and the timeline's playhead follows it.
+    player = browser.find_element(By.ID, "player")
+    assert player.is_displayed() and player.get_attribute("src").startswith("blob:")
+    browser.execute_script(
+        "const p = document.getElementById('player'); p.currentTime = 20; p.dispatchEvent(new Event('seeked'));"
+    )
+    playhead = browser.execute_script(
+        "const h = document.querySelector('#timeline-chart .playhead'); const u = h.parentElement.getBoundingClientRect();"
+        " return {hidden: h.hidden, x: h.getBoundingClientRect().left + 1 - u.left, width: u.width};"
+    )
+    assert not playhead["hidden"]
+    assert playhead["x"] == pytest.approx(playhead["width"] * 20 / max(record["duration_s"], 30.0), abs=3), playhead
+
     screenshot(browser, tmp_path / "upload.png")
 
 
@@ -191,6 +220,12 @@ def test_catalog_ranks_by_mood_and_opens_a_track(browser, service, catalog, tmp_
     wait_until_similar(service, twin["track_id"], uploaded["track_id"])
 
     browser.get(service.url + "/")
+    # The page opens on the catalog's newest tracks, before any mood is chosen.
+    newest = WebDriverWait(browser, VIEW_TIMEOUT_S).until(
+        lambda d: d.find_elements(By.CSS_SELECTOR, "#catalog-list .track-row")
+    )
+    assert {r.get_attribute("data-track-id") for r in newest} == {r["track_id"] for r in catalog}
+    assert "newest first" in text(browser, "catalog-status")
     select = WebDriverWait(browser, VIEW_TIMEOUT_S).until(
         lambda d: (s := d.find_element(By.ID, "mood-select")).is_enabled() and s
     )
@@ -331,6 +366,8 @@ def hostile(guarded, broker, clip) -> dict[str, Any]:
     record = answer.json()
     record["track_id"] = HOSTILE_ID
     record["correlation_id"] = MARKUP
+    record["title"] = "<b>bold</b>" + MARKUP
+    record["artist"] = MARKUP
     lead = record["leading_mood"]["mood"]
     record["moods"][MARKUP] = record["moods"].pop(lead)  # a mood family named with markup
     record["leading_mood"]["mood"] = MARKUP
@@ -364,7 +401,9 @@ def test_markup_in_an_announced_record_is_shown_as_text(browser, guarded, hostil
     browser.get(f"{service.url}/#{urlencode({'access_token': token, 'track': HOSTILE_ID})}")
     wait_for_result(browser, VIEW_TIMEOUT_S, HOSTILE_ID)
     assert "access_token" not in browser.current_url  # taken out of the address and history
-    assert text(browser, "result-track") == HOSTILE_ID
+    assert text(browser, "result-title") == hostile["title"]
+    assert text(browser, "result-artist") == MARKUP
+    assert text(browser, "result-track") == f"({HOSTILE_ID})"
     assert text(browser, "leading-mood") == MARKUP
     assert shown_record(browser) == hostile
     labels = [b.get_attribute("data-mood") for b in browser.find_elements(By.CSS_SELECTOR, "#mood-bars .mood-bar")]
@@ -379,7 +418,7 @@ def test_markup_in_an_announced_record_is_shown_as_text(browser, guarded, hostil
     rows = WebDriverWait(browser, VIEW_TIMEOUT_S).until(
         lambda d: d.find_elements(By.CSS_SELECTOR, "#catalog-list .track-row")
     )
-    assert HOSTILE_ID in [r.find_element(By.CSS_SELECTOR, ".track-id").text for r in rows]
+    assert f"{hostile['title']} — {MARKUP}" in [r.find_element(By.CSS_SELECTOR, ".track-id").text for r in rows]
     assert_nothing_ran(browser)
     screenshot(browser, tmp_path / "hostile-record.png")
 

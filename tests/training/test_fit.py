@@ -117,7 +117,7 @@ def test_fit_evaluate_export_and_serve(arch, request, mel_cache, tmp_path):
         analysis=fields,
     )
     doc = json.loads(record.to_json())
-    events.jsonschema.Draft202012Validator(events.load_schema("track_moods.v2")).validate(doc)
+    events.jsonschema.Draft202012Validator(events.load_schema("track_moods.v3")).validate(doc)
     assert (
         doc["model"]["name"] == arch
         and doc["model"]["version"] == "test-1"

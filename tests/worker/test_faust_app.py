@@ -167,7 +167,7 @@ def test_tracks_in_moods_out_and_bad_events_dead_lettered(stack, example_clips, 
 
     outputs = {r["track_id"]: r for r in seen["tracks.moods"]}
     assert set(outputs) == set(good), log
-    schema = events.load_schema("track_moods.v2")
+    schema = events.load_schema("track_moods.v3")
     for record in outputs.values():
         jsonschema.validate(record, schema, format_checker=jsonschema.FormatChecker())
         assert record["model"]["name"] == MODEL and record["model"]["version"] == version
@@ -341,6 +341,10 @@ def test_the_services_catalog_follows_the_output_topic(stack, example_clips, tmp
             near = requests_json(service.url + "/v1/tracks/cat-a/similar?limit=5")
             assert [t["track_id"] for t in near["similar"]] == ["cat-b"] and near["similar"][0]["distance"] > 0
             assert service.metric("moodstream_catalog_tracks") == 2
+            # The page's player gets the announced audio through the service, from S3.
+            played = urllib.request.urlopen(service.url + "/v1/tracks/cat-b/audio", timeout=30)
+            assert played.headers["Content-Type"] == "audio/mpeg"
+            assert played.read() == example_clips[1].read_bytes()
     finally:
         stop_worker(worker)
 

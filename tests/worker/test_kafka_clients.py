@@ -84,7 +84,7 @@ def worker(stack, audio_uri, tmp_path_factory):
 
 def check_moods(value: bytes, track_id: str, worker: subprocess.Popen) -> None:
     record = json.loads(value)
-    jsonschema.validate(record, events.load_schema("track_moods.v2"), format_checker=jsonschema.FormatChecker())
+    jsonschema.validate(record, events.load_schema("track_moods.v3"), format_checker=jsonschema.FormatChecker())
     assert record["track_id"] == track_id, worker.log.read_text(errors="replace")[-3000:]
     assert record["model"]["name"] == MODEL and [len(t) for t in record["tags"].values()] == [50, 50]
     assert record["leading_mood"]["mood"] is not None

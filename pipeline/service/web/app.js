@@ -2,10 +2,11 @@
  * moodstream's page: upload a track or pick one from the catalog, and see its moods.
  *
  * It talks to the service's JSON API only (pipeline/service/routes.py):
- *   POST /v1/analyses                      multipart field `file` → a tracks.moods v2 record
+ *   POST /v1/analyses                      multipart field `file` → a tracks.moods v3 record
  *   GET  /v1/moods                         the mood families
- *   GET  /v1/tracks?mood=m&limit=50        track summaries ranked by that mood's score
+ *   GET  /v1/tracks?mood=m&limit=50        track summaries ranked by that mood's score (newest first without)
  *   GET  /v1/tracks/{id}                   a stored record
+ *   GET  /v1/tracks/{id}/audio             its audio, for the player
  *   GET  /v1/tracks/{id}/similar?limit=10  its nearest neighbours by embedding
  * Errors arrive as application/problem+json {type, title, status, detail, reason}.
  *
@@ -36,6 +37,10 @@ const MOOD_COLOURS = {
   aggressive: "#D55E00", tender: "#6A51A3", dark: "#000000",
 };
 const SPARE_COLOURS = ["#7F7F7F", "#8C564B"];
+const QUADRANT_NAMES = ["happy", "angry", "sad", "relaxed"];
+const KEY_NAMES = ["C", "C♯", "D", "E♭", "E", "F", "F♯", "G", "A♭", "A", "B♭", "B"];
+// The 0–1 audio features drawn as bars, in Spotify's meanings (docs/audio-features.md).
+const FEATURE_BARS = ["energy", "danceability", "valence", "acousticness", "instrumentalness", "speechiness", "liveness"];
 
 const TOKEN_KEY = "moodstream.token";
 
@@ -159,25 +164,31 @@ let similarRequest = 0;
 function hideResult() {
   chart?.destroy();
   chart = null;
+  resetPlayer();
   const result = $("result");
   result.hidden = true;
   delete result.dataset.trackId;
   markCurrent();
 }
 
-function showRecord(record) {
+function showRecord(record, localAudio = null) {
   const result = $("result");
   result.dataset.trackId = record.track_id;
-  $("result-track").textContent = record.track_id;
+  $("result-title").textContent = record.title || record.track_id;
+  $("result-artist").textContent = record.artist ?? "";
+  $("result-track").textContent = record.title ? `(${record.track_id})` : "";
   $("result-meta").textContent = describeRecord(record);
   showLeading(record.leading_mood);
   showMoodBars(record.moods ?? {});
+  showQuadrants(record);
+  showFeatures(record.audio_features);
   showPlane(record);
   showTags(record.top_tags ?? {});
-  showTimelineTable(record.timeline ?? []);
+  showTimelineTable(record.timeline ?? [], record.audio_features?.sections ?? []);
   $("record-json").textContent = JSON.stringify(record, null, 2);
   result.hidden = false;  // before the chart: uPlot sizes itself to the visible container
   showTimeline(record);
+  preparePlayer(record, localAudio);
   showSimilar(record.track_id);
   markCurrent();
   $("result-heading").focus();
@@ -196,7 +207,7 @@ function describeRecord(record) {
 
 function showLeading(leading) {
   $("leading-mood").textContent = leading?.mood ?? "none";
-  $("leading-confidence").textContent = leading ? `(confidence ${fmtPercent(leading.confidence)})` : "";
+  $("leading-confidence").textContent = leading ? `(${fmtPercent(leading.confidence)})` : "";
   $("leading-unclear").hidden = !leading || leading.clear;
 }
 
@@ -220,6 +231,41 @@ const rankedFamilies = (moods) => Object.keys(moods).sort((a, b) => moods[b] - m
 
 function showMoodBars(moods) {
   $("mood-bars").replaceChildren(...rankedFamilies(moods).map((m) => bar("mood-bar", m, moods[m], { mood: m })));
+}
+
+function showQuadrants(record) {
+  const probabilities = record.quadrant_probabilities;
+  $("quadrant-bars").replaceChildren(...(probabilities
+    ? QUADRANT_NAMES.map((q) => bar("quadrant-bar", q, probabilities[q], { quadrant: q }))
+    : []));
+  $("quadrant-note").textContent = probabilities
+    ? "How likely a listener would place the music in each quadrant of the mood plane."
+    : "This record has no quadrant probabilities.";
+}
+
+const keyName = (key, mode) => (key >= 0 ? `${KEY_NAMES[key]} ${mode === 1 ? "major" : "minor"}` : "no key");
+
+function showFeatures(features) {
+  const list = $("features-list");
+  if (!features) {
+    list.replaceChildren(el("dt", {}, "Audio features"), el("dd", {}, "not in this record"));
+    $("feature-bars").replaceChildren();
+    return;
+  }
+  const facts = [
+    ["Tempo", features.tempo ? `${features.tempo.toFixed(1)} BPM (confidence ${fmtScore(features.tempo_confidence)})` : "no pulse"],
+    ["Meter", features.time_signature > 0 ? `${features.time_signature}/4` : "–"],
+    ["Key", `${keyName(features.key, features.mode)}${features.key >= 0 ? ` (confidence ${fmtScore(features.key_confidence)})` : ""}`],
+    ["Loudness", features.loudness == null ? "silent" : `${features.loudness.toFixed(1)} LUFS`],
+    ["Loudness range", features.loudness_range == null ? "–" : `${features.loudness_range.toFixed(1)} LU`],
+    ["True peak", features.true_peak == null ? "–" : `${features.true_peak.toFixed(1)} dBTP`],
+    ["Beats", `${features.beats.length} (${features.downbeats.length} bars)`],
+  ];
+  if (features.analysed === "excerpts") facts.push(["Analysed", "excerpts only"]);
+  list.replaceChildren(...facts.flatMap(([name, value]) => [el("dt", {}, name), el("dd", {}, value)]));
+  $("feature-bars").replaceChildren(...FEATURE_BARS
+    .filter((name) => features[name] != null)
+    .map((name) => bar("feature-bar", name, features[name], { feature: name })));
 }
 
 function showTags(topTags) {
@@ -273,9 +319,11 @@ function showTimeline(record) {
   });
   const duration = Math.max(record.duration_s ?? 0, xs.at(-1));
   const stepped = uPlot.paths.stepped({ align: 1 });
+  const downbeats = record.audio_features?.downbeats ?? [];
   chart = new uPlot({
     width: container.clientWidth,
     height: CHART_HEIGHT,
+    hooks: { draw: [(u) => drawDownbeats(u, downbeats)] },
     scales: { x: { time: false, range: [0, duration] }, y: { range: [0, 1] } },
     axes: [{ label: "seconds" }, { label: "score" }],
     series: [
@@ -286,15 +334,123 @@ function showTimeline(record) {
       })),
     ],
   }, [xs, ...ys], container);
+  const playhead = el("div", { class: "playhead", "aria-hidden": "true" });
+  playhead.hidden = true;
+  chart.over.append(playhead);
 }
 
-function showTimelineTable(segments) {
-  $("timeline-table").tBodies[0].replaceChildren(...segments.map((s) => el("tr", {},
-    el("td", {}, s.start_s.toFixed(1)),
-    el("td", {}, s.end_s.toFixed(1)),
-    el("td", {}, `${s.leading_mood.mood} ${fmtPercent(s.leading_mood.confidence)}${s.leading_mood.clear ? "" : " (unclear)"}`),
-    el("td", {}, s.quadrant))));
+/** Thin vertical lines at the bars' first beats, under the mood lines. */
+function drawDownbeats(u, downbeats) {
+  if (!downbeats.length) return;
+  const { ctx } = u;
+  const { top, height } = u.bbox;
+  ctx.save();
+  ctx.strokeStyle = "rgba(0, 0, 0, 0.12)";
+  ctx.lineWidth = 1;
+  ctx.beginPath();
+  for (const t of downbeats) {
+    const x = Math.round(u.valToPos(t, "x", true)) + 0.5;
+    ctx.moveTo(x, top);
+    ctx.lineTo(x, top + height);
+  }
+  ctx.stroke();
+  ctx.restore();
 }
+
+/** Put the chart's playhead at ``seconds`` of the track (hidden before the first play). */
+function movePlayhead(seconds) {
+  const playhead = chart?.over.querySelector(".playhead");
+  if (!playhead) return;
+  playhead.hidden = false;
+  playhead.style.left = `${chart.valToPos(seconds, "x")}px`;
+}
+
+function showTimelineTable(segments, sections = []) {
+  // A section per timeline segment, at the same start (docs/audio-features.md).
+  const sectionAt = (start) => sections.find((x) => Math.abs(x.start - start) < 0.5);
+  $("timeline-table").tBodies[0].replaceChildren(...segments.map((s) => {
+    const section = sectionAt(s.start_s);
+    return el("tr", {},
+      el("td", {}, s.start_s.toFixed(1)),
+      el("td", {}, s.end_s.toFixed(1)),
+      el("td", {}, `${s.leading_mood.mood} ${fmtPercent(s.leading_mood.confidence)}${s.leading_mood.clear ? "" : " (unclear)"}`),
+      el("td", {}, s.quadrant),
+      el("td", {}, section?.tempo ? `${section.tempo.toFixed(0)} BPM` : "–"),
+      el("td", {}, section ? keyName(section.key, section.mode) : "–"),
+      el("td", {}, section?.loudness != null ? `${section.loudness.toFixed(1)} LUFS` : "–"));
+  }));
+}
+
+// --- the player -----------------------------------------------------------------------------
+
+// The object URL the player plays (an upload's own file, or a catalog track's fetched audio).
+let playerUrl = null;
+let playerFrame = null;
+
+function resetPlayer() {
+  const player = $("player");
+  player.pause();
+  player.removeAttribute("src");
+  player.hidden = true;
+  if (playerUrl) URL.revokeObjectURL(playerUrl);
+  playerUrl = null;
+  $("player-load").hidden = true;
+  $("player-status").textContent = "";
+}
+
+/** Ready the player for ``record``: an upload plays its own file; a catalog track's audio is
+ * fetched (with the page's credentials) when the user asks for it. */
+function preparePlayer(record, localAudio) {
+  resetPlayer();
+  if (localAudio) {
+    playerUrl = URL.createObjectURL(localAudio);
+    $("player").src = playerUrl;
+    $("player").hidden = false;
+  } else if (record.audio_uri) {
+    $("player-load").hidden = false;
+    $("player-load").dataset.trackId = record.track_id;
+  } else {
+    $("player-status").textContent = "No audio to play for this record.";
+  }
+}
+
+async function loadAudio() {
+  const button = $("player-load");
+  const trackId = button.dataset.trackId;
+  button.disabled = true;
+  $("player-status").textContent = "Fetching the audio…";
+  try {
+    const response = await fetch(`/v1/tracks/${encodeURIComponent(trackId)}/audio`, { headers: credentials() });
+    if (!response.ok) {
+      const body = await response.json().catch(() => null);
+      throw new Problem({ status: response.status, title: body?.title ?? `HTTP ${response.status}`, detail: body?.detail ?? "", reason: body?.reason ?? "" });
+    }
+    const blob = await response.blob();
+    if ($("result").dataset.trackId !== trackId) return;  // the user moved on meanwhile
+    playerUrl = URL.createObjectURL(blob);
+    const player = $("player");
+    player.src = playerUrl;
+    player.hidden = false;
+    button.hidden = true;
+    $("player-status").textContent = "";
+    await player.play().catch(() => {});  // a browser may refuse to autoplay: the controls remain
+  } catch (err) {
+    const problem = asProblem(err);
+    $("player-status").textContent = `The audio cannot be played: ${problem.detail || problem.title}`;
+  } finally {
+    button.disabled = false;
+  }
+}
+
+function followPlayer() {
+  movePlayhead($("player").currentTime);
+  playerFrame = $("player").paused ? null : requestAnimationFrame(followPlayer);
+}
+
+$("player-load").addEventListener("click", loadAudio);
+$("player").addEventListener("play", () => { if (playerFrame === null) followPlayer(); });
+$("player").addEventListener("seeked", () => movePlayhead($("player").currentTime));
+$("player").addEventListener("timeupdate", () => movePlayhead($("player").currentTime));
 
 // The chart follows its container's width (phone rotation, window resizes).
 new ResizeObserver(() => {
@@ -307,8 +463,12 @@ function trackRow(summary, fact) {
   const facts = [fact];
   if (summary.leading_mood) facts.push(`leading ${summary.leading_mood.mood} ${fmtPercent(summary.leading_mood.confidence)}`);
   if (summary.quadrant) facts.push(summary.quadrant);
+  const features = summary.audio_features;
+  if (features?.tempo) facts.push(`${features.tempo.toFixed(0)} BPM`);
+  if (features && features.key >= 0) facts.push(keyName(features.key, features.mode));
+  const name = summary.title ? `${summary.title}${summary.artist ? ` — ${summary.artist}` : ""}` : summary.track_id;
   const button = el("button", { type: "button", class: "track-row", dataset: { trackId: summary.track_id } },
-    el("span", { class: "track-id" }, summary.track_id),
+    el("span", { class: "track-id" }, name),
     el("span", { class: "track-facts" }, facts.join(" · ")));
   button.addEventListener("click", () => openTrack(summary.track_id));
   return el("li", {}, button);
@@ -348,7 +508,7 @@ async function loadMoods() {
   const select = $("mood-select");
   try {
     const { moods } = await api("/v1/moods");
-    select.replaceChildren(el("option", { value: "" }, "Choose a mood…"), ...moods.map((m) => el("option", { value: m }, m)));
+    select.replaceChildren(el("option", { value: "" }, "Newest first"), ...moods.map((m) => el("option", { value: m }, m)));
     select.disabled = false;
   } catch (err) {
     const problem = asProblem(err);
@@ -365,16 +525,14 @@ async function loadCatalog() {
   const status = $("catalog-status");
   const list = $("catalog-list");
   list.replaceChildren();
-  if (!mood) {
-    status.textContent = "";
-    return;
-  }
-  status.textContent = `Loading the tracks with the highest ${mood} score…`;
+  status.textContent = mood ? `Loading the tracks with the highest ${mood} score…` : "Loading the newest tracks…";
+  const query = mood ? { mood, limit: CATALOG_LIMIT } : { limit: CATALOG_LIMIT };
   try {
-    const { tracks } = await api(`/v1/tracks?${new URLSearchParams({ mood, limit: CATALOG_LIMIT })}`);
+    const { tracks } = await api(`/v1/tracks?${new URLSearchParams(query)}`);
     if (request !== catalogRequest) return;
-    list.replaceChildren(...tracks.map((t) => trackRow(t, `${mood} ${fmtScore(t.score)}`)));
-    status.textContent = tracks.length ? `${tracks.length} tracks, highest ${mood} score first.` : "No tracks in the catalog yet.";
+    list.replaceChildren(...tracks.map((t) => trackRow(t, mood ? `${mood} ${fmtScore(t.score)}` : `processed ${t.processed_at}`)));
+    const order = mood ? `highest ${mood} score first` : "newest first";
+    status.textContent = tracks.length ? `${tracks.length} tracks, ${order}.` : "No tracks in the catalog yet.";
     markCurrent();
   } catch (err) {
     if (request !== catalogRequest) return;
@@ -402,7 +560,7 @@ async function upload(event) {
     if (request !== viewRequest) return;
     // An uploaded track is not in the catalog: its view has no address to keep.
     history.replaceState(null, "", location.pathname + location.search);
-    showRecord(record);
+    showRecord(record, file);
     showStatus(`Analysed ${file.name} in ${fmtSeconds((performance.now() - started) / 1000)}.`);
   } catch (err) {
     if (request !== viewRequest) return;
@@ -454,4 +612,5 @@ $("catalog-form").addEventListener("submit", (event) => {
 window.addEventListener("hashchange", route);
 takeTokenFromAddress();
 loadMoods();
+loadCatalog();
 route();
