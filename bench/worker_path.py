@@ -86,7 +86,11 @@ async def run(raws: list[bytes]) -> dict:
     cpu_pool = _pool_cpu_s(worker) - cpu_pool
     worker.close()
     await scorer.close()
-    audio_s = sum(json.loads(v)["analysed_s"] for topic, _, v in keep.records if topic == s.output_topic)
+    outputs_seen = [json.loads(v) for topic, _, v in keep.records if topic == s.output_topic]
+    audio_s = sum(r["analysed_s"] for r in outputs_seen)
+    # The audio-features stage's time, measured around it in the decoding processes (one
+    # thread each, so its wall time there is its CPU time).
+    features_s = sum(r["latency_ms"].get("audio_features", 0.0) for r in outputs_seen) / 1000
     return {
         "scorer": s.scorer.value,
         "tracks": len(raws),
@@ -96,6 +100,7 @@ async def run(raws: list[bytes]) -> dict:
         "cpu_s": cpu_self + cpu_pool,
         "cpu_s_main": cpu_self,
         "cpu_s_decoding": cpu_pool,
+        "audio_features_s": features_s,
     }
 
 

@@ -22,7 +22,8 @@ OUTPUTS = Counter("moodstream_outputs_total", "Mood records published.", ["model
 DEAD_LETTERS = Counter("moodstream_dead_letters_total", "Dead-letter records published.", ["reason"])
 STAGE_SECONDS = Histogram(
     "moodstream_stage_seconds",
-    "Time spent per stage: fetch, decode, features (per track, measured in the decoding process), inference, publish (per batch).",
+    "Time spent per stage: fetch, decode, features (the log-mel frontend) and audio_features (tempo, key, loudness...; "
+    "both per track, measured in the decoding process), inference, publish (per batch).",
     ["stage"],
     buckets=_LATENCY_BUCKETS,
 )
@@ -60,6 +61,38 @@ MOOD_SCORE = Histogram(
     ["model", "mood"],
     buckets=(0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9, 1.0),
 )
+TRACK_TEMPO = Histogram(
+    "moodstream_track_tempo_bpm",
+    "Per-track tempo of the tracks with a pulse, in BPM (audio features).",
+    buckets=(60, 70, 80, 90, 100, 110, 120, 130, 140, 150, 160, 180, 200),
+)
+TRACK_LOUDNESS = Histogram(
+    "moodstream_track_loudness_lufs",
+    "Per-track integrated loudness, LUFS (EBU R128; audio features).",
+    buckets=(-40, -30, -25, -23, -20, -18, -16, -14, -12, -10, -8, -6, -4),
+)
+TRACK_FEATURE = Histogram(
+    "moodstream_track_feature",
+    "Per-track 0-1 audio features (energy, danceability, valence, acousticness, instrumentalness, speechiness, liveness).",
+    ["feature"],
+    buckets=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0),
+)
+TRACK_FEATURES = ("energy", "danceability", "valence", "acousticness", "instrumentalness", "speechiness", "liveness")
+
+
+def observe_audio_features(found: Mapping[str, object] | None) -> None:
+    """Add one track's audio features (a record's ``audio_features``) to the distributions."""
+    if not found:
+        return
+    tempo, loudness = found.get("tempo"), found.get("loudness")
+    if isinstance(tempo, (int, float)):
+        TRACK_TEMPO.observe(tempo)
+    if isinstance(loudness, (int, float)):
+        TRACK_LOUDNESS.observe(loudness)
+    for name in TRACK_FEATURES:
+        value = found.get(name)
+        if isinstance(value, (int, float)):
+            TRACK_FEATURE.labels(name).observe(value)
 
 
 def partition_lag(

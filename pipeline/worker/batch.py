@@ -194,7 +194,11 @@ class BatchWorker:
         track.data = None  # the patches are all that is needed from here on
         # Measured inside the decoding process: time spent waiting for a free process is not
         # either stage's (it shows in the end-to-end latency).
-        for stage, seconds in (("decode", track.analysis.decode_s), ("features", track.analysis.features_s)):
+        for stage, seconds in (
+            ("decode", track.analysis.decode_s),
+            ("features", track.analysis.features_s),
+            ("audio_features", track.analysis.audio_features_s),
+        ):
             track.latency_ms[stage] = round(seconds * 1000, 1)
             metrics.STAGE_SECONDS.labels(stage).observe(seconds)
 
@@ -273,6 +277,7 @@ class BatchWorker:
         metrics.AUDIO_SECONDS.inc(analysis.patches.analysed_s)
         for mood, score in record.analysis["moods"].items():
             metrics.MOOD_SCORE.labels(self.model.name, mood).observe(score)
+        metrics.observe_audio_features(record.analysis.get("audio_features"))
         if event.ingested_at is not None:
             metrics.END_TO_END_SECONDS.observe(max(0.0, time.time() - event.ingested_at.timestamp()))
 
