@@ -85,7 +85,7 @@ def analyse(
                 plan.decoder,
                 round(min(plan.duration_s, max_duration_s), 3),
                 False,
-                decoding[0] - (tap.seconds if tap else 0.0),
+                max(0.0, decoding[0] - (tap.pushed_s if tap else 0.0)),
                 features_s,
                 found,
                 tap.seconds if tap else 0.0,
@@ -100,7 +100,8 @@ def analyse(
     patches = frontend.patches_from_chunks(_timed(stream.chunks, decoding), hop_frames, stream.expected_s)
     found = tap.finish() if tap else None
     tapped_s = tap.seconds if tap else 0.0
-    decode_s = decoding[0] - tapped_s  # the taps ran inside the decoder's iterator
+    # The taps' pushes ran inside the decoder's iterator, their finish after it.
+    decode_s = max(0.0, decoding[0] - (tap.pushed_s if tap else 0.0))
     return Analysis(
         patches=patches,
         decoder=stream.decoder,
@@ -119,7 +120,8 @@ class _FeatureTap:
     null and the error is logged."""
 
     def __init__(self, rate: int, channels: int, segment_s: float) -> None:
-        self.seconds = 0.0
+        self.seconds = 0.0  # all of the stage's time
+        self.pushed_s = 0.0  # the part spent inside the decoder's iterator
         self.failed = False
         self._stream = AudioFeatureStream(rate, channels, segment_s=segment_s)
 
@@ -141,7 +143,9 @@ class _FeatureTap:
             log.exception("the audio-features stage failed on a block; the track gets no audio features")
             self.failed = True
         finally:
-            self.seconds += time.perf_counter() - started
+            spent = time.perf_counter() - started
+            self.seconds += spent
+            self.pushed_s += spent
 
     def finish(self, *, excerpted: bool = False) -> AudioFeatures | None:
         if self.failed:

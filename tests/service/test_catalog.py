@@ -438,19 +438,21 @@ async def test_follow_stores_each_record_once_skips_bad_ones_and_commits_after_s
     store = CatalogStore.open(f"sqlite:///{tmp_path / 'catalog.db'}")
     good = json.dumps(record("t-1", {"happy": 0.9})).encode()
     other = json.dumps(record("t-2", {"sad": 0.9})).encode()
-    breaks_schema = json.dumps({**record("t-3", {"sad": 0.9}), "schema_version": 1}).encode()
+    breaks_schema = json.dumps({**record("t-3", {"sad": 0.9}), "track_id": 3}).encode()
+    retired = json.dumps({**record("t-4", {"sad": 0.9}), "schema_version": 1}).encode()
     stop = asyncio.Event()
-    consumer = FakeConsumer([[good, good, b"{not json"], [other, breaks_schema, None]], stop)
+    consumer = FakeConsumer([[good, good, b"{not json"], [other, breaks_schema, retired, None]], stop)
     before = {o: counted(o) for o in ("stored", "unchanged", "rejected")}
 
     await asyncio.wait_for(follow(consumer, store, None, stop=stop), 30)
 
-    assert {o: counted(o) - before[o] for o in before} == {"stored": 2, "unchanged": 1, "rejected": 3}
-    assert consumer.committed == [3, 6]  # one commit per batch, after its records
-    assert store.count() == 2 and store.track("t-3") is None
+    assert {o: counted(o) - before[o] for o in before} == {"stored": 2, "unchanged": 1, "rejected": 4}
+    assert consumer.committed == [3, 7]  # one commit per batch, after its records
+    assert store.count() == 2 and store.track("t-3") is None and store.track("t-4") is None
     assert metrics.CATALOG_LAG.labels("0")._value.get() == 0
     assert metrics.CATALOG_TRACKS._value.get() == 2
-    assert "is not JSON" in caplog.text and "breaks the tracks.moods v2 schema" in caplog.text
+    assert "is not JSON" in caplog.text and "breaks the tracks.moods v3 schema" in caplog.text
+    assert "not a tracks.moods record of a version this catalog stores ([2, 3])" in caplog.text
 
 
 # --- SQL injection through every filter ------------------------------------------------------------

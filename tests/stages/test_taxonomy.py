@@ -21,6 +21,7 @@ calm = "y"
 sad = "z"
 [rule]
 present = 0.75
+probable = 0.5
 class_clear = 0.5
 va_clear = 0.1
 [plane.valence]
