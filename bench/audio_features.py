@@ -212,7 +212,7 @@ def cost_report(folder: Path, rounds: int = 3) -> dict:
     # Decode once (not timed): the stage's cost alone is wanted. The decode floor of the same
     # files (the worker's decode: PyAV + soxr to 16 kHz, bench/run.py's figure 1) is timed in
     # each round beside it, so the ratio holds on a machine whose speed drifts.
-    from pipeline import audio
+    from pipeline.stages import audio
 
     encoded = [path.read_bytes() for path in files]
     decoded = []
