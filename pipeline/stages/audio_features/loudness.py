@@ -263,7 +263,9 @@ class KWeightedBlocks:
 
     def push(self, x: np.ndarray) -> np.ndarray | None:
         """Add ``x`` [channels, n]; returns the new box-decimated mono samples (Parseval path:
-        float32 at ``analysis_rate``, the mean of the channels) or None (exact path)."""
+        float32 at ``analysis_rate``, the mean of the channels) or None (exact path). A chunk
+        of whole blocks with nothing pending (what :class:`~.stream.AudioFeatureStream` hands
+        over) is read in place; anything else is joined to the pending samples first."""
         self.sanitised = False
         if self.exact:
             if not np.isfinite(x.sum()):
@@ -272,26 +274,20 @@ class KWeightedBlocks:
             self._push_exact(x)
             return None
         n = self.block
-        out = []
-        start = 0
         if self._pending.shape[1]:
-            need = n - self._pending.shape[1]
-            joined = np.concatenate([self._pending, x[:, :need]], axis=1)
-            start = min(need, x.shape[1])
-            if joined.shape[1] < n:
-                self._pending = joined
-                return np.empty(0, np.float32)
-            out.append(self._blocks(joined))
-        whole = (x.shape[1] - start) // n * n
-        if whole:
-            out.append(self._blocks(x[:, start : start + whole]))
-        self._pending = np.array(x[:, start + whole :], dtype=np.float32, copy=True)
-        if not np.isfinite(self._pending.sum()):
+            x = np.concatenate([self._pending, x], axis=1)
+        whole = x.shape[1] // n * n
+        rest = x[:, whole:]
+        self._pending = np.array(rest, dtype=np.float32, copy=True)
+        if rest.shape[1] and not np.isfinite(self._pending.sum()):
             self._pending = np.nan_to_num(self._pending, nan=0.0, posinf=1.0, neginf=-1.0)
             self.sanitised = True
-        if not out:
+        if not whole:
             return np.empty(0, np.float32)
-        return out[0] if len(out) == 1 else np.concatenate(out)
+        body = x if whole == x.shape[1] else x[:, :whole]
+        if not body.flags.c_contiguous or body.dtype != np.float32:
+            body = np.ascontiguousarray(body, dtype=np.float32)
+        return self._blocks(body)
 
     def _blocks(self, x: np.ndarray) -> np.ndarray:
         """Whole blocks [channels, k * block] -> their energies (stored), the decimated mono.
@@ -306,29 +302,25 @@ class KWeightedBlocks:
         return mono
 
     def _compute(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Every channel at once, each step one numpy call over the whole batch (the calls'
+        own cost, paid per channel and per step, was a fifth of the stage's CPU)."""
         c, total = x.shape
         nb = total // self.block
         m = self.block // self.q
-        energy = np.zeros(nb, np.float64)
-        mono = np.zeros(nb * m, np.float32)
-        lows = np.empty((c, nb * m), np.float32)
-        for ch in range(c):
-            row = x[ch]
-            if not row.flags.c_contiguous or row.dtype != np.float32:
-                row = np.ascontiguousarray(row, dtype=np.float32)
-            lows[ch] = low = _box_sum(row, self.q)
-            mono += low
-            if not self.weights[ch]:
-                continue
-            spectrum = scipy.fft.rfft(low.reshape(nb, m), axis=-1)
-            parts = spectrum.view(np.float32)  # [nb, 2 * bins]: real and imaginary interleaved
-            shelf = (parts * parts) @ self._v2
-            if self.q > 1:
-                blocks = row.reshape(nb, self.block)
-                shelf = shelf + self._g * np.einsum("bn,bn->b", blocks, blocks).astype(np.float64)
-            energy += self.weights[ch] * shelf
-        energy -= self.weights @ self._highpass_removes(lows, nb)
-        mono *= np.float32(1.0 / (self.q * c))
+        lows = _box_sum(x.reshape(-1), self.q).reshape(c, nb * m)
+        spectrum = scipy.fft.rfft(lows.reshape(c * nb, m), axis=-1)
+        parts = spectrum.view(np.float32)  # [c * nb, 2 * bins]: real and imaginary interleaved
+        np.multiply(parts, parts, out=parts)
+        shelf = (parts @ self._v2).astype(np.float64).reshape(c, nb)
+        if self.q > 1:
+            rows = x.reshape(c * nb, self.block)
+            # A batched dot product (BLAS): a third of einsum's time for the same sums.
+            plain = np.matmul(rows[:, None, :], rows[:, :, None]).reshape(c, nb)
+            shelf += self._g * plain.astype(np.float64)
+        shelf -= self._highpass_removes(lows, nb)
+        energy = self.weights @ shelf
+        mono = lows[0] if c == 1 else lows.sum(axis=0)
+        mono = mono * np.float32(1.0 / (self.q * c))
         return energy, mono
 
     def _highpass_removes(self, lows: np.ndarray, nb: int) -> np.ndarray:
@@ -343,14 +335,12 @@ class KWeightedBlocks:
         # Undo the two boxes' droop (-0.06 dB at 100 Hz) with a 3-tap emphasis, one sample late.
         ext = np.concatenate([self._hp_tail, y], axis=1)
         self._hp_tail = ext[:, -2:].copy()
-        a = self._droop
-        y = (1 + 2 * a) * ext[:, 1:-1] - a * (ext[:, :-2] + ext[:, 2:])
-        filtered, self._hp_state = scipy.signal.sosfilt(self._hp, y, axis=-1, zi=self._hp_state)
-        before, after = y.reshape(c, nb, -1), filtered.reshape(c, nb, -1)
-        removed = np.einsum("cbm,cbm->cb", before, before, dtype=np.float64) - np.einsum(
-            "cbm,cbm->cb", after, after, dtype=np.float64
-        )
-        return self._hp_gain * removed / (self.q * self.q2)
+        a = np.float32(self._droop)
+        y = np.float32(1 + 2 * a) * ext[:, 1:-1] - a * (ext[:, :-2] + ext[:, 2:])
+        filtered, self._hp_state = _sosfilt(self._hp, y, self._hp_state)
+        before, after = y.reshape(c * nb, 1, -1), filtered.reshape(c * nb, 1, -1)
+        removed = np.matmul(before, before.transpose(0, 2, 1)) - np.matmul(after, after.transpose(0, 2, 1))
+        return (self._hp_gain / (self.q * self.q2)) * removed.reshape(c, nb).astype(np.float64)
 
     # -- exact path ----------------------------------------------------------------------------
 
@@ -397,6 +387,13 @@ class KWeightedBlocks:
         if not whole:
             return np.empty(0, np.float32)
         return self._pending[:, :whole].reshape(self.channels, -1, self.q).mean(axis=(0, 2)).astype(np.float32)
+
+
+def _sosfilt(sos: np.ndarray, x: np.ndarray, zi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """One second-order section along the last axis, with its state [1, channels, 2] (as
+    ``sosfilt`` keeps it): ``lfilter``, a fifth faster than ``sosfilt`` on one section."""
+    y, zf = scipy.signal.lfilter(sos[0, :3], sos[0, 3:], x, axis=-1, zi=zi[0])
+    return y, zf[None]
 
 
 def _box_sum(row: np.ndarray, q: int) -> np.ndarray:
@@ -492,7 +489,13 @@ def _interpolator(factor: int) -> np.ndarray:
 
 
 class TruePeak:
-    """Streaming true peak of [channels, n] audio (linear, over all channels)."""
+    """Streaming true peak of [channels, n] audio (linear, over all channels).
+
+    Each push: the sample peak of every 100-ms row of every channel (two reductions over the
+    batch); in the rows within :data:`TRUE_PEAK_MARGIN_DB` of the running peak, the samples
+    that are, and of those the local maxima of |x| (the peak of a signal below fs / 4 lies
+    between a local maximum and a neighbour); the intervals on either side of each get the
+    interpolator's three phases."""
 
     def __init__(self, rate: int, channels: int) -> None:
         self.rate, self.channels = int(rate), int(channels)
@@ -503,55 +506,65 @@ class TruePeak:
         self.sample_peak = 0.0
         self._keep = 2 * _TAPS
         self._history = np.zeros((self.channels, self._keep), np.float32)  # the last samples seen
-        self._block = 441 if rate % 441 == 0 else 480 if rate % 480 == 0 else 512
+        self._block = rate // 10 if rate % 10 == 0 else 441 if rate % 441 == 0 else 512
 
     def push(self, x: np.ndarray) -> None:
-        n = x.shape[1]
+        c, n = x.shape
         if n == 0:
             return
         whole = n // self._block * self._block
-        for ch in range(self.channels):
-            row = x[ch]
-            # Sample peaks per block of ~10 ms decide where to look closer.
-            if whole:
-                blocks = row[:whole].reshape(-1, self._block)
-                peaks = np.maximum(blocks.max(axis=1), -blocks.min(axis=1))
-                top = float(peaks.max())
-            else:
-                peaks, top = np.empty(0, np.float32), 0.0
-            rest = row[whole:]
-            rest_peak = float(max(rest.max(), -rest.min())) if len(rest) else 0.0
-            top = max(top, rest_peak)
-            self.sample_peak = max(self.sample_peak, top)
-            self.peak = max(self.peak, top)
-            if self._taps is None or top <= 0.0:
-                continue
+        if whole == n and x.flags.c_contiguous:
+            rows = x.reshape(c * (n // self._block), self._block)
+        else:
+            rows = np.ascontiguousarray(x[:, :whole]).reshape(-1, self._block)
+        rest = x[:, whole:]
+        peaks = np.maximum(rows.max(axis=1), -rows.min(axis=1)) if whole else np.zeros(0, np.float32)
+        rest_peaks = np.abs(rest).max(axis=1) if rest.shape[1] else np.zeros(c, np.float32)
+        top = float(max(peaks.max(initial=0.0), rest_peaks.max(initial=0.0)))
+        self.sample_peak = max(self.sample_peak, top)
+        self.peak = max(self.peak, top)
+        if self._taps is not None and top > 0.0:
             threshold = self.peak * self._margin
-            parts = []
+            per_channel = whole // self._block
             hot = np.flatnonzero(peaks >= threshold)
-            if len(hot):
-                near = np.abs(blocks[hot]) >= threshold  # [hot blocks, block]
-                rows, cols = np.nonzero(near)
-                parts.append(hot[rows] * self._block + cols)
-            if rest_peak >= threshold:
-                parts.append(np.flatnonzero(np.abs(rest) >= threshold) + whole)
-            # The history's samples (the end of the previous chunk) get their intervals now
-            # that the samples after them are here.
-            edge = np.concatenate([self._history[ch], row[: self._keep]])
-            self._refine(edge, np.flatnonzero(np.abs(edge[: self._keep + _TAPS // 2]) >= threshold))
-            if parts:
-                self._refine(row, np.concatenate(parts))
+            for ch in range(c):
+                mine = hot[(hot >= ch * per_channel) & (hot < (ch + 1) * per_channel)] - ch * per_channel
+                row = x[ch]
+                # The history's samples (the end of the previous chunk) get their intervals now
+                # that the samples after them are here.
+                edge = np.concatenate([self._history[ch], row[: self._keep]])
+                self._refine(edge, np.flatnonzero(np.abs(edge[: self._keep + _TAPS // 2]) >= threshold))
+                if len(mine) or rest_peaks[ch] >= threshold:
+                    self._refine(row, self._candidates(row, mine, whole, threshold))
         if n >= self._keep:
             self._history = np.array(x[:, n - self._keep :], dtype=np.float32)
         else:
             self._history = np.concatenate([self._history[:, n:], x], axis=1).astype(np.float32)
+
+    def _candidates(self, row: np.ndarray, hot: np.ndarray, whole: int, threshold: float) -> np.ndarray:
+        """Positions in ``row`` of the samples at or over ``threshold`` in the ``hot`` rows and
+        the rest after ``whole``, kept where |x| is a local maximum (ties kept)."""
+        parts = []
+        if len(hot):
+            blocks = row[:whole].reshape(-1, self._block)[hot]
+            rows, cols = np.nonzero(np.abs(blocks) >= threshold)
+            parts.append(hot[rows] * self._block + cols)
+        if whole < len(row):
+            parts.append(np.flatnonzero(np.abs(row[whole:]) >= threshold) + whole)
+        positions = np.concatenate(parts) if len(parts) > 1 else parts[0]
+        inner = positions[(positions > 0) & (positions < len(row) - 1)]
+        if len(inner):
+            here = np.abs(row[inner])
+            local = (here >= np.abs(row[inner - 1])) & (here >= np.abs(row[inner + 1]))
+            positions = np.concatenate([positions[(positions == 0) | (positions == len(row) - 1)], inner[local]])
+        return positions
 
     def _refine(self, row: np.ndarray, positions: np.ndarray) -> None:
         """The interpolated peaks between each candidate sample of ``row`` and both its
         neighbours, where ``row`` holds the taps (other intervals wait for the next chunk)."""
         if not len(positions) or self._taps is None:  # no taps: sampled at 4x or more already
             return
-        starts = np.unique(np.concatenate([positions - 1, positions]))  # interval [k, k + 1]
+        starts = np.concatenate([positions - 1, positions])  # interval [k, k + 1]
         lo = starts - (_TAPS // 2 - 1)  # x[k-5 .. k+6] feeds it
         lo = lo[(lo >= 0) & (lo + _TAPS <= len(row))]
         if not len(lo):

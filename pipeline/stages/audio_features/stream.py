@@ -97,12 +97,31 @@ class AudioFeatureStream:
             with single_threaded():
                 self._process()
 
-    def _process(self) -> None:
-        if not self._pending:
+    def _process(self, last: bool = False) -> None:
+        """The pending chunks' whole loudness blocks as one batch (the rest waits for the next
+        chunk, so the meters read the batch in place); with ``last``, everything."""
+        if not self._pending_n:
             return
-        x = self._pending[0] if len(self._pending) == 1 else np.concatenate(self._pending, axis=1)
-        self._pending, self._pending_n = [], 0
-        self.samples += x.shape[1]
+        unit = self._blocks.block or 1
+        whole = self._pending_n if last else self._pending_n // unit * unit
+        if not whole:
+            return
+        rest: list[np.ndarray] = []
+        if len(self._pending) == 1 and whole == self._pending_n:
+            x = self._pending[0]
+        else:
+            x = np.empty((self.channels, whole), np.float32)
+            at = 0
+            for piece in self._pending:
+                take = min(piece.shape[1], whole - at)
+                if take:
+                    x[:, at : at + take] = piece[:, :take]
+                    at += take
+                if take < piece.shape[1]:
+                    rest.append(piece[:, take:].copy() if take else piece)
+        self._pending = rest
+        self._pending_n -= whole
+        self.samples += whole
         mono = self._blocks.push(x)
         if self._blocks.sanitised:
             x = np.nan_to_num(x, nan=0.0, posinf=1.0, neginf=-1.0)
@@ -120,7 +139,7 @@ class AudioFeatureStream:
             return self._finish()
 
     def _finish(self) -> AudioFeatures:
-        self._process()
+        self._process(last=True)
         self._finished = True
         if self._resampler is not None:
             self._analysis.push(self._resampler.resample_chunk(np.empty(0, np.float32), last=True))
