@@ -109,14 +109,17 @@ def _at(acf: np.ndarray, lags: np.ndarray) -> np.ndarray:
     return out
 
 
+#: The salience's lags (multiples of the period) and their weights: the pulse repeats at P,
+#: 2P, 3P and 4P; half the score at P/2 (the subdivision).
+_MULTIPLES = np.array([1.0, 2.0, 3.0, 4.0, 0.5])
+_WEIGHTS = np.array([1.0, 0.5, 0.33, 0.25, 0.5])
+
+
 def salience(acf: np.ndarray, fps: float, bpm: np.ndarray) -> np.ndarray:
     """Pulse salience of each tempo in ``bpm`` from a mean autocorrelation."""
-    period = 60.0 * fps / bpm
-    score = np.zeros(len(bpm))
-    for k, weight in ((1, 1.0), (2, 0.5), (3, 0.33), (4, 0.25)):
-        score += weight * np.maximum(_at(acf, k * period), 0.0)
-    score += 0.5 * np.maximum(_at(acf, period / 2), 0.0)
-    return score
+    period = 60.0 * fps / np.asarray(bpm, float)
+    values = _at(acf, np.outer(period, _MULTIPLES).ravel()).reshape(len(period), len(_MULTIPLES))
+    return np.maximum(values, 0.0) @ _WEIGHTS
 
 
 def estimate_tempo(acf: np.ndarray, fps: float) -> tuple[float | None, float]:
@@ -160,8 +163,8 @@ def track_beats(o: np.ndarray, fps: float, bpm: float, tightness: float = TIGHTN
         stop = min(n, start + lo)
         cand = windows[start:stop] + penalty  # rows only read frames before ``start``
         pick = cand.argmax(axis=1)
-        gain = cand[rows[: stop - start], pick]
         best[start:stop] = pick
+        gain = cand[rows[: stop - start], pick]
         gains[start:stop] = gain
         score[start:stop] += np.maximum(gain, 0.0)  # a weak chain is dropped: start afresh
     back = np.where(gains > 0, np.arange(n) - lags[best], -1)
