@@ -28,15 +28,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from google.protobuf import text_format
 
-from pipeline.contracts.model_meta import CALIBRATION_PARAMETER, config_path, read_config, read_meta
+from pipeline.contracts.model_meta import CALIBRATION_PARAMETER, read_meta
 from pipeline.errors import TrackError
 from pipeline.stages.analysis import analyse
 from pipeline.stages.scoring import OnnxScorer
 from pipeline.stages.storage import AUDIO_EXTENSIONS
 from pipeline.stages.taxonomy import DEFAULT_MOODS_FILE, Calibration, Taxonomy, family_raw, load_taxonomy
 from training.data import debian_music
+from training.export import write_parameter
 
 QUANTILES = 101  # levels 0, 0.01, ..., 1
 DEFAULT_MAX_DURATION_S = 600.0  # of each reference track (the mean over 10 minutes is stable)
@@ -196,18 +196,7 @@ def entries_scored_by(repository: Path, model: str) -> list[str]:
 
 def write_calibration(repository: Path, entry: str, calibration: dict[str, Any]) -> list[Path]:
     """Store ``calibration`` in every config of ``entry`` (config.pbtxt and configs/*.pbtxt)."""
-    written = []
-    paths = [config_path(repository, entry), *sorted((repository / entry / "configs").glob("*.pbtxt"))]
-    for path in paths:
-        config_name = None if path.parent.name != "configs" else path.stem
-        config = read_config(repository, entry, config_name)
-        config.parameters[CALIBRATION_PARAMETER].string_value = json.dumps(
-            calibration, sort_keys=True, separators=(",", ":")
-        )
-        header = "".join(line + "\n" for line in path.read_text().splitlines() if line.startswith("#"))
-        path.write_text(header + text_format.MessageToString(config))
-        written.append(path)
-    return written
+    return write_parameter(repository, entry, CALIBRATION_PARAMETER, calibration)
 
 
 def calibrate(

@@ -10,6 +10,8 @@ moodstream-train calibrate-moods [DIR...] [--model musicnn] [--write]
 moodstream-train mood-report [DIR...] [--role check|reference] [--model musicnn] [--out report.json]
 moodstream-train fetch-music [--dest DIR] [--role reference|distill|check|all] [--package NAME ...]
 moodstream-train fetch-music --clips DIR [--dest DIR]
+moodstream-train human-eval 4q [--data-root DIR] [--model musicnn ...] [--seeds 5]
+moodstream-train heads 4q --data-root DIR [--model musicnn] [--write]
 """
 
 from __future__ import annotations
@@ -250,6 +252,19 @@ def _fit_description() -> str:
     )
 
 
+def _human_eval(args: argparse.Namespace) -> int:
+    from training.heads.run import main_human_eval
+
+    root = Path(args.data_root).expanduser() if args.data_root else None
+    return main_human_eval(root, args.model or ["musicnn", "musicnn_student"], Path(args.repository), seeds=args.seeds)
+
+
+def _heads(args: argparse.Namespace) -> int:
+    from training.heads.run import main_heads
+
+    return main_heads(Path(args.data_root).expanduser(), args.model, Path(args.repository), write=args.write)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moodstream-train", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -335,6 +350,36 @@ def build_parser() -> argparse.ArgumentParser:
         help="instead: write the list's clips (30-s excerpts for the tests and the demo) into DIR",
     )
     fm.set_defaults(func=_fetch_music)
+
+    he = sub.add_parser(
+        "human-eval",
+        help="how often the served heads' quadrant agrees with people, on the 4Q set, by the papers' protocol and artist-disjoint",
+        description="Cross-validates the heads' recipe (training/heads) on the 4Q Audio Emotion Dataset: (a) stratified 10-fold "
+        "repeated with 5 seeds, (b) artist-disjoint 10-fold with 5 seeds; prints one JSON line per protocol and model, then a "
+        "table. Without --data-root it reads the clips' committed features (training/heads/features; no audio).",
+    )
+    he.add_argument("dataset", choices=["4q"])
+    he.add_argument(
+        "--data-root", help="the 4Q folder (Q1..Q4/, panda_dataset_taffc_*.csv); default: the committed features"
+    )
+    he.add_argument("--model", action="append", help="model entry, repeatable (default: musicnn and musicnn_student)")
+    he.add_argument("--repository", default=str(REPO_ROOT / "triton_models"))
+    he.add_argument("--seeds", type=int, default=5, help="repeats of each protocol (1-5)")
+    he.set_defaults(func=_human_eval)
+
+    hd = sub.add_parser(
+        "heads",
+        help="train a model entry's heads on the 4Q set's labels and store them in its configs",
+        description="Fits the quadrant and mood-family heads on every 4Q clip (training/heads/recipe.py) on top of the entry's "
+        "networks, saves the clips' features (training/heads/features/4q-<model>.npz) and, with --write, stores the heads "
+        "in the entry's configs (the moodstream_heads parameter).",
+    )
+    hd.add_argument("dataset", choices=["4q"])
+    hd.add_argument("--data-root", required=True, help="the 4Q folder (Q1..Q4/, panda_dataset_taffc_*.csv)")
+    hd.add_argument("--model", default="musicnn")
+    hd.add_argument("--repository", default=str(REPO_ROOT / "triton_models"))
+    hd.add_argument("--write", action="store_true", help="store the heads in the entry's configs (else print them)")
+    hd.set_defaults(func=_heads)
 
     fit = sub.add_parser(
         "fit",

@@ -157,23 +157,33 @@ class Heads:
     def features(self, outputs: dict[str, PatchOutputs], rows: list[np.ndarray]) -> np.ndarray:
         """The feature vector of each group of patches: ``rows`` are index arrays (or boolean
         masks) into the patches -> [len(rows), D]."""
-        parts = []
-        for source in self.inputs:
-            out = outputs[source.network]
-            values = out.scores if source.output == "scores" else out.embedding
-            values = np.asarray(values, np.float64)
-            if source.transform == "logit":
-                p = np.clip(values, _P_CLIP, 1 - _P_CLIP)
-                values = np.log(p / (1 - p))
-            parts.append(values)
-        per_patch = np.concatenate(parts, axis=1)  # [n, D / len(statistics)]
-        return np.stack([np.concatenate([_statistic(per_patch[r], s) for s in self.statistics]) for r in rows])
+        return row_features(patch_features(self.inputs, outputs), self.statistics, rows)
 
     def predict(self, outputs: dict[str, PatchOutputs], rows: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray | None]:
         """(quadrant probabilities [len(rows), 4], family probabilities [len(rows), F] or None)."""
         features = self.features(outputs, rows)
         families = self.families.probabilities(features) if self.families is not None else None
         return self.quadrant.probabilities(features), families
+
+
+def patch_features(inputs: tuple[Input, ...], outputs: dict[str, PatchOutputs]) -> np.ndarray:
+    """Each patch's inputs side by side: [n, d] float64 (scores through the logit where asked).
+    Training computes its features with this very function, so served heads see what they
+    learned from."""
+    parts = []
+    for source in inputs:
+        out = outputs[source.network]
+        values = np.asarray(out.scores if source.output == "scores" else out.embedding, np.float64)
+        if source.transform == "logit":
+            p = np.clip(values, _P_CLIP, 1 - _P_CLIP)
+            values = np.log(p / (1 - p))
+        parts.append(values)
+    return np.concatenate(parts, axis=1)
+
+
+def row_features(per_patch: np.ndarray, statistics: tuple[str, ...], rows: list[np.ndarray]) -> np.ndarray:
+    """per_patch: [n, d]; rows: index arrays or masks of patch groups -> [len(rows), d * len(statistics)]."""
+    return np.stack([np.concatenate([_statistic(per_patch[r], s) for s in statistics]) for r in rows])
 
 
 def _statistic(x: np.ndarray, name: str) -> np.ndarray:

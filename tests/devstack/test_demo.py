@@ -41,6 +41,11 @@ def test_demo_json_prints_one_valid_output_per_track(example_clips, tmp_path):
     for line in lines:
         record = json.loads(line)
         assert record["leading_mood"]["mood"] is not None and record["quadrant"] in {"happy", "angry", "sad", "relaxed"}
+        # The shipped entry carries heads learned from people: its quadrant is their most probable one.
+        probabilities = record["quadrant_probabilities"]
+        assert record["mood_source"] == "heads" and sum(probabilities.values()) == pytest.approx(1.0, abs=1e-3)
+        assert record["quadrant"] == max(probabilities, key=probabilities.get)
+        assert record["model"]["version"].count("heads.") == 1
     assert "3 tracks announced: 3 tagged, 0 dead-lettered, 0 lost" in done.stderr
     # The service ran beside the worker and its catalog took in every record from the topic.
     [page] = [line for line in done.stderr.splitlines() if line.startswith("the web page: http://127.0.0.1:")]
