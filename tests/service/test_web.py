@@ -553,8 +553,12 @@ def assert_point_in_quadrant(browser: WebDriver, record: dict[str, Any]) -> None
     # The plane leaves a margin: ±1 sits at 90 % of the half-width.
     assert x == pytest.approx(0.9 * record["valence"], abs=0.03), box
     assert y == pytest.approx(0.9 * record["arousal"], abs=0.03), box
-    signs = QUADRANT_SIGNS[record["quadrant"]]
-    assert (x > 0, y > 0) == (signs[0] > 0, signs[1] > 0), (record["quadrant"], box)
+    # Heads' valence and arousal are expectations over the four quadrant probabilities, so two
+    # close quadrants can put the point on the far side of an axis from the most probable one;
+    # from tags, the quadrant is the point's own.
+    if record["mood_source"] != "heads":
+        signs = QUADRANT_SIGNS[record["quadrant"]]
+        assert (x > 0, y > 0) == (signs[0] > 0, signs[1] > 0), (record["quadrant"], box)
 
 
 def opposite(record: dict[str, Any], track_id: str) -> dict[str, Any]:
