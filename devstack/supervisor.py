@@ -108,6 +108,21 @@ class Service:
         _signal_group(proc.pid, signal.SIGKILL)
         proc.wait()
 
+    def kill(self, sig: signal.Signals = signal.SIGKILL, timeout_s: float = _STOP_GRACE_S) -> None:
+        """``sig`` to the group at once (SIGKILL: a crash, no shutdown of any kind), then SIGKILL
+        to whatever is left of it once the leader is gone or ``timeout_s`` passed; reaped."""
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        _signal_group(proc.pid, sig)
+        _wait_unreaped(proc.pid, timeout_s)
+        _signal_group(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+    def exited(self) -> int | None:
+        """The exit status when the process ended by itself, else None (running or not started)."""
+        return self._proc.poll() if self._proc is not None else None
+
     def excerpt(self) -> str:
         """The log of the latest launch, for an error message: its error lines, then its tail."""
         try:
