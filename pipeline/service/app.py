@@ -98,7 +98,7 @@ def create_app(settings: Settings, *, catalog: CatalogStore | None = None, score
                 with suppress(asyncio.CancelledError, Exception):
                     await asyncio.wait_for(task, 10)
             if state.index is not None:
-                await asyncio.to_thread(state.index.save, settings.index_dir)
+                await asyncio.to_thread(state.index.try_save, settings.index_dir)
             if state.catalog is not None and catalog is None:
                 state.catalog.close()
             state.pool.shutdown(wait=False, cancel_futures=True)
@@ -243,9 +243,9 @@ async def _save_index_while_running(state: State, index: NeighbourIndex) -> None
     saved = index.seq
     while True:
         await asyncio.sleep(INDEX_SAVE_S)
-        if index.seq != saved:
-            saved = index.seq
-            await asyncio.to_thread(index.save, state.settings.index_dir)
+        current = index.seq
+        if current != saved and await asyncio.to_thread(index.try_save, state.settings.index_dir):
+            saved = current
 
 
 async def _sleep_unless_stopped(state: State, seconds: float) -> None:

@@ -65,7 +65,7 @@ class NeighbourIndex:
             index = cls(network)
         added = index.refresh(catalog)
         log.info("similar-tracks index for %s: %d tracks (%d new since it was saved)", network, len(index), added)
-        index.save(directory)
+        index.try_save(directory)
         return index
 
     @classmethod
@@ -151,6 +151,22 @@ class NeighbourIndex:
                 if int(k) in by_key and int(k) != key
             ]
         return pairs[:limit]
+
+    def try_save(self, directory: Path) -> bool:
+        """:meth:`save`, or a warning when the disk refuses it (full, read-only): the index is a
+        cache of the catalog, so the service goes on with the one in memory and the previous
+        pair on disk, and saves again later. Whether it was saved."""
+        try:
+            self.save(directory)
+        except (OSError, RuntimeError) as exc:  # usearch says RuntimeError for a failed write
+            meta_path, index_path = _paths(directory, self.network)
+            for leftover in (Path(str(index_path) + ".tmp"), meta_path.with_suffix(".json.tmp")):
+                leftover.unlink(missing_ok=True)
+            log.warning(
+                "the %s index could not be saved in %s (%s); it is kept in memory", self.network, directory, exc
+            )
+            return False
+        return True
 
     def save(self, directory: Path) -> None:
         """Write the index and its key map atomically (a crash leaves the previous pair)."""
