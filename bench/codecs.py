@@ -1,8 +1,11 @@
 """The bench's codec mix: the same tracks encoded as a catalog holds them, by the bench itself.
 
-Every source track is decoded once (PyAV) and written in each codec at a common catalog
+Every source track is read through the product's decoder (:func:`pipeline.stages.audio.decode_source`:
+PyAV, else libsndfile, as the worker reads it) and written in each codec at a common catalog
 setting; the files are cached under ``CACHE/codecs/<codec>/`` (encoding takes a while and the
-copies are third-party audio: they stay outside the clone).
+copies are third-party audio: they stay outside the clone). :func:`readable` keeps the sources
+that decoder reads and names the others with the reason, so a folder of real music with a file
+no decoder reads is benchmarked without it.
 
 =========  ==========================  ================================================
 codec      container, rate             setting
@@ -17,12 +20,16 @@ aac        .m4a, 44.1 kHz stereo       FFmpeg's AAC-LC encoder, 192 kb/s
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import av
 import numpy as np
 import soundfile
+
+from pipeline.errors import TrackError
+from pipeline.stages import audio
 
 CODECS = ("mp3", "vorbis", "opus", "flac", "aac")
 RATE_HZ = 44_100
@@ -35,9 +42,31 @@ _PYAV = {  # codec -> (suffix, container format, encoder, sample format, bit rat
 }
 
 
+def readable(sources: list[Path]) -> tuple[list[Path], dict[Path, str]]:
+    """(the sources the product's decoder reads to their end, {source: why not} for the others),
+    each read whole once, with a progress line per file on stderr."""
+    kept, skipped = [], {}
+    for i, source in enumerate(sources, 1):
+        print(f"# reading the sources: {i}/{len(sources)} {source.name}", file=sys.stderr, flush=True)
+        try:
+            with open(source, "rb") as f:
+                stream = audio.decode_source(f)
+                for _ in stream.blocks:
+                    pass
+            if stream.stats.get("truncated"):
+                raise TrackError("the stream breaks before its end")
+        except (TrackError, OSError) as exc:
+            reason = exc.reason if isinstance(exc, TrackError) else "unreadable"
+            skipped[source] = f"{reason}: {exc}"
+            print(f"# skipped {source}: {skipped[source]}", file=sys.stderr, flush=True)
+            continue
+        kept.append(source)
+    return kept, skipped
+
+
 def transcoded(sources: list[Path], codec: str, cache: Path) -> list[Path]:
     """``sources`` encoded as ``codec`` (one file each, same stem order), made once into
-    ``cache/codecs/<codec>/``."""
+    ``cache/codecs/<codec>/`` (a line on stderr for each file encoded now)."""
     if codec not in CODECS:
         raise ValueError(f"unknown codec {codec!r}; choose from {', '.join(CODECS)}")
     folder = cache / "codecs" / codec
@@ -47,6 +76,7 @@ def transcoded(sources: list[Path], codec: str, cache: Path) -> list[Path]:
     for i, source in enumerate(sources):
         path = folder / f"{i:03d}-{source.stem}{suffix}"
         if not path.exists():
+            print(f"# encoding {codec}: {i + 1}/{len(sources)} {source.name}", file=sys.stderr, flush=True)
             part = path.with_name(path.name + ".part")
             _encode(source, part, codec)
             part.rename(path)
@@ -54,21 +84,28 @@ def transcoded(sources: list[Path], codec: str, cache: Path) -> list[Path]:
     return out
 
 
-def _stereo(source: Path, rate: int) -> Iterator[np.ndarray]:
-    """[n, 2] float32 blocks of ``source`` at ``rate``."""
-    with av.open(str(source)) as container:
+def stereo(source: Path, rate: int) -> Iterator[np.ndarray]:
+    """[n, 2] float32 blocks of ``source`` at ``rate``, read through the product's decoder (mono
+    is doubled; more than two channels are averaged first, as the worker's downmix does)."""
+    with open(source, "rb") as f:
+        stream = audio.decode_source(f)
         resampler = av.AudioResampler(format="flt", layout="stereo", rate=rate)
-        for frame in container.decode(audio=0):
-            for block in resampler.resample(frame):
-                yield block.to_ndarray().reshape(-1, 2)
-        for block in resampler.resample(None):
-            yield block.to_ndarray().reshape(-1, 2)
+        for block in stream.blocks:
+            if block.shape[0] > 2:
+                block = block.mean(axis=0, keepdims=True)
+            layout = "stereo" if block.shape[0] == 2 else "mono"
+            frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(block, np.float32), format="fltp", layout=layout)
+            frame.sample_rate = stream.rate
+            for out in resampler.resample(frame):
+                yield out.to_ndarray().reshape(-1, 2)
+        for out in resampler.resample(None):
+            yield out.to_ndarray().reshape(-1, 2)
 
 
 def _encode(source: Path, path: Path, codec: str) -> None:
     if codec == "vorbis":
         with soundfile.SoundFile(path, "w", RATE_HZ, 2, format="OGG", subtype="VORBIS", compression_level=0.5) as out:
-            for block in _stereo(source, RATE_HZ):
+            for block in stereo(source, RATE_HZ):
                 out.write(block)
         return
     _, fmt, encoder, sample_format, bit_rate = _PYAV[codec]
@@ -82,7 +119,7 @@ def _encode(source: Path, path: Path, codec: str) -> None:
         fit = av.AudioResampler(
             format=sample_format, layout="stereo", rate=rate, frame_size=stream.codec_context.frame_size or None
         )
-        for block in _stereo(source, rate):
+        for block in stereo(source, rate):
             frame = av.AudioFrame.from_ndarray(
                 np.ascontiguousarray(block).reshape(1, -1), format="flt", layout="stereo"
             )

@@ -139,6 +139,7 @@ def make_sample(audio_dir: Path, path: Path, count: int = 96, model: str = MODEL
     """``count`` real patches (evenly from every file of ``audio_dir``) and the served ONNX
     model's CPU scores for them, saved as ``path`` (npz: ``patches`` [N, *patch], ``scores``
     [N, labels of every network, joined])."""
+    from pipeline.errors import TrackError
     from pipeline.stages.analysis import analyse
     from pipeline.stages.scoring import OnnxScorer
     from pipeline.stages.storage import local_audio_files
@@ -148,9 +149,16 @@ def make_sample(audio_dir: Path, path: Path, count: int = 96, model: str = MODEL
         raise SystemExit(f"no audio files in {audio_dir}")
     per_file = -(-count // len(files))
     parts = []
-    for file in files:
-        found = analyse(file.read_bytes(), max_duration_s=3600, min_duration_s=1).patches.patches
+    for i, file in enumerate(files, 1):
+        print(f"# sample patches: {i}/{len(files)} {file.name}", file=sys.stderr, flush=True)
+        try:
+            found = analyse(file.read_bytes(), max_duration_s=3600, min_duration_s=1).patches.patches
+        except (TrackError, OSError) as exc:
+            print(f"# skipped {file}: {getattr(exc, 'reason', 'unreadable')}: {exc}", file=sys.stderr, flush=True)
+            continue
         parts.append(found[np.linspace(0, len(found) - 1, min(per_file, len(found))).astype(int)])
+    if not parts:
+        raise SystemExit(f"no audio file in {audio_dir} that moodstream's decoder reads")
     patches = np.concatenate(parts)[:count]
     outputs = OnnxScorer(REPO_ROOT / "triton_models", model).score_sync(patches)
     np.savez(path, patches=patches, scores=np.concatenate([o.scores for o in outputs.values()], axis=1))

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from bench import REPO_ROOT
+from pipeline.errors import TrackError
 from pipeline.stages.analysis import analyse
 from pipeline.stages.scoring import OnnxScorer
 
@@ -50,7 +51,11 @@ def main() -> int:
     parser.add_argument("--patches", type=int, default=60)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    patches = first_patches(args.audio, args.patches)
+    try:
+        patches = first_patches(args.audio, args.patches)
+    except (TrackError, OSError) as exc:
+        print(f"{args.audio}: {getattr(exc, 'reason', 'unreadable')}: {exc}", file=sys.stderr)
+        return 1
     repo = REPO_ROOT / "triton_models"
     one = [OnnxScorer(repo, "musicnn", threads=1)]
     two = [OnnxScorer(repo, "musicnn_msd", threads=1), OnnxScorer(repo, "musicnn_mtt", threads=1)]

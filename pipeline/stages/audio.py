@@ -77,13 +77,39 @@ def decode(data: Source, *, max_duration_s: float, min_duration_s: float = 0.0) 
     :class:`TooShort` at its end when less than ``min_duration_s`` seconds were decoded, and
     :class:`Undecodable` if the stream breaks before any audio came out.
     """
+    source = decode_source(data)
+    taps: list[Tap] = []
+    chunks = _mono_resampled(source.blocks, source.rate, max_duration_s, min_duration_s, source.stats, taps)
+    expected = min(source.stated_s, max_duration_s) if source.stated_s else None
+    return DecodedStream(chunks, source.decoder, source.rate, source.channels, source.stats, expected, taps)
+
+
+@dataclass
+class SourceStream:
+    """Audio as the file holds it: [channels, n] float32 blocks at ``rate``, every channel kept,
+    nothing resampled (what a tool that re-encodes a user's files needs). ``stats["truncated"]``
+    is 1.0 once the blocks are exhausted if the stream broke after giving audio."""
+
+    blocks: Generator[np.ndarray, None, None]
+    decoder: str  # "pyav" or "soundfile"
+    rate: int
+    channels: int
+    stated_s: float | None  # the duration the container states, if any
+    codec: str  # as the decoder names it: FFmpeg's codec ("vorbis", "mp3float"), libsndfile's subtype
+    stats: dict[str, float] = field(default_factory=dict)
+
+
+def decode_source(data: Source) -> SourceStream:
+    """Open ``data`` with PyAV, or with libsndfile when PyAV refuses it before giving any audio;
+    :class:`Undecodable` naming both refusals when neither can. The worker's decoder, for every
+    command that reads a user's audio (:func:`decode` resamples it for the model)."""
     if _is_empty(data):
         raise Undecodable("empty object (0 bytes)")
     try:
-        return _decode_pyav(data, max_duration_s, min_duration_s)
+        return _decode_pyav(data)
     except Undecodable as pyav_error:
         try:
-            return _decode_soundfile(data, max_duration_s, min_duration_s)
+            return _decode_soundfile(data)
         except Undecodable as sf_error:
             raise Undecodable(f"PyAV: {pyav_error}; libsndfile: {sf_error}") from None
 
@@ -177,7 +203,7 @@ def decode_all(data: Source, *, max_duration_s: float, min_duration_s: float = 0
     return wave, stream
 
 
-def _decode_pyav(data: Source, max_duration_s: float, min_duration_s: float) -> DecodedStream:
+def _decode_pyav(data: Source) -> SourceStream:
     try:
         container = av.open(_reader(data), mode="r")
     except (av.FFmpegError, ValueError, UnicodeDecodeError) as exc:
@@ -216,11 +242,8 @@ def _decode_pyav(data: Source, max_duration_s: float, min_duration_s: float) -> 
         finally:
             container.close()
 
-    taps: list[Tap] = []
-    chunks = _mono_resampled(planar(), int(rate), max_duration_s, min_duration_s, stats, taps)
     stated = _container_duration_s(container, stream)
-    expected = min(stated, max_duration_s) if stated else None
-    return DecodedStream(chunks, "pyav", int(rate), int(channels), stats, expected, taps)
+    return SourceStream(planar(), "pyav", int(rate), int(channels), stated, stream.codec_context.name, stats)
 
 
 def _pyav_frames(container: av.container.InputContainer, stream: av.AudioStream) -> Iterator[np.ndarray]:
@@ -254,7 +277,7 @@ class _FloatFrames:
         return [c.to_ndarray() for c in self._planar.resample(frame)]
 
 
-def _decode_soundfile(data: Source, max_duration_s: float, min_duration_s: float) -> DecodedStream:
+def _decode_soundfile(data: Source) -> SourceStream:
     try:
         sf = soundfile.SoundFile(_reader(data))
     except (soundfile.LibsndfileError, RuntimeError, TypeError) as exc:
@@ -274,10 +297,8 @@ def _decode_soundfile(data: Source, max_duration_s: float, min_duration_s: float
         finally:
             sf.close()
 
-    taps: list[Tap] = []
-    chunks = _mono_resampled(planar(), int(sf.samplerate), max_duration_s, min_duration_s, stats, taps)
-    expected = min(sf.frames / sf.samplerate, max_duration_s) if sf.frames > 0 else None
-    return DecodedStream(chunks, "soundfile", int(sf.samplerate), int(sf.channels), stats, expected, taps)
+    stated = sf.frames / sf.samplerate if sf.frames > 0 else None
+    return SourceStream(planar(), "soundfile", int(sf.samplerate), int(sf.channels), stated, sf.subtype.lower(), stats)
 
 
 def _mono_resampled(

@@ -31,8 +31,9 @@ from pathlib import Path
 
 import av
 import numpy as np
-import soundfile
 
+from pipeline.errors import TrackError
+from pipeline.stages import audio
 from pipeline.stages.storage import AUDIO_EXTENSIONS, local_audio_files
 
 LIST = Path(__file__).with_suffix(".toml")
@@ -209,28 +210,22 @@ class Measurement:
 
 
 def measure(files: list[Path]) -> Measurement:
-    """Track count, total minutes and codecs from the files' headers (PyAV, else libsndfile, the
-    decoders :mod:`pipeline.stages.audio` uses), without decoding the audio."""
+    """Track count, total minutes and codecs from the files' headers, as the product's decoder
+    opens them (:func:`pipeline.stages.audio.decode_source`: PyAV, else libsndfile), without
+    decoding the audio."""
     seconds = 0.0
     codecs: Counter[str] = Counter()
     unreadable = []
     for f in files:
         try:
-            with av.open(str(f)) as c:
-                stream = c.streams.audio[0]
-                if stream.duration is not None:
-                    seconds += float(stream.duration * stream.time_base)
-                else:
-                    seconds += c.duration / av.time_base
-                codecs[stream.codec_context.name] += 1
-        except (av.FFmpegError, IndexError, TypeError):
-            try:
-                info = soundfile.info(str(f))
-            except (RuntimeError, soundfile.LibsndfileError):
-                unreadable.append(str(f))
-                continue
-            seconds += info.duration
-            codecs[info.subtype.lower()] += 1
+            with open(f, "rb") as data:
+                stream = audio.decode_source(data)
+                stream.blocks.close()
+        except (TrackError, OSError):
+            unreadable.append(str(f))
+            continue
+        seconds += stream.stated_s or 0.0
+        codecs[stream.codec] += 1
     names = "+".join(name.replace("mp3float", "mp3") for name, _ in codecs.most_common())
     return Measurement(len(files) - len(unreadable), round(seconds / 60, 1), names, tuple(unreadable))
 
@@ -272,25 +267,32 @@ def write_excerpt(src: Path, dst: Path, start_s: float, seconds: float) -> None:
     first, count = round(start_s * rate), round(seconds * rate)
     pieces, have = [], 0  # [2, n] float32 blocks from `first` on
     position = 0  # samples at `rate` decoded so far
-    with av.open(str(src)) as container:
-        for frame in container.decode(audio=0):
+    with open(src, "rb") as data:
+        source = audio.decode_source(data)  # the product's decoder: PyAV, else libsndfile
+        layout = "stereo" if source.channels == 2 else "mono"
+        for block in source.blocks:
+            if block.shape[0] > 2:
+                block = block.mean(axis=0, keepdims=True)
+            frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(block), format="fltp", layout=layout)
+            frame.sample_rate = source.rate
             for out in resampler.resample(frame):
-                block = out.to_ndarray()
-                lo, hi = max(first - position, 0), min(first + count - position, block.shape[1])
+                decoded = out.to_ndarray()
+                lo, hi = max(first - position, 0), min(first + count - position, decoded.shape[1])
                 if lo < hi:
-                    pieces.append(block[:, lo:hi])
+                    pieces.append(decoded[:, lo:hi])
                     have += hi - lo
-                position += block.shape[1]
+                position += decoded.shape[1]
             if have >= count:
+                source.blocks.close()
                 break
     if have < count:
         raise ValueError(f"{src}: shorter than {start_s + seconds:.1f} s")
-    audio = np.ascontiguousarray(np.concatenate(pieces, axis=1), dtype=np.float32)
+    excerpt = np.ascontiguousarray(np.concatenate(pieces, axis=1), dtype=np.float32)
     dst.parent.mkdir(parents=True, exist_ok=True)
     partial = dst.with_name(dst.name + ".partial")
     with av.open(str(partial), mode="w", format={".mp3": "mp3", ".ogg": "ogg"}[dst.suffix.lower()]) as container:
         stream = container.add_stream(codec, rate=rate, layout="stereo")
-        frame = av.AudioFrame.from_ndarray(audio, format="fltp", layout="stereo")
+        frame = av.AudioFrame.from_ndarray(excerpt, format="fltp", layout="stereo")
         frame.sample_rate = rate
         for packet in stream.encode(frame):
             container.mux(packet)
