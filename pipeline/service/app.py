@@ -101,7 +101,9 @@ def create_app(settings: Settings, *, catalog: CatalogStore | None = None, score
                 await asyncio.to_thread(state.index.try_save, settings.index_dir)
             if state.catalog is not None and catalog is None:
                 state.catalog.close()
-            state.pool.shutdown(wait=False, cancel_futures=True)
+            # Joined, not left behind: shutdown(wait=False) returned before its processes were told
+            # to stop, and they outlived the service (each a decoding process of ~350 MB).
+            await asyncio.to_thread(state.pool.shutdown, wait=True, cancel_futures=True)
             if own_scorer:
                 await the_scorer.close()
 
