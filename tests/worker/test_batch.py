@@ -6,6 +6,7 @@ import asyncio
 import json
 import multiprocessing
 import os
+import signal
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import shared_memory
 
@@ -151,21 +152,33 @@ def test_an_outage_pauses_the_batch_instead_of_dead_lettering(scorer, example_cl
 
 class CrashingPool(ProcessPoolExecutor):
     """A real process pool whose process dies on any object starting with b"CRASH" (handed
-    over in shared memory, as the worker does, or as bytes)."""
+    over in shared memory, as the worker does, or as bytes): it exits, or it takes a SIGSEGV
+    as a crashing native decoder does."""
+
+    how = "exit"
 
     def submit(self, fn, data, *args):
         with handoff.opened(data) as content:
             crash = (content[:5] if isinstance(content, bytes) else content.read(5)) == b"CRASH"
+        if crash and self.how == "segv":
+            return super().submit(signal.raise_signal, signal.SIGSEGV)
         if crash:
             return super().submit(os._exit, 1)
         return super().submit(fn, data, *args)
 
 
-def test_a_file_that_kills_the_decoding_process_costs_only_that_track(scorer, example_clips, tmp_path):
+@pytest.mark.parametrize("how", ["exit", "segv"])
+def test_a_file_that_kills_the_decoding_process_costs_only_that_track(scorer, example_clips, tmp_path, how):
     (tmp_path / "poison.mp3").write_bytes(b"CRASH" + b"\0" * 100)
     raws = [announce("good", example_clips[1]), announce("poison", tmp_path / "poison.mp3")]
     publish = Recorder()
-    worker = make_worker(scorer, publish, lambda: CrashingPool(2, mp_context=multiprocessing.get_context("spawn")))
+
+    def pool():
+        made = CrashingPool(2, mp_context=multiprocessing.get_context("spawn"))
+        made.how = how
+        return made
+
+    worker = make_worker(scorer, publish, pool)
     result = asyncio.run(worker.process(raws))
     worker.close()
     assert result.outputs == 1 and result.dead_letters == {"undecodable": 1}
