@@ -2,7 +2,8 @@
 the checker over the whole history; ``--soak-hours`` for a steady run without faults.
 
 Exit status: 0 when every promise held, 1 on any violation (the report names the first
-violating track with its full history), 2 when the run itself could not be made.
+violating track with its full history) or, in a soak, when a process's memory, descriptors or
+threads grow, 2 when the run itself could not be made.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from pathlib import Path
 from .checker import check, render
 from .history import FENCE_KEY
 from .run import Config, Run
-from .soak import soak_report
+from .soak import render_soak, soak_report
 
 
 def parse(argv: list[str] | None) -> Config:
@@ -102,18 +103,27 @@ def main(argv: list[str] | None = None) -> int:
         result = asyncio.run(run.run())
     except KeyboardInterrupt:
         return 130
+    except Exception:
+        logging.exception("the chaos run could not be made; its folder: %s", config.out)
+        return 2
     finally:
         run.close()
     save(config, result, command)
     report = check(config.out)
+    text = render(report)
     if config.soak_hours:
         report["soak"] = soak_report(config.out)
+        text += "\n" + render_soak(report["soak"])
     (config.out / "report.json").write_text(json.dumps(report, indent=1, default=str))
-    (config.out / "report.md").write_text(render(report))
-    print(render(report))
+    (config.out / "report.md").write_text(text)
+    print(text)
     if report["violations"]:
         print("FIRST VIOLATION, with the track's history:")
         print(json.dumps(report["first_violation_history"], indent=1, default=str)[:20000])
+        return 1
+    grown = {name: e["grows"] for name, e in report.get("soak", {}).items() if e["grows"]}
+    if grown:
+        print(f"GROWS over the soak: {grown}")
         return 1
     return 0
 
