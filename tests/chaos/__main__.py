@@ -95,6 +95,8 @@ def save(config: Config, result: dict, command: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # The run's own clients meet every broker fault too; their errors are expected and retried.
+    logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
     config = parse(argv)
     command = "python -m tests.chaos " + shlex.join(argv if argv is not None else sys.argv[1:])
     print(f"# chaos run in {config.out}", flush=True)

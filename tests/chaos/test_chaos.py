@@ -36,7 +36,7 @@ def test_a_short_chaos_run_loses_nothing(tmp_path, capsys):
         music="suite",
         sample_s=2.0,
         bad_share=0.02,  # one of each bad kind
-        drain_timeout_s=120.0,  # a stuck run ends as lost tracks with their history, not a timeout
+        drain_timeout_s=180.0,  # a stuck run ends as lost tracks with their history, not a timeout
     )
     run = Run(config)
     try:
