@@ -17,6 +17,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -150,15 +151,18 @@ class Run:
 
     def _mount_catalog_fs(self) -> Path | None:
         """A tmpfs of its own for the catalog's files, so that a disk-full fault hits it alone
-        (root only; without it the run has no disk faults)."""
-        mount = self.out / "catalog-fs"
-        mount.mkdir(exist_ok=True)
+        (root only; without it the run has no disk faults). Mounted in a temporary folder, not
+        in the run's: as root, PostgreSQL runs as its own account, which must reach its cluster
+        there (a run folder under a home of mode 700 it cannot)."""
+        mount = Path(tempfile.mkdtemp(prefix="moodstream-chaos-catalog-"))
+        mount.chmod(0o755)
         done = subprocess.run(
             ["mount", "-t", "tmpfs", "-o", f"size={self.c.catalog_mb}m,mode=1777", "chaos-catalog", str(mount)],
             capture_output=True,
             text=True,
         )
         if done.returncode != 0:
+            mount.rmdir()
             self.state.notes.append(f"no disk-full faults: cannot mount a tmpfs ({done.stderr.strip()})")
             return None
         return mount
@@ -647,6 +651,8 @@ class Run:
             self.postgres.stop()
         if self.mount is not None:
             subprocess.run(["umount", "-l", str(self.mount)], check=False)
+            with contextlib.suppress(OSError):
+                self.mount.rmdir()
         for journal in self.j.values():
             journal.close()
 
