@@ -12,7 +12,7 @@ MUSIC := $(CACHE)/music
 CLIPS := $(CACHE)/clips
 ROLE ?= reference
 
-.PHONY: env link demo test test-fast lint lock bench music clips tools student agreement images chaos soak
+.PHONY: env link demo test test-fast lint lock bench music clips tools student agreement images chaos chaos-short soak
 env: link
 
 # No prerequisites: the directory name is the lock file's hash, and a fresh clone's files are
@@ -121,7 +121,12 @@ lint: env
 	$(PY) -m mypy
 
 test: env tools clips lint
-	MOODSTREAM_TEST_CLIPS=$(CLIPS) $(PY) -m pytest
+	MOODSTREAM_TEST_CLIPS=$(CLIPS) $(PY) -m pytest -m "not chaos_run"
+
+# The short chaos run (tests/chaos/test_chaos.py, about 3 minutes): on its own until the suite has
+# room for it under 30 minutes (docs/chaos.md).
+chaos-short: env tools clips
+	MOODSTREAM_TEST_CLIPS=$(CLIPS) $(PY) -m pytest -m chaos_run
 
 test-fast: env clips lint
 	MOODSTREAM_TEST_CLIPS=$(CLIPS) $(PY) -m pytest -m "not integration and not faults"

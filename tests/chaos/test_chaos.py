@@ -21,7 +21,7 @@ from .checker import check, render
 from .clips import BAD_KINDS
 from .run import Config, Run
 
-pytestmark = pytest.mark.faults
+pytestmark = [pytest.mark.faults, pytest.mark.chaos_run]
 
 
 def test_a_short_chaos_run_loses_nothing(tmp_path, capsys):
