@@ -102,12 +102,7 @@ def fit_quadrant(
     folds = _inner(labels, groups, seed)
     best = None
     for c in c_grid:
-        oof = np.zeros((len(labels), 4))
-        for train, test in folds:
-            inner_columns, inner_mean, inner_scale = _standardise(features[train])
-            x_train = (features[train][:, inner_columns] - inner_mean) / inner_scale
-            x_test = (features[test][:, inner_columns] - inner_mean) / inner_scale
-            oof[test] = _fit(_logistic(c, seed), x_train, labels[train]).decision_function(x_test)
+        oof = _out_of_fold(features, labels, folds, c, seed)
         score = (f1_score(labels, oof.argmax(axis=1), average="macro"), -_nll(oof, labels))
         if best is None or score > best[0]:
             best = (score, c, oof)
@@ -121,13 +116,7 @@ def _quadrant_member(
     model: LogisticRegression, columns: np.ndarray, mean: np.ndarray, scale: np.ndarray, temperature: float, c: float
 ) -> Fitted:
     weight, bias = model.coef_.T.copy(), model.intercept_.copy()
-    member = {
-        "columns": encode_array(columns),
-        "mean": encode_array(mean),
-        "scale": encode_array(scale),
-        "layers": [{"weight": encode_array(weight), "bias": encode_array(bias)}],
-        "temperature": temperature,
-    }
+    member = _member(columns, mean, scale, weight, bias, temperature=temperature)
     return Fitted(member, columns, mean, scale, weight, bias, temperature, None, [c])
 
 
@@ -144,12 +133,7 @@ def fit_families(
         folds = _inner(y, groups, seed)
         best = None
         for c in C_GRID:
-            oof = np.zeros(len(y))
-            for train, test in folds:
-                inner_columns, inner_mean, inner_scale = _standardise(features[train])
-                x_train = (features[train][:, inner_columns] - inner_mean) / inner_scale
-                x_test = (features[test][:, inner_columns] - inner_mean) / inner_scale
-                oof[test] = _fit(_logistic(c, seed), x_train, y[train]).decision_function(x_test)
+            oof = _out_of_fold(features, y, folds, c, seed)
             loss = _binary_nll(oof, y)
             if best is None or loss < best[0]:
                 best = (loss, c, oof)
@@ -164,14 +148,46 @@ def fit_families(
         chosen.append(c)
     weight, bias = np.stack(weights, axis=1), np.array(biases)
     platt = (np.array(a), np.array(b))
-    member = {
+    member = _member(
+        columns, mean, scale, weight, bias, platt={"a": encode_array(platt[0]), "b": encode_array(platt[1])}
+    )
+    return Fitted(member, columns, mean, scale, weight, bias, 1.0, platt, chosen)
+
+
+def _out_of_fold(
+    features: np.ndarray, y: np.ndarray, folds: list[tuple[np.ndarray, np.ndarray]], c: float, seed: int
+) -> np.ndarray:
+    """Decision values of each row by a model fitted without its fold, each fit standardised on
+    its own training rows: [n, K] for several classes, [n] for two."""
+    oof: np.ndarray | None = None
+    for train, test in folds:
+        columns, mean, scale = _standardise(features[train])
+        x_train = (features[train][:, columns] - mean) / scale
+        x_test = (features[test][:, columns] - mean) / scale
+        values = _fit(_logistic(c, seed), x_train, y[train]).decision_function(x_test)
+        if oof is None:
+            oof = np.zeros((len(y), *values.shape[1:]))
+        oof[test] = values
+    assert oof is not None
+    return oof
+
+
+def _member(
+    columns: np.ndarray,
+    mean: np.ndarray,
+    scale: np.ndarray,
+    weight: np.ndarray,
+    bias: np.ndarray,
+    **calibration: object,
+) -> dict:
+    """A member's JSON (pipeline.stages.heads): one standardised dense layer and its calibration."""
+    return {
         "columns": encode_array(columns),
         "mean": encode_array(mean),
         "scale": encode_array(scale),
         "layers": [{"weight": encode_array(weight), "bias": encode_array(bias)}],
-        "platt": {"a": encode_array(platt[0]), "b": encode_array(platt[1])},
+        **calibration,
     }
-    return Fitted(member, columns, mean, scale, weight, bias, 1.0, platt, chosen)
 
 
 def _nll(logits: np.ndarray, labels: np.ndarray) -> float:
